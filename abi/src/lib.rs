@@ -1,0 +1,197 @@
+//! The built-in guest ABI: what the nvhv VMM promises a `no_std` guest at entry,
+//! and the ports through which the guest talks back.
+//!
+//! Both sides compile this crate: the VMM (`nvhv`) fills [`BootInfo`] and builds
+//! the page tables and TSS at the addresses below; the guests under `guest/`
+//! read them. Everything here is `#[repr(C)]` plain data with fixed addresses,
+//! so the layout is the contract. Bump [`BOOT_INFO_VERSION`] on any change.
+//!
+//! Entry state (see `docs/guest-abi.md` for the long form):
+//! - 64-bit long mode, paging on, every page of `[0, map_end)` identity-mapped
+//!   with 2 MiB pages, user bit set at every level (so CPL3 can use them);
+//! - CPL3 by default; CPL0 if the ELF carries an nvhv note asking for it
+//!   ([`NOTE_NAME`], [`NOTE_TYPE_ENTRY`]);
+//! - `rdi` = guest-physical address of the [`BootInfo`] block, `rsi` = vCPU index,
+//!   `rsp` = top of this vCPU's stack, `rflags` = 0x2 (no interrupts, no IOPL:
+//!   port I/O is granted by the TSS I/O permission bitmap);
+//! - every vCPU enters the same entry point at the same time.
+#![no_std]
+
+/// Guest-physical address of the level-4 page table.
+pub const PML4_ADDR: u64 = 0x1000;
+/// Guest-physical address of the (single) page-directory-pointer table.
+pub const PDPT_ADDR: u64 = 0x2000;
+/// Guest-physical address of the GDT (null, kernel CS/DS, user DS/CS, TSS).
+pub const GDT_ADDR: u64 = 0x3000;
+/// Guest-physical address of the first TSS. vCPU `i` uses `TSS_ADDR + i * TSS_STRIDE`.
+pub const TSS_ADDR: u64 = 0x1_0000;
+/// Distance between per-vCPU TSSs (0x68 bytes + 8 KiB I/O bitmap + end byte, page aligned).
+pub const TSS_STRIDE: u64 = 0x3000;
+/// Guest-physical address of the [`BootInfo`] block.
+pub const BOOT_INFO_ADDR: u64 = 0x7000;
+/// Guest-physical address of the kvmclock area: vCPU `i` has its
+/// `pvclock_vcpu_time_info` (32 bytes) at `KVMCLOCK_ADDR + 32 * i`.
+pub const KVMCLOCK_ADDR: u64 = 0x8000;
+/// Guest-physical address of the first page directory (one per GiB mapped).
+pub const PD_ADDR: u64 = 0x10_0000;
+/// First guest-physical address free for the guest's ELF segments.
+pub const LOAD_MIN: u64 = 0x20_0000;
+/// Maximum number of vCPUs (limited by the TSS area below `PD_ADDR`).
+pub const MAX_VCPUS: u32 = 64;
+/// Bytes of stack per vCPU, carved from the top of guest RAM downwards.
+pub const STACK_SIZE: u64 = 256 * 1024;
+
+/// GDT selectors.
+pub const SEL_KERNEL_CS: u16 = 0x08;
+/// Kernel data selector.
+pub const SEL_KERNEL_DS: u16 = 0x10;
+/// User data selector (RPL 3).
+pub const SEL_USER_DS: u16 = 0x1b;
+/// User 64-bit code selector (RPL 3).
+pub const SEL_USER_CS: u16 = 0x23;
+/// TSS selector of vCPU `i` is `SEL_TSS_BASE + 16 * i`.
+pub const SEL_TSS_BASE: u16 = 0x28;
+
+/// COM1 16550 UART base port (8 registers). Writing THR (offset 0) prints a byte.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// Wait port: a 32-bit `out` of a timeout in microseconds parks the vCPU until a
+/// device has work for the guest or the timeout passes (0 = no timeout).
+pub const WAIT_PORT: u16 = 0x510;
+/// Exit port: a 32-bit `out` stops the VM (guest-requested power off) with that status.
+pub const EXIT_PORT: u16 = 0x514;
+/// Panic port: a 32-bit `out` reports a guest panic; the VMM stops the VM and reports it.
+pub const PANIC_PORT: u16 = 0x518;
+
+/// Name of the ELF note (in a `PT_NOTE` segment) through which a guest asks for
+/// entry conditions other than the defaults.
+pub const NOTE_NAME: &[u8] = b"nvhv";
+/// Note type whose 4-byte descriptor is the CPL to enter at (0 or 3).
+pub const NOTE_TYPE_ENTRY_CPL: u32 = 1;
+
+/// Magic at the start of [`BootInfo`] ("NVHVBOOT").
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"NVHVBOOT");
+/// Version of the [`BootInfo`] layout.
+pub const BOOT_INFO_VERSION: u32 = 1;
+/// Maximum number of virtio-mmio windows described in [`BootInfo`].
+pub const MAX_MMIO: usize = 8;
+
+/// One virtio-mmio device window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmioWindow {
+    /// Guest-physical base of the register window.
+    pub base: u64,
+    /// Size of the window in bytes (0x200 for virtio-mmio).
+    pub size: u64,
+}
+
+/// The boot-info block at [`BOOT_INFO_ADDR`], pointed to by `rdi` at entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_INFO_VERSION`].
+    pub version: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM is `[0, ram_bytes)`.
+    pub ram_bytes: u64,
+    /// Identity mapping covers `[0, map_end)`.
+    pub map_end: u64,
+    /// First byte after the highest loaded ELF segment (page aligned).
+    pub image_end: u64,
+    /// Lowest stack byte: stacks occupy `[stacks_base, ram_bytes)`, vCPU `i`'s
+    /// stack top is `ram_bytes - i * STACK_SIZE`. Memory in `[image_end, stacks_base)`
+    /// is free for the guest's heap.
+    pub stacks_base: u64,
+    /// TSC frequency in kHz as KVM reports it.
+    pub tsc_khz: u64,
+    /// Guest-physical address of vCPU 0's kvmclock record (see [`KVMCLOCK_ADDR`]).
+    pub kvmclock_addr: u64,
+    /// Random seed, fresh for every new VM (not changed by resume).
+    pub seed: u64,
+    /// Number of valid entries in `mmio`.
+    pub mmio_count: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+    /// virtio-mmio windows, in device order.
+    pub mmio: [MmioWindow; MAX_MMIO],
+}
+
+/// The kvmclock record KVM maintains for each vCPU (`struct pvclock_vcpu_time_info`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PvclockVcpuTimeInfo {
+    /// Odd while KVM updates the record.
+    pub version: u32,
+    /// Padding.
+    pub pad0: u32,
+    /// TSC value at the time `system_time` was sampled.
+    pub tsc_timestamp: u64,
+    /// Nanoseconds of kvmclock time at `tsc_timestamp`.
+    pub system_time: u64,
+    /// Multiplier (32.32 fixed point after the shift).
+    pub tsc_to_system_mul: u32,
+    /// Shift applied to the TSC delta before the multiplier (may be negative).
+    pub tsc_shift: i8,
+    /// Flags (bit 0: TSC stable).
+    pub flags: u8,
+    /// Padding.
+    pub pad: [u8; 2],
+}
+
+impl PvclockVcpuTimeInfo {
+    /// kvmclock nanoseconds at TSC value `tsc`, per the pvclock formula.
+    pub fn nanos_at(&self, tsc: u64) -> u64 {
+        let mut delta = tsc.wrapping_sub(self.tsc_timestamp);
+        if self.tsc_shift >= 0 {
+            delta <<= self.tsc_shift as u32;
+        } else {
+            delta >>= (-(self.tsc_shift as i32)) as u32;
+        }
+        let scaled = ((delta as u128 * self.tsc_to_system_mul as u128) >> 32) as u64;
+        self.system_time.wrapping_add(scaled)
+    }
+}
+
+/// Stack top of vCPU `index` in a VM with `ram_bytes` of RAM.
+pub const fn stack_top(ram_bytes: u64, index: u32) -> u64 {
+    ram_bytes - index as u64 * STACK_SIZE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_info_fits_below_kvmclock() {
+        assert!(BOOT_INFO_ADDR + core::mem::size_of::<BootInfo>() as u64 <= KVMCLOCK_ADDR);
+    }
+
+    #[test]
+    fn kvmclock_area_fits_below_tss() {
+        assert!(KVMCLOCK_ADDR + 32 * MAX_VCPUS as u64 <= TSS_ADDR);
+        assert_eq!(core::mem::size_of::<PvclockVcpuTimeInfo>(), 32);
+    }
+
+    #[test]
+    fn tss_area_fits_below_page_directories() {
+        assert!(TSS_ADDR + TSS_STRIDE * MAX_VCPUS as u64 <= PD_ADDR);
+        assert!(0x68 + 8192 + 1 <= TSS_STRIDE);
+    }
+
+    #[test]
+    fn pvclock_formula_scales_and_shifts() {
+        let c = PvclockVcpuTimeInfo {
+            tsc_timestamp: 1000,
+            system_time: 5,
+            tsc_to_system_mul: 1 << 31, // x0.5
+            tsc_shift: 1,               // x2
+            ..Default::default()
+        };
+        assert_eq!(c.nanos_at(1100), 5 + 100);
+        let d = PvclockVcpuTimeInfo { tsc_shift: -1, ..c };
+        assert_eq!(d.nanos_at(1100), 5 + 25);
+    }
+}

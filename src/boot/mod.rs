@@ -1,0 +1,1 @@
+//! Guest loading: placeholder, being written.

@@ -1,0 +1,1 @@
+//! virtio devices: placeholder, being written.

@@ -1,0 +1,1 @@
+//! The built-in guests, embedded in the binary at build time (see `build.rs`).

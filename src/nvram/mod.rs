@@ -1,0 +1,1 @@
+//! NVRAM image: placeholder, being written.

@@ -1,0 +1,1 @@
+//! Machine state: placeholder, being written.

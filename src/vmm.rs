@@ -1,0 +1,1 @@
+//! VM builder and run loop: placeholder, being written.

@@ -1,0 +1,2 @@
+//! KVM objects: placeholder, being written.
+pub mod wait;
