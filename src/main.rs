@@ -1,1 +1,232 @@
-fn main() {}
+//! The `nvhv` command line: parses arguments into the library's configs and
+//! runs them. All the work is in the `nvhv` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use nvhv::nvram::PersistMode;
+use nvhv::vmm::{self, GuestChoice, ResumeConfig, RunConfig, RuntimeOptions};
+
+/// nvhv: a KVM hypervisor whose virtual machines survive power outages.
+///
+/// A VM's whole state lives in an image file on NVRAM (or a file emulating it:
+/// tmpfs, ext4, a DAX device). `run` creates one, `suspend` (or SIGTERM/SIGPWR)
+/// commits it, `resume` continues it where it stopped, `inspect` shows it.
+#[derive(Parser)]
+#[command(name = "nvhv", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a persistent VM in a new image and run it.
+    ///
+    /// Stops (committing its state to the image) on SIGTERM, SIGINT, SIGPWR or
+    /// `nvhv suspend --image PATH`, printing the time from the request to the
+    /// durable commit.
+    Run(RunArgs),
+    /// Continue the VM held by an image, where it stopped.
+    ///
+    /// Maps guest RAM from the image without reading it, restores vCPU and
+    /// device state, and runs: the cost does not depend on RAM size.
+    Resume(ResumeArgs),
+    /// Ask the nvhv process running an image to suspend it (orderly commit and stop).
+    Suspend {
+        /// The image the running VM uses.
+        #[arg(long)]
+        image: PathBuf,
+    },
+    /// Show what an image holds and whether it can be resumed. Never changes it.
+    Inspect {
+        /// The image.
+        path: PathBuf,
+        /// Print JSON (keys: format_version, ram_bytes, vcpus, epoch, resumable, reason, …).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Path of the new image (on tmpfs, an ordinary file system, or DAX).
+    #[arg(long)]
+    image: PathBuf,
+    /// Replace the image if the file exists (its contents are lost).
+    #[arg(long)]
+    force: bool,
+    /// Guest RAM, e.g. 64M, 1G (suffixes K, M, G; binary units).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest to run: a built-in guest (counter: per-vCPU counters printed on
+    /// the console; ticker: LAPIC-timer ticks counted at CPL0) or the path of
+    /// an ELF file following the built-in guest ABI.
+    #[arg(long, default_value = "counter")]
+    guest: String,
+    /// Persistence mode. suspend-only: guest RAM lives in the image in place,
+    /// no runtime cost; state is durable only after an orderly or warned stop
+    /// (SIGTERM, SIGPWR, `nvhv suspend`); after a crash the image is refused.
+    #[arg(long, value_enum, default_value_t = Mode::SuspendOnly)]
+    persist: Mode,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(clap::Args)]
+struct ResumeArgs {
+    /// The image to continue.
+    #[arg(long)]
+    image: PathBuf,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(clap::Args)]
+struct RuntimeArgs {
+    /// Write the guest's serial console to this file instead of stdout.
+    #[arg(long)]
+    console: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Flush-on-fail: durable on orderly or warned stops only.
+    SuspendOnly,
+    /// Continuous epochs (not implemented yet).
+    Epoch,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let m = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit '{}' (use K, M, G)", &s[i..])),
+            };
+            (&s[..i], m)
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 64M, 1G)"))?;
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("size '{s}' is zero or too large"))
+}
+
+fn runtime(a: RuntimeArgs) -> RuntimeOptions {
+    RuntimeOptions { console: a.console }
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NVHV_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: Result<(), String> = match cli.cmd {
+        Cmd::Run(a) => {
+            let guest = if nvhv::guests::builtin(&a.guest).is_some() {
+                GuestChoice::Builtin(a.guest)
+            } else if std::path::Path::new(&a.guest).exists() {
+                GuestChoice::File(a.guest.into())
+            } else {
+                GuestChoice::Builtin(a.guest)
+            };
+            let cfg = RunConfig {
+                image: a.image,
+                overwrite: a.force,
+                mem: a.mem,
+                vcpus: a.vcpus,
+                guest,
+                persist: match a.persist {
+                    Mode::SuspendOnly => PersistMode::SuspendOnly,
+                    Mode::Epoch => PersistMode::Epoch,
+                },
+                runtime: runtime(a.runtime),
+            };
+            vmm::run(&cfg).map(|_| ()).map_err(|e| error_chain(&e))
+        }
+        Cmd::Resume(a) => {
+            let cfg = ResumeConfig {
+                image: a.image,
+                runtime: runtime(a.runtime),
+            };
+            vmm::resume(&cfg, started)
+                .map(|_| ())
+                .map_err(|e| error_chain(&e))
+        }
+        Cmd::Suspend { image } => {
+            vmm::control::request_suspend(&image, Duration::from_secs(30))
+                .map(|reply| println!("{reply}"))
+                .map_err(|e| error_chain(&e))
+        }
+        Cmd::Inspect { path, json } => match nvhv::nvram::inspect(&path) {
+            Ok(r) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&r).expect("report serializes")
+                    );
+                } else {
+                    println!("{r}");
+                }
+                Ok(())
+            }
+            Err(e) => Err(error_chain(&e)),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("nvhv: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// "outer: inner: innermost" on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+}

@@ -62,6 +62,12 @@ pub const EXIT_PORT: u16 = 0x514;
 /// Panic port: a 32-bit `out` reports a guest panic; the VMM stops the VM and reports it.
 pub const PANIC_PORT: u16 = 0x518;
 
+/// vsock CID of the guest (the virtio-vsock device's `guest_cid`).
+pub const GUEST_CID: u64 = 3;
+/// vsock port on which the built-in key-value guest listens; host connections
+/// accepted on `--listen` are forwarded to it.
+pub const KV_VSOCK_PORT: u32 = 6379;
+
 /// Name of the ELF note (in a `PT_NOTE` segment) through which a guest asks for
 /// entry conditions other than the defaults.
 pub const NOTE_NAME: &[u8] = b"nvhv";
@@ -155,6 +161,48 @@ impl PvclockVcpuTimeInfo {
     }
 }
 
+/// Guest-physical base of the local APIC's xAPIC register page. A guest that
+/// programs the LAPIC (the `ticker` built-in guest, at CPL0) reaches it through
+/// the identity mapping, so that mapping must cover this page (`map_end` above it).
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
+/// Offset of the RSP0 field (stack for interrupts taken at CPL3) inside a TSS.
+pub const TSS_RSP0_OFFSET: u64 = 4;
+
+/// The entry CPL that an nvhv note asks for, if any: `notes` is the content of
+/// one `PT_NOTE` segment (a sequence of standard ELF notes: `namesz`, `descsz`,
+/// `type`, the name padded to 4 bytes, the descriptor padded to 4 bytes).
+///
+/// The note's name is [`NOTE_NAME`], stored with its terminating NUL as the ELF
+/// specification says (`namesz` = 5); a name stored without the NUL is accepted
+/// too. The first note of type [`NOTE_TYPE_ENTRY_CPL`] with a descriptor of at
+/// least 4 bytes wins; its first 4 bytes (little endian) are the CPL. Malformed
+/// or truncated input yields `None` for the part that cannot be read.
+pub fn note_entry_cpl(notes: &[u8]) -> Option<u32> {
+    fn word(b: &[u8], at: usize) -> Option<u32> {
+        let w = b.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+    }
+    fn pad4(n: usize) -> Option<usize> {
+        Some(n.checked_add(3)? & !3)
+    }
+    let mut at = 0usize;
+    while at.checked_add(12)? <= notes.len() {
+        let namesz = word(notes, at)? as usize;
+        let descsz = word(notes, at + 4)? as usize;
+        let kind = word(notes, at + 8)?;
+        let name_at = at + 12;
+        let desc_at = name_at.checked_add(pad4(namesz)?)?;
+        let next = desc_at.checked_add(pad4(descsz)?)?;
+        let name = notes.get(name_at..name_at.checked_add(namesz)?)?;
+        let name = name.strip_suffix(&[0]).unwrap_or(name);
+        if name == NOTE_NAME && kind == NOTE_TYPE_ENTRY_CPL && descsz >= 4 {
+            return word(notes, desc_at);
+        }
+        at = next;
+    }
+    None
+}
+
 /// Stack top of vCPU `index` in a VM with `ram_bytes` of RAM.
 pub const fn stack_top(ram_bytes: u64, index: u32) -> u64 {
     ram_bytes - index as u64 * STACK_SIZE
@@ -178,7 +226,33 @@ mod tests {
     #[test]
     fn tss_area_fits_below_page_directories() {
         assert!(TSS_ADDR + TSS_STRIDE * MAX_VCPUS as u64 <= PD_ADDR);
-        assert!(0x68 + 8192 + 1 <= TSS_STRIDE);
+        const { assert!(0x68 + 8192 < TSS_STRIDE) };
+    }
+
+    #[test]
+    fn entry_cpl_note_parses() {
+        // Another vendor's note first, then ours (namesz 5, "nvhv\0" padded to 8).
+        let notes: [u8; 40] = [
+            4, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, b'G', b'N', b'U', 0, // GNU note, no desc
+            5, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0, 0, b'n', b'v', b'h', b'v', 0, 0, 0, 0, //
+            0, 0, 0, 0,
+        ];
+        assert_eq!(note_entry_cpl(&notes), Some(0));
+        let mut cpl3 = notes;
+        cpl3[36] = 3;
+        assert_eq!(note_entry_cpl(&cpl3), Some(3));
+        // Name without its NUL.
+        let bare: [u8; 20] = [
+            4, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0, 0, b'n', b'v', b'h', b'v', 3, 0, 0, 0,
+        ];
+        assert_eq!(note_entry_cpl(&bare), Some(3));
+        // Truncated, other type, empty.
+        assert_eq!(note_entry_cpl(&notes[..38]), None);
+        let mut other = notes;
+        other[24] = 2;
+        assert_eq!(note_entry_cpl(&other), None);
+        assert_eq!(note_entry_cpl(&[]), None);
+        assert_eq!(note_entry_cpl(&[0xff; 16]), None);
     }
 
     #[test]

@@ -1,1 +1,212 @@
-//! Machine state: placeholder, being written.
+//! Machine state: the [`Persist`] trait each component implements next to
+//! itself, and [`MachineState`], the one aggregate written into an image's
+//! state slot.
+//!
+//! Encoding of a state slot: `"NVHVSTAT"`, u32 state version, u32 reserved,
+//! u64 payload length, u32 CRC32C of the payload, then the payload (postcard
+//! encoding of [`MachineState`]). The meta record that names the slot also
+//! carries the slot's CRC; the inner one lets a state blob be checked on its
+//! own (tests, fuzzing). Everything read back is untrusted: lengths are capped
+//! before anything is allocated, and every component validates its own part.
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::serial::SerialState;
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::VmState;
+
+/// Magic at the start of an encoded machine state.
+pub const STATE_MAGIC: [u8; 8] = *b"NVHVSTAT";
+/// Version of the [`MachineState`] encoding this binary writes and reads.
+pub const STATE_VERSION: u32 = 1;
+const HEADER_LEN: usize = 28;
+
+/// A component whose state is saved into and restored from NVRAM.
+///
+/// `restore` constructs the component from its state (it never mutates a live
+/// one); `State` is a plain serde DTO kept apart from the live type.
+pub trait Persist: Sized {
+    /// The saved form.
+    type State;
+    /// What `restore` needs besides the state (file descriptors, the VM, …).
+    type Args;
+    /// Why save or restore failed.
+    type Error;
+    /// Capture the state. Components whose state lives in KVM may fail here.
+    fn save(&self) -> Result<Self::State, Self::Error>;
+    /// Build the component from a saved state, validating it.
+    fn restore(args: Self::Args, state: &Self::State) -> Result<Self, Self::Error>;
+}
+
+/// Errors decoding a machine state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Too short to hold the state header.
+    #[error("machine state is truncated ({0} bytes)")]
+    Truncated(usize),
+    /// Wrong magic.
+    #[error("machine state has a bad magic")]
+    BadMagic,
+    /// Written by another version of nvhv.
+    #[error("machine state version {0}, this nvhv reads {STATE_VERSION}")]
+    Version(u32),
+    /// Payload length does not match.
+    #[error("machine state payload length {0} does not match the slot")]
+    Length(u64),
+    /// Payload CRC mismatch.
+    #[error("machine state checksum mismatch")]
+    Crc,
+    /// postcard could not decode it.
+    #[error("machine state cannot be decoded")]
+    Decode(#[source] postcard::Error),
+    /// postcard could not encode it.
+    #[error("machine state cannot be encoded")]
+    Encode(#[source] postcard::Error),
+    /// Decoded, but inconsistent with the image.
+    #[error("machine state is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Saved state of the built-in guest's devices.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStates {
+    /// The serial console.
+    pub serial: SerialState,
+}
+
+/// Everything needed to continue a VM, apart from guest RAM (which lives in
+/// the image's RAM region).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MachineState {
+    /// VM-wide KVM state (kvmclock).
+    pub vm: VmState,
+    /// One entry per vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Device state.
+    pub devices: DeviceStates,
+}
+
+impl MachineState {
+    /// Encode with the state header.
+    pub fn encode(&self) -> Result<Vec<u8>, StateError> {
+        let payload = postcard::to_allocvec(self).map_err(StateError::Encode)?;
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.extend_from_slice(&STATE_MAGIC);
+        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        Ok(out)
+    }
+
+    /// Decode and check a state written by [`encode`](Self::encode), expecting `vcpus` vCPUs.
+    pub fn decode(bytes: &[u8], vcpus: u32) -> Result<Self, StateError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(StateError::Truncated(bytes.len()));
+        }
+        if bytes[..8] != STATE_MAGIC {
+            return Err(StateError::BadMagic);
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if version != STATE_VERSION {
+            return Err(StateError::Version(version));
+        }
+        let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+        let crc = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
+        let payload = &bytes[HEADER_LEN..];
+        if len != payload.len() as u64 {
+            return Err(StateError::Length(len));
+        }
+        if crc32c::crc32c(payload) != crc {
+            return Err(StateError::Crc);
+        }
+        let s: MachineState = postcard::from_bytes(payload).map_err(StateError::Decode)?;
+        if s.vcpus.len() != vcpus as usize {
+            return Err(StateError::Inconsistent(format!(
+                "{} vCPU states for a {}-vCPU image",
+                s.vcpus.len(),
+                vcpus
+            )));
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> MachineState {
+        let mut v: VcpuState = VcpuState {
+            cpuid: vec![Default::default(); 3],
+            mp_state: Default::default(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: vec![0; 1024],
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![Default::default(); 41],
+            events: Default::default(),
+        };
+        v.regs.rip = 0x20_1234;
+        v.regs.r12 = 42;
+        v.msrs[3].index = 0x4b56_4d01;
+        v.msrs[3].data = 0x8001;
+        v.lapic.regs[0x20] = 7;
+        v.xsave[40] = 0xdead;
+        MachineState {
+            vm: VmState {
+                clock: Default::default(),
+            },
+            vcpus: vec![v.clone(), v],
+            devices: DeviceStates::default(),
+        }
+    }
+
+    #[test]
+    fn encode_decode_encode_is_identity() {
+        let s = sample();
+        let a = s.encode().unwrap();
+        let d = MachineState::decode(&a, 2).unwrap();
+        assert_eq!(d, s);
+        assert_eq!(d.encode().unwrap(), a);
+    }
+
+    #[test]
+    fn every_header_corruption_is_refused() {
+        let a = sample().encode().unwrap();
+        assert!(matches!(MachineState::decode(&a[..10], 2), Err(StateError::Truncated(10))));
+        let mut b = a.clone();
+        b[0] ^= 1;
+        assert!(matches!(MachineState::decode(&b, 2), Err(StateError::BadMagic)));
+        let mut b = a.clone();
+        b[8] = 9;
+        assert!(matches!(MachineState::decode(&b, 2), Err(StateError::Version(9))));
+        let mut b = a.clone();
+        b[HEADER_LEN + 5] ^= 0x10;
+        assert!(matches!(MachineState::decode(&b, 2), Err(StateError::Crc)));
+        assert!(matches!(
+            MachineState::decode(&a[..a.len() - 1], 2),
+            Err(StateError::Length(_))
+        ));
+        assert!(matches!(
+            MachineState::decode(&a, 1),
+            Err(StateError::Inconsistent(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_payload_with_valid_crc_is_a_decode_error_not_a_panic() {
+        let payload = vec![0xffu8; 64];
+        let mut b = Vec::new();
+        b.extend_from_slice(&STATE_MAGIC);
+        b.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        b.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        b.extend_from_slice(&payload);
+        assert!(matches!(MachineState::decode(&b, 1), Err(StateError::Decode(_))));
+    }
+}

@@ -1,0 +1,89 @@
+//! Port I/O and the nvhv ports: `in`/`out` helpers, [`wait`] on the wait port,
+//! [`exit`] through the exit port. Port I/O works at CPL3 because the VMM's TSS
+//! I/O permission bitmap grants the guest's ports.
+
+use core::arch::asm;
+
+use nvhv_abi::{EXIT_PORT, PANIC_PORT, WAIT_PORT};
+
+/// Writes one byte to an I/O port.
+///
+/// # Safety
+/// Port writes act on devices; the caller must know what the port does.
+#[inline]
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: the caller vouches for the port; `out` touches no memory.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads one byte from an I/O port.
+///
+/// # Safety
+/// Port reads can have side effects on devices; the caller must know the port.
+#[inline]
+pub unsafe fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: the caller vouches for the port; `in` touches no memory.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+/// Writes a 32-bit value to an I/O port.
+///
+/// # Safety
+/// Port writes act on devices; the caller must know what the port does.
+#[inline]
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: the caller vouches for the port; `out` touches no memory.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a 32-bit value from an I/O port.
+///
+/// # Safety
+/// Port reads can have side effects on devices; the caller must know the port.
+#[inline]
+pub unsafe fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: the caller vouches for the port; `in` touches no memory.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+/// Parks this vCPU until a device has work for the guest or `timeout_us`
+/// microseconds pass (`0`: no timeout). Costs one exit (~56 µs here), so call
+/// it only when idle.
+pub fn wait(timeout_us: u32) {
+    // SAFETY: WAIT_PORT is the ABI's wait port; writing it only parks the vCPU.
+    // It is a compiler barrier (no `nomem`) so memory is re-read afterwards.
+    unsafe {
+        asm!("out dx, eax", in("dx") WAIT_PORT, in("eax") timeout_us, options(nostack, preserves_flags))
+    }
+}
+
+/// Stops the VM (guest-requested power off) with status `code`.
+pub fn exit(code: u32) -> ! {
+    // SAFETY: EXIT_PORT is the ABI's exit port; writing it stops the VM.
+    unsafe { outl(EXIT_PORT, code) };
+    // The VMM does not resume a vCPU after an exit; spin in case it does.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Reports a guest panic to the VMM (the VM stops) and never returns.
+pub(crate) fn panic_exit(code: u32) -> ! {
+    // SAFETY: PANIC_PORT is the ABI's panic port; writing it stops the VM.
+    unsafe { outl(PANIC_PORT, code) };
+    loop {
+        core::hint::spin_loop();
+    }
+}

@@ -1,0 +1,252 @@
+//! The vsock device thread: one epoll loop over the listeners, the accepted
+//! host sockets (nonblocking, edge-triggered), the QueueNotify EventFd and
+//! the control EventFd, driving [`VsockCore`] in bounded batches.
+//!
+//! Exit-free data path: while the core makes progress the thread polls the
+//! rings in guest memory (`epoll_wait` with a zero timeout for the sockets)
+//! with driver notifications suppressed, so a busy guest never exits to
+//! notify. After [`IDLE_SPIN`] without progress it re-enables notifications,
+//! re-checks the rings (closing the race with a driver that published a
+//! buffer just before), and only then blocks in epoll. Anything that wakes it
+//! (a notification, a socket, a control request) puts it back into polling
+//! with notifications suppressed.
+//!
+//! Pause is a flag in the core, set under the core mutex: the thread holds
+//! that mutex for each whole batch and checks the flag each time it takes it,
+//! so once `pause()` has set it no descriptor is half-processed and nothing
+//! moves until `resume()`.
+
+use std::io::{self, ErrorKind};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::connection::HostStream;
+use super::device::{Shared, VsockCore};
+
+/// Poll this long without progress before re-enabling notifications and sleeping.
+pub const IDLE_SPIN: Duration = Duration::from_micros(100);
+
+const TOKEN_NOTIFY: u64 = 0;
+const TOKEN_CTRL: u64 = 1;
+const TOKEN_TCP: u64 = 2;
+const TOKEN_UNIX: u64 = 3;
+const TOKEN_CONN: u64 = 1 << 32;
+const MAX_EVENTS: usize = 128;
+const ACCEPT_BATCH: usize = 64;
+
+/// The host listeners whose connections are forwarded to the guest.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// TCP listener (`--listen`).
+    pub tcp: Option<TcpListener>,
+    /// Unix-socket listener.
+    pub unix: Option<UnixListener>,
+}
+
+/// Start the device thread for `shared`.
+pub fn spawn(shared: Arc<Shared>, listeners: Listeners) -> io::Result<JoinHandle<()>> {
+    let epoll = Epoll::new()?;
+    let add = |fd: i32, token: u64| {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+    };
+    add(shared.notify_evt.as_raw_fd(), TOKEN_NOTIFY)?;
+    add(shared.ctrl_evt.as_raw_fd(), TOKEN_CTRL)?;
+    if let Some(l) = &listeners.tcp {
+        l.set_nonblocking(true)?;
+        add(l.as_raw_fd(), TOKEN_TCP)?;
+    }
+    if let Some(l) = &listeners.unix {
+        l.set_nonblocking(true)?;
+        add(l.as_raw_fd(), TOKEN_UNIX)?;
+    }
+    let t = DeviceThread {
+        shared,
+        epoll,
+        listeners,
+        full_warned: false,
+    };
+    std::thread::Builder::new()
+        .name("nvhv-vsock".into())
+        .spawn(move || t.run())
+}
+
+struct DeviceThread {
+    shared: Arc<Shared>,
+    epoll: Epoll,
+    listeners: Listeners,
+    full_warned: bool,
+}
+
+impl DeviceThread {
+    fn run(mut self) {
+        let mut events = vec![EpollEvent::default(); MAX_EVENTS];
+        let mut sleeping = false;
+        let mut timeout_ms: i32 = -1;
+        let mut last_progress = Instant::now();
+        loop {
+            let n = match self.epoll.wait(if sleeping { timeout_ms } else { 0 }, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    tracing::warn!("vsock: epoll_wait failed: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                    0
+                }
+            };
+            let shared = Arc::clone(&self.shared);
+            let mut core = shared.lock();
+            if core.paused && !core.stopping {
+                while core.paused && !core.stopping {
+                    core = shared.cv.wait(core).unwrap_or_else(|e| e.into_inner());
+                }
+                sleeping = false;
+                last_progress = Instant::now();
+            }
+            if core.stopping {
+                break;
+            }
+            for ev in &events[..n] {
+                self.dispatch(&mut core, ev);
+            }
+            if sleeping {
+                // Woken (by anything, or the timer): back to polling.
+                sleeping = false;
+                last_progress = Instant::now();
+                core.suppress_notifications();
+            }
+            let now = Instant::now();
+            let progress = core.run(now);
+            if progress {
+                last_progress = now;
+            } else if !core.is_running() {
+                // Nothing to poll: wait for activation or sockets.
+                sleeping = true;
+                timeout_ms = -1;
+            } else if now.duration_since(last_progress) >= IDLE_SPIN {
+                if core.arm_notifications() {
+                    // Work arrived while arming: keep polling.
+                    core.suppress_notifications();
+                    last_progress = now;
+                } else {
+                    sleeping = true;
+                    timeout_ms = match core.next_deadline() {
+                        Some(d) => {
+                            let ms = d.saturating_duration_since(now).as_micros().div_ceil(1000);
+                            i32::try_from(ms.max(1)).unwrap_or(i32::MAX)
+                        }
+                        None => -1,
+                    };
+                }
+            }
+            let wake = core.take_guest_wake();
+            drop(core);
+            if wake {
+                self.shared.wake.notify();
+            }
+            if !progress && !sleeping {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn dispatch(&mut self, core: &mut VsockCore, ev: &EpollEvent) {
+        match ev.data() {
+            TOKEN_NOTIFY => {
+                let _ = self.shared.notify_evt.read();
+            }
+            TOKEN_CTRL => {
+                let _ = self.shared.ctrl_evt.read();
+            }
+            TOKEN_TCP => self.accept_tcp(core),
+            TOKEN_UNIX => self.accept_unix(core),
+            token if token >= TOKEN_CONN => {
+                let port = (token - TOKEN_CONN) as u32;
+                let set = ev.event_set();
+                let fail = EventSet::HANG_UP | EventSet::ERROR;
+                let readable = set.intersects(EventSet::IN | EventSet::READ_HANG_UP | fail);
+                let writable = set.intersects(EventSet::OUT | fail);
+                core.socket_event(port, readable, writable);
+            }
+            _ => {}
+        }
+    }
+
+    fn accept_tcp(&mut self, core: &mut VsockCore) {
+        for _ in 0..ACCEPT_BATCH {
+            let Some(l) = &self.listeners.tcp else {
+                return;
+            };
+            match l.accept() {
+                Ok((s, _)) => {
+                    let _ = s.set_nodelay(true);
+                    if s.set_nonblocking(true).is_ok() {
+                        self.add(core, HostStream::Tcp(s));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!("vsock: accept on the TCP listener failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn accept_unix(&mut self, core: &mut VsockCore) {
+        for _ in 0..ACCEPT_BATCH {
+            let Some(l) = &self.listeners.unix else {
+                return;
+            };
+            match l.accept() {
+                Ok((s, _)) => {
+                    if s.set_nonblocking(true).is_ok() {
+                        self.add(core, HostStream::Unix(s));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!("vsock: accept on the Unix listener failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Take an accepted socket as a new connection (or close it if full).
+    fn add(&mut self, core: &mut VsockCore, stream: HostStream) {
+        if !core.accepts_connections() {
+            if !self.full_warned {
+                tracing::warn!(
+                    "vsock: {} connections open or device failed: refusing new ones",
+                    core.connection_count()
+                );
+                self.full_warned = true;
+            }
+            return;
+        }
+        self.full_warned = false;
+        let Some(port) = core.alloc_port() else {
+            return;
+        };
+        let set = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+        let ev = EpollEvent::new(set, TOKEN_CONN + u64::from(port));
+        if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), ev) {
+            tracing::warn!("vsock: cannot watch a host connection: {e}");
+            return;
+        }
+        // Closing the socket (dropping the connection) removes it from epoll.
+        core.add_connection(port, stream);
+    }
+}

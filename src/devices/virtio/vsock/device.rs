@@ -1,0 +1,686 @@
+//! The vsock device proper: [`VsockCore`] owns the three virtqueues and the
+//! connection table, turns TX packets into connection events and connection
+//! output into RX packets, and delivers the transport-reset event; and
+//! [`VsockFrontend`], the [`VirtioDevice`] the MMIO transport drives.
+//!
+//! The core does no waiting: the device thread ([`super::backend`]) calls
+//! [`VsockCore::run`] under the core mutex, in bounded batches, so every
+//! lock release is a safe point (no descriptor half-processed). Any malformed
+//! chain or out-of-range buffer fails the device (`DEVICE_NEEDS_RESET`,
+//! host sockets closed) instead of being processed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
+
+use super::connection::{Connection, VsockState};
+use super::packet::{
+    Header, Op, EVENT_LEN, EVENT_TRANSPORT_RESET, HDR_LEN, HOST_CID, MAX_PKT_PAYLOAD, TYPE_STREAM,
+};
+use crate::devices::virtio::queue::{self, Direction, QueueError};
+use crate::devices::virtio::{
+    DeviceSignals, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::devices::GuestMemory;
+use crate::vstate::wait::GuestWake;
+
+/// virtio device id of vsock.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+/// Maximum size of each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the RX queue (device → guest packets).
+pub const RX: usize = 0;
+/// Index of the TX queue (guest → device packets).
+pub const TX: usize = 1;
+/// Index of the event queue.
+pub const EVT: usize = 2;
+/// First local port handed to host connections.
+pub const FIRST_LOCAL_PORT: u32 = 1024;
+
+const TX_BUDGET: usize = 128;
+const RX_BUDGET: usize = 128;
+/// Most RSTs for unknown connections kept waiting for RX buffers.
+pub const MAX_ORPHAN_RST: usize = 4096;
+
+/// The device state behind the core mutex.
+#[derive(Debug)]
+pub struct VsockCore {
+    mem: GuestMemory,
+    signals: Arc<DeviceSignals>,
+    pub(crate) guest_cid: u64,
+    guest_port: u32,
+    buf_alloc: u32,
+    max_connections: usize,
+    queues: Vec<Queue>,
+    active: bool,
+    failed: bool,
+    notif_enabled: [bool; 3],
+    conns: HashMap<u32, Connection>,
+    pub(crate) next_port: u32,
+    pub(crate) orphan_rst: VecDeque<Header>,
+    pub(crate) reset_event_pending: bool,
+    io_queue: VecDeque<u32>,
+    rx_queue: VecDeque<u32>,
+    payload: Vec<u8>,
+    /// Set by `pause()`: the device thread makes no progress while set.
+    pub(crate) paused: bool,
+    /// Set by `stop()`: the device thread exits.
+    pub(crate) stopping: bool,
+    kick: bool,
+    wake_guest: bool,
+}
+
+/// Parameters of a core.
+#[derive(Debug, Clone, Copy)]
+pub struct CoreParams {
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// Guest port host connections are forwarded to.
+    pub guest_port: u32,
+    /// Receive buffer per connection advertised to the guest.
+    pub buf_alloc: u32,
+    /// Most concurrent host connections.
+    pub max_connections: usize,
+}
+
+impl VsockCore {
+    /// A core with no queues (the driver has not started).
+    pub fn new(mem: GuestMemory, signals: Arc<DeviceSignals>, p: CoreParams) -> Self {
+        Self {
+            mem,
+            signals,
+            guest_cid: p.guest_cid,
+            guest_port: p.guest_port,
+            buf_alloc: p.buf_alloc,
+            max_connections: p.max_connections,
+            queues: Vec::new(),
+            active: false,
+            failed: false,
+            notif_enabled: [true; 3],
+            conns: HashMap::new(),
+            next_port: FIRST_LOCAL_PORT,
+            orphan_rst: VecDeque::new(),
+            reset_event_pending: false,
+            io_queue: VecDeque::new(),
+            rx_queue: VecDeque::new(),
+            payload: Vec::with_capacity(MAX_PKT_PAYLOAD as usize),
+            paused: false,
+            stopping: false,
+            kick: false,
+            wake_guest: false,
+        }
+    }
+
+    /// Take the queues the transport validated and start.
+    pub fn activate(&mut self, queues: Vec<Queue>, features: u64) -> Result<(), VirtioError> {
+        if queues.len() != 3 {
+            return Err(VirtioError::QueueCount {
+                expected: 3,
+                got: queues.len(),
+            });
+        }
+        for (i, q) in queues.iter().enumerate() {
+            let required = i != EVT;
+            if (required && !q.ready()) || (q.ready() && !q.is_valid(&self.mem)) {
+                return Err(VirtioError::QueueUnusable(i));
+            }
+        }
+        let _ = features;
+        self.queues = queues;
+        self.active = true;
+        self.failed = false;
+        // Unknown ring contents: write the suppression state on the first run.
+        self.notif_enabled = [true; 3];
+        self.kick = true;
+        let ports: Vec<u32> = self.conns.keys().copied().collect();
+        for p in ports {
+            self.schedule_rx(p);
+        }
+        Ok(())
+    }
+
+    /// Driver reset: forget queues and every connection (host sockets close).
+    pub fn reset(&mut self) {
+        self.queues.clear();
+        self.active = false;
+        self.failed = false;
+        self.conns.clear();
+        self.orphan_rst.clear();
+        self.io_queue.clear();
+        self.rx_queue.clear();
+        self.reset_event_pending = false;
+        self.kick = false;
+    }
+
+    /// Whether the device runs (activated, not failed).
+    pub fn is_running(&self) -> bool {
+        self.active && !self.failed
+    }
+
+    /// Live queue states, for saving.
+    pub fn queue_states(&self) -> Option<Vec<QueueState>> {
+        self.active
+            .then(|| self.queues.iter().map(|q| q.state()).collect())
+    }
+
+    /// Number of host connections (any state).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether a new host connection can be taken.
+    pub fn accepts_connections(&self) -> bool {
+        !self.failed && self.conns.len() < self.max_connections
+    }
+
+    /// A fresh local port, not used by a live connection.
+    pub fn alloc_port(&mut self) -> Option<u32> {
+        for _ in 0..=self.conns.len() {
+            let p = self.next_port;
+            self.next_port = if p == u32::MAX {
+                FIRST_LOCAL_PORT
+            } else {
+                p + 1
+            };
+            if !self.conns.contains_key(&p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Add an accepted host connection; its REQUEST goes out once RX buffers exist.
+    pub fn add_connection(&mut self, port: u32, stream: super::connection::HostStream) {
+        let c = Connection::new(port, self.guest_port, self.guest_cid, self.buf_alloc, stream);
+        self.conns.insert(port, c);
+        self.schedule_rx(port);
+    }
+
+    /// Host socket readiness for connection `port`.
+    pub fn socket_event(&mut self, port: u32, readable: bool, writable: bool) {
+        if let Some(c) = self.conns.get_mut(&port) {
+            c.readable |= readable;
+            c.writable |= writable;
+            self.schedule_io(port);
+        }
+    }
+
+    /// Whether the guest should be woken (used buffers were added); clears it.
+    pub fn take_guest_wake(&mut self) -> bool {
+        std::mem::take(&mut self.wake_guest)
+    }
+
+    /// After resume: poll every queue at once.
+    pub fn kick(&mut self) {
+        self.kick = true;
+    }
+
+    fn schedule_io(&mut self, port: u32) {
+        if let Some(c) = self.conns.get_mut(&port) {
+            if !c.queued_io {
+                c.queued_io = true;
+                self.io_queue.push_back(port);
+            }
+        }
+    }
+
+    fn schedule_rx(&mut self, port: u32) {
+        if let Some(c) = self.conns.get_mut(&port) {
+            if !c.queued_rx {
+                c.queued_rx = true;
+                self.rx_queue.push_back(port);
+            }
+        }
+    }
+
+    fn queue_ready(&self, i: usize) -> bool {
+        self.queues.get(i).is_some_and(|q| q.ready())
+    }
+
+    /// Fail the device: log, DEVICE_NEEDS_RESET, close every host socket.
+    pub fn fail(&mut self, err: &QueueError) {
+        self.signals.fail("vsock", err);
+        self.failed = true;
+        self.conns.clear();
+        self.orphan_rst.clear();
+        self.io_queue.clear();
+        self.rx_queue.clear();
+    }
+
+    /// One batch of work on every queue and socket. Returns true if anything
+    /// moved (the device keeps polling while it does).
+    pub fn run(&mut self, now: Instant) -> bool {
+        if !self.is_running() {
+            return false;
+        }
+        if std::mem::take(&mut self.kick) {
+            self.suppress_notifications();
+        }
+        match self.run_inner(now) {
+            Ok(p) => p,
+            Err(e) => {
+                self.fail(&e);
+                true
+            }
+        }
+    }
+
+    fn run_inner(&mut self, now: Instant) -> Result<bool, QueueError> {
+        let mut progress = self.process_event()?;
+        progress |= self.process_tx()?;
+        progress |= self.process_io(now);
+        progress |= self.process_rx(now)?;
+        Ok(progress)
+    }
+
+    fn used_added(&mut self) {
+        self.wake_guest = true;
+        self.signals.used_buffer();
+    }
+
+    fn process_event(&mut self) -> Result<bool, QueueError> {
+        if !self.reset_event_pending || !self.queue_ready(EVT) {
+            return Ok(false);
+        }
+        let q = &mut self.queues[EVT];
+        let Some(chain) = queue::pop_chain(q, &self.mem, Direction::DeviceWrites)? else {
+            return Ok(false);
+        };
+        if (chain.len() as usize) < EVENT_LEN {
+            return Err(QueueError::TooShort {
+                head: chain.head(),
+                len: chain.len(),
+                need: EVENT_LEN as u32,
+            });
+        }
+        chain.write_at(&self.mem, 0, &EVENT_TRANSPORT_RESET.to_le_bytes())?;
+        // ORDER: the event is written before add_used publishes it.
+        queue::add_used(q, &self.mem, chain.head(), EVENT_LEN as u32)?;
+        self.reset_event_pending = false;
+        self.used_added();
+        Ok(true)
+    }
+
+    fn process_tx(&mut self) -> Result<bool, QueueError> {
+        let mut progress = false;
+        for _ in 0..TX_BUDGET {
+            let q = &mut self.queues[TX];
+            let Some(chain) = queue::pop_chain(q, &self.mem, Direction::DeviceReads)? else {
+                break;
+            };
+            let head = chain.head();
+            if (chain.len() as usize) < HDR_LEN {
+                return Err(QueueError::TooShort {
+                    head,
+                    len: chain.len(),
+                    need: HDR_LEN as u32,
+                });
+            }
+            let mut hb = [0u8; HDR_LEN];
+            chain.read_at(&self.mem, 0, &mut hb)?;
+            let hdr = Header::from_bytes(&hb);
+            let op = hdr.operation();
+            let len = if op == Some(Op::Rw) { hdr.len } else { 0 };
+            let room = chain.len() - HDR_LEN as u32;
+            if len > room || len > MAX_PKT_PAYLOAD {
+                return Err(QueueError::TooShort {
+                    head,
+                    len: chain.len(),
+                    need: (HDR_LEN as u32).saturating_add(len),
+                });
+            }
+            self.payload.resize(len as usize, 0);
+            chain.read_at(&self.mem, HDR_LEN, &mut self.payload)?;
+            // ORDER: the packet is copied out before its buffer goes back to
+            // the guest, which may reuse it at once.
+            queue::add_used(&mut self.queues[TX], &self.mem, head, 0)?;
+            self.used_added();
+            progress = true;
+            let payload = std::mem::take(&mut self.payload);
+            self.on_guest_packet(&hdr, op, &payload);
+            self.payload = payload;
+        }
+        Ok(progress)
+    }
+
+    fn push_orphan_rst(&mut self, hdr: &Header) {
+        if self.orphan_rst.len() >= MAX_ORPHAN_RST {
+            return;
+        }
+        self.orphan_rst.push_back(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            len: 0,
+            type_: TYPE_STREAM,
+            op: Op::Rst.code(),
+            flags: 0,
+            buf_alloc: self.buf_alloc,
+            fwd_cnt: 0,
+        });
+    }
+
+    fn on_guest_packet(&mut self, hdr: &Header, op: Option<Op>, payload: &[u8]) {
+        if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
+            tracing::debug!(
+                "vsock: dropping packet {} -> {}",
+                hdr.src_cid,
+                hdr.dst_cid
+            );
+            return;
+        }
+        let port = hdr.dst_port;
+        let known = self
+            .conns
+            .get(&port)
+            .is_some_and(|c| c.peer_port == hdr.src_port && c.vsock_open());
+        match op {
+            Some(op) if known && hdr.type_ == TYPE_STREAM => {
+                if let Some(c) = self.conns.get_mut(&port) {
+                    c.on_guest_packet(hdr, op, payload);
+                    if c.finished() {
+                        self.conns.remove(&port);
+                        return;
+                    }
+                }
+                self.schedule_io(port);
+                self.schedule_rx(port);
+            }
+            Some(Op::Rst) => {}
+            _ => {
+                // Unknown connection, type or operation (the guest may also
+                // try to connect to the host: there is no host listener).
+                self.push_orphan_rst(hdr);
+            }
+        }
+    }
+
+    fn process_io(&mut self, now: Instant) -> bool {
+        let mut progress = false;
+        for _ in 0..self.io_queue.len() {
+            let Some(port) = self.io_queue.pop_front() else {
+                break;
+            };
+            let Some(c) = self.conns.get_mut(&port) else {
+                continue;
+            };
+            c.queued_io = false;
+            progress |= c.host_io();
+            let (io, rx, done) = (c.wants_io(), c.has_rx_work(now), c.finished());
+            if done {
+                self.conns.remove(&port);
+                progress = true;
+                continue;
+            }
+            if io {
+                self.schedule_io(port);
+            }
+            if rx {
+                self.schedule_rx(port);
+            }
+        }
+        progress
+    }
+
+    /// The next packet of the connections in the RX work list.
+    fn next_conn_packet(&mut self, now: Instant, max_payload: usize) -> Option<Header> {
+        while let Some(port) = self.rx_queue.pop_front() {
+            let Some(c) = self.conns.get_mut(&port) else {
+                continue;
+            };
+            c.queued_rx = false;
+            let pkt = c.next_rx_packet(now, max_payload, &mut self.payload);
+            let (io, rx, done) = (c.wants_io(), c.has_rx_work(now), c.finished());
+            if done {
+                self.conns.remove(&port);
+            } else {
+                if rx {
+                    self.schedule_rx(port);
+                }
+                if io {
+                    self.schedule_io(port);
+                }
+            }
+            if pkt.is_some() {
+                return pkt;
+            }
+        }
+        None
+    }
+
+    fn process_rx(&mut self, now: Instant) -> Result<bool, QueueError> {
+        if !self.queue_ready(RX) {
+            return Ok(false);
+        }
+        let mut progress = false;
+        for _ in 0..RX_BUDGET {
+            if self.orphan_rst.is_empty() && self.rx_queue.is_empty() {
+                break;
+            }
+            let q = &mut self.queues[RX];
+            let Some(chain) = queue::pop_chain(q, &self.mem, Direction::DeviceWrites)? else {
+                break;
+            };
+            if (chain.len() as usize) < HDR_LEN {
+                return Err(QueueError::TooShort {
+                    head: chain.head(),
+                    len: chain.len(),
+                    need: HDR_LEN as u32,
+                });
+            }
+            let max_payload = (chain.len() - HDR_LEN as u32).min(MAX_PKT_PAYLOAD) as usize;
+            let hdr = match self.orphan_rst.pop_front() {
+                Some(h) => {
+                    self.payload.clear();
+                    Some(h)
+                }
+                None => self.next_conn_packet(now, max_payload),
+            };
+            let Some(hdr) = hdr else {
+                // Nothing to send after all: give the buffer back to the ring.
+                self.queues[RX].go_to_previous_position();
+                break;
+            };
+            chain.write_at(&self.mem, 0, &hdr.to_bytes())?;
+            chain.write_at(&self.mem, HDR_LEN, &self.payload)?;
+            let used = HDR_LEN as u32 + self.payload.len() as u32;
+            // ORDER: header and payload are in guest memory before add_used
+            // publishes the used index.
+            queue::add_used(&mut self.queues[RX], &self.mem, chain.head(), used)?;
+            self.used_added();
+            progress = true;
+        }
+        Ok(progress)
+    }
+
+    /// Back to polling: ask the driver not to notify on any queue.
+    pub fn suppress_notifications(&mut self) {
+        if !self.is_running() {
+            return;
+        }
+        for i in 0..self.queues.len() {
+            if self.notif_enabled[i] && self.queues[i].ready() {
+                if let Err(e) = queue::set_notification(&self.queues[i], &self.mem, false) {
+                    self.fail(&e);
+                    return;
+                }
+                self.notif_enabled[i] = false;
+            }
+        }
+    }
+
+    /// Going to sleep: re-enable notifications where the device waits for the
+    /// driver (TX always; RX if packets wait for buffers; the event queue if an
+    /// event waits), then re-check the rings. Returns true if work arrived
+    /// meanwhile: the device must not sleep.
+    pub fn arm_notifications(&mut self) -> bool {
+        if !self.is_running() {
+            return false;
+        }
+        let want = [
+            !self.orphan_rst.is_empty() || !self.rx_queue.is_empty(),
+            true,
+            self.reset_event_pending,
+        ];
+        for (i, &wanted) in want.iter().enumerate() {
+            if !self.queue_ready(i) {
+                continue;
+            }
+            let q = &self.queues[i];
+            let res = if wanted {
+                self.notif_enabled[i] = true;
+                queue::enable_and_recheck(q, &self.mem)
+            } else if self.notif_enabled[i] {
+                self.notif_enabled[i] = false;
+                queue::set_notification(q, &self.mem, false).map(|()| false)
+            } else {
+                Ok(false)
+            };
+            match res {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => {
+                    self.fail(&e);
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// Earliest time a throttled credit request becomes due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.conns
+            .values()
+            .filter_map(Connection::credit_retry_at)
+            .min()
+    }
+
+    /// The connections the guest may know about, as (host port, guest port):
+    /// after a restore they get an RST.
+    pub fn guest_visible_connections(&self) -> Vec<(u32, u32)> {
+        let mut v: Vec<(u32, u32)> = self
+            .conns
+            .values()
+            .filter(|c| c.state() == VsockState::Established || c.state() == VsockState::Requesting)
+            .map(|c| (c.local_port, c.peer_port))
+            .chain(self.orphan_rst.iter().map(|h| (h.src_port, h.dst_port)))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Queue an RST for a connection the guest may still hold (after restore).
+    pub fn reset_guest_connection(&mut self, local_port: u32, peer_port: u32) {
+        self.push_orphan_rst(&Header {
+            src_port: peer_port,
+            dst_port: local_port,
+            ..Header::default()
+        });
+    }
+}
+
+/// The core with its wake-up channels, shared by the frontend (vCPU threads),
+/// the device thread and the handle.
+#[derive(Debug)]
+pub struct Shared {
+    /// The device state.
+    pub core: Mutex<VsockCore>,
+    /// Paired with `core`: the device thread waits on it while paused.
+    pub cv: std::sync::Condvar,
+    /// Written on QueueNotify.
+    pub notify_evt: vmm_sys_util::eventfd::EventFd,
+    /// Written on activate, reset, resume and stop.
+    pub ctrl_evt: vmm_sys_util::eventfd::EventFd,
+    /// Status bits for the transport.
+    pub signals: Arc<DeviceSignals>,
+    /// Wakes a guest parked on the wait port.
+    pub wake: Arc<GuestWake>,
+}
+
+impl Shared {
+    /// Lock the core (a poisoned lock is still usable: the core has no
+    /// invariant a panic elsewhere could break half-way).
+    pub fn lock(&self) -> MutexGuard<'_, VsockCore> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wake the device thread.
+    pub fn kick_thread(&self) {
+        let _ = self.ctrl_evt.write(1);
+    }
+}
+
+/// The vsock device as the MMIO transport sees it.
+#[derive(Debug)]
+pub struct VsockFrontend {
+    shared: Arc<Shared>,
+    config: [u8; 8],
+}
+
+impl VsockFrontend {
+    /// Frontend of `shared`, whose guest CID is the config space.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let cid = shared.lock().guest_cid;
+        Self {
+            shared,
+            config: cid.to_le_bytes(),
+        }
+    }
+}
+
+impl VirtioDevice for VsockFrontend {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if start < self.config.len() {
+            let n = data.len().min(self.config.len() - start);
+            data[..n].copy_from_slice(&self.config[start..start + n]);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!("virtio-vsock: config write at {offset:#x} ignored (read-only)");
+    }
+
+    fn activate(&mut self, queues: Vec<Queue>, acked_features: u64) -> Result<(), VirtioError> {
+        self.shared.lock().activate(queues, acked_features)?;
+        self.shared.kick_thread();
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, _index: u32) {
+        let _ = self.shared.notify_evt.write(1);
+    }
+
+    fn reset(&mut self) {
+        self.shared.lock().reset();
+        self.shared.kick_thread();
+    }
+
+    fn signals(&self) -> &DeviceSignals {
+        &self.shared.signals
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        self.shared.lock().queue_states()
+    }
+}

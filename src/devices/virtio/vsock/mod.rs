@@ -1,0 +1,271 @@
+//! virtio-vsock (device id 19) with a userspace backend that bridges host
+//! sockets to vsock stream connections into the guest.
+//!
+//! Each connection accepted on the host listener (TCP, `--listen`, and
+//! optionally a Unix socket) becomes a vsock connection from the host (CID 2,
+//! a fresh local port per connection) to the guest's CID, on the configured
+//! guest port (the built-in key-value guest listens on
+//! [`nvhv_abi::KV_VSOCK_PORT`]). Flow control is the spec's credit scheme in
+//! both directions; a guest RST closes the host socket, host EOF becomes a
+//! SHUTDOWN, and a guest SHUTDOWN/RST half-closes or closes the host socket
+//! after the bytes already accepted are flushed.
+//!
+//! Using it from the VMM:
+//! ```ignore
+//! let vsock = Vsock::new(mem.clone(), wake.clone(), VsockConfig::new(listener))?;
+//! bus.insert(base, MMIO_WINDOW_SIZE, vsock.transport()); // Arc<Mutex<MmioTransport>>
+//! // checkpoint: vcpus paused, then
+//! vsock.pause();                      // device at a safe point, nothing moves
+//! let state: VsockState = vsock.save();
+//! vsock.resume();
+//! // after a crash or on `nvhv resume`:
+//! let vsock = Vsock::restore(VsockArgs { mem, wake, cfg }, &state)?;
+//! ```
+//! [`Vsock`] also implements [`crate::persist::Persist`].
+//!
+//! Layout: [`packet`] (wire format), [`connection`] (one bridged connection,
+//! credit, host I/O, the output hook), [`device`] (queues and connection
+//! table), [`backend`] (the device thread and its exit-free polling loop),
+//! [`persist`] (save/restore).
+
+pub mod backend;
+pub mod connection;
+pub mod device;
+pub mod packet;
+pub mod persist;
+
+#[doc(hidden)]
+pub mod fuzzing;
+
+use std::io;
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::backend::Listeners;
+use self::device::{CoreParams, Shared, VsockCore, VsockFrontend};
+use super::mmio::{MmioError, MmioTransport};
+use super::DeviceSignals;
+use crate::devices::GuestMemory;
+use crate::vstate::wait::GuestWake;
+
+pub use self::persist::{VsockDeviceState, VsockState};
+
+/// Receive buffer per connection advertised to the guest by default.
+pub const DEFAULT_BUF_ALLOC: u32 = 256 * 1024;
+/// Concurrent host connections accepted by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// Errors creating or restoring the vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The guest CID is reserved or does not fit in 32 bits.
+    #[error("guest CID {0} is not usable")]
+    GuestCid(u64),
+    /// A configuration value is out of range.
+    #[error("invalid vsock configuration: {0}")]
+    Config(&'static str),
+    /// An EventFd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] io::Error),
+    /// The device thread could not be started (epoll, listener setup, spawn).
+    #[error("cannot start the vsock device thread")]
+    Thread(#[source] io::Error),
+    /// The saved transport is invalid.
+    #[error("invalid saved transport")]
+    Transport(#[source] MmioError),
+    /// The saved device state is invalid.
+    #[error("invalid saved vsock state: {0}")]
+    State(&'static str),
+}
+
+/// How the device is set up.
+#[derive(Debug)]
+pub struct VsockConfig {
+    /// The guest's CID (config space `guest_cid`).
+    pub guest_cid: u64,
+    /// Guest port every host connection is forwarded to.
+    pub guest_port: u32,
+    /// Host TCP listener (`--listen`, default 127.0.0.1:6380).
+    pub listen: Option<TcpListener>,
+    /// Optional host Unix-socket listener.
+    pub unix: Option<UnixListener>,
+    /// Receive buffer per connection advertised to the guest (bytes the
+    /// device buffers towards the host socket, at most).
+    pub buf_alloc: u32,
+    /// Most concurrent host connections; more are refused (closed).
+    pub max_connections: usize,
+}
+
+impl VsockConfig {
+    /// The defaults: [`nvhv_abi::GUEST_CID`], [`nvhv_abi::KV_VSOCK_PORT`], `listen`.
+    pub fn new(listen: TcpListener) -> Self {
+        Self {
+            guest_cid: nvhv_abi::GUEST_CID,
+            guest_port: nvhv_abi::KV_VSOCK_PORT,
+            listen: Some(listen),
+            unix: None,
+            buf_alloc: DEFAULT_BUF_ALLOC,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+
+    fn validate(&self) -> Result<(), VsockError> {
+        check_guest_cid(self.guest_cid)?;
+        if self.buf_alloc == 0 || self.buf_alloc > 64 * 1024 * 1024 {
+            return Err(VsockError::Config("buf_alloc must be in 1..=64 MiB"));
+        }
+        if self.max_connections == 0 || self.max_connections > 65536 {
+            return Err(VsockError::Config("max_connections must be in 1..=65536"));
+        }
+        Ok(())
+    }
+}
+
+/// What [`Vsock::restore`] needs besides the state.
+#[derive(Debug)]
+pub struct VsockArgs {
+    /// Guest memory (with its dirty bitmap).
+    pub mem: GuestMemory,
+    /// Wakes the guest's parked vCPUs.
+    pub wake: Arc<GuestWake>,
+    /// Listeners and limits (the guest CID comes from the state).
+    pub cfg: VsockConfig,
+}
+
+fn check_guest_cid(cid: u64) -> Result<(), VsockError> {
+    // 0, 1, 2 are reserved; the upper 32 bits are reserved; u32::MAX is "any".
+    if cid < 3 || cid >= u64::from(u32::MAX) {
+        return Err(VsockError::GuestCid(cid));
+    }
+    Ok(())
+}
+
+/// The running vsock device: owns the device thread; hands out the MMIO
+/// transport for the bus. Dropping it stops the thread and closes every host
+/// connection.
+#[derive(Debug)]
+pub struct Vsock {
+    transport: Arc<Mutex<MmioTransport>>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Vsock {
+    /// A new device (guest driver not started yet), with its device thread
+    /// listening on `cfg.listen` / `cfg.unix`.
+    pub fn new(
+        mem: GuestMemory,
+        wake: Arc<GuestWake>,
+        cfg: VsockConfig,
+    ) -> Result<Self, VsockError> {
+        cfg.validate()?;
+        let (shared, listeners) = Self::shared(mem, wake, cfg, None)?;
+        let transport = MmioTransport::new(Box::new(VsockFrontend::new(Arc::clone(&shared))));
+        Self::start(transport, shared, listeners)
+    }
+
+    fn shared(
+        mem: GuestMemory,
+        wake: Arc<GuestWake>,
+        cfg: VsockConfig,
+        guest_cid: Option<u64>,
+    ) -> Result<(Arc<Shared>, Listeners), VsockError> {
+        let signals = Arc::new(DeviceSignals::new());
+        let params = CoreParams {
+            guest_cid: guest_cid.unwrap_or(cfg.guest_cid),
+            guest_port: cfg.guest_port,
+            buf_alloc: cfg.buf_alloc,
+            max_connections: cfg.max_connections,
+        };
+        let core = VsockCore::new(mem, Arc::clone(&signals), params);
+        let shared = Arc::new(Shared {
+            core: Mutex::new(core),
+            cv: Condvar::new(),
+            notify_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
+            ctrl_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
+            signals,
+            wake,
+        });
+        let listeners = Listeners {
+            tcp: cfg.listen,
+            unix: cfg.unix,
+        };
+        Ok((shared, listeners))
+    }
+
+    fn start(
+        transport: MmioTransport,
+        shared: Arc<Shared>,
+        listeners: Listeners,
+    ) -> Result<Self, VsockError> {
+        let thread = backend::spawn(Arc::clone(&shared), listeners).map_err(VsockError::Thread)?;
+        Ok(Self {
+            transport: Arc::new(Mutex::new(transport)),
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The register window to put on the MMIO bus.
+    pub fn transport(&self) -> Arc<Mutex<MmioTransport>> {
+        Arc::clone(&self.transport)
+    }
+
+    /// Stop the device at a safe point: when this returns no descriptor is
+    /// half-processed and neither guest memory nor device state changes until
+    /// [`resume`](Self::resume). Host sockets keep queueing in the kernel.
+    pub fn pause(&self) {
+        self.shared.lock().paused = true;
+    }
+
+    /// Continue after [`pause`](Self::pause); every queue is polled at once.
+    pub fn resume(&self) {
+        let mut core = self.shared.lock();
+        core.paused = false;
+        core.kick();
+        drop(core);
+        self.shared.cv.notify_all();
+        self.shared.kick_thread();
+    }
+
+    /// Whether the device is paused.
+    pub fn is_paused(&self) -> bool {
+        self.shared.lock().paused
+    }
+
+    /// Host connections currently bridged (any state).
+    pub fn connection_count(&self) -> usize {
+        self.shared.lock().connection_count()
+    }
+
+    /// Stop the device thread and close every host connection.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        self.shared.lock().stopping = true;
+        self.shared.cv.notify_all();
+        self.shared.kick_thread();
+        if t.join().is_err() {
+            tracing::warn!("vsock: device thread panicked");
+        }
+        self.shared.lock().reset();
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests;

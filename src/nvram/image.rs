@@ -1,0 +1,1128 @@
+//! An open, validated, exclusively locked nvhv image: creating one, opening
+//! and validating one, the crash-atomic commit protocol (state slot, then meta
+//! record, each persisted in that order), reading the committed state back,
+//! and the verdict on whether the VM in it can be resumed.
+//!
+//! The commit protocol and the recovery rule are written out in
+//! `docs/nvram-format.md` ("Commit protocol", "Recovery").
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::backing::{Backing, BackingError, BackingKind};
+use super::layout::{
+    check_file_len, select_meta, FormatError, Header, ImageConfig, Meta, MetaSelection,
+    PersistMode, Status, Uuid, HEADER_BLOCK, HEADER_LEN, META_LEN,
+};
+
+/// A failure to create, open, read or commit an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Nothing exists at the path.
+    #[error("no image at {0}")]
+    NotFound(PathBuf),
+    /// `create` without `overwrite` found a file at the path.
+    #[error("{0} already exists (overwrite it explicitly to replace it)")]
+    Exists(PathBuf),
+    /// The path is a directory, device or other non-regular file.
+    #[error("{0} is not a regular file")]
+    NotRegular(PathBuf),
+    /// Opening or creating the file failed.
+    #[error("cannot open {path}")]
+    Open {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the image's lock.
+    #[error("image {0} is in use by another process")]
+    InUse(PathBuf),
+    /// `flock` failed for a reason other than contention.
+    #[error("cannot lock {path}")]
+    Lock {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading part of the image failed.
+    #[error("cannot read the {what}")]
+    Read {
+        /// What was being read.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Sizing the new image (`ftruncate`) failed.
+    #[error("cannot size the image to {0} bytes")]
+    Resize(u64, #[source] io::Error),
+    /// Preallocating the metadata regions (`posix_fallocate`) failed.
+    #[error("cannot preallocate the image's metadata regions")]
+    Allocate(#[source] io::Error),
+    /// Reading random bytes for the image's UUID failed.
+    #[error("cannot generate the image UUID")]
+    Random(#[source] io::Error),
+    /// Persisting the directory entry of a new image failed.
+    #[error("cannot persist the directory entry of {path}")]
+    SyncDir {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The image's bytes are not a valid image (see [`FormatError`]).
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// Writing or persisting through the backing failed.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    /// The bytes in a state slot do not match the CRC in the meta record naming them.
+    #[error("state slot {slot} CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    StateCrc {
+        /// Slot index.
+        slot: usize,
+        /// CRC in the meta record.
+        stored: u32,
+        /// CRC of the slot's bytes.
+        computed: u32,
+    },
+    /// A commit's state does not fit a state slot.
+    #[error("state of {len} bytes does not fit the {slot_bytes}-byte state slot")]
+    StateTooLarge {
+        /// State bytes offered.
+        len: u64,
+        /// Slot capacity.
+        slot_bytes: u64,
+    },
+    /// `commit` was asked to record a status only `create` records.
+    #[error("a commit cannot record status {0}")]
+    CommitStatus(Status),
+    /// The epoch counter would overflow.
+    #[error("the epoch counter is exhausted")]
+    EpochExhausted,
+    /// An earlier write or persist failed mid-commit; what is durable is unknown until a reopen.
+    #[error("an earlier persist of this image failed; reopen it before committing again")]
+    Poisoned,
+}
+
+/// Why the VM in an image cannot be resumed, in words for the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct NotResumable {
+    /// One sentence naming the problem.
+    pub reason: String,
+}
+
+impl NotResumable {
+    fn new(reason: impl Into<String>) -> Self {
+        NotResumable {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// How long each step of a commit took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitTimes {
+    /// The epoch just committed.
+    pub epoch: u64,
+    /// Bytes of state written.
+    pub state_bytes: u64,
+    /// Writing the state slot.
+    pub state_write: Duration,
+    /// Persisting it (with dirty RAM pages, on File backing).
+    pub state_persist: Duration,
+    /// Writing the meta record.
+    pub meta_write: Duration,
+    /// Persisting the meta record: after this the commit is durable.
+    pub meta_persist: Duration,
+    /// The whole commit.
+    pub total: Duration,
+}
+
+/// An open, validated image, exclusively locked (`flock`) for as long as it lives.
+#[derive(Debug)]
+pub struct Image {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    meta: MetaSelection,
+    backing: Backing,
+    poisoned: bool,
+}
+
+/// What [`read_validated`] proved about an image.
+pub(super) struct Validated {
+    pub(super) header: Header,
+    pub(super) meta: MetaSelection,
+    pub(super) file_len: u64,
+}
+
+impl Image {
+    /// Creates a new image at `path` for `cfg` and returns it open and locked.
+    ///
+    /// Refuses an existing file unless `overwrite` (and never overwrites an
+    /// image another process holds). Every region before guest RAM is
+    /// preallocated; the RAM region is sized with `ftruncate`, so it is sparse
+    /// and reads as zeros. Meta block 0 gets a `Created` record (epoch 0) and
+    /// is persisted before the header, so a file with a valid header always
+    /// has a valid meta record.
+    pub fn create(path: &Path, cfg: &ImageConfig, overwrite: bool) -> Result<Image, ImageError> {
+        let (secs, nanos) = now();
+        let header = Header::new(cfg, random_uuid()?, secs, nanos)?;
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true);
+        if overwrite {
+            opts.create(true);
+        } else {
+            opts.create_new(true);
+        }
+        let file = opts.open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => ImageError::Exists(path.to_owned()),
+            _ => ImageError::Open {
+                path: path.to_owned(),
+                source: e,
+            },
+        })?;
+        // A half-made image is not an image: remove it if anything below fails
+        // (a file that existed before is only ours once it is locked).
+        let mut cleanup = RemoveOnDrop {
+            path,
+            armed: !overwrite,
+        };
+        check_regular(&file, path)?;
+        lock(&file, path, libc::LOCK_EX)?;
+        cleanup.armed = true;
+        let g = header.geometry;
+        if overwrite {
+            file.set_len(0).map_err(|e| ImageError::Resize(0, e))?;
+        }
+        file.set_len(g.image_len())
+            .map_err(|e| ImageError::Resize(g.image_len(), e))?;
+        fallocate(&file, 0, g.ram.offset)?;
+        let mut backing = Backing::detect(&file, g.ram.offset, true)?;
+        let meta = Meta {
+            epoch: 0,
+            status: Status::Created,
+            state_slot: 0,
+            state_len: 0,
+            state_crc: crc32c::crc32c(&[]),
+            log_head: 0,
+            log_tail: 0,
+            image_uuid: header.uuid,
+            time_unix_ns: now_ns(),
+        };
+        backing.write_at(&file, g.meta[0].offset, &meta.encode())?;
+        // ORDER: the Created meta record (and the file size) must be durable
+        // before the header that makes the file an image.
+        backing.persist(&file, 0, g.ram.offset)?;
+        backing.write_at(&file, 0, &header.encode())?;
+        backing.persist(&file, 0, HEADER_LEN as u64)?;
+        if backing.kind() != BackingKind::Tmpfs {
+            sync_parent_dir(path)?;
+        }
+        cleanup.armed = false;
+        let meta = MetaSelection {
+            current_block: 0,
+            current: meta.clone(),
+            blocks: [Ok(meta), Err(FormatError::MetaBlank)],
+        };
+        Ok(Image {
+            path: path.to_owned(),
+            file,
+            header,
+            meta,
+            backing,
+            poisoned: false,
+        })
+    }
+
+    /// Opens an existing image read-write, takes its exclusive lock
+    /// ([`ImageError::InUse`] if another process has it), and validates the
+    /// header, the file length and the meta records. Never writes.
+    pub fn open(path: &Path) -> Result<Image, ImageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| open_error(path, e))?;
+        check_regular(&file, path)?;
+        lock(&file, path, libc::LOCK_EX)?;
+        let v = read_validated(&file)?;
+        let backing = Backing::detect(&file, v.header.geometry.ram.offset, true)?;
+        Ok(Image {
+            path: path.to_owned(),
+            file,
+            header: v.header,
+            meta: v.meta,
+            backing,
+            poisoned: false,
+        })
+    }
+
+    /// The validated header: config, UUID, geometry.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The image file (for mapping the RAM region).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The path the image was opened at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// File offset of the guest RAM region (2 MiB aligned).
+    pub fn ram_offset(&self) -> u64 {
+        self.header.geometry.ram.offset
+    }
+
+    /// What the image lives on.
+    pub fn backing(&self) -> BackingKind {
+        self.backing.kind()
+    }
+
+    /// The current (newest valid) meta record.
+    pub fn current(&self) -> &Meta {
+        &self.meta.current
+    }
+
+    /// Both meta blocks as last read or written: each record, or why it is invalid.
+    pub fn meta_blocks(&self) -> &MetaSelection {
+        &self.meta
+    }
+
+    /// Whether the VM can be resumed from the current record: its status
+    /// fits the persist mode, it names a state, and the state matches its CRC.
+    pub fn resumable(&self) -> Result<(), NotResumable> {
+        resumability(&self.file, &self.header, &self.meta.current)
+    }
+
+    /// The current record's machine state, checked against its CRC.
+    pub fn read_state(&self) -> Result<Vec<u8>, ImageError> {
+        read_state(&self.file, &self.header, &self.meta.current)
+    }
+
+    /// Commits a `Running` record (epoch + 1, same state slot) and persists
+    /// it. Call before guest code runs on a shared mapping of the RAM image:
+    /// from then on, a crash leaves RAM newer than the saved state, and the
+    /// image says so.
+    pub fn mark_running(&mut self) -> Result<(), ImageError> {
+        let meta = Meta {
+            epoch: self.next_epoch()?,
+            status: Status::Running,
+            time_unix_ns: now_ns(),
+            ..self.meta.current.clone()
+        };
+        self.write_meta(meta).map(drop)
+    }
+
+    /// Commits `state` as epoch + 1 with `status`.
+    ///
+    /// Writes the state into the slot the current record does not name,
+    /// persists it (on File backing that one `fdatasync` also covers guest RAM
+    /// pages dirtied through a shared mapping of this file; on DAX the caller
+    /// must have written back those pages with [`super::backing::write_back`]),
+    /// then writes the meta record into the block not holding the current
+    /// record and persists that. The commit is durable when this returns.
+    pub fn commit(&mut self, status: Status, state: &[u8]) -> Result<CommitTimes, ImageError> {
+        let start = Instant::now();
+        if status == Status::Created {
+            return Err(ImageError::CommitStatus(status));
+        }
+        if self.poisoned {
+            return Err(ImageError::Poisoned);
+        }
+        let epoch = self.next_epoch()?;
+        let slot = 1 - self.meta.current.state_slot.min(1);
+        let region = self.header.geometry.state[slot];
+        let len = state.len() as u64;
+        if len > region.size {
+            return Err(ImageError::StateTooLarge {
+                len,
+                slot_bytes: region.size,
+            });
+        }
+        // The slot is not named by the current record, so a crash from here
+        // on leaves the current commit intact.
+        self.poisoned = true;
+        let t = Instant::now();
+        self.backing.write_at(&self.file, region.offset, state)?;
+        let state_write = t.elapsed();
+        let t = Instant::now();
+        // ORDER: the state slot (and the guest RAM pages it goes with) must be
+        // durable before the meta record that names it.
+        self.backing.persist(&self.file, region.offset, len)?;
+        let state_persist = t.elapsed();
+        self.poisoned = false;
+        let meta = Meta {
+            epoch,
+            status,
+            state_slot: slot,
+            state_len: len,
+            state_crc: crc32c::crc32c(state),
+            time_unix_ns: now_ns(),
+            ..self.meta.current.clone()
+        };
+        let (meta_write, meta_persist) = self.write_meta(meta)?;
+        Ok(CommitTimes {
+            epoch,
+            state_bytes: len,
+            state_write,
+            state_persist,
+            meta_write,
+            meta_persist,
+            total: start.elapsed(),
+        })
+    }
+
+    fn next_epoch(&self) -> Result<u64, ImageError> {
+        self.meta
+            .current
+            .epoch
+            .checked_add(1)
+            .ok_or(ImageError::EpochExhausted)
+    }
+
+    /// Writes `meta` into the block not holding the current record, persists
+    /// it, and makes it current.
+    fn write_meta(&mut self, meta: Meta) -> Result<(Duration, Duration), ImageError> {
+        if self.poisoned {
+            return Err(ImageError::Poisoned);
+        }
+        let block = 1 - self.meta.current_block.min(1);
+        let region = self.header.geometry.meta[block];
+        self.poisoned = true;
+        let t = Instant::now();
+        // A torn write of this block leaves the current record in the other
+        // block, which recovery then picks (its CRC fails on this one).
+        self.backing
+            .write_at(&self.file, region.offset, &meta.encode())?;
+        let meta_write = t.elapsed();
+        let t = Instant::now();
+        // ORDER: the commit is durable only after this persist; nothing that
+        // depends on it (released output, log apply) may happen before.
+        self.backing
+            .persist(&self.file, region.offset, META_LEN as u64)?;
+        let meta_persist = t.elapsed();
+        self.poisoned = false;
+        self.meta.blocks[block] = Ok(meta.clone());
+        self.meta.current = meta;
+        self.meta.current_block = block;
+        Ok((meta_write, meta_persist))
+    }
+}
+
+/// Reads and validates the header, the file length and both meta records.
+/// Every read is bounded by a constant (a header block, two meta records).
+pub(super) fn read_validated(file: &File) -> Result<Validated, ImageError> {
+    let file_len = file
+        .metadata()
+        .map_err(|source| ImageError::Read {
+            what: "image metadata",
+            source,
+        })?
+        .len();
+    let mut head = vec![0u8; file_len.min(HEADER_BLOCK) as usize];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|source| ImageError::Read {
+            what: "header",
+            source,
+        })?;
+    let header = Header::parse(&head)?;
+    check_file_len(&header, file_len)?;
+    let mut blocks = [[0u8; META_LEN]; 2];
+    for (block, region) in blocks.iter_mut().zip(header.geometry.meta) {
+        file.read_exact_at(block, region.offset)
+            .map_err(|source| ImageError::Read {
+                what: "meta records",
+                source,
+            })?;
+    }
+    let meta = select_meta(&header, &blocks[0], &blocks[1])?;
+    Ok(Validated {
+        header,
+        meta,
+        file_len,
+    })
+}
+
+/// The state `meta` names, checked against its CRC. Allocates at most one
+/// state slot (bounded by the validated geometry).
+pub(super) fn read_state(file: &File, header: &Header, meta: &Meta) -> Result<Vec<u8>, ImageError> {
+    let slot = meta.state_slot.min(1);
+    let region = header.geometry.state[slot];
+    if meta.state_len > region.size {
+        return Err(FormatError::BadMeta(format!(
+            "state length {} exceeds its {}-byte slot",
+            meta.state_len, region.size
+        ))
+        .into());
+    }
+    let len = usize::try_from(meta.state_len)
+        .map_err(|_| FormatError::BadMeta("state length does not fit in memory".into()))?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, region.offset)
+        .map_err(|source| ImageError::Read {
+            what: "state slot",
+            source,
+        })?;
+    let computed = crc32c::crc32c(&buf);
+    if computed != meta.state_crc {
+        return Err(ImageError::StateCrc {
+            slot,
+            stored: meta.state_crc,
+            computed,
+        });
+    }
+    Ok(buf)
+}
+
+/// Whether the VM can resume from `meta`. See docs/nvram-format.md ("Status").
+pub(super) fn resumability(file: &File, header: &Header, meta: &Meta) -> Result<(), NotResumable> {
+    match (meta.status, header.config.persist) {
+        (Status::Created, _) => {
+            return Err(NotResumable::new(
+                "the image was created but never suspended: it holds no VM state",
+            ))
+        }
+        (Status::Running, PersistMode::SuspendOnly) => {
+            return Err(NotResumable::new(
+                "the VM was running in suspend-only mode and stopped without suspending (crash or kill): \
+                 guest RAM is newer than the saved state",
+            ))
+        }
+        (Status::Committed, PersistMode::SuspendOnly) => {
+            return Err(NotResumable::new(
+                "the last commit was taken while the VM kept running in suspend-only mode: \
+                 guest RAM is newer than the saved state",
+            ))
+        }
+        _ => {}
+    }
+    if meta.state_len == 0 {
+        return Err(NotResumable::new(format!(
+            "the current meta record (epoch {}, {}) names no saved state",
+            meta.epoch, meta.status
+        )));
+    }
+    if meta.log_tail != meta.log_head {
+        return Err(NotResumable::new(format!(
+            "the redo log holds {} committed bytes and this nvhv cannot replay a redo log yet",
+            meta.log_tail - meta.log_head
+        )));
+    }
+    read_state(file, header, meta)
+        .map(drop)
+        .map_err(|e| NotResumable::new(e.to_string()))
+}
+
+pub(super) fn open_error(path: &Path, e: io::Error) -> ImageError {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => ImageError::NotFound(path.to_owned()),
+        Some(libc::EISDIR) => ImageError::NotRegular(path.to_owned()),
+        _ => ImageError::Open {
+            path: path.to_owned(),
+            source: e,
+        },
+    }
+}
+
+pub(super) fn check_regular(file: &File, path: &Path) -> Result<(), ImageError> {
+    let ft = file
+        .metadata()
+        .map_err(|source| ImageError::Read {
+            what: "image metadata",
+            source,
+        })?
+        .file_type();
+    if !ft.is_file() {
+        return Err(ImageError::NotRegular(path.to_owned()));
+    }
+    Ok(())
+}
+
+/// Takes `op` (`LOCK_EX` or `LOCK_SH`) on `file` without blocking.
+/// [`ImageError::InUse`] if another open file description holds a conflicting lock.
+pub(super) fn lock(file: &File, path: &Path, op: libc::c_int) -> Result<(), ImageError> {
+    loop {
+        // SAFETY: flock on an fd we own; no memory is involved.
+        let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Err(ImageError::InUse(path.to_owned())),
+            _ => {
+                return Err(ImageError::Lock {
+                    path: path.to_owned(),
+                    source: e,
+                })
+            }
+        }
+    }
+}
+
+/// Releases a lock taken with [`lock`].
+pub(super) fn unlock(file: &File) {
+    // SAFETY: flock on an fd we own; no memory is involved. A failure leaves
+    // the lock to be dropped with the fd, which happens soon after anyway.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+}
+
+fn fallocate(file: &File, offset: u64, len: u64) -> Result<(), ImageError> {
+    let bad = || ImageError::Allocate(io::Error::from_raw_os_error(libc::EFBIG));
+    let off = libc::off_t::try_from(offset).map_err(|_| bad())?;
+    let len = libc::off_t::try_from(len).map_err(|_| bad())?;
+    // SAFETY: posix_fallocate on an fd we own, within offsets checked above;
+    // it returns an error number instead of setting errno.
+    let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), off, len) };
+    if r != 0 {
+        return Err(ImageError::Allocate(io::Error::from_raw_os_error(r)));
+    }
+    Ok(())
+}
+
+fn sync_parent_dir(path: &Path) -> Result<(), ImageError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| ImageError::SyncDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn random_uuid() -> Result<Uuid, ImageError> {
+    let mut b = [0u8; 16];
+    let mut filled = 0;
+    while filled < b.len() {
+        let rest = &mut b[filled..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
+        let r = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(ImageError::Random(e));
+        }
+        filled += r as usize;
+    }
+    Ok(Uuid::from_random(b))
+}
+
+fn now() -> (u64, u32) {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs(), d.subsec_nanos())
+}
+
+fn now_ns() -> u64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+struct RemoveOnDrop<'a> {
+    path: &'a Path,
+    armed: bool,
+}
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::nvram::layout::Region;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A unique path under /dev/shm (or the temp dir), removed on drop.
+    pub(crate) struct TempPath(pub(crate) PathBuf);
+
+    impl TempPath {
+        pub(crate) fn new(tag: &str) -> TempPath {
+            let shm = Path::new("/dev/shm");
+            let dir = if shm.is_dir() {
+                shm.to_path_buf()
+            } else {
+                std::env::temp_dir()
+            };
+            TempPath::in_dir(&dir, tag)
+        }
+
+        pub(crate) fn in_dir(dir: &Path, tag: &str) -> TempPath {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            TempPath(dir.join(format!("nvhv-test-{}-{n}-{tag}.img", std::process::id())))
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    pub(crate) fn cfg(persist: PersistMode) -> ImageConfig {
+        ImageConfig {
+            ram_bytes: 4 << 20,
+            vcpus: 2,
+            guest: "counter".into(),
+            persist,
+            log_bytes: 64 << 10,
+        }
+    }
+
+    fn created(tag: &str) -> (TempPath, Image) {
+        let p = TempPath::new(tag);
+        let img = Image::create(&p.0, &cfg(PersistMode::SuspendOnly), false).unwrap();
+        (p, img)
+    }
+
+    fn format_err(r: Result<Image, ImageError>) -> FormatError {
+        match r {
+            Err(ImageError::Format(e)) => e,
+            Err(e) => panic!("expected a format error, got {e}"),
+            Ok(_) => panic!("expected a format error, got an image"),
+        }
+    }
+
+    fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(bytes, offset).unwrap();
+    }
+
+    fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0; len];
+        File::open(path)
+            .unwrap()
+            .read_exact_at(&mut b, offset)
+            .unwrap();
+        b
+    }
+
+    #[test]
+    fn test_create_then_open_round_trip() {
+        let (p, img) = created("roundtrip");
+        let header = img.header().clone();
+        assert_eq!(header.config, cfg(PersistMode::SuspendOnly));
+        assert_eq!(img.current().epoch, 0);
+        assert_eq!(img.current().status, Status::Created);
+        assert_eq!(img.ram_offset() % (2 << 20), 0);
+        let len = img.file().metadata().unwrap().len();
+        assert_eq!(len, img.ram_offset() + (4 << 20));
+        drop(img);
+        let img = Image::open(&p.0).unwrap();
+        assert_eq!(img.header(), &header);
+        assert_eq!(img.current().epoch, 0);
+        assert_eq!(img.current().status, Status::Created);
+        assert!(matches!(
+            img.meta_blocks().blocks[1],
+            Err(FormatError::MetaBlank)
+        ));
+        assert_eq!(img.read_state().unwrap(), Vec::<u8>::new());
+        let r = img.resumable().unwrap_err();
+        assert!(r.reason.contains("created but never suspended"), "{r}");
+    }
+
+    #[test]
+    fn test_create_ram_region_is_sparse_and_zero() {
+        use std::os::unix::fs::MetadataExt;
+        let (p, img) = created("sparse");
+        let md = img.file().metadata().unwrap();
+        // Allocated: the metadata regions (under 2 MiB), not the 4 MiB of RAM.
+        assert!(
+            md.blocks() * 512 < img.ram_offset() + (1 << 20),
+            "{} blocks",
+            md.blocks()
+        );
+        assert!(read_at(&p.0, img.ram_offset(), 8192)
+            .iter()
+            .all(|&b| b == 0));
+    }
+
+    #[test]
+    fn test_commit_alternates_meta_blocks_and_state_slots() {
+        let (p, mut img) = created("alternate");
+        let mut blocks = vec![img.meta_blocks().current_block];
+        let mut slots = vec![img.current().state_slot];
+        img.mark_running().unwrap();
+        blocks.push(img.meta_blocks().current_block);
+        slots.push(img.current().state_slot);
+        for i in 0..5u8 {
+            let state = vec![i; 1000 + usize::from(i)];
+            let t = img.commit(Status::Suspended, &state).unwrap();
+            assert_eq!(t.epoch, u64::from(i) + 2);
+            assert_eq!(t.state_bytes, state.len() as u64);
+            assert_eq!(img.read_state().unwrap(), state);
+            blocks.push(img.meta_blocks().current_block);
+            slots.push(img.current().state_slot);
+        }
+        assert_eq!(blocks, [0, 1, 0, 1, 0, 1, 0]);
+        // mark_running keeps the slot; each commit then takes the other one.
+        assert_eq!(slots, [0, 0, 1, 0, 1, 0, 1]);
+        assert_eq!(img.current().epoch, 6);
+        drop(img);
+        let img = Image::open(&p.0).unwrap();
+        assert_eq!(img.current().epoch, 6);
+        assert_eq!(img.current().status, Status::Suspended);
+        assert_eq!(img.read_state().unwrap(), vec![4u8; 1004]);
+        assert_eq!(img.resumable(), Ok(()));
+        let older = img.meta_blocks().blocks[1].as_ref().unwrap();
+        assert_eq!(older.epoch, 5);
+    }
+
+    #[test]
+    fn test_resumability_by_status_and_mode() {
+        let (_p, mut img) = created("resumable");
+        img.commit(Status::Suspended, b"state").unwrap();
+        assert_eq!(img.resumable(), Ok(()));
+        img.mark_running().unwrap();
+        let r = img.resumable().unwrap_err();
+        assert!(r.reason.contains("stopped without suspending"), "{r}");
+        img.commit(Status::Committed, b"state").unwrap();
+        assert!(img.resumable().unwrap_err().reason.contains("kept running"));
+        drop(img);
+
+        let p2 = TempPath::new("resumable-epoch");
+        let mut img = Image::create(&p2.0, &cfg(PersistMode::Epoch), false).unwrap();
+        img.mark_running().unwrap();
+        assert!(img
+            .resumable()
+            .unwrap_err()
+            .reason
+            .contains("names no saved state"));
+        img.commit(Status::Committed, b"epoch state").unwrap();
+        assert_eq!(img.resumable(), Ok(()));
+        img.mark_running().unwrap();
+        assert_eq!(img.resumable(), Ok(()));
+    }
+
+    #[test]
+    fn test_commit_rejects_created_and_oversized_state() {
+        let (_p, mut img) = created("reject-commit");
+        assert!(matches!(
+            img.commit(Status::Created, b"x"),
+            Err(ImageError::CommitStatus(_))
+        ));
+        let slot = img.header().geometry.state[0].size;
+        let big = vec![0u8; slot as usize + 1];
+        assert!(matches!(
+            img.commit(Status::Suspended, &big),
+            Err(ImageError::StateTooLarge { .. })
+        ));
+        let full = vec![7u8; slot as usize];
+        img.commit(Status::Suspended, &full).unwrap();
+        assert_eq!(img.read_state().unwrap(), full);
+        assert_eq!(img.current().epoch, 1);
+    }
+
+    #[test]
+    fn test_commit_on_file_backing() {
+        // /var/tmp is a disk file system on our machines: this exercises fdatasync.
+        let dir = Path::new("/var/tmp");
+        let dir = if dir.is_dir() {
+            dir.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let p = TempPath::in_dir(&dir, "filebacking");
+        let mut img = Image::create(&p.0, &cfg(PersistMode::SuspendOnly), false).unwrap();
+        let t = img.commit(Status::Suspended, &[1; 30_000]).unwrap();
+        assert!(t.total >= t.state_persist + t.meta_persist);
+        drop(img);
+        assert_eq!(
+            Image::open(&p.0).unwrap().read_state().unwrap(),
+            vec![1; 30_000]
+        );
+    }
+
+    #[test]
+    fn test_fake_dax_commit() {
+        let (p, mut img) = created("fakedax");
+        img.backing = Backing::fake_dax(&img.file, img.ram_offset()).unwrap();
+        img.commit(Status::Suspended, b"via the mapping").unwrap();
+        drop(img);
+        let img = Image::open(&p.0).unwrap();
+        assert_eq!(img.read_state().unwrap(), b"via the mapping");
+    }
+
+    #[test]
+    fn test_second_open_is_in_use() {
+        let (p, img) = created("inuse");
+        assert!(matches!(Image::open(&p.0), Err(ImageError::InUse(_))));
+        assert!(matches!(
+            Image::create(&p.0, &cfg(PersistMode::Epoch), true),
+            Err(ImageError::InUse(_))
+        ));
+        drop(img);
+        let img = Image::open(&p.0).unwrap();
+        assert!(matches!(Image::open(&p.0), Err(ImageError::InUse(_))));
+        drop(img);
+        Image::open(&p.0).unwrap();
+    }
+
+    #[test]
+    fn test_create_refuses_existing_file() {
+        let p = TempPath::new("exists");
+        std::fs::write(&p.0, b"precious").unwrap();
+        let e = Image::create(&p.0, &cfg(PersistMode::SuspendOnly), false).unwrap_err();
+        assert!(matches!(e, ImageError::Exists(_)), "{e}");
+        assert_eq!(std::fs::read(&p.0).unwrap(), b"precious");
+        let img = Image::create(&p.0, &cfg(PersistMode::Epoch), true).unwrap();
+        assert_eq!(img.header().config.persist, PersistMode::Epoch);
+    }
+
+    #[test]
+    fn test_create_rejects_bad_config_and_leaves_no_file() {
+        let p = TempPath::new("badcfg");
+        let mut c = cfg(PersistMode::SuspendOnly);
+        c.guest = "g".repeat(65);
+        let e = Image::create(&p.0, &c, false).unwrap_err();
+        assert!(
+            matches!(e, ImageError::Format(FormatError::Config(_))),
+            "{e}"
+        );
+        assert!(!p.0.exists());
+    }
+
+    #[test]
+    fn test_open_missing_and_non_regular() {
+        let p = TempPath::new("missing");
+        assert!(matches!(Image::open(&p.0), Err(ImageError::NotFound(_))));
+        assert!(matches!(
+            Image::open(&std::env::temp_dir()),
+            Err(ImageError::NotRegular(_))
+        ));
+    }
+
+    /// Every bad file below is refused with the expected error and left byte-identical.
+    fn assert_refused(tag: &str, bytes: &[u8], check: impl Fn(&FormatError) -> bool) {
+        let p = TempPath::new(tag);
+        std::fs::write(&p.0, bytes).unwrap();
+        let mtime = std::fs::metadata(&p.0).unwrap().modified().unwrap();
+        let e = format_err(Image::open(&p.0));
+        assert!(check(&e), "{tag}: {e}");
+        assert!(!e.to_string().contains('\n'));
+        let e2 = match crate::nvram::inspect(&p.0) {
+            Err(ImageError::Format(e)) => e,
+            other => panic!("{tag}: inspect gave {other:?}"),
+        };
+        assert_eq!(e, e2);
+        assert_eq!(std::fs::read(&p.0).unwrap(), bytes, "{tag}: file changed");
+        assert_eq!(std::fs::metadata(&p.0).unwrap().modified().unwrap(), mtime);
+    }
+
+    fn image_bytes(tag: &str, commits: usize) -> (Header, Vec<u8>) {
+        let (p, mut img) = created(tag);
+        for i in 0..commits {
+            img.commit(Status::Suspended, &vec![i as u8; 500]).unwrap();
+        }
+        let h = img.header().clone();
+        drop(img);
+        (h, std::fs::read(&p.0).unwrap())
+    }
+
+    #[test]
+    fn test_open_rejects_empty_short_and_truncated() {
+        let (h, good) = image_bytes("src-trunc", 1);
+        assert_refused("empty", &[], |e| *e == FormatError::Empty);
+        for cut in [1, 7, 8, 100, HEADER_LEN - 1] {
+            assert_refused("short", &good[..cut], |e| {
+                matches!(e, FormatError::TooShort { .. })
+            });
+        }
+        let g = h.geometry;
+        for cut in [
+            HEADER_LEN as u64,
+            4095,
+            4096,
+            g.meta[1].end() - 1,
+            g.state[1].offset + 10,
+            g.ram.offset,
+            g.image_len() - 1,
+        ] {
+            assert_refused(
+                "truncated",
+                &good[..cut as usize],
+                |e| matches!(e, FormatError::Truncated { need, .. } if *need == g.image_len()),
+            );
+        }
+    }
+
+    #[test]
+    fn test_open_rejects_foreign_and_random_bytes() {
+        let mut elf = vec![0u8; 8192];
+        elf[..16].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        assert_refused("elf", &elf, |e| {
+            e.to_string()
+                .contains("not an nvhv image (it looks like an ELF")
+        });
+        let mut qcow = vec![0u8; 1 << 16];
+        qcow[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
+        assert_refused("qcow2", &qcow, |e| e.to_string().contains("qcow2"));
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let random: Vec<u8> = (0..100_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert_refused("random", &random, |e| {
+            *e == FormatError::BadMagic { looks_like: None }
+        });
+        assert_refused("zeros", &vec![0; 1 << 22], |e| {
+            *e == FormatError::BadMagic { looks_like: None }
+        });
+    }
+
+    #[test]
+    fn test_open_rejects_header_faults() {
+        let (_, good) = image_bytes("src-header", 1);
+        for at in [20usize, 60, 130, 200, 255] {
+            let mut b = good.clone();
+            b[at] ^= 0x10;
+            assert_refused("header-flip", &b, |e| {
+                matches!(e, FormatError::HeaderCrc { .. } | FormatError::BadHeader(_))
+            });
+        }
+        // Version 2 with a correct CRC: the version check itself refuses it.
+        let mut b = good.clone();
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[16..20].fill(0);
+        let crc = crc32c::crc32c(&b[..HEADER_LEN]);
+        b[16..20].copy_from_slice(&crc.to_le_bytes());
+        assert_refused("version", &b, |e| {
+            e.to_string() == "image format 2, this nvhv reads 1"
+        });
+        // State slot 1 moved onto state slot 0, CRC re-computed: geometry.
+        let mut b = good.clone();
+        let state0 = u64::from_le_bytes(b[160..168].try_into().unwrap());
+        b[176..184].copy_from_slice(&(state0 + 4096).to_le_bytes());
+        b[16..20].fill(0);
+        let crc = crc32c::crc32c(&b[..HEADER_LEN]);
+        b[16..20].copy_from_slice(&crc.to_le_bytes());
+        assert_refused(
+            "overlap",
+            &b,
+            |e| matches!(e, FormatError::Geometry(m) if m.contains("overlaps")),
+        );
+    }
+
+    #[test]
+    fn test_meta_faults_fall_back_or_refuse() {
+        let (h, good) = image_bytes("src-meta", 3);
+        let g = h.geometry;
+        // Epoch 3 (current) is in block 1, epoch 2 in block 0.
+        let (m0, m1) = (g.meta[0].offset as usize, g.meta[1].offset as usize);
+        let p = TempPath::new("meta-flip");
+        for (block, at, expect_epoch) in [(m1, 20, 2), (m1, 90, 2), (m0, 20, 3), (m0, 50, 3)] {
+            let mut b = good.clone();
+            b[block + at] ^= 0x01;
+            std::fs::write(&p.0, &b).unwrap();
+            let img = Image::open(&p.0).unwrap();
+            assert_eq!(img.current().epoch, expect_epoch, "flip at {block}+{at}");
+            drop(img);
+            assert_eq!(std::fs::read(&p.0).unwrap(), b, "open changed the file");
+        }
+        let mut b = good.clone();
+        b[m0 + 30] ^= 0x80;
+        b[m1 + 30] ^= 0x80;
+        assert_refused("both-meta", &b, |e| {
+            matches!(e, FormatError::NoValidMeta { .. })
+        });
+        let mut b = good.clone();
+        b[m0..m0 + META_LEN].fill(0);
+        b[m1..m1 + 8].copy_from_slice(b"NOTMETA!");
+        assert_refused("both-meta-2", &b, |e| {
+            e.to_string() == "neither meta record is valid (block 0: meta record never written; block 1: meta record has bad magic)"
+        });
+        // Both records copied from another image: foreign UUID.
+        let (_, other) = image_bytes("src-meta-other", 3);
+        let mut b = good.clone();
+        b[m0..m1 + META_LEN].copy_from_slice(&other[m0..m1 + META_LEN]);
+        assert_refused(
+            "foreign-meta",
+            &b,
+            |e| matches!(e, FormatError::NoValidMeta { meta0, .. } if matches!(**meta0, FormatError::MetaForeign(_))),
+        );
+    }
+
+    #[test]
+    fn test_torn_meta_write_falls_back_to_previous_epoch() {
+        let (p, mut img) = created("torn");
+        img.commit(Status::Suspended, b"epoch one").unwrap();
+        img.mark_running().unwrap();
+        let torn_block = 1 - img.meta_blocks().current_block;
+        let Region { offset, .. } = img.header().geometry.meta[torn_block];
+        let epoch1 = read_at(&p.0, offset, META_LEN);
+        img.commit(Status::Suspended, b"epoch three").unwrap();
+        assert_eq!(img.meta_blocks().current_block, torn_block);
+        drop(img);
+        // The record for epoch 3 is half written: its second half still holds epoch 1's bytes.
+        let half = META_LEN / 2;
+        assert_ne!(read_at(&p.0, offset + half as u64, half), epoch1[half..]);
+        patch(&p.0, offset + half as u64, &epoch1[half..]);
+        let img = Image::open(&p.0).unwrap();
+        assert_eq!(img.current().epoch, 2);
+        assert_eq!(img.current().status, Status::Running);
+        assert!(matches!(
+            img.meta_blocks().blocks[torn_block],
+            Err(FormatError::MetaCrc { .. })
+        ));
+        // Epoch 2 is the suspend-only Running record: correctly not resumable.
+        assert!(img.resumable().is_err());
+    }
+
+    #[test]
+    fn test_state_slot_corruption_is_reported() {
+        let (p, mut img) = created("statecrc");
+        img.commit(Status::Suspended, &[9; 4000]).unwrap();
+        let region = img.header().geometry.state[img.current().state_slot];
+        drop(img);
+        patch(&p.0, region.offset + 1234, &[0]);
+        let img = Image::open(&p.0).unwrap();
+        assert!(matches!(img.read_state(), Err(ImageError::StateCrc { .. })));
+        let r = img.resumable().unwrap_err();
+        assert!(r.reason.contains("CRC mismatch"), "{r}");
+    }
+
+    #[test]
+    fn test_poisoned_after_failed_persist_refuses_commits() {
+        let (_p, mut img) = created("poison");
+        img.poisoned = true;
+        assert!(matches!(
+            img.commit(Status::Suspended, b"x"),
+            Err(ImageError::Poisoned)
+        ));
+        assert!(matches!(img.mark_running(), Err(ImageError::Poisoned)));
+    }
+}

@@ -1,1 +1,0 @@
-//! VM builder and run loop: placeholder, being written.

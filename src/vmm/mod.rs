@@ -1,0 +1,609 @@
+//! The VMM: builds a machine from a [`RunConfig`] (new image) or from an
+//! image's committed state ([`ResumeConfig`]), runs it, and commits its state
+//! to the image when told to stop (SIGTERM, SIGPWR, SIGINT, `nvhv suspend`)
+//! or when the guest stops on its own.
+//!
+//! One thread per vCPU runs the guest; the main thread waits for events
+//! (signals, control requests, vCPU stops) and performs the suspend commit.
+//! `ARCHITECTURE.md` narrates the steps; the numbered comments below match it.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nvhv_abi::BootInfo;
+
+use crate::boot::guest_abi::{self, Layout};
+use crate::boot::elf;
+use crate::devices::serial::{Console, SerialState};
+use crate::devices::GuestMemory;
+use crate::nvram::{Image, ImageConfig, PersistMode, Status};
+use crate::persist::{DeviceStates, MachineState};
+use crate::vstate::vcpu::{
+    self, EntryPoint, ExitAction, ExitHandler, StopReason, Vcpu, VcpuEvent, VcpuHandle,
+};
+use crate::vstate::vm::Vm;
+use crate::vstate::wait::GuestWake;
+use crate::vstate::memory;
+
+pub mod control;
+
+/// Everything that can go wrong building, running or stopping a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Image problem (open, validation, commit).
+    #[error(transparent)]
+    Image(#[from] crate::nvram::ImageError),
+    /// The image cannot be resumed.
+    #[error("image is not resumable: {0}")]
+    NotResumable(String),
+    /// Machine state problem.
+    #[error(transparent)]
+    State(#[from] crate::persist::StateError),
+    /// KVM VM problem.
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    /// vCPU problem.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// Guest memory problem.
+    #[error(transparent)]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+    /// Boot structures problem.
+    #[error(transparent)]
+    GuestAbi(#[from] crate::boot::guest_abi::GuestAbiError),
+    /// ELF problem.
+    #[error(transparent)]
+    Elf(#[from] crate::boot::elf::ElfError),
+    /// Serial state problem.
+    #[error(transparent)]
+    Serial(#[from] crate::devices::serial::SerialError),
+    /// The guest does not fit.
+    #[error("guest image ends at {end:#x}, above the vCPU stacks at {stacks:#x}: give the VM more --mem")]
+    GuestTooBig {
+        /// End of the guest image.
+        end: u64,
+        /// Stack area base.
+        stacks: u64,
+    },
+    /// Reading a guest ELF file failed.
+    #[error("cannot read guest ELF {path}")]
+    ReadGuest {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Unknown built-in guest name.
+    #[error("no built-in guest named '{0}' (see `nvhv run --help`)")]
+    UnknownGuest(String),
+    /// Console file.
+    #[error("cannot open console file {path}")]
+    Console {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Signal setup.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// A vCPU did not pause in time.
+    #[error("vCPU {0} did not pause within 10 s")]
+    PauseTimeout(u32),
+    /// A persistence mode that this build does not implement yet.
+    #[error("--persist {0} is not implemented yet; use --persist suspend-only")]
+    ModeUnavailable(&'static str),
+}
+
+/// Which guest to run in a new VM.
+#[derive(Clone, Debug)]
+pub enum GuestChoice {
+    /// A built-in guest by name.
+    Builtin(String),
+    /// An ELF file following the built-in guest ABI.
+    File(PathBuf),
+}
+
+impl GuestChoice {
+    fn name(&self) -> String {
+        match self {
+            GuestChoice::Builtin(n) => n.clone(),
+            GuestChoice::File(p) => p
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "guest.elf".into()),
+        }
+    }
+
+    fn bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>, VmmError> {
+        match self {
+            GuestChoice::Builtin(n) => crate::guests::builtin(n)
+                .map(std::borrow::Cow::Borrowed)
+                .ok_or_else(|| VmmError::UnknownGuest(n.clone())),
+            GuestChoice::File(p) => std::fs::read(p)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|source| VmmError::ReadGuest {
+                    path: p.clone(),
+                    source,
+                }),
+        }
+    }
+}
+
+/// Options shared by `run` and `resume`.
+#[derive(Clone, Debug, Default)]
+pub struct RuntimeOptions {
+    /// Console output file (stdout when None).
+    pub console: Option<PathBuf>,
+}
+
+/// `nvhv run`: a new VM in a new image.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Image path.
+    pub image: PathBuf,
+    /// Replace an existing file.
+    pub overwrite: bool,
+    /// Guest RAM bytes.
+    pub mem: u64,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// The guest.
+    pub guest: GuestChoice,
+    /// Persistence mode.
+    pub persist: PersistMode,
+    /// Runtime options.
+    pub runtime: RuntimeOptions,
+}
+
+/// `nvhv resume`: continue the VM held by an image.
+#[derive(Clone, Debug)]
+pub struct ResumeConfig {
+    /// Image path.
+    pub image: PathBuf,
+    /// Runtime options.
+    pub runtime: RuntimeOptions,
+}
+
+/// How a VM run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Why it stopped.
+    pub reason: StopCause,
+    /// Signal/request → durable commit, if a commit happened.
+    pub commit_latency: Option<Duration>,
+}
+
+/// What ended the run.
+#[derive(Debug, Clone)]
+pub enum StopCause {
+    /// A signal (number).
+    Signal(i32),
+    /// `nvhv suspend`.
+    Request,
+    /// The guest stopped on its own.
+    Guest(StopReason),
+}
+
+/// Port and MMIO dispatch for the built-in ABI's devices.
+struct Bus {
+    console: Mutex<Console>,
+}
+
+impl ExitHandler for Bus {
+    fn pio_in(&self, port: u16, data: &mut [u8]) {
+        let base = nvhv_abi::SERIAL_PORT;
+        if (base..base + 8).contains(&port) && !data.is_empty() {
+            data[0] = self.console.lock().unwrap_or_else(|e| e.into_inner()).read((port - base) as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn pio_out(&self, port: u16, data: &[u8]) -> ExitAction {
+        let base = nvhv_abi::SERIAL_PORT;
+        let word = || {
+            let mut b = [0u8; 4];
+            let n = data.len().min(4);
+            b[..n].copy_from_slice(&data[..n]);
+            u32::from_le_bytes(b)
+        };
+        match port {
+            p if (base..base + 8).contains(&p) => {
+                if let Some(&v) = data.first() {
+                    self.console
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .write((p - base) as u8, v);
+                }
+                ExitAction::Continue
+            }
+            nvhv_abi::WAIT_PORT => match word() {
+                0 => ExitAction::Wait(None),
+                us => ExitAction::Wait(Some(Duration::from_micros(us as u64))),
+            },
+            nvhv_abi::EXIT_PORT => ExitAction::Stop(StopReason::GuestExit(word())),
+            nvhv_abi::PANIC_PORT => ExitAction::Stop(StopReason::GuestPanic(word())),
+            _ => ExitAction::Continue,
+        }
+    }
+
+    fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+}
+
+/// Events the main thread waits for.
+enum Event {
+    Vcpu(VcpuEvent),
+    Signal(i32, Instant),
+    Suspend(Instant, Sender<String>),
+}
+
+/// A built machine, ready to run.
+struct Machine {
+    // ORDER (drop): vCPU handles are stopped explicitly before the VM and memory go.
+    vm: Vm,
+    _mem: GuestMemory,
+    vcpus: Vec<Vcpu>,
+    bus: Arc<Bus>,
+    wake: Arc<GuestWake>,
+    image: Image,
+}
+
+fn console_out(opts: &RuntimeOptions) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match &opts.console {
+        None => Box::new(std::io::LineWriter::new(std::io::stdout())),
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| VmmError::Console {
+                    path: p.clone(),
+                    source,
+                })?;
+            Box::new(std::io::LineWriter::new(f))
+        }
+    })
+}
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    u64::from_le_bytes(b)
+}
+
+/// `nvhv run`: create the image, load the guest, run until stopped.
+pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
+    if cfg.persist == PersistMode::Epoch {
+        return Err(VmmError::ModeUnavailable("epoch"));
+    }
+    // 1. Check the geometry before touching the file system.
+    let layout = Layout::new(cfg.mem, cfg.vcpus)?;
+    let guest = cfg.guest.bytes()?;
+    elf::entry_cpl(&guest)?;
+    // 2. Create the image (refuses an existing file unless --force).
+    let image = Image::create(
+        &cfg.image,
+        &ImageConfig {
+            ram_bytes: cfg.mem,
+            vcpus: cfg.vcpus,
+            guest: cfg.guest.name(),
+            persist: cfg.persist,
+            log_bytes: 0,
+        },
+        cfg.overwrite,
+    )?;
+    let result = build_new(cfg, &layout, &guest, image).and_then(|m| m.run());
+    if result.is_err() {
+        tracing::error!("run failed; the image at {} is not resumable", cfg.image.display());
+    }
+    result
+}
+
+fn build_new(
+    cfg: &RunConfig,
+    layout: &Layout,
+    guest: &[u8],
+    image: Image,
+) -> Result<Machine, VmmError> {
+    // 3. KVM VM with the split irqchip; guest RAM mapped from the image.
+    let vm = Vm::new()?;
+    let mem = memory::map_ram(image.file(), image.ram_offset(), cfg.mem, true)?;
+    memory::register(&vm.fd, &mem)?;
+    // 4. The guest ELF and the ABI's structures.
+    let loaded = elf::load(&mem, guest)?;
+    if loaded.end > layout.stacks_base() {
+        return Err(VmmError::GuestTooBig {
+            end: loaded.end,
+            stacks: layout.stacks_base(),
+        });
+    }
+    guest_abi::write_system_tables(&mem, layout)?;
+    // 5. vCPUs in the ABI's entry state.
+    let mut vcpus = Vec::new();
+    for i in 0..cfg.vcpus {
+        let v = Vcpu::new(&vm, i)?;
+        v.configure_entry(&EntryPoint {
+            rip: loaded.entry,
+            cpl: loaded.cpl,
+            boot_info: nvhv_abi::BOOT_INFO_ADDR,
+            ram_bytes: cfg.mem,
+        })?;
+        vcpus.push(v);
+    }
+    let info = BootInfo {
+        magic: nvhv_abi::BOOT_INFO_MAGIC,
+        version: nvhv_abi::BOOT_INFO_VERSION,
+        vcpus: cfg.vcpus,
+        ram_bytes: cfg.mem,
+        map_end: layout.map_end,
+        image_end: loaded.end,
+        stacks_base: layout.stacks_base(),
+        tsc_khz: vcpus[0].tsc_khz() as u64,
+        kvmclock_addr: nvhv_abi::KVMCLOCK_ADDR,
+        seed: random_seed(),
+        mmio_count: 0,
+        _pad: 0,
+        mmio: [Default::default(); nvhv_abi::MAX_MMIO],
+    };
+    guest_abi::write_boot_info(&mem, &info)?;
+    let console = Console::new(console_out(&cfg.runtime)?);
+    Ok(Machine {
+        vm,
+        _mem: mem,
+        vcpus,
+        bus: Arc::new(Bus {
+            console: Mutex::new(console),
+        }),
+        wake: Arc::new(GuestWake::new()),
+        image,
+    })
+}
+
+/// `nvhv resume`: validate the image, restore the machine, run until stopped.
+///
+/// Guest RAM is mapped, never read or copied: the cost does not depend on RAM size.
+pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmError> {
+    // 1. Open (lock + validate header and meta records); never writes.
+    let image = Image::open(&cfg.image)?;
+    image
+        .resumable()
+        .map_err(|r| VmmError::NotResumable(r.to_string()))?;
+    let hdr = image.header().clone();
+    let vcpus_n = hdr.config.vcpus;
+    let ram = hdr.config.ram_bytes;
+    // 2. The committed machine state (CRC-checked against its meta record).
+    let bytes = image.read_state()?;
+    let state = MachineState::decode(&bytes, vcpus_n)?;
+    let t_state = started.elapsed();
+    // 3. KVM VM and RAM mapping.
+    let vm = Vm::new()?;
+    let mem = memory::map_ram(image.file(), image.ram_offset(), ram, true)?;
+    memory::register(&vm.fd, &mem)?;
+    let t_vm = started.elapsed();
+    // 4. vCPUs, then kvmclock.
+    let mut vcpus = Vec::new();
+    for (i, s) in state.vcpus.iter().enumerate() {
+        let mut v = Vcpu::new(&vm, i as u32)?;
+        v.restore(s)?;
+        vcpus.push(v);
+    }
+    vm.restore(&state.vm)?;
+    let t_vcpus = started.elapsed();
+    let console = Console::restore(console_out(&cfg.runtime)?, &state.devices.serial)?;
+    tracing::info!(
+        "resume: state read {:?}, VM+RAM mapped {:?}, vCPUs restored {:?}",
+        t_state,
+        t_vm,
+        t_vcpus
+    );
+    let m = Machine {
+        vm,
+        _mem: mem,
+        vcpus,
+        bus: Arc::new(Bus {
+            console: Mutex::new(console),
+        }),
+        wake: Arc::new(GuestWake::new()),
+        image,
+    };
+    m.run_timed(Some(started))
+}
+
+impl Machine {
+    fn run(self) -> Result<RunOutcome, VmmError> {
+        self.run_timed(None)
+    }
+
+    fn run_timed(mut self, started: Option<Instant>) -> Result<RunOutcome, VmmError> {
+        let (tx, rx) = std::sync::mpsc::channel::<Event>();
+        // Signals: SIGTERM/SIGINT = orderly stop; SIGPWR = power-fail warning.
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+            libc::SIGPWR,
+        ])
+        .map_err(VmmError::Signals)?;
+        let sig_handle = signals.handle();
+        {
+            let tx = tx.clone();
+            std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || {
+                    for s in signals.forever() {
+                        if tx.send(Event::Signal(s, Instant::now())).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(VmmError::Signals)?;
+        }
+        let ctl = control::Server::start(&self.image_path(), {
+            let tx = tx.clone();
+            move |reply| {
+                let _ = tx.send(Event::Suspend(Instant::now(), reply));
+            }
+        });
+        if let Err(e) = &ctl {
+            tracing::warn!("control socket unavailable (nvhv suspend will not work): {e}");
+        }
+
+        // 6. Mark the image Running: from now on guest RAM in the image moves
+        //    ahead of the saved state.
+        // ORDER: durable before the first KVM_RUN, so a crash from here on
+        //        can never resume stale state over newer RAM.
+        self.image.mark_running()?;
+
+        // 7. Start the vCPUs.
+        vcpu::install_kick_handler()?;
+        let mut handles: Vec<VcpuHandle> = Vec::new();
+        for v in self.vcpus.drain(..) {
+            let tx = tx.clone();
+            let h = vcpu::spawn(
+                v,
+                self.bus.clone() as Arc<dyn ExitHandler>,
+                self.wake.clone(),
+                Box::new(move |e| {
+                    let _ = tx.send(Event::Vcpu(e));
+                }),
+            )?;
+            handles.push(h);
+        }
+        if let Some(s) = started {
+            eprintln!(
+                "nvhv: resumed, guest running {:.3} ms after process start",
+                s.elapsed().as_secs_f64() * 1e3
+            );
+        } else {
+            eprintln!("nvhv: running (image {})", self.image_path().display());
+        }
+
+        // 8. Wait for a reason to stop.
+        let (cause, t0, reply) = loop {
+            match rx.recv() {
+                Ok(Event::Signal(s, t)) => break (StopCause::Signal(s), t, None),
+                Ok(Event::Suspend(t, r)) => break (StopCause::Request, t, Some(r)),
+                Ok(Event::Vcpu(VcpuEvent::Stopped(i, r))) => {
+                    eprintln!("nvhv: guest stopped on vCPU {i}: {}", describe(&r));
+                    break (StopCause::Guest(r), Instant::now(), None);
+                }
+                Ok(Event::Vcpu(VcpuEvent::Paused(..))) => {}
+                Err(_) => unreachable!("the main thread holds a sender"),
+            }
+        };
+
+        // 9. Suspend: pause every vCPU at a safe point and collect its state.
+        let result = self.suspend(&handles, &rx, t0);
+        sig_handle.close();
+        for h in handles {
+            h.stop();
+        }
+        let latency = match result {
+            Ok(l) => {
+                let msg = format!(
+                    "suspended: state durable {:.3} ms after the {}",
+                    l.as_secs_f64() * 1e3,
+                    match &cause {
+                        StopCause::Signal(s) => signal_name(*s),
+                        StopCause::Request => "suspend request",
+                        StopCause::Guest(_) => "guest stop",
+                    }
+                );
+                eprintln!("nvhv: {msg}");
+                if let Some(r) = reply {
+                    let _ = r.send(msg);
+                }
+                Some(l)
+            }
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.send(format!("error: suspend failed: {e}"));
+                }
+                return Err(e);
+            }
+        };
+        drop(ctl);
+        Ok(RunOutcome {
+            reason: cause,
+            commit_latency: latency,
+        })
+    }
+
+    fn image_path(&self) -> PathBuf {
+        self.image.path().to_path_buf()
+    }
+
+    /// Pause, save, persist, commit. Returns the time from `t0` to the durable commit.
+    fn suspend(
+        &mut self,
+        handles: &[VcpuHandle],
+        rx: &Receiver<Event>,
+        t0: Instant,
+    ) -> Result<Duration, VmmError> {
+        for h in handles {
+            h.pause(&self.wake);
+        }
+        let mut states: Vec<Option<vcpu::VcpuState>> = vec![None; handles.len()];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while states.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Event::Vcpu(VcpuEvent::Paused(i, st))) => {
+                    states[i as usize] = Some((*st)?);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let i = states.iter().position(Option::is_none).unwrap_or(0);
+                    return Err(VmmError::PauseTimeout(i as u32));
+                }
+            }
+        }
+        let serial: SerialState = {
+            let mut c = self.bus.console.lock().unwrap_or_else(|e| e.into_inner());
+            c.flush();
+            c.save()
+        };
+        let state = MachineState {
+            vm: self.vm.save()?,
+            vcpus: states.into_iter().map(|s| s.expect("all paused")).collect(),
+            devices: DeviceStates { serial },
+        };
+        let bytes = state.encode()?;
+        // ORDER: commit() persists guest RAM and the state slot before it
+        //        writes the meta record that makes them current.
+        self.image.commit(Status::Suspended, &bytes)?;
+        Ok(t0.elapsed())
+    }
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGPWR => "SIGPWR",
+        _ => "signal",
+    }
+}
+
+/// A one-line description of a guest stop.
+pub fn describe(r: &StopReason) -> String {
+    match r {
+        StopReason::GuestExit(c) => format!("guest exited with status {c}"),
+        StopReason::GuestPanic(c) => format!("guest panicked (code {c}); see the console"),
+        StopReason::TripleFault { rip, rsp } => {
+            format!("guest crashed (triple fault) at rip {rip:#x}, rsp {rsp:#x}")
+        }
+        StopReason::Internal(s) => s.clone(),
+    }
+}

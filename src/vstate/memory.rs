@@ -1,0 +1,81 @@
+//! Guest RAM: a mapping of the image's RAM region, registered with KVM as slot 0.
+//!
+//! RAM is mapped `MAP_SHARED` from the image file, so guest writes land in the
+//! image in place (the suspend-only / flush-on-fail model) and resuming maps the
+//! file again without reading or copying a single page: the cost of resume does
+//! not depend on RAM size. vm-memory's [`AtomicBitmap`] records the pages the
+//! VMM itself writes (device emulation), which the epoch engine needs.
+//!
+//! [`AtomicBitmap`]: vm_memory::bitmap::AtomicBitmap
+
+use std::fs::File;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
+
+use crate::devices::GuestMemory;
+
+/// Errors while mapping guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Cloning the image file descriptor failed.
+    #[error("cannot duplicate the image file descriptor")]
+    CloneFd(#[source] std::io::Error),
+    /// mmap of the RAM region failed.
+    #[error("cannot map guest RAM from the image")]
+    Map(#[source] vm_memory::mmap::MmapRegionError),
+    /// The region could not become guest memory.
+    #[error("cannot build guest memory from the mapping")]
+    Region,
+    /// RAM size does not fit this host's address space.
+    #[error("guest RAM size {0} does not fit in this host's address space")]
+    TooLarge(u64),
+    /// KVM refused the memory slot.
+    #[error("KVM_SET_USER_MEMORY_REGION failed")]
+    SetSlot(#[source] kvm_ioctls::Error),
+}
+
+/// Map `ram_bytes` of `file` at `offset` as guest RAM at guest-physical 0.
+///
+/// `shared` picks `MAP_SHARED` (writes reach the image) or `MAP_PRIVATE`
+/// (copy-on-write over the image, for the epoch engine).
+pub fn map_ram(
+    file: &File,
+    offset: u64,
+    ram_bytes: u64,
+    shared: bool,
+) -> Result<GuestMemory, MemoryError> {
+    let size = usize::try_from(ram_bytes).map_err(|_| MemoryError::TooLarge(ram_bytes))?;
+    let file = file.try_clone().map_err(MemoryError::CloneFd)?;
+    let flags = libc::MAP_NORESERVE | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+    let region = MmapRegion::build(
+        Some(FileOffset::new(file, offset)),
+        size,
+        libc::PROT_READ | libc::PROT_WRITE,
+        flags,
+    )
+    .map_err(MemoryError::Map)?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Region)?;
+    GuestMemory::from_regions(vec![region]).map_err(|_| MemoryError::Region)
+}
+
+/// Register every region of `mem` with KVM, slot numbers from 0.
+pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the host range [as_ptr, as_ptr + len) is a live mapping owned by
+        // `mem`, and every caller keeps `mem` alive for as long as the VM exists
+        // (the `Vm` struct owns both and drops the VM fd first).
+        unsafe { vm.set_user_memory_region(r) }.map_err(MemoryError::SetSlot)?;
+    }
+    Ok(())
+}

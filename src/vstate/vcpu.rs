@@ -1,0 +1,646 @@
+//! vCPUs: creation in the built-in ABI's entry state, the complete saved state
+//! ([`VcpuState`]) with its restore order, and the per-vCPU thread with its run
+//! loop, pause (signal + `immediate_exit`) and stop.
+//!
+//! ORDER rules that matter on our hosts (see `../shared/kvm-host/README.md` §5):
+//! - CPUID must be set before XCRs and xsave (KVM_SET_XCRS fails with EINVAL
+//!   otherwise); we follow Firecracker's full order: cpuid, mp_state, regs,
+//!   sregs, xsave, xcrs, debugregs, lapic, MSRs (TSC_DEADLINE after the
+//!   LAPIC), vcpu_events last.
+//! - A pending I/O or MMIO exit must be completed (`immediate_exit = 1` +
+//!   `KVM_RUN`) before registers are read or changed, or its data is lost.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_run, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
+
+use super::vm::Vm;
+use super::wait::GuestWake;
+
+/// MSR_KVM_SYSTEM_TIME_NEW: enables kvmclock for one vCPU.
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+
+/// Errors of vCPU creation, state save/restore and the run loop.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM_CREATE_VCPU failed.
+    #[error("KVM_CREATE_VCPU failed")]
+    Create(#[source] kvm_ioctls::Error),
+    /// A KVM_GET_* ioctl failed while saving.
+    #[error("saving vCPU {index}: KVM_GET_{what} failed")]
+    Get {
+        /// vCPU index.
+        index: u32,
+        /// Which state.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A KVM_SET_* ioctl failed while restoring or configuring.
+    #[error("restoring vCPU {index}: KVM_SET_{what} failed")]
+    Set {
+        /// vCPU index.
+        index: u32,
+        /// Which state.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Not every MSR was accepted.
+    #[error("restoring vCPU {index}: KVM accepted {accepted} of {total} MSRs")]
+    PartialMsrs {
+        /// vCPU index.
+        index: u32,
+        /// How many KVM took.
+        accepted: usize,
+        /// How many we gave.
+        total: usize,
+    },
+    /// The saved state is malformed.
+    #[error("vCPU state is invalid: {0}")]
+    BadState(&'static str),
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// The vCPU thread could not be spawned.
+    #[error("cannot spawn the vCPU thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Everything KVM holds for one vCPU. Serialized into the machine state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VcpuState {
+    /// CPUID entries (KVM_GET_CPUID2).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// KVM_GET_MP_STATE.
+    pub mp_state: kvm_mp_state,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// FPU/SSE/AVX state: the 1024 words of `kvm_xsave.region` (KVM_CAP_XSAVE2
+    /// reports 4096 bytes on our hosts, so nothing lies beyond it).
+    pub xsave: Vec<u32>,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// Local APIC registers (including the timer).
+    pub lapic: kvm_lapic_state,
+    /// Every MSR in KVM's MSR index list that reads back.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions/interrupts/NMIs (restored last).
+    pub events: kvm_vcpu_events,
+}
+
+/// Privilege level a built-in guest is entered at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryCpl {
+    /// Kernel mode (emulated, ~0.3 µs per instruction here).
+    Cpl0,
+    /// User mode (native speed): the default.
+    Cpl3,
+}
+
+/// Where a built-in guest starts.
+#[derive(Clone, Copy, Debug)]
+pub struct EntryPoint {
+    /// Entry address (`rip`).
+    pub rip: u64,
+    /// Privilege level.
+    pub cpl: EntryCpl,
+    /// Address of the boot-info block (`rdi`).
+    pub boot_info: u64,
+    /// RAM size, to place the stack.
+    pub ram_bytes: u64,
+}
+
+/// One vCPU and its file descriptor. Lives on its own thread once started.
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u32,
+    msr_indices: Vec<u32>,
+}
+
+impl Vcpu {
+    /// Create vCPU `index` and give it KVM's supported CPUID (with its APIC id).
+    ///
+    /// ORDER: CPUID is set first; XCRs/xsave set later depend on it.
+    pub fn new(vm: &Vm, index: u32) -> Result<Self, VcpuError> {
+        let fd = vm.fd.create_vcpu(index as u64).map_err(VcpuError::Create)?;
+        let mut cpuid = vm.supported_cpuid.clone();
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                // Initial APIC id in EBX[31:24].
+                0x1 => e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24),
+                // x2APIC id in EDX of the topology leaves.
+                0xb | 0x1f => e.edx = index,
+                _ => {}
+            }
+        }
+        fd.set_cpuid2(&cpuid).map_err(|source| VcpuError::Set {
+            index,
+            what: "CPUID2",
+            source,
+        })?;
+        let mut v = Vcpu {
+            fd,
+            index,
+            msr_indices: Vec::new(),
+        };
+        v.msr_indices = v.readable_msrs(&vm.msr_indices);
+        Ok(v)
+    }
+
+    /// Index of this vCPU.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// TSC frequency KVM gives this vCPU, in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.fd.get_tsc_khz().unwrap_or(0)
+    }
+
+    /// Keep only the MSRs this KVM reads back (all 41 do on our hosts).
+    fn readable_msrs(&self, all: &[u32]) -> Vec<u32> {
+        all.iter()
+            .copied()
+            .filter(|&i| {
+                let Ok(mut m) = Msrs::from_entries(&[kvm_msr_entry {
+                    index: i,
+                    ..Default::default()
+                }]) else {
+                    return false;
+                };
+                matches!(self.fd.get_msrs(&mut m), Ok(1))
+            })
+            .collect()
+    }
+
+    fn set_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Set {
+            index,
+            what,
+            source,
+        }
+    }
+
+    fn get_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Get {
+            index,
+            what,
+            source,
+        }
+    }
+
+    /// Put the vCPU in the built-in ABI's entry state (64-bit, paging on,
+    /// CPL3 or CPL0), with kvmclock enabled at its per-vCPU record.
+    pub fn configure_entry(&self, entry: &EntryPoint) -> Result<(), VcpuError> {
+        let mut sregs = self.fd.get_sregs().map_err(self.get_err("SREGS"))?;
+        let (cs_sel, ds_sel, dpl) = match entry.cpl {
+            EntryCpl::Cpl3 => (nvhv_abi::SEL_USER_CS, nvhv_abi::SEL_USER_DS, 3),
+            EntryCpl::Cpl0 => (nvhv_abi::SEL_KERNEL_CS, nvhv_abi::SEL_KERNEL_DS, 0),
+        };
+        let code = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: cs_sel,
+            type_: 0xb,
+            present: 1,
+            dpl,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            ..Default::default()
+        };
+        let data = kvm_segment {
+            selector: ds_sel,
+            type_: 0x3,
+            db: 1,
+            l: 0,
+            ..code
+        };
+        sregs.cs = code;
+        sregs.ss = data;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.tr = kvm_segment {
+            base: nvhv_abi::TSS_ADDR + self.index as u64 * nvhv_abi::TSS_STRIDE,
+            limit: crate::boot::guest_abi::TSS_LIMIT,
+            selector: nvhv_abi::SEL_TSS_BASE + 16 * self.index as u16,
+            type_: 0xb,
+            present: 1,
+            s: 0,
+            ..Default::default()
+        };
+        sregs.gdt.base = nvhv_abi::GDT_ADDR;
+        sregs.gdt.limit = crate::boot::guest_abi::gdt_limit(self.index + 1);
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        sregs.cr0 = 0x8005_0033; // PG AM WP NE ET MP PE
+        sregs.cr3 = nvhv_abi::PML4_ADDR;
+        sregs.cr4 = 0x40620; // OSXSAVE OSXMMEXCPT OSFXSR PAE
+        sregs.efer = 0xd01; // NXE LMA LME SCE
+        self.fd.set_sregs(&sregs).map_err(self.set_err("SREGS"))?;
+
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = 7; // x87 | SSE | AVX
+        self.fd.set_xcrs(&xcrs).map_err(self.set_err("XCRS"))?;
+
+        let regs = kvm_regs {
+            rip: entry.rip,
+            rsp: nvhv_abi::stack_top(entry.ram_bytes, self.index),
+            rdi: entry.boot_info,
+            rsi: self.index as u64,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(self.set_err("REGS"))?;
+
+        // With the LAPIC in KVM, application processors start UNINITIALIZED
+        // (waiting for INIT/SIPI); the built-in ABI starts every vCPU at once.
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(self.set_err("MP_STATE"))?;
+
+        let clock = nvhv_abi::KVMCLOCK_ADDR + 32 * self.index as u64;
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_KVM_SYSTEM_TIME_NEW,
+            data: clock | 1,
+            ..Default::default()
+        }])
+        .map_err(|_| VcpuError::BadState("MSR list"))?;
+        let n = self.fd.set_msrs(&msrs).map_err(self.set_err("MSRS"))?;
+        if n != 1 {
+            return Err(VcpuError::PartialMsrs {
+                index: self.index,
+                accepted: n,
+                total: 1,
+            });
+        }
+        Ok(())
+    }
+
+    /// Complete a pending I/O or MMIO exit so no data is lost: KVM_RUN with
+    /// `immediate_exit` set finishes the instruction and returns EINTR.
+    pub fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// Save the whole vCPU state. Call [`complete_pending_io`](Self::complete_pending_io) first.
+    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+        let cpuid = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.get_err("CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let mp_state = self.fd.get_mp_state().map_err(self.get_err("MP_STATE"))?;
+        let regs = self.fd.get_regs().map_err(self.get_err("REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(self.get_err("SREGS"))?;
+        let xsave = self.fd.get_xsave().map_err(self.get_err("XSAVE"))?.region.to_vec();
+        let xcrs = self.fd.get_xcrs().map_err(self.get_err("XCRS"))?;
+        let debugregs = self.fd.get_debug_regs().map_err(self.get_err("DEBUGREGS"))?;
+        let lapic = self.fd.get_lapic().map_err(self.get_err("LAPIC"))?;
+        let entries: Vec<kvm_msr_entry> = self
+            .msr_indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| VcpuError::BadState("too many MSRs"))?;
+        let n = self.fd.get_msrs(&mut msrs).map_err(self.get_err("MSRS"))?;
+        let msrs = msrs.as_slice()[..n].to_vec();
+        // ORDER: events last, so nothing above changes what is pending.
+        let events = self.fd.get_vcpu_events().map_err(self.get_err("VCPU_EVENTS"))?;
+        Ok(VcpuState {
+            cpuid,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            events,
+        })
+    }
+
+    /// Restore a saved state into this (fresh) vCPU, in Firecracker's order.
+    pub fn restore(&mut self, s: &VcpuState) -> Result<(), VcpuError> {
+        if s.cpuid.is_empty() || s.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {
+            return Err(VcpuError::BadState("CPUID entry count"));
+        }
+        // ORDER: CPUID first: KVM validates XCRs/xsave against it.
+        let cpuid =
+            CpuId::from_entries(&s.cpuid).map_err(|_| VcpuError::BadState("CPUID entries"))?;
+        self.fd.set_cpuid2(&cpuid).map_err(self.set_err("CPUID2"))?;
+        self.fd
+            .set_mp_state(s.mp_state)
+            .map_err(self.set_err("MP_STATE"))?;
+        self.fd.set_regs(&s.regs).map_err(self.set_err("REGS"))?;
+        // ORDER: sregs (APIC base) before the LAPIC.
+        self.fd.set_sregs(&s.sregs).map_err(self.set_err("SREGS"))?;
+        let mut xsave = kvm_xsave::default();
+        if s.xsave.len() != xsave.region.len() {
+            return Err(VcpuError::BadState("xsave area size"));
+        }
+        xsave.region.copy_from_slice(&s.xsave);
+        // SAFETY: `kvm_xsave` is the fixed 4096-byte legacy struct, and our hosts
+        // report KVM_CAP_XSAVE2 = 4096, so KVM reads no byte past its end.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(self.set_err("XSAVE"))?;
+        self.fd.set_xcrs(&s.xcrs).map_err(self.set_err("XCRS"))?;
+        self.fd
+            .set_debug_regs(&s.debugregs)
+            .map_err(self.set_err("DEBUGREGS"))?;
+        self.fd.set_lapic(&s.lapic).map_err(self.set_err("LAPIC"))?;
+        // ORDER: MSRs after the LAPIC (TSC_DEADLINE needs the timer mode set).
+        if s.msrs.len() > 1024 {
+            return Err(VcpuError::BadState("too many MSRs"));
+        }
+        let msrs = Msrs::from_entries(&s.msrs).map_err(|_| VcpuError::BadState("MSRs"))?;
+        let n = self.fd.set_msrs(&msrs).map_err(self.set_err("MSRS"))?;
+        if n != s.msrs.len() {
+            return Err(VcpuError::PartialMsrs {
+                index: self.index,
+                accepted: n,
+                total: s.msrs.len(),
+            });
+        }
+        // ORDER: vcpu_events last.
+        self.fd
+            .set_vcpu_events(&s.events)
+            .map_err(self.set_err("VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// Registers, for crash reports.
+    pub fn regs(&self) -> Option<kvm_regs> {
+        self.fd.get_regs().ok()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The vCPU thread.
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = KVM_RUN_PTR.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by the
+        // vCPU thread before it first enters KVM_RUN and valid until the thread
+        // exits (the VcpuFd outlives the loop). Writing one byte is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*p).immediate_exit, 1) };
+    }
+}
+
+/// Signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Install the kick handler (once per process).
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(VcpuError::Signal)
+}
+
+/// What the run loop asks the rest of the VMM to do with a port or MMIO access.
+pub trait ExitHandler: Send + Sync {
+    /// Port read.
+    fn pio_in(&self, port: u16, data: &mut [u8]);
+    /// Port write; may ask the vCPU to park or the VM to stop.
+    fn pio_out(&self, port: u16, data: &[u8]) -> ExitAction;
+    /// MMIO read.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// MMIO write.
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// What to do after an exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Re-enter the guest.
+    Continue,
+    /// Park until a device has work or the timeout passes (the wait port).
+    Wait(Option<Duration>),
+    /// The guest asked to stop (exit port) or reported a panic.
+    Stop(StopReason),
+}
+
+/// Why a VM stopped on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest wrote the exit port.
+    GuestExit(u32),
+    /// The guest reported a panic on the panic port.
+    GuestPanic(u32),
+    /// Triple fault (a guest exception with no IDT): the guest crashed.
+    TripleFault {
+        /// rip at the time.
+        rip: u64,
+        /// rsp at the time.
+        rsp: u64,
+    },
+    /// KVM could not run or emulate the guest.
+    Internal(String),
+}
+
+/// Commands from the VMM to a vCPU thread.
+#[derive(Debug)]
+pub enum VcpuCmd {
+    /// Save the state (after completing pending I/O) and report it, then wait.
+    Pause,
+    /// Leave the paused state and run again.
+    Resume,
+    /// Exit the thread.
+    Stop,
+}
+
+/// Events from a vCPU thread to the VMM.
+#[derive(Debug)]
+pub enum VcpuEvent {
+    /// Paused at a safe point; the state is attached (or the error saving it).
+    Paused(u32, Box<Result<VcpuState, VcpuError>>),
+    /// The guest stopped on its own.
+    Stopped(u32, StopReason),
+}
+
+/// The VMM's handle to a running vCPU thread.
+pub struct VcpuHandle {
+    thread: std::thread::JoinHandle<()>,
+    cmd: Sender<VcpuCmd>,
+    pause: Arc<AtomicBool>,
+}
+
+impl VcpuHandle {
+    /// Ask the thread to pause: it reports [`VcpuEvent::Paused`] when it has.
+    ///
+    /// ORDER: the flag is set before the kick, so a thread between its flag
+    /// check and KVM_RUN still sees `immediate_exit` and returns at once.
+    pub fn pause(&self, wake: &GuestWake) {
+        self.pause.store(true, Ordering::SeqCst);
+        let _ = self.cmd.send(VcpuCmd::Pause);
+        use vmm_sys_util::signal::Killable;
+        let _ = self.thread.kill(kick_signal());
+        wake.notify();
+    }
+
+    /// Run again after a pause.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+        let _ = self.cmd.send(VcpuCmd::Resume);
+    }
+
+    /// Stop the thread (it must be paused or stopped) and join it.
+    pub fn stop(self) {
+        let _ = self.cmd.send(VcpuCmd::Stop);
+        let _ = self.thread.join();
+    }
+}
+
+/// Start `vcpu` on its own thread. Events go to `events`.
+pub fn spawn(
+    mut vcpu: Vcpu,
+    handler: Arc<dyn ExitHandler>,
+    wake: Arc<GuestWake>,
+    events: Box<dyn Fn(VcpuEvent) + Send>,
+) -> Result<VcpuHandle, VcpuError> {
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
+    let pause = Arc::new(AtomicBool::new(false));
+    let pause2 = pause.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu{}", vcpu.index))
+        .spawn(move || {
+            let run: *mut kvm_run = vcpu.fd.get_kvm_run();
+            KVM_RUN_PTR.with(|c| c.set(run));
+            run_loop(&mut vcpu, &*handler, &wake, &pause2, &cmd_rx, &*events);
+            KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
+        })
+        .map_err(VcpuError::Spawn)?;
+    Ok(VcpuHandle {
+        thread,
+        cmd: cmd_tx,
+        pause,
+    })
+}
+
+/// Handle pause commands until told to resume (true) or stop (false).
+fn paused(vcpu: &mut Vcpu, cmds: &Receiver<VcpuCmd>, events: &dyn Fn(VcpuEvent)) -> bool {
+    loop {
+        match cmds.recv() {
+            Ok(VcpuCmd::Pause) => {
+                // ORDER: finish the pending exit before reading any register.
+                vcpu.complete_pending_io();
+                let st = vcpu.save();
+                events(VcpuEvent::Paused(vcpu.index, Box::new(st)));
+            }
+            Ok(VcpuCmd::Resume) => return true,
+            Ok(VcpuCmd::Stop) | Err(_) => return false,
+        }
+    }
+}
+
+fn run_loop(
+    vcpu: &mut Vcpu,
+    handler: &dyn ExitHandler,
+    wake: &GuestWake,
+    pause: &AtomicBool,
+    cmds: &Receiver<VcpuCmd>,
+    events: &dyn Fn(VcpuEvent),
+) {
+    loop {
+        if pause.load(Ordering::SeqCst) {
+            if !paused(vcpu, cmds, events) {
+                return;
+            }
+            continue;
+        }
+        let action = match vcpu.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => handler.pio_out(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                handler.pio_in(port, data);
+                ExitAction::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                handler.mmio_read(addr, data);
+                ExitAction::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                handler.mmio_write(addr, data);
+                ExitAction::Continue
+            }
+            Ok(VcpuExit::Shutdown) => {
+                let (rip, rsp) = vcpu.regs().map(|r| (r.rip, r.rsp)).unwrap_or((0, 0));
+                ExitAction::Stop(StopReason::TripleFault { rip, rsp })
+            }
+            Ok(VcpuExit::Hlt) => ExitAction::Stop(StopReason::Internal(
+                "guest executed hlt with no interrupt source".into(),
+            )),
+            Ok(VcpuExit::InternalError) => ExitAction::Stop(StopReason::Internal(format!(
+                "KVM internal error (emulation failure) at rip {:#x}",
+                vcpu.regs().map(|r| r.rip).unwrap_or(0)
+            ))),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => ExitAction::Stop(StopReason::Internal(
+                format!("KVM entry failure {reason:#x} on cpu {cpu}"),
+            )),
+            Ok(other) => ExitAction::Stop(StopReason::Internal(format!(
+                "unexpected vCPU exit {other:?}"
+            ))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked: clear the flag the signal handler set and look at `pause`.
+                vcpu.fd.set_kvm_immediate_exit(0);
+                ExitAction::Continue
+            }
+            Err(e) => ExitAction::Stop(StopReason::Internal(format!("KVM_RUN failed: {e}"))),
+        };
+        match action {
+            ExitAction::Continue => {}
+            ExitAction::Wait(t) => {
+                if !pause.load(Ordering::SeqCst) {
+                    wake.wait(t);
+                }
+            }
+            ExitAction::Stop(reason) => {
+                events(VcpuEvent::Stopped(vcpu.index, reason));
+                // Stay available for a final pause/save or stop.
+                if !paused(vcpu, cmds, events) {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Shared helpers for the KVM integration tests: the `require_kvm!` gate,
+//! scratch images on tmpfs, and driving the `nvhv` binary as a user would.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Skip the test when /dev/kvm is missing, unless `NVHV_REQUIRE_KVM=1` (CI),
+/// in which case a missing KVM fails it.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !$crate::common::kvm_available() {
+            if std::env::var("NVHV_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("NVHV_REQUIRE_KVM=1 but /dev/kvm cannot be opened");
+            }
+            eprintln!("SKIPPED: /dev/kvm not available");
+            return;
+        }
+    };
+}
+
+/// True when /dev/kvm can be opened read-write.
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// The nvhv binary under test.
+pub fn nvhv() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_nvhv"))
+}
+
+/// A scratch directory on tmpfs (falls back to the temp dir), removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let p = base.join(format!(
+            "nvhv-test-{tag}-{}-{:x}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ (std::ptr::addr_of!(base) as u128)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running nvhv process; killed on drop if still running.
+pub struct Vmm {
+    pub child: Child,
+    pub console: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Vmm {
+    /// Start `nvhv <args> --console <console>`, stderr to a file.
+    pub fn start(args: &[&str], console: PathBuf) -> Vmm {
+        let stderr = console.with_extension("stderr");
+        let err = std::fs::File::create(&stderr).unwrap();
+        let child = nvhv()
+            .args(args)
+            .arg("--console")
+            .arg(&console)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawn nvhv");
+        Vmm {
+            child,
+            console,
+            stderr,
+        }
+    }
+
+    pub fn console_text(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Poll the console until `pred` holds or `timeout` passes; panics with the
+    /// console and stderr on timeout or if the process exits first.
+    pub fn wait_console(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.console_text();
+            if pred(&text) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "nvhv exited ({st}) before {what}\nconsole:\n{text}\nstderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}\nconsole:\n{text}\nstderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send a signal and wait for the exit status.
+    pub fn signal_and_wait(&mut self, sig: i32) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Run nvhv to completion.
+pub fn nvhv_output(args: &[&str]) -> Output {
+    nvhv().args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+/// Values printed as `counter <vcpu> <n>` for one vCPU, in order.
+pub fn counters(text: &str, vcpu: u32) -> Vec<u64> {
+    let prefix = format!("counter {vcpu} ");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
+}
+
+/// Values printed as `ticks <n>`.
+pub fn ticks(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("ticks "))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
+}
+
+/// SHA-free fingerprint of a file: its full bytes.
+pub fn file_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}

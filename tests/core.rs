@@ -1,0 +1,190 @@
+//! Persistent VM core, end to end through the `nvhv` binary: counter and
+//! ticker guests survive suspend/resume, bad images are refused unchanged,
+//! an image in use cannot be opened twice.
+
+mod common;
+
+use common::{counters, nvhv_output, ticks, Scratch, Vmm};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+/// Run `counter` until vCPU(s) printed, suspend with SIGTERM, then resume
+/// `rounds` times, checking the counters never go back and keep growing.
+fn counter_survives(vcpus: u32, rounds: usize) {
+    require_kvm!();
+    let dir = Scratch::new(&format!("counter{vcpus}"));
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    let v = vcpus.to_string();
+    let mut vm = Vmm::start(
+        &["run", "--image", img_s, "--guest", "counter", "--vcpus", &v, "--mem", "64M"],
+        dir.path("c0.log"),
+    );
+    vm.wait_console("counter lines for every vCPU", T, |t| {
+        (0..vcpus).all(|i| counters(t, i).len() >= 2)
+    });
+    let st = vm.signal_and_wait(libc::SIGTERM);
+    assert!(st.success(), "suspend failed: {}", vm.stderr_text());
+    assert!(vm.stderr_text().contains("durable"), "{}", vm.stderr_text());
+    let mut last: Vec<u64> = (0..vcpus)
+        .map(|i| *counters(&vm.console_text(), i).last().unwrap())
+        .collect();
+
+    for round in 1..=rounds {
+        let mut vm = Vmm::start(&["resume", "--image", img_s], dir.path(&format!("c{round}.log")));
+        vm.wait_console("two counter lines per vCPU after resume", T, |t| {
+            (0..vcpus).all(|i| counters(t, i).len() >= 2)
+        });
+        let st = vm.signal_and_wait(libc::SIGTERM);
+        assert!(st.success(), "suspend after resume failed: {}", vm.stderr_text());
+        let text = vm.console_text();
+        for (i, before) in last.iter_mut().enumerate() {
+            let c = counters(&text, i as u32);
+            assert!(
+                c[0] >= *before,
+                "round {round} vCPU {i}: counter went back from {before} to {}",
+                c[0]
+            );
+            assert!(
+                c.last().unwrap() > &c[0],
+                "round {round} vCPU {i}: counter does not grow after resume: {c:?}"
+            );
+            *before = *c.last().unwrap();
+        }
+    }
+}
+
+#[test]
+fn counter_one_vcpu_survives_three_suspend_resume_cycles() {
+    counter_survives(1, 3);
+}
+
+#[test]
+fn counter_two_vcpus_survive_suspend_resume() {
+    counter_survives(2, 1);
+}
+
+#[test]
+fn ticker_keeps_ticking_after_resume() {
+    require_kvm!();
+    let dir = Scratch::new("ticker");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    let mut vm = Vmm::start(&["run", "--image", img_s, "--guest", "ticker"], dir.path("t0.log"));
+    vm.wait_console("ticks", T, |t| ticks(t).len() >= 3);
+    assert!(vm.signal_and_wait(libc::SIGTERM).success(), "{}", vm.stderr_text());
+    let before = *ticks(&vm.console_text()).last().unwrap();
+    assert!(before > 0);
+
+    let mut vm = Vmm::start(&["resume", "--image", img_s], dir.path("t1.log"));
+    vm.wait_console("ticks after resume", T, |t| ticks(t).len() >= 3);
+    assert!(vm.signal_and_wait(libc::SIGTERM).success(), "{}", vm.stderr_text());
+    let after = ticks(&vm.console_text());
+    assert!(after[0] >= before, "ticks went back: {before} -> {after:?}");
+    assert!(after.last().unwrap() > &after[0], "timer stopped after resume: {after:?}");
+}
+
+#[test]
+fn inspect_reports_resumable_only_after_an_orderly_suspend() {
+    require_kvm!();
+    let dir = Scratch::new("inspect");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    let mut vm = Vmm::start(&["run", "--image", img_s], dir.path("c.log"));
+    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+
+    // While running: in use, not resumable.
+    let out = nvhv_output(&["inspect", "--json", img_s]);
+    assert!(out.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["resumable"], false, "{j}");
+    assert_eq!(j["in_use"], true, "{j}");
+
+    // A second process cannot open it.
+    let out = nvhv_output(&["resume", "--image", img_s]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "{err}");
+
+    assert!(vm.signal_and_wait(libc::SIGTERM).success());
+    let out = nvhv_output(&["inspect", "--json", img_s]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["resumable"], true, "{j}");
+    assert_eq!(j["vcpus"], 1);
+    assert_eq!(j["ram_bytes"], 64u64 << 20);
+    assert!(j["epoch"].as_u64().unwrap() >= 1);
+    assert_eq!(j["format_version"], 1);
+}
+
+#[test]
+fn sigkill_in_suspend_only_mode_leaves_an_image_that_is_refused_unchanged() {
+    require_kvm!();
+    let dir = Scratch::new("kill");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    let mut vm = Vmm::start(&["run", "--image", img_s], dir.path("c.log"));
+    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+    vm.signal_and_wait(libc::SIGKILL);
+
+    let out = nvhv_output(&["inspect", "--json", img_s]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["resumable"], false, "{j}");
+    assert!(j["reason"].as_str().unwrap().len() > 10, "{j}");
+    let before = std::fs::read(&img).unwrap();
+    let out = nvhv_output(&["resume", "--image", img_s]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not resumable"));
+    assert!(std::fs::read(&img).unwrap() == before, "refused resume changed the image");
+}
+
+#[test]
+fn corrupted_images_are_refused_and_left_byte_identical() {
+    require_kvm!();
+    let dir = Scratch::new("corrupt");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    let mut vm = Vmm::start(&["run", "--image", img_s], dir.path("c.log"));
+    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+    assert!(vm.signal_and_wait(libc::SIGTERM).success());
+    let good = std::fs::read(&img).unwrap();
+
+    let bad = dir.path("bad.img");
+    let bad_s = bad.to_str().unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("truncated header", good[..100].to_vec()),
+        ("truncated RAM", good[..good.len() / 2].to_vec()),
+        ("bit flip in header", {
+            let mut b = good.clone();
+            b[16] ^= 0xff;
+            b
+        }),
+        ("ELF file", b"\x7fELF\x02\x01\x01".iter().copied().chain([0u8; 4096]).collect()),
+        ("qcow2", b"QFI\xfb\0\0\0\x03".iter().copied().chain([0u8; 4096]).collect()),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&bad, &bytes).unwrap();
+        let out = nvhv_output(&["resume", "--image", bad_s]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert_eq!(err.lines().count(), 1, "{what}: not one line: {err}");
+        assert!(std::fs::read(&bad).unwrap() == bytes, "{what}: image changed");
+        let out = nvhv_output(&["inspect", bad_s]);
+        assert!(std::fs::read(&bad).unwrap() == bytes, "{what}: inspect changed it");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{what}");
+    }
+    let out = nvhv_output(&["resume", "--image", dir.path("missing.img").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn run_refuses_to_overwrite_an_existing_file() {
+    require_kvm!();
+    let dir = Scratch::new("overwrite");
+    let img = dir.path("vm.img");
+    std::fs::write(&img, b"precious").unwrap();
+    let out = nvhv_output(&["run", "--image", img.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read(&img).unwrap(), b"precious");
+}
