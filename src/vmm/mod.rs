@@ -386,12 +386,13 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     // 2. The committed machine state (CRC-checked against its meta record).
     let bytes = image.read_state()?;
     let state = MachineState::decode(&bytes, vcpus_n)?;
-    let t_state = started.elapsed();
+    let mut tl = Timeline::new(started);
+    tl.mark("image opened, state read");
     // 3. KVM VM and RAM mapping.
     let vm = Vm::new()?;
     let mem = memory::map_ram(image.file(), image.ram_offset(), ram, true)?;
     memory::register(&vm.fd, &mem)?;
-    let t_vm = started.elapsed();
+    tl.mark("VM created, RAM mapped");
     // 4. vCPUs, then kvmclock.
     let mut vcpus = Vec::new();
     for (i, s) in state.vcpus.iter().enumerate() {
@@ -400,14 +401,8 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
         vcpus.push(v);
     }
     vm.restore(&state.vm)?;
-    let t_vcpus = started.elapsed();
+    tl.mark("vCPUs restored");
     let console = Console::restore(console_out(&cfg.runtime)?, &state.devices.serial)?;
-    tracing::info!(
-        "resume: state read {:?}, VM+RAM mapped {:?}, vCPUs restored {:?}",
-        t_state,
-        t_vm,
-        t_vcpus
-    );
     let m = Machine {
         vm,
         _mem: mem,
@@ -418,7 +413,41 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
         wake: Arc::new(GuestWake::new()),
         image,
     };
-    m.run_timed(Some(started))
+    m.run_timed(Some(tl))
+}
+
+/// Named instants since process start, for the resume and suspend breakdowns
+/// (printed at `NVHV_LOG=info`).
+pub struct Timeline {
+    t0: Instant,
+    marks: Vec<(&'static str, Duration)>,
+}
+
+impl Timeline {
+    /// Start at `t0`.
+    pub fn new(t0: Instant) -> Self {
+        Timeline {
+            t0,
+            marks: Vec::new(),
+        }
+    }
+    /// Record `what` happened now.
+    pub fn mark(&mut self, what: &'static str) {
+        self.marks.push((what, self.t0.elapsed()));
+    }
+    /// Time since `t0`.
+    pub fn elapsed(&self) -> Duration {
+        self.t0.elapsed()
+    }
+    /// Log every mark at info level.
+    pub fn log(&self, title: &str) {
+        let parts: Vec<String> = self
+            .marks
+            .iter()
+            .map(|(w, d)| format!("{w} {:.3} ms", d.as_secs_f64() * 1e3))
+            .collect();
+        tracing::info!("{title}: {}", parts.join(", "));
+    }
 }
 
 impl Machine {
@@ -426,7 +455,7 @@ impl Machine {
         self.run_timed(None)
     }
 
-    fn run_timed(mut self, started: Option<Instant>) -> Result<RunOutcome, VmmError> {
+    fn run_timed(mut self, mut timeline: Option<Timeline>) -> Result<RunOutcome, VmmError> {
         let (tx, rx) = std::sync::mpsc::channel::<Event>();
         // Signals: SIGTERM/SIGINT = orderly stop; SIGPWR = power-fail warning.
         let mut signals = signal_hook::iterator::Signals::new([
@@ -458,12 +487,18 @@ impl Machine {
         if let Err(e) = &ctl {
             tracing::warn!("control socket unavailable (nvhv suspend will not work): {e}");
         }
+        if let Some(t) = timeline.as_mut() {
+            t.mark("signals and control socket up");
+        }
 
         // 6. Mark the image Running: from now on guest RAM in the image moves
         //    ahead of the saved state.
         // ORDER: durable before the first KVM_RUN, so a crash from here on
         //        can never resume stale state over newer RAM.
         self.image.mark_running()?;
+        if let Some(t) = timeline.as_mut() {
+            t.mark("image marked running");
+        }
 
         // 7. Start the vCPUs.
         vcpu::install_kick_handler()?;
@@ -480,10 +515,12 @@ impl Machine {
             )?;
             handles.push(h);
         }
-        if let Some(s) = started {
+        if let Some(t) = timeline.as_mut() {
+            t.mark("vCPU threads started");
+            t.log("resume");
             eprintln!(
                 "nvhv: resumed, guest running {:.3} ms after process start",
-                s.elapsed().as_secs_f64() * 1e3
+                t.elapsed().as_secs_f64() * 1e3
             );
         } else {
             eprintln!("nvhv: running (image {})", self.image_path().display());

@@ -68,3 +68,26 @@ fn engine_ns_per_command() {
         assert!(ns < 2000.0, "{name}: {ns:.1} ns/command");
     }
 }
+
+/// Inserting many distinct keys (table and slab growth included).
+#[test]
+#[ignore]
+fn insert_throughput() {
+    let n = 1_000_000;
+    let value = [b'v'; 100];
+    let mut input = Vec::new();
+    for i in 0..n {
+        input.extend(enc(&[b"SET", format!("key:{i:012}").as_bytes(), &value]));
+    }
+    let mut store = Store::new(7, usize::MAX);
+    let mut conn = Conn::new();
+    let mut out = Vec::with_capacity(5 * n);
+    let start = Instant::now();
+    for chunk in input.chunks(16 * 1024) {
+        feed(&mut store, &mut conn, chunk, 0, &mut out);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("{n} inserts in {secs:.3} s: {:.0} ns/insert", secs * 1e9 / n as f64);
+    assert_eq!(store.len(), n);
+    assert_eq!(out.len(), 5 * n);
+}
