@@ -390,9 +390,11 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     tl.mark("image opened, state read");
     // 3. KVM VM and RAM mapping.
     let vm = Vm::new()?;
+    tl.mark("VM created");
     let mem = memory::map_ram(image.file(), image.ram_offset(), ram, true)?;
+    tl.mark("RAM mapped");
     memory::register(&vm.fd, &mem)?;
-    tl.mark("VM created, RAM mapped");
+    tl.mark("memory slot registered");
     // 4. vCPUs, then kvmclock.
     let mut vcpus = Vec::new();
     for (i, s) in state.vcpus.iter().enumerate() {

@@ -16,9 +16,18 @@
 //! ```
 //!
 //! Modules: `resp` (request parser, [`Conn`]), `reply` (RESP encoder),
+//! `bytes` (inline-or-heap strings),
 //! `inline` (inline-command splitting), `commands` (table, dispatch and
 //! the commands), `store` ([`Store`], expiry, memory accounting), `glob`
 //! (KEYS/SCAN patterns), `num` (Redis-exact integer parsing).
+//!
+//! Driving it: one [`Store`] per VM (seed it from something unpredictable,
+//! e.g. the TSC, and give it a `mem_limit` comfortably below the heap size:
+//! the limit covers keys and values, not connection buffers or the hash
+//! table's growth), one [`Conn`] per client connection; call [`feed`] with
+//! each chunk received and send what it appended to `out`; close the
+//! connection once [`Conn::closing`] is true; call [`Store::expire_some`]
+//! when idle (it examines at most `budget` keys with a TTL per call).
 //!
 //! Times: TTLs are kept as absolute times on the caller's clock. EXAT/PXAT
 //! and EXPIREAT/PEXPIREAT take absolute times on that same clock, so they
@@ -27,6 +36,7 @@
 
 extern crate alloc;
 
+mod bytes;
 mod commands;
 mod glob;
 mod inline;

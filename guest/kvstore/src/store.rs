@@ -8,17 +8,20 @@
 //! once. Keys with a TTL are also listed in `expires`, which the incremental
 //! active expiry walks round-robin.
 //!
-//! Memory: every key is charged `key + value capacity + ENTRY_OVERHEAD`
-//! bytes against `mem_limit`; writes are checked before anything is
+//! Memory: every key is charged its key and value bytes (heap capacity for
+//! strings too long to be stored inline) plus `ENTRY_OVERHEAD` against
+//! `mem_limit`; writes are checked before anything is
 //! allocated and every allocation is fallible (`try_reserve`), so the store
 //! reports [`Oom`] instead of aborting.
 
-use alloc::{boxed::Box, vec::Vec};
+use alloc::vec::Vec;
 use core::hash::BuildHasher;
 use core::mem;
 
 use foldhash::fast::FixedState;
 use hashbrown::HashTable;
+
+use crate::bytes::Bytes;
 
 const CHUNK_SHIFT: u32 = 10;
 const CHUNK: usize = 1 << CHUNK_SHIFT;
@@ -31,8 +34,9 @@ const NO_EXPIRE: u64 = u64::MAX;
 const APPEND_GREEDY_MAX: usize = 1 << 20;
 
 /// Estimated bytes a key costs beyond its key and value bytes: its slab
-/// slot, a hash-table bucket at typical load, its share of the expiry list
-/// and two allocator headers.
+/// slot (which holds keys and values of up to 30 bytes inline), a
+/// hash-table bucket at typical load, its share of the expiry list and the
+/// allocator headers of heap strings.
 pub const ENTRY_OVERHEAD: usize = mem::size_of::<Slot>() + 8 + 4 + 32;
 
 /// A write was refused because it would exceed the memory limit, or an
@@ -42,8 +46,8 @@ pub(crate) struct Oom;
 
 /// One live key.
 pub(crate) struct Entry {
-    key: Box<[u8]>,
-    val: Vec<u8>,
+    key: Bytes,
+    val: Bytes,
     hash: u64,
     expire_at: u64,
     /// Position in `Store::expires`, or `NONE`.
@@ -115,7 +119,7 @@ fn entry_in(chunks: &[Vec<Slot>], i: u32) -> &Entry {
 
 #[inline]
 fn cost(e: &Entry) -> usize {
-    e.key.len() + e.val.capacity() + ENTRY_OVERHEAD
+    e.key.footprint() + e.val.footprint() + ENTRY_OVERHEAD
 }
 
 /// Copies `data` into a new exactly-sized vector, failing instead of aborting.
@@ -230,7 +234,7 @@ impl Store {
     /// The value stored in slot `i` (from a [`Lookup::Found`]).
     #[inline]
     pub(crate) fn value(&self, i: u32) -> &[u8] {
-        &self.entry(i).val
+        self.entry(i).val.as_slice()
     }
 
     /// The absolute expiry time of slot `i`, if it has a TTL.
@@ -247,7 +251,7 @@ impl Store {
         let chunks = &self.chunks;
         let found = self
             .table
-            .find(hash, |&i| *entry_in(chunks, i).key == *key)
+            .find(hash, |&i| entry_in(chunks, i).key.as_slice() == key)
             .copied();
         match found {
             Some(i) if now > self.entry(i).expire_at => {
@@ -330,8 +334,8 @@ impl Store {
             .try_reserve(1, |&i| entry_in(chunks, i).hash)
             .map_err(|_| Oom)?;
         let e = Entry {
-            key: try_copy(key)?.into_boxed_slice(),
-            val: try_copy(val)?,
+            key: Bytes::new(key)?,
+            val: Bytes::new(val)?,
             hash,
             expire_at: NO_EXPIRE,
             exp_pos: NONE,
@@ -351,17 +355,15 @@ impl Store {
         if matches!(ttl, Ttl::At(_)) {
             self.expires.try_reserve(1).map_err(|_| Oom)?;
         }
-        let old_cap = self.entry(i).val.capacity();
-        if val.len() <= old_cap && old_cap <= val.len() * 2 + 64 {
-            let v = &mut self.entry_mut(i).val;
-            v.clear();
-            v.extend_from_slice(val);
-        } else {
-            self.check(val.len(), old_cap)?;
-            let new = try_copy(val)?;
-            self.used = self.used - old_cap + new.capacity();
-            self.entry_mut(i).val = new;
-        }
+        let (old, new) = {
+            let v = &self.entry(i).val;
+            (v.footprint(), v.footprint_after_set(val.len()))
+        };
+        self.check(new, old)?;
+        let v = &mut self.entry_mut(i).val;
+        v.set(val)?;
+        let new = v.footprint();
+        self.used = self.used - old + new;
         self.apply_ttl(i, ttl);
         Ok(())
     }
@@ -369,31 +371,28 @@ impl Store {
     /// Appends to the value in slot `i`, growing it greedily like Redis's sds
     /// (doubling up to 1 MiB, then 1 MiB at a time). Returns the new length.
     pub(crate) fn append(&mut self, i: u32, data: &[u8]) -> Result<usize, Oom> {
-        let (len, cap) = {
-            let v = &self.entry(i).val;
-            (v.len(), v.capacity())
+        let v = &self.entry(i).val;
+        let old = v.footprint();
+        let need = v.len().checked_add(data.len()).ok_or(Oom)?;
+        let greedy = if need < APPEND_GREEDY_MAX {
+            need * 2
+        } else {
+            need.saturating_add(APPEND_GREEDY_MAX)
         };
-        let need = len.checked_add(data.len()).ok_or(Oom)?;
-        if need > cap {
-            let greedy = if need < APPEND_GREEDY_MAX {
-                need * 2
-            } else {
-                need.saturating_add(APPEND_GREEDY_MAX)
-            };
-            let target = if self.check(greedy, cap).is_ok() {
-                greedy
-            } else {
-                self.check(need, cap)?;
-                need
-            };
-            let v = &mut self.entry_mut(i).val;
-            v.try_reserve_exact(target - len).map_err(|_| Oom)?;
-            let new_cap = v.capacity();
-            self.used = self.used - cap + new_cap;
-        }
+        let target = if self
+            .check(v.footprint_after_append(data.len(), greedy), old)
+            .is_ok()
+        {
+            greedy
+        } else {
+            self.check(v.footprint_after_append(data.len(), need), old)?;
+            need
+        };
         let v = &mut self.entry_mut(i).val;
-        v.extend_from_slice(data);
-        Ok(v.len())
+        v.append(data, target)?;
+        let (new, len) = (v.footprint(), v.len());
+        self.used = self.used - old + new;
+        Ok(len)
     }
 
     /// Sets the TTL of slot `i`; for `Ttl::At` the caller reserved room in `expires`.
@@ -490,7 +489,7 @@ impl Store {
             for slot in chunk {
                 if let Slot::Used(e) = slot {
                     if now <= e.expire_at {
-                        f(&e.key);
+                        f(e.key.as_slice());
                     }
                 }
             }
@@ -519,7 +518,7 @@ impl Store {
                     self.remove_idx(idx);
                     self.stats.expired += 1;
                 } else {
-                    f(&e.key);
+                    f(e.key.as_slice());
                     seen += 1;
                 }
             }

@@ -87,7 +87,10 @@ fn insert_throughput() {
         feed(&mut store, &mut conn, chunk, 0, &mut out);
     }
     let secs = start.elapsed().as_secs_f64();
-    println!("{n} inserts in {secs:.3} s: {:.0} ns/insert", secs * 1e9 / n as f64);
+    println!(
+        "{n} inserts in {secs:.3} s: {:.0} ns/insert",
+        secs * 1e9 / n as f64
+    );
     assert_eq!(store.len(), n);
     assert_eq!(out.len(), 5 * n);
 }
