@@ -90,18 +90,45 @@ fn main() {
     let rounds: usize = get("--rounds").and_then(|s| s.parse().ok()).unwrap_or(20);
     let sizes = get("--sizes").unwrap_or_else(|| "64M,4G".into());
     let dir = PathBuf::from(get("--dir").unwrap_or_else(|| "/dev/shm".into()));
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         eprintln!("lifecycle bench: /dev/kvm not available, nothing measured");
         return;
     }
-    println!("nvhv lifecycle benchmark: counter guest, 1 vCPU, {rounds} rounds per size, images in {}", dir.display());
-    println!("{:>6}  {:>26}  {:>26}  {:>26}", "RAM", "resume internal ms p50/p90/max", "resume external ms p50/p90/max", "suspend ms p50/p90/max");
+    println!(
+        "nvhv lifecycle benchmark: counter guest, 1 vCPU, {rounds} rounds per size, images in {}",
+        dir.display()
+    );
+    println!(
+        "{:>6}  {:>26}  {:>26}  {:>26}",
+        "RAM",
+        "resume internal ms p50/p90/max",
+        "resume external ms p50/p90/max",
+        "suspend ms p50/p90/max"
+    );
     for size in sizes.split(',') {
-        let img = dir.join(format!("nvhv-bench-lifecycle-{}-{size}.img", std::process::id()));
+        let img = dir.join(format!(
+            "nvhv-bench-lifecycle-{}-{size}.img",
+            std::process::id()
+        ));
         let img_s = img.to_str().unwrap();
         let _ = std::fs::remove_file(&img);
         let (_, _, first) = cycle(
-            &["run", "--image", img_s, "--mem", size, "--guest", "counter", "--console", "/dev/null"],
+            &[
+                "run",
+                "--image",
+                img_s,
+                "--mem",
+                size,
+                "--guest",
+                "counter",
+                "--console",
+                "/dev/null",
+            ],
             "running",
             Duration::from_millis(300),
         );
@@ -123,8 +150,20 @@ fn main() {
         let mut a: Vec<f64> = rs.iter().map(|r| r.resume_internal_ms).collect();
         let mut b: Vec<f64> = rs.iter().map(|r| r.resume_external_ms).collect();
         let mut c: Vec<f64> = rs.iter().map(|r| r.suspend_ms).collect();
-        let f = |v: &mut Vec<f64>| format!("{:.2} / {:.2} / {:.2}", pct(v, 0.5), pct(v, 0.9), pct(v, 1.0));
-        println!("{size:>6}  {:>26}  {:>26}  {:>26}", f(&mut a), f(&mut b), f(&mut c));
+        let f = |v: &mut Vec<f64>| {
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                pct(v, 0.5),
+                pct(v, 0.9),
+                pct(v, 1.0)
+            )
+        };
+        println!(
+            "{size:>6}  {:>26}  {:>26}  {:>26}",
+            f(&mut a),
+            f(&mut b),
+            f(&mut c)
+        );
     }
 }
 

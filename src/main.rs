@@ -173,11 +173,9 @@ fn main() -> ExitCode {
                 .map(|_| ())
                 .map_err(|e| error_chain(&e))
         }
-        Cmd::Suspend { image } => {
-            vmm::control::request_suspend(&image, Duration::from_secs(30))
-                .map(|reply| println!("{reply}"))
-                .map_err(|e| error_chain(&e))
-        }
+        Cmd::Suspend { image } => vmm::control::request_suspend(&image, Duration::from_secs(30))
+            .map(|reply| println!("{reply}"))
+            .map_err(|e| error_chain(&e)),
         Cmd::Inspect { path, json } => match nvhv::nvram::inspect(&path) {
             Ok(r) => {
                 if json {

@@ -18,7 +18,9 @@ fn counter_survives(vcpus: u32, rounds: usize) {
     let img_s = img.to_str().unwrap();
     let v = vcpus.to_string();
     let mut vm = Vmm::start(
-        &["run", "--image", img_s, "--guest", "counter", "--vcpus", &v, "--mem", "64M"],
+        &[
+            "run", "--image", img_s, "--guest", "counter", "--vcpus", &v, "--mem", "64M",
+        ],
         dir.path("c0.log"),
     );
     vm.wait_console("counter lines for every vCPU", T, |t| {
@@ -32,12 +34,19 @@ fn counter_survives(vcpus: u32, rounds: usize) {
         .collect();
 
     for round in 1..=rounds {
-        let mut vm = Vmm::start(&["resume", "--image", img_s], dir.path(&format!("c{round}.log")));
+        let mut vm = Vmm::start(
+            &["resume", "--image", img_s],
+            dir.path(&format!("c{round}.log")),
+        );
         vm.wait_console("two counter lines per vCPU after resume", T, |t| {
             (0..vcpus).all(|i| counters(t, i).len() >= 2)
         });
         let st = vm.signal_and_wait(libc::SIGTERM);
-        assert!(st.success(), "suspend after resume failed: {}", vm.stderr_text());
+        assert!(
+            st.success(),
+            "suspend after resume failed: {}",
+            vm.stderr_text()
+        );
         let text = vm.console_text();
         for (i, before) in last.iter_mut().enumerate() {
             let c = counters(&text, i as u32);
@@ -71,18 +80,32 @@ fn ticker_keeps_ticking_after_resume() {
     let dir = Scratch::new("ticker");
     let img = dir.path("vm.img");
     let img_s = img.to_str().unwrap();
-    let mut vm = Vmm::start(&["run", "--image", img_s, "--guest", "ticker"], dir.path("t0.log"));
+    let mut vm = Vmm::start(
+        &["run", "--image", img_s, "--guest", "ticker"],
+        dir.path("t0.log"),
+    );
     vm.wait_console("ticks", T, |t| ticks(t).len() >= 3);
-    assert!(vm.signal_and_wait(libc::SIGTERM).success(), "{}", vm.stderr_text());
+    assert!(
+        vm.signal_and_wait(libc::SIGTERM).success(),
+        "{}",
+        vm.stderr_text()
+    );
     let before = *ticks(&vm.console_text()).last().unwrap();
     assert!(before > 0);
 
     let mut vm = Vmm::start(&["resume", "--image", img_s], dir.path("t1.log"));
     vm.wait_console("ticks after resume", T, |t| ticks(t).len() >= 3);
-    assert!(vm.signal_and_wait(libc::SIGTERM).success(), "{}", vm.stderr_text());
+    assert!(
+        vm.signal_and_wait(libc::SIGTERM).success(),
+        "{}",
+        vm.stderr_text()
+    );
     let after = ticks(&vm.console_text());
     assert!(after[0] >= before, "ticks went back: {before} -> {after:?}");
-    assert!(after.last().unwrap() > &after[0], "timer stopped after resume: {after:?}");
+    assert!(
+        after.last().unwrap() > &after[0],
+        "timer stopped after resume: {after:?}"
+    );
 }
 
 #[test]
@@ -135,7 +158,10 @@ fn sigkill_in_suspend_only_mode_leaves_an_image_that_is_refused_unchanged() {
     let out = nvhv_output(&["resume", "--image", img_s]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not resumable"));
-    assert!(std::fs::read(&img).unwrap() == before, "refused resume changed the image");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "refused resume changed the image"
+    );
 }
 
 #[test]
@@ -160,8 +186,22 @@ fn corrupted_images_are_refused_and_left_byte_identical() {
             b[16] ^= 0xff;
             b
         }),
-        ("ELF file", b"\x7fELF\x02\x01\x01".iter().copied().chain([0u8; 4096]).collect()),
-        ("qcow2", b"QFI\xfb\0\0\0\x03".iter().copied().chain([0u8; 4096]).collect()),
+        (
+            "ELF file",
+            b"\x7fELF\x02\x01\x01"
+                .iter()
+                .copied()
+                .chain([0u8; 4096])
+                .collect(),
+        ),
+        (
+            "qcow2",
+            b"QFI\xfb\0\0\0\x03"
+                .iter()
+                .copied()
+                .chain([0u8; 4096])
+                .collect(),
+        ),
     ];
     for (what, bytes) in cases {
         std::fs::write(&bad, &bytes).unwrap();
@@ -169,12 +209,25 @@ fn corrupted_images_are_refused_and_left_byte_identical() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{what}: {err}");
         assert_eq!(err.lines().count(), 1, "{what}: not one line: {err}");
-        assert!(std::fs::read(&bad).unwrap() == bytes, "{what}: image changed");
+        assert!(
+            std::fs::read(&bad).unwrap() == bytes,
+            "{what}: image changed"
+        );
         let out = nvhv_output(&["inspect", bad_s]);
-        assert!(std::fs::read(&bad).unwrap() == bytes, "{what}: inspect changed it");
-        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{what}");
+        assert!(
+            std::fs::read(&bad).unwrap() == bytes,
+            "{what}: inspect changed it"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+            "{what}"
+        );
     }
-    let out = nvhv_output(&["resume", "--image", dir.path("missing.img").to_str().unwrap()]);
+    let out = nvhv_output(&[
+        "resume",
+        "--image",
+        dir.path("missing.img").to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
 }
 

@@ -134,7 +134,10 @@ mod tests {
 
     #[test]
     fn non_elf_is_malformed() {
-        assert!(matches!(entry_cpl(b"QFI\xfb...."), Err(ElfError::Malformed(_))));
+        assert!(matches!(
+            entry_cpl(b"QFI\xfb...."),
+            Err(ElfError::Malformed(_))
+        ));
         assert!(matches!(entry_cpl(b"\x7fELF"), Err(ElfError::Malformed(_))));
     }
 }

@@ -216,9 +216,18 @@ mod tests {
         assert_eq!(l.mmio_base, 4 * GIB);
         let l = Layout::new(5 * GIB + 1, 1).unwrap();
         assert_eq!(l.mmio_base, 6 * GIB);
-        assert!(matches!(Layout::new(1 << 20, 1), Err(GuestAbiError::RamTooSmall { .. })));
-        assert!(matches!(Layout::new(64 << 20, 0), Err(GuestAbiError::Vcpus(0))));
-        assert!(matches!(Layout::new(1 << 40, 1), Err(GuestAbiError::RamTooLarge(_))));
+        assert!(matches!(
+            Layout::new(1 << 20, 1),
+            Err(GuestAbiError::RamTooSmall { .. })
+        ));
+        assert!(matches!(
+            Layout::new(64 << 20, 0),
+            Err(GuestAbiError::Vcpus(0))
+        ));
+        assert!(matches!(
+            Layout::new(1 << 40, 1),
+            Err(GuestAbiError::RamTooLarge(_))
+        ));
     }
 
     #[test]
@@ -256,9 +265,7 @@ mod tests {
         assert_eq!(bit(nvhv_abi::WAIT_PORT), 0);
         assert_eq!(bit(0x80), 1);
         assert_eq!(bit(0x3f7), 1);
-        let end: u8 = m
-            .read_obj(GuestAddress(base + TSS_LIMIT as u64))
-            .unwrap();
+        let end: u8 = m.read_obj(GuestAddress(base + TSS_LIMIT as u64)).unwrap();
         assert_eq!(end, 0xff);
     }
 

@@ -67,7 +67,8 @@ impl Console {
             scratch: r[8],
             in_buffer: s.in_buffer.clone(),
         };
-        let uart = Serial::from_state(&st, NoIrq, NoEvents, out).map_err(|_| SerialError::BadState)?;
+        let uart =
+            Serial::from_state(&st, NoIrq, NoEvents, out).map_err(|_| SerialError::BadState)?;
         Ok(Console { uart })
     }
 

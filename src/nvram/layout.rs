@@ -351,7 +351,7 @@ impl Geometry {
     /// The v1 layout for a VM shape. `log_bytes` is rounded up to 4 KiB.
     pub fn for_config(vcpus: u32, ram_bytes: u64, log_bytes: u64) -> Result<Geometry, FormatError> {
         check_vcpus(vcpus).map_err(FormatError::Config)?;
-        if ram_bytes == 0 || !ram_bytes.is_multiple_of(BLOCK) {
+        if ram_bytes == 0 || ram_bytes % BLOCK != 0 {
             return Err(FormatError::Config(format!(
                 "ram_bytes {ram_bytes} is not a non-zero multiple of {BLOCK}"
             )));
@@ -424,7 +424,7 @@ impl Geometry {
             ("RAM", self.ram),
         ];
         for (name, r) in named {
-            if !r.offset.is_multiple_of(BLOCK) || !r.size.is_multiple_of(BLOCK) {
+            if r.offset % BLOCK != 0 || r.size % BLOCK != 0 {
                 return bad(format!(
                     "{name} region ({:#x}+{:#x}) is not {BLOCK}-byte aligned",
                     r.offset, r.size
@@ -468,7 +468,7 @@ impl Geometry {
         if self.ram.size == 0 {
             return bad("ram_bytes is 0".into());
         }
-        if !self.ram.offset.is_multiple_of(RAM_ALIGN) {
+        if self.ram.offset % RAM_ALIGN != 0 {
             return bad(format!(
                 "RAM offset {:#x} is not 2 MiB aligned",
                 self.ram.offset

@@ -177,13 +177,22 @@ mod tests {
     #[test]
     fn every_header_corruption_is_refused() {
         let a = sample().encode().unwrap();
-        assert!(matches!(MachineState::decode(&a[..10], 2), Err(StateError::Truncated(10))));
+        assert!(matches!(
+            MachineState::decode(&a[..10], 2),
+            Err(StateError::Truncated(10))
+        ));
         let mut b = a.clone();
         b[0] ^= 1;
-        assert!(matches!(MachineState::decode(&b, 2), Err(StateError::BadMagic)));
+        assert!(matches!(
+            MachineState::decode(&b, 2),
+            Err(StateError::BadMagic)
+        ));
         let mut b = a.clone();
         b[8] = 9;
-        assert!(matches!(MachineState::decode(&b, 2), Err(StateError::Version(9))));
+        assert!(matches!(
+            MachineState::decode(&b, 2),
+            Err(StateError::Version(9))
+        ));
         let mut b = a.clone();
         b[HEADER_LEN + 5] ^= 0x10;
         assert!(matches!(MachineState::decode(&b, 2), Err(StateError::Crc)));
@@ -207,6 +216,9 @@ mod tests {
         b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         b.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
         b.extend_from_slice(&payload);
-        assert!(matches!(MachineState::decode(&b, 1), Err(StateError::Decode(_))));
+        assert!(matches!(
+            MachineState::decode(&b, 1),
+            Err(StateError::Decode(_))
+        ));
     }
 }

@@ -103,7 +103,8 @@ pub fn request_suspend(image: &Path, timeout: Duration) -> Result<String, Contro
     let path = socket_path(image);
     let conn =
         UnixStream::connect(&path).map_err(|_| ControlError::NotRunning(image.to_path_buf()))?;
-    conn.set_read_timeout(Some(timeout)).map_err(ControlError::Io)?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(ControlError::Io)?;
     (&conn).write_all(b"suspend\n").map_err(ControlError::Io)?;
     let mut reply = String::new();
     BufReader::new(&conn)
@@ -111,7 +112,9 @@ pub fn request_suspend(image: &Path, timeout: Duration) -> Result<String, Contro
         .map_err(ControlError::Io)?;
     let reply = reply.trim().to_string();
     if reply.is_empty() {
-        return Err(ControlError::Refused("the VMM closed the connection".into()));
+        return Err(ControlError::Refused(
+            "the VMM closed the connection".into(),
+        ));
     }
     if let Some(e) = reply.strip_prefix("error: ") {
         return Err(ControlError::Refused(e.to_string()));

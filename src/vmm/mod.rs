@@ -15,18 +15,18 @@ use std::time::{Duration, Instant};
 
 use nvhv_abi::BootInfo;
 
-use crate::boot::guest_abi::{self, Layout};
 use crate::boot::elf;
+use crate::boot::guest_abi::{self, Layout};
 use crate::devices::serial::{Console, SerialState};
 use crate::devices::GuestMemory;
 use crate::nvram::{Image, ImageConfig, PersistMode, Status};
 use crate::persist::{DeviceStates, MachineState};
+use crate::vstate::memory;
 use crate::vstate::vcpu::{
     self, EntryPoint, ExitAction, ExitHandler, StopReason, Vcpu, VcpuEvent, VcpuHandle,
 };
 use crate::vstate::vm::Vm;
 use crate::vstate::wait::GuestWake;
-use crate::vstate::memory;
 
 pub mod control;
 
@@ -95,6 +95,9 @@ pub enum VmmError {
     /// A vCPU did not pause in time.
     #[error("vCPU {0} did not pause within 10 s")]
     PauseTimeout(u32),
+    /// Writing back guest RAM on a DAX image failed.
+    #[error("cannot write back guest RAM to the image")]
+    RamSync(#[source] std::io::Error),
     /// A persistence mode that this build does not implement yet.
     #[error("--persist {0} is not implemented yet; use --persist suspend-only")]
     ModeUnavailable(&'static str),
@@ -125,12 +128,14 @@ impl GuestChoice {
             GuestChoice::Builtin(n) => crate::guests::builtin(n)
                 .map(std::borrow::Cow::Borrowed)
                 .ok_or_else(|| VmmError::UnknownGuest(n.clone())),
-            GuestChoice::File(p) => std::fs::read(p)
-                .map(std::borrow::Cow::Owned)
-                .map_err(|source| VmmError::ReadGuest {
-                    path: p.clone(),
-                    source,
-                }),
+            GuestChoice::File(p) => {
+                std::fs::read(p)
+                    .map(std::borrow::Cow::Owned)
+                    .map_err(|source| VmmError::ReadGuest {
+                        path: p.clone(),
+                        source,
+                    })
+            }
         }
     }
 }
@@ -199,7 +204,11 @@ impl ExitHandler for Bus {
     fn pio_in(&self, port: u16, data: &mut [u8]) {
         let base = nvhv_abi::SERIAL_PORT;
         if (base..base + 8).contains(&port) && !data.is_empty() {
-            data[0] = self.console.lock().unwrap_or_else(|e| e.into_inner()).read((port - base) as u8);
+            data[0] = self
+                .console
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read((port - base) as u8);
         } else {
             data.fill(0xff);
         }
@@ -306,7 +315,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     )?;
     let result = build_new(cfg, &layout, &guest, image).and_then(|m| m.run());
     if result.is_err() {
-        tracing::error!("run failed; the image at {} is not resumable", cfg.image.display());
+        tracing::error!(
+            "run failed; the image at {} is not resumable",
+            cfg.image.display()
+        );
     }
     result
 }
@@ -619,6 +631,13 @@ impl Machine {
             devices: DeviceStates { serial },
         };
         let bytes = state.encode()?;
+        if self.image.backing() == crate::nvram::BackingKind::Dax {
+            // Guest RAM is a plain shared mapping of the DAX file (no MAP_SYNC),
+            // and its blocks may be unallocated: fdatasync makes the kernel write
+            // back the dirty cache lines and the block metadata. O(dirty RAM).
+            // ORDER: before the commit that makes this RAM current.
+            self.image.file().sync_data().map_err(VmmError::RamSync)?;
+        }
         // ORDER: commit() persists guest RAM and the state slot before it
         //        writes the meta record that makes them current.
         self.image.commit(Status::Suspended, &bytes)?;

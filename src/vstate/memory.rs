@@ -50,7 +50,12 @@ pub fn map_ram(
 ) -> Result<GuestMemory, MemoryError> {
     let size = usize::try_from(ram_bytes).map_err(|_| MemoryError::TooLarge(ram_bytes))?;
     let file = file.try_clone().map_err(MemoryError::CloneFd)?;
-    let flags = libc::MAP_NORESERVE | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+    let flags = libc::MAP_NORESERVE
+        | if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
     let region = MmapRegion::build(
         Some(FileOffset::new(file, offset)),
         size,

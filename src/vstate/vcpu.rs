@@ -323,9 +323,17 @@ impl Vcpu {
         let mp_state = self.fd.get_mp_state().map_err(self.get_err("MP_STATE"))?;
         let regs = self.fd.get_regs().map_err(self.get_err("REGS"))?;
         let sregs = self.fd.get_sregs().map_err(self.get_err("SREGS"))?;
-        let xsave = self.fd.get_xsave().map_err(self.get_err("XSAVE"))?.region.to_vec();
+        let xsave = self
+            .fd
+            .get_xsave()
+            .map_err(self.get_err("XSAVE"))?
+            .region
+            .to_vec();
         let xcrs = self.fd.get_xcrs().map_err(self.get_err("XCRS"))?;
-        let debugregs = self.fd.get_debug_regs().map_err(self.get_err("DEBUGREGS"))?;
+        let debugregs = self
+            .fd
+            .get_debug_regs()
+            .map_err(self.get_err("DEBUGREGS"))?;
         let lapic = self.fd.get_lapic().map_err(self.get_err("LAPIC"))?;
         let entries: Vec<kvm_msr_entry> = self
             .msr_indices
@@ -340,7 +348,10 @@ impl Vcpu {
         let n = self.fd.get_msrs(&mut msrs).map_err(self.get_err("MSRS"))?;
         let msrs = msrs.as_slice()[..n].to_vec();
         // ORDER: events last, so nothing above changes what is pending.
-        let events = self.fd.get_vcpu_events().map_err(self.get_err("VCPU_EVENTS"))?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(self.get_err("VCPU_EVENTS"))?;
         Ok(VcpuState {
             cpuid,
             mp_state,

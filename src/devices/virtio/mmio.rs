@@ -326,10 +326,7 @@ impl MmioTransport {
         }
         if added & FEATURES_OK != 0 && !self.features_acceptable() {
             // The driver re-reads the status and sees FEATURES_OK unset.
-            tracing::debug!(
-                "virtio-mmio: features {:#x} refused",
-                self.acked_features
-            );
+            tracing::debug!("virtio-mmio: features {:#x} refused", self.acked_features);
             new &= !FEATURES_OK;
             if new & DRIVER_OK != 0 {
                 return;
@@ -406,15 +403,17 @@ impl MmioTransport {
                 }
                 match self.driver_features_sel {
                     0 => {
-                        self.acked_features =
-                            (self.acked_features & !0xffff_ffff) | u64::from(v);
+                        self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v);
                     }
                     1 => {
                         self.acked_features =
                             (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32);
                     }
                     // No feature bits exist above 63: nothing to record.
-                    _ => tracing::debug!("virtio-mmio: DriverFeatures word {} ignored", self.driver_features_sel),
+                    _ => tracing::debug!(
+                        "virtio-mmio: DriverFeatures word {} ignored",
+                        self.driver_features_sel
+                    ),
                 }
             }
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
@@ -527,7 +526,10 @@ impl MmioDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            tracing::debug!("virtio-mmio: {}-byte read at {offset:#x} ignored", data.len());
+            tracing::debug!(
+                "virtio-mmio: {}-byte read at {offset:#x} ignored",
+                data.len()
+            );
             data.fill(0);
             return;
         }
@@ -543,7 +545,10 @@ impl MmioDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::debug!("virtio-mmio: {}-byte write at {offset:#x} ignored", data.len());
+            tracing::debug!(
+                "virtio-mmio: {}-byte write at {offset:#x} ignored",
+                data.len()
+            );
             return;
         };
         if offset % 4 != 0 {

@@ -107,7 +107,8 @@ impl DeviceSignals {
 
     /// Restore both from a saved state.
     pub(crate) fn set(&self, isr: u32, needs_reset: bool) {
-        self.isr.store(isr & (INT_VRING | INT_CONFIG), Ordering::Release);
+        self.isr
+            .store(isr & (INT_VRING | INT_CONFIG), Ordering::Release);
         self.needs_reset.store(needs_reset, Ordering::Release);
     }
 }

@@ -72,7 +72,9 @@ pub enum QueueError {
         len: u32,
     },
     /// A device-writable buffer where the device reads, or the other way round.
-    #[error("descriptor chain {head}: buffer {index} has the wrong direction (expected {expected})")]
+    #[error(
+        "descriptor chain {head}: buffer {index} has the wrong direction (expected {expected})"
+    )]
     WrongDirection {
         /// Head index.
         head: u16,
@@ -379,7 +381,15 @@ pub(crate) mod testing {
         }
 
         /// Write descriptor `i`.
-        pub fn write_desc(&self, mem: &GuestMemory, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        pub fn write_desc(
+            &self,
+            mem: &GuestMemory,
+            i: u16,
+            addr: u64,
+            len: u32,
+            flags: u16,
+            next: u16,
+        ) {
             let at = GuestAddress(self.desc + 16 * u64::from(i));
             let mut raw = [0u8; 16];
             raw[0..8].copy_from_slice(&addr.to_le_bytes());
@@ -396,8 +406,12 @@ pub(crate) mod testing {
                 .unwrap();
             self.avail_idx = self.avail_idx.wrapping_add(1);
             fence(Ordering::SeqCst);
-            mem.store(self.avail_idx.to_le(), GuestAddress(self.avail + 2), Ordering::Release)
-                .unwrap();
+            mem.store(
+                self.avail_idx.to_le(),
+                GuestAddress(self.avail + 2),
+                Ordering::Release,
+            )
+            .unwrap();
         }
 
         /// Add a chain of `(addr, len, writable)` buffers and publish it; returns the head.
@@ -419,7 +433,10 @@ pub(crate) mod testing {
 
         /// The device's used index.
         pub fn used_idx(&self, mem: &GuestMemory) -> u16 {
-            u16::from_le(mem.load(GuestAddress(self.used + 2), Ordering::Acquire).unwrap())
+            u16::from_le(
+                mem.load(GuestAddress(self.used + 2), Ordering::Acquire)
+                    .unwrap(),
+            )
         }
 
         /// Next used element `(id, len)`, if any.
@@ -469,17 +486,23 @@ mod tests {
         mem.write_slice(b"hello", GuestAddress(0x8000)).unwrap();
         mem.write_slice(b" world", GuestAddress(0x9000)).unwrap();
         dq.add_chain(&mem, &[(0x8000, 5, false), (0x9000, 6, false)]);
-        let c = pop_chain(&mut q, &mem, Direction::DeviceReads).unwrap().unwrap();
+        let c = pop_chain(&mut q, &mem, Direction::DeviceReads)
+            .unwrap()
+            .unwrap();
         assert_eq!(c.len(), 11);
         let mut buf = [0u8; 16];
         assert_eq!(c.read_at(&mem, 0, &mut buf).unwrap(), 11);
         assert_eq!(&buf[..11], b"hello world");
         assert_eq!(c.read_at(&mem, 3, &mut buf[..4]).unwrap(), 4);
         assert_eq!(&buf[..4], b"lo w");
-        assert!(pop_chain(&mut q, &mem, Direction::DeviceReads).unwrap().is_none());
+        assert!(pop_chain(&mut q, &mem, Direction::DeviceReads)
+            .unwrap()
+            .is_none());
 
         dq.add_chain(&mem, &[(0xa000, 3, true), (0xb000, 100, true)]);
-        let c = pop_chain(&mut q, &mem, Direction::DeviceWrites).unwrap().unwrap();
+        let c = pop_chain(&mut q, &mem, Direction::DeviceWrites)
+            .unwrap()
+            .unwrap();
         assert_eq!(c.write_at(&mem, 1, b"abcdef").unwrap(), 6);
         let mut got = [0u8; 4];
         mem.read_slice(&mut got, GuestAddress(0xb000)).unwrap();
@@ -550,8 +573,12 @@ mod tests {
     #[test]
     fn avail_index_jump_is_an_error() {
         let (mem, _dq, mut q) = setup();
-        mem.store(100u16.to_le(), GuestAddress(0x1000 + 16 * 16 + 2), Ordering::Release)
-            .unwrap();
+        mem.store(
+            100u16.to_le(),
+            GuestAddress(0x1000 + 16 * 16 + 2),
+            Ordering::Release,
+        )
+        .unwrap();
         assert!(matches!(
             pop_chain(&mut q, &mem, Direction::DeviceReads),
             Err(QueueError::AvailRing(_))
@@ -569,7 +596,9 @@ mod tests {
         assert_eq!(dq.used_flags(&mem), 0);
         dq.add_chain(&mem, &[(0x8000, 4, false)]);
         assert!(enable_and_recheck(&q, &mem).unwrap());
-        pop_chain(&mut q, &mem, Direction::DeviceReads).unwrap().unwrap();
+        pop_chain(&mut q, &mem, Direction::DeviceReads)
+            .unwrap()
+            .unwrap();
         assert!(!enable_and_recheck(&q, &mem).unwrap());
         assert_eq!(dq.avail_event(&mem), 1);
     }

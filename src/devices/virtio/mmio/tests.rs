@@ -107,7 +107,11 @@ fn bring_up(t: &mut MmioTransport, features: u64) {
     assert_ne!(rd(t, VIRTIO_MMIO_STATUS) & FEATURES_OK, 0);
     setup_queue(t, 0, 0x1000);
     setup_queue(t, 1, 0x2000);
-    wr(t, VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    wr(
+        t,
+        VIRTIO_MMIO_STATUS,
+        ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+    );
 }
 
 #[test]
@@ -151,14 +155,21 @@ fn negotiation_activates_with_queues_and_event_idx() {
     bring_up(&mut t, f);
     assert!(t.is_activated());
     assert_eq!(t.acked_features(), f);
-    assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert_eq!(
+        rd(&mut t, VIRTIO_MMIO_STATUS),
+        ACK | DRIVER | FEATURES_OK | DRIVER_OK
+    );
     let log = log.lock().unwrap();
     assert_eq!(log.activations, vec![(2, f, vec![true, true])]);
 }
 
 #[test]
 fn features_ok_refused_without_version_1_or_with_unoffered_bits() {
-    for bad in [VIRTIO_RING_F_EVENT_IDX, VIRTIO_F_VERSION_1 | 0b10, VIRTIO_F_VERSION_1 | 1 << 40] {
+    for bad in [
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_F_VERSION_1 | 0b10,
+        VIRTIO_F_VERSION_1 | 1 << 40,
+    ] {
         let (d, _) = FakeDevice::new();
         let mut t = MmioTransport::new(d);
         wr(&mut t, VIRTIO_MMIO_STATUS, ACK);
@@ -168,9 +179,17 @@ fn features_ok_refused_without_version_1_or_with_unoffered_bits() {
         wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, (bad >> 32) as u32);
         wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK);
-        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), ACK | DRIVER, "features {bad:#x}");
+        assert_eq!(
+            rd(&mut t, VIRTIO_MMIO_STATUS),
+            ACK | DRIVER,
+            "features {bad:#x}"
+        );
         // And DRIVER_OK cannot follow.
-        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
         assert!(!t.is_activated());
     }
 }
@@ -351,7 +370,10 @@ fn restore_refuses_each_corrupted_field() {
         let mut s = good.clone();
         c(&mut s);
         let (d, _) = FakeDevice::new();
-        assert!(MmioTransport::restore(d, &s).is_err(), "corruption {i} accepted");
+        assert!(
+            MmioTransport::restore(d, &s).is_err(),
+            "corruption {i} accepted"
+        );
     }
     let (d, _) = FakeDevice::new();
     assert!(MmioTransport::restore(d, &good).is_ok());

@@ -94,7 +94,10 @@ impl DeviceThread {
         let mut timeout_ms: i32 = -1;
         let mut last_progress = Instant::now();
         loop {
-            let n = match self.epoll.wait(if sleeping { timeout_ms } else { 0 }, &mut events) {
+            let n = match self
+                .epoll
+                .wait(if sleeping { timeout_ms } else { 0 }, &mut events)
+            {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => 0,
                 Err(e) => {
@@ -242,7 +245,10 @@ impl DeviceThread {
         };
         let set = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
         let ev = EpollEvent::new(set, TOKEN_CONN + u64::from(port));
-        if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), ev) {
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Add, stream.as_raw_fd(), ev)
+        {
             tracing::warn!("vsock: cannot watch a host connection: {e}");
             return;
         }

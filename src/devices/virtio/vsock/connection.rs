@@ -464,7 +464,8 @@ impl Connection {
 
     /// When a throttled credit request becomes due, if one is waiting.
     pub fn credit_retry_at(&self) -> Option<Instant> {
-        if self.state != VsockState::Established || self.staged.is_empty() || self.peer_credit() > 0 {
+        if self.state != VsockState::Established || self.staged.is_empty() || self.peer_credit() > 0
+        {
             return None;
         }
         self.credit_requested_at.map(|t| t + CREDIT_RETRY)

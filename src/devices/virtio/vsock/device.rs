@@ -193,7 +193,13 @@ impl VsockCore {
 
     /// Add an accepted host connection; its REQUEST goes out once RX buffers exist.
     pub fn add_connection(&mut self, port: u32, stream: super::connection::HostStream) {
-        let c = Connection::new(port, self.guest_port, self.guest_cid, self.buf_alloc, stream);
+        let c = Connection::new(
+            port,
+            self.guest_port,
+            self.guest_cid,
+            self.buf_alloc,
+            stream,
+        );
         self.conns.insert(port, c);
         self.schedule_rx(port);
     }
@@ -365,11 +371,7 @@ impl VsockCore {
 
     fn on_guest_packet(&mut self, hdr: &Header, op: Option<Op>, payload: &[u8]) {
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
-            tracing::debug!(
-                "vsock: dropping packet {} -> {}",
-                hdr.src_cid,
-                hdr.dst_cid
-            );
+            tracing::debug!("vsock: dropping packet {} -> {}", hdr.src_cid, hdr.dst_cid);
             return;
         }
         let port = hdr.dst_port;

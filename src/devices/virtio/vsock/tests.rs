@@ -159,7 +159,11 @@ fn guest_rst_to_request_closes_the_host_socket() {
 
 #[test]
 fn guest_shutdown_flushes_written_bytes_then_closes() {
-    let Rig { vsock: _vsock, mut g, addr } = rig();
+    let Rig {
+        vsock: _vsock,
+        mut g,
+        addr,
+    } = rig();
     let mut cl = client(addr);
     let gc = accept(&mut g, 1024);
     g.send(&gc.hdr(Op::Rw, 5), b"final");
@@ -208,7 +212,11 @@ fn fresh_local_port_per_connection_and_many_concurrent() {
 
 #[test]
 fn polling_suppresses_notifications_and_idle_rearms_them() {
-    let Rig { vsock: _vsock, mut g, addr } = rig();
+    let Rig {
+        vsock: _vsock,
+        mut g,
+        addr,
+    } = rig();
     let _cl = client(addr);
     let mut gc = accept(&mut g, 1024);
     let before = g.notifies[1];
@@ -230,7 +238,11 @@ fn polling_suppresses_notifications_and_idle_rearms_them() {
 
 #[test]
 fn works_without_event_idx() {
-    let Rig { vsock: _vsock, mut g, addr } = rig_with(4096, VIRTIO_F_VERSION_1);
+    let Rig {
+        vsock: _vsock,
+        mut g,
+        addr,
+    } = rig_with(4096, VIRTIO_F_VERSION_1);
     assert!(!g.event_idx);
     let mut cl = client(addr);
     let gc = accept(&mut g, 1024);
@@ -252,7 +264,11 @@ fn pause_stops_processing_until_resume() {
     let used_before = g.tx.used_idx(&g.mem);
     g.send_async(&gc.hdr(Op::Rw, 3), b"abc");
     std::thread::sleep(Duration::from_millis(30));
-    assert_eq!(g.tx.used_idx(&g.mem), used_before, "paused device consumed TX");
+    assert_eq!(
+        g.tx.used_idx(&g.mem),
+        used_before,
+        "paused device consumed TX"
+    );
     vsock.resume();
     let mut b = [0u8; 3];
     cl.read_exact(&mut b).unwrap();
@@ -284,13 +300,22 @@ fn malformed_chains_fail_the_device_cleanly() {
         }),
         ("RW length beyond the buffer", |g| {
             let h = GuestConn::new(1024, 1024).hdr(Op::Rw, 4000);
-            g.mem.write_slice(&h.to_bytes(), GuestAddress(TX_AREA)).unwrap();
+            g.mem
+                .write_slice(&h.to_bytes(), GuestAddress(TX_AREA))
+                .unwrap();
             g.tx.write_desc(&g.mem, 40, TX_AREA, 44, 0, 0);
             g.tx.publish(&g.mem, 40);
         }),
         ("readable RX buffer", |g| {
             // Descriptor 0 carried the REQUEST; descriptor 1 is used next.
-            g.rx.write_desc(&g.mem, 1, RX_BUF + u64::from(RX_BUF_SIZE), RX_BUF_SIZE, 0, 0);
+            g.rx.write_desc(
+                &g.mem,
+                1,
+                RX_BUF + u64::from(RX_BUF_SIZE),
+                RX_BUF_SIZE,
+                0,
+                0,
+            );
         }),
     ];
     for (what, breakit) in cases {
@@ -319,7 +344,11 @@ fn malformed_chains_fail_the_device_cleanly() {
 
 #[test]
 fn unknown_connections_and_guest_connects_get_rst() {
-    let Rig { vsock: _vsock, mut g, .. } = rig();
+    let Rig {
+        vsock: _vsock,
+        mut g,
+        ..
+    } = rig();
     let mut h = GuestConn::new(7777, 1024).hdr(Op::Rw, 1);
     g.send(&h, b"z");
     let (r, _) = g.expect(Op::Rst);
@@ -347,7 +376,9 @@ fn save_restore_delivers_transport_reset_and_resets_old_connections() {
     g.tx_free.retain(|&s| s != 30);
     let base = TX_AREA + 30 * TX_SLOT;
     let lost = gc.hdr(Op::Rw, 4);
-    g.mem.write_slice(&lost.to_bytes(), GuestAddress(base)).unwrap();
+    g.mem
+        .write_slice(&lost.to_bytes(), GuestAddress(base))
+        .unwrap();
     g.mem.write_slice(b"lost", GuestAddress(base + 64)).unwrap();
     g.tx.write_desc(&g.mem, 60, base, 44, 1, 61);
     g.tx.write_desc(&g.mem, 61, base + 64, 4, 0, 0);
@@ -390,7 +421,10 @@ fn save_restore_delivers_transport_reset_and_resets_old_connections() {
         rsts += 1;
     }
     assert!(rsts >= 1);
-    wait_for(|| g.tx.used_idx(&g.mem) == g.tx.avail_idx, "lost TX consumed");
+    wait_for(
+        || g.tx.used_idx(&g.mem) == g.tx.avail_idx,
+        "lost TX consumed",
+    );
     // New connections work and get fresh ports; the restored transport saves again.
     let mut cl2 = client(addr2);
     let gc2 = accept(&mut g, 1024);
@@ -461,5 +495,8 @@ fn random_rings_never_panic() {
         }
         failed += usize::from(fuzzing::run_queues(&data));
     }
-    assert!(failed > 0 && failed < 3000, "{failed} failures: inputs too tame or too wild");
+    assert!(
+        failed > 0 && failed < 3000,
+        "{failed} failures: inputs too tame or too wild"
+    );
 }

@@ -33,13 +33,17 @@ fn guest_hdr(op: Op, len: u32, buf_alloc: u32, fwd_cnt: u32) -> Header {
 
 fn next(c: &mut Connection, max: usize) -> Option<(Header, Vec<u8>)> {
     let mut p = Vec::new();
-    c.next_rx_packet(Instant::now(), max, &mut p).map(|h| (h, p))
+    c.next_rx_packet(Instant::now(), max, &mut p)
+        .map(|h| (h, p))
 }
 
 fn establish(c: &mut Connection, guest_buf: u32) {
     let (h, _) = next(c, 1000).unwrap();
     assert_eq!(h.operation(), Some(Op::Request));
-    assert_eq!((h.src_cid, h.dst_cid, h.dst_port), (HOST_CID, 3, GUEST_PORT));
+    assert_eq!(
+        (h.src_cid, h.dst_cid, h.dst_port),
+        (HOST_CID, 3, GUEST_PORT)
+    );
     c.on_guest_packet(&guest_hdr(Op::Response, 0, guest_buf, 0), Op::Response, &[]);
     assert_eq!(c.state(), VsockState::Established);
 }
@@ -74,7 +78,11 @@ fn guest_data_reaches_the_host_and_advances_fwd_cnt() {
     assert!(c.host_io());
     assert_eq!(read_all(&mut peer), b"hello");
     // A credit request is answered with our fwd_cnt.
-    c.on_guest_packet(&guest_hdr(Op::CreditRequest, 0, 1024, 0), Op::CreditRequest, &[]);
+    c.on_guest_packet(
+        &guest_hdr(Op::CreditRequest, 0, 1024, 0),
+        Op::CreditRequest,
+        &[],
+    );
     let (h, _) = next(&mut c, 100).unwrap();
     assert_eq!(h.operation(), Some(Op::CreditUpdate));
     assert_eq!((h.buf_alloc, h.fwd_cnt), (4096, 5));
@@ -106,7 +114,11 @@ fn host_data_never_exceeds_guest_credit_and_asks_for_more() {
     assert_eq!(h.operation(), Some(Op::CreditRequest));
     assert!(next(&mut c, 1000).is_none());
     // The guest consumed 100 bytes: 100 more may flow, in RX-buffer-sized pieces.
-    c.on_guest_packet(&guest_hdr(Op::CreditUpdate, 0, 100, 100), Op::CreditUpdate, &[]);
+    c.on_guest_packet(
+        &guest_hdr(Op::CreditUpdate, 0, 100, 100),
+        Op::CreditUpdate,
+        &[],
+    );
     c.host_io();
     let (h, p) = next(&mut c, 60).unwrap();
     assert_eq!((h.operation(), p.len()), (Some(Op::Rw), 60));

@@ -40,7 +40,9 @@ pub struct GuestDriver {
 }
 
 fn wr(t: &Arc<Mutex<MmioTransport>>, off: u32, v: u32) {
-    t.lock().unwrap().mmio_write(u64::from(off), &v.to_le_bytes());
+    t.lock()
+        .unwrap()
+        .mmio_write(u64::from(off), &v.to_le_bytes());
 }
 
 fn rd(t: &Arc<Mutex<MmioTransport>>, off: u32) -> u32 {
@@ -83,7 +85,11 @@ impl GuestDriver {
         assert_eq!(rd(t, VIRTIO_MMIO_DEVICE_ID), 19);
         wr(t, VIRTIO_MMIO_STATUS, 0);
         wr(t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-        wr(t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        wr(
+            t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
         wr(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
         let lo = rd(t, VIRTIO_MMIO_DEVICE_FEATURES);
         wr(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
@@ -100,7 +106,9 @@ impl GuestDriver {
         assert_ne!(rd(t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
         for (i, q) in [self.rx, self.tx, self.evt].iter().enumerate() {
             // Fresh driver-side ring state (a re-init after reset starts over).
-            self.mem.write_slice(&[0u8; 0x3000], GuestAddress(q.desc)).unwrap();
+            self.mem
+                .write_slice(&[0u8; 0x3000], GuestAddress(q.desc))
+                .unwrap();
             wr(t, VIRTIO_MMIO_QUEUE_SEL, i as u32);
             assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
             wr(t, VIRTIO_MMIO_QUEUE_NUM, u32::from(QSIZE));
@@ -118,8 +126,14 @@ impl GuestDriver {
         self.tx_free = (0..QSIZE / 2).rev().collect();
         for i in 0..QSIZE {
             let addr = RX_BUF + u64::from(i) * u64::from(RX_BUF_SIZE);
-            self.rx
-                .write_desc(&self.mem, i, addr, RX_BUF_SIZE, VRING_DESC_F_WRITE as u16, 0);
+            self.rx.write_desc(
+                &self.mem,
+                i,
+                addr,
+                RX_BUF_SIZE,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            );
             self.rx.publish(&self.mem, i);
         }
         wr(t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK);
@@ -149,7 +163,9 @@ impl GuestDriver {
     pub fn post_event_buffers(&mut self, n: u16) {
         for i in 0..n {
             let addr = EVT_BUF + 8 * u64::from(i);
-            self.mem.write_slice(&[0xff; 8], GuestAddress(addr)).unwrap();
+            self.mem
+                .write_slice(&[0xff; 8], GuestAddress(addr))
+                .unwrap();
             self.evt
                 .write_desc(&self.mem, i, addr, 8, VRING_DESC_F_WRITE as u16, 0);
             self.evt.publish(&self.mem, i);
@@ -188,7 +204,9 @@ impl GuestDriver {
         };
         let head = slot * 2;
         let base = TX_AREA + u64::from(slot) * TX_SLOT;
-        self.mem.write_slice(&hdr.to_bytes(), GuestAddress(base)).unwrap();
+        self.mem
+            .write_slice(&hdr.to_bytes(), GuestAddress(base))
+            .unwrap();
         let flags = if payload.is_empty() {
             0
         } else {
@@ -198,7 +216,9 @@ impl GuestDriver {
             .write_desc(&self.mem, head, base, HDR_LEN as u32, flags, head + 1);
         if !payload.is_empty() {
             assert!(payload.len() as u64 <= TX_SLOT - 64);
-            self.mem.write_slice(payload, GuestAddress(base + 64)).unwrap();
+            self.mem
+                .write_slice(payload, GuestAddress(base + 64))
+                .unwrap();
             self.tx
                 .write_desc(&self.mem, head + 1, base + 64, payload.len() as u32, 0, 0);
         }
@@ -241,7 +261,8 @@ impl GuestDriver {
                 return None;
             }
             // Park like the built-in guest does on the wait port.
-            self.wake.wait(Some((deadline - now).min(Duration::from_millis(5))));
+            self.wake
+                .wait(Some((deadline - now).min(Duration::from_millis(5))));
         }
     }
 
