@@ -26,7 +26,7 @@ pub enum ImageError {
     #[error("no image at {0}")]
     NotFound(PathBuf),
     /// `create` without `overwrite` found a file at the path.
-    #[error("{0} already exists (overwrite it explicitly to replace it)")]
+    #[error("{0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
     /// The path is a directory, device or other non-regular file.
     #[error("{0} is not a regular file")]

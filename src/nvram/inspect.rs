@@ -146,7 +146,14 @@ pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
 }
 
 fn open_read_only(path: &Path) -> Result<File, ImageError> {
-    let try_open = |flags| OpenOptions::new().read(true).custom_flags(flags).open(path);
+    // O_NONBLOCK: a FIFO at the path must not hang us (it is then refused as
+    // not a regular file); it changes nothing for regular files.
+    let try_open = |flags| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(flags | libc::O_NONBLOCK)
+            .open(path)
+    };
     // O_NOATIME is refused (EPERM) on files we do not own: then read with atime updates.
     match try_open(libc::O_NOATIME) {
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => try_open(0),
@@ -330,6 +337,17 @@ mod tests {
     fn test_inspect_missing_file() {
         let p = TempPath::new("inspect-missing");
         assert!(matches!(inspect(&p.0), Err(ImageError::NotFound(_))));
+    }
+
+    #[test]
+    fn test_inspect_and_open_refuse_a_fifo_without_hanging() {
+        use std::os::unix::ffi::OsStrExt;
+        let p = TempPath::new("fifo");
+        let c = std::ffi::CString::new(p.0.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(inspect(&p.0), Err(ImageError::NotRegular(_))));
+        assert!(matches!(Image::open(&p.0), Err(ImageError::NotRegular(_))));
     }
 
     #[test]

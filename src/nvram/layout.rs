@@ -79,7 +79,7 @@ pub enum FormatError {
     #[error("image file is empty")]
     Empty,
     /// Fewer bytes than a header needs.
-    #[error("{len} bytes is too short for an nvhv header ({need} bytes)")]
+    #[error("too short for an nvhv header: {len} of {need} bytes")]
     TooShort {
         /// Bytes available.
         len: u64,
@@ -124,7 +124,7 @@ pub enum FormatError {
     #[error("meta record never written")]
     MetaBlank,
     /// Fewer bytes than a meta record needs.
-    #[error("{len} bytes is too short for a meta record ({need} bytes)")]
+    #[error("too short for a meta record: {len} of {need} bytes")]
     MetaTooShort {
         /// Bytes available.
         len: u64,
@@ -595,8 +595,14 @@ impl Header {
         put(&mut b, H_CREATED_NANOS, &self.created_nanos.to_le_bytes());
         put(&mut b, H_VCPUS, &self.config.vcpus.to_le_bytes());
         put(&mut b, H_PERSIST, &[self.config.persist.code()]);
-        let name = self.config.guest.as_bytes();
-        let name = &name[..name.len().min(GUEST_NAME_MAX)];
+        // `new` and `parse` keep the name within bounds; cut a hand-built
+        // one at a character boundary so the record still parses.
+        let guest = &self.config.guest;
+        let mut n = guest.len().min(GUEST_NAME_MAX);
+        while !guest.is_char_boundary(n) {
+            n -= 1;
+        }
+        let name = &guest.as_bytes()[..n];
         put(&mut b, H_GUEST_LEN, &[name.len() as u8]);
         put(&mut b, H_GUEST, name);
         let g = &self.geometry;

@@ -39,6 +39,9 @@ use crate::vsock::{
 pub const BUF_ALLOC: u32 = 256 * 1024;
 /// Unsent output above which a connection's input is held back.
 const OUT_HIGH: usize = 256 * 1024;
+/// Input is handed to the store this many bytes at a time, so that a burst
+/// of pipelined commands with large replies stops near [`OUT_HIGH`].
+const FEED_CHUNK: usize = 1024;
 /// An idle output buffer with more capacity than this is freed.
 const KEEP_OUT: usize = 64 * 1024;
 /// Most simultaneous connections (Redis's default `maxclients` is 10000; the
@@ -151,22 +154,38 @@ impl Connection {
         }
     }
 
-    /// Hands `input` to the store, appending replies to `out`.
-    fn feed(&mut self, store: &mut Store, input: &[u8], now_ms: u64) {
-        feed(store, &mut self.kv, input, now_ms, &mut self.out);
-        self.fwd_cnt = self.fwd_cnt.wrapping_add(input.len() as u32);
+    /// Hands `input` to the store in chunks of [`FEED_CHUNK`] bytes, replies
+    /// appended to `out`, while the unsent output stays below [`OUT_HIGH`].
+    /// Returns how many bytes were consumed (counted in `fwd_cnt`); the
+    /// caller keeps the rest. Input after QUIT is consumed and ignored.
+    fn feed_some(&mut self, store: &mut Store, input: &[u8], now_ms: u64) -> usize {
+        let mut at = 0;
+        while at < input.len() {
+            if self.kv.closing() {
+                at = input.len();
+                break;
+            }
+            if self.unsent() >= OUT_HIGH {
+                break;
+            }
+            let end = input.len().min(at + FEED_CHUNK);
+            feed(store, &mut self.kv, &input[at..end], now_ms, &mut self.out);
+            at = end;
+        }
+        self.fwd_cnt = self.fwd_cnt.wrapping_add(at as u32);
+        at
     }
 
-    /// Feeds the inbox if the output has room.
+    /// Feeds held-back input while the output has room.
     fn feed_inbox(&mut self, store: &mut Store, now_ms: u64) {
-        if self.inbox.is_empty() || self.unsent() >= OUT_HIGH {
+        if self.inbox.is_empty() {
             return;
         }
         let inbox = core::mem::take(&mut self.inbox);
-        self.feed(store, &inbox, now_ms);
+        let fed = self.feed_some(store, &inbox, now_ms);
         // Keep the (bounded) allocation for the next time.
         self.inbox = inbox;
-        self.inbox.clear();
+        self.inbox.drain(..fed);
     }
 
     /// Marks `n` more output bytes as sent; compacts the buffer.
@@ -386,25 +405,25 @@ impl State {
         }
         c.update_credit(h);
         match h.op {
-            OP_RW if payload.is_empty() => {}
             OP_RW => {
-                if c.kv.closing() {
-                    // Input after QUIT or a protocol error is ignored, but
-                    // consumed so the peer is not left without credit.
-                    c.fwd_cnt = c.fwd_cnt.wrapping_add(payload.len() as u32);
-                } else if c.inbox.is_empty() && c.unsent() < OUT_HIGH {
-                    c.feed(&mut self.store, payload, now_ms);
-                } else if c.inbox.len() + payload.len() > BUF_ALLOC as usize
-                    || c.inbox.try_reserve(payload.len()).is_err()
-                {
-                    // More than the credit we gave (or no memory to hold it):
-                    // the stream cannot continue intact.
-                    self.stats.credit_violations += 1;
-                    self.queue_rst(h);
-                    self.remove(id);
-                    return;
+                let fed = if c.inbox.is_empty() {
+                    c.feed_some(&mut self.store, payload, now_ms)
                 } else {
-                    c.inbox.extend_from_slice(payload);
+                    0
+                };
+                let rest = &payload[fed..];
+                if !rest.is_empty() {
+                    if c.inbox.len() + rest.len() > BUF_ALLOC as usize
+                        || c.inbox.try_reserve(rest.len()).is_err()
+                    {
+                        // More than the credit we gave (or no memory to hold
+                        // it): the stream cannot continue intact.
+                        self.stats.credit_violations += 1;
+                        self.queue_rst(h);
+                        self.remove(id);
+                        return;
+                    }
+                    c.inbox.extend_from_slice(rest);
                 }
             }
             OP_CREDIT_REQUEST => c.need_credit_update = true,
@@ -535,9 +554,10 @@ fn service<const Q: usize>(
         c.fwd_cnt_sent = c.fwd_cnt;
         sent += 1;
     }
-    // Feed held-back input, send, and once more if sending made room.
-    for _ in 0..2 {
+    // Feed held-back input and send, again while sending makes room for more.
+    loop {
         c.feed_inbox(store, now_ms);
+        let before = c.unsent();
         while c.unsent() > 0 {
             let n = c.unsent().min(c.peer_free() as usize).min(MAX_TX_PAYLOAD);
             if n == 0 {
@@ -553,7 +573,7 @@ fn service<const Q: usize>(
             c.need_credit_update = false;
             c.consumed_out(n);
         }
-        if c.inbox.is_empty() || c.unsent() >= OUT_HIGH {
+        if c.inbox.is_empty() || c.unsent() >= OUT_HIGH || c.unsent() == before {
             break;
         }
     }

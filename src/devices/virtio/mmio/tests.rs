@@ -351,20 +351,20 @@ fn restore_refuses_each_corrupted_field() {
     let mut t = MmioTransport::new(d);
     bring_up(&mut t, VIRTIO_F_VERSION_1);
     let good = t.save();
-    let corruptions: Vec<Box<dyn Fn(&mut MmioTransportState)>> = vec![
-        Box::new(|s| s.device_type = 19),
-        Box::new(|s| {
+    let corruptions: [fn(&mut MmioTransportState); 11] = [
+        |s| s.device_type = 19,
+        |s| {
             s.queues.pop();
-        }),
-        Box::new(|s| s.queues[0].max_size = 32),
-        Box::new(|s| s.queues[0].size = 3),
-        Box::new(|s| s.queues[1].desc_table = 0x1001),
-        Box::new(|s| s.queues[1].used_ring = 0x1002),
-        Box::new(|s| s.acked_features |= 1 << 40),
-        Box::new(|s| s.device_status = ACK | FEATURES_OK),
-        Box::new(|s| s.device_status |= 0x100),
-        Box::new(|s| s.acked_features = 0),
-        Box::new(|s| s.device_status = ACK | DRIVER),
+        },
+        |s| s.queues[0].max_size = 32,
+        |s| s.queues[0].size = 3,
+        |s| s.queues[1].desc_table = 0x1001,
+        |s| s.queues[1].used_ring = 0x1002,
+        |s| s.acked_features |= 1 << 40,
+        |s| s.device_status = ACK | FEATURES_OK,
+        |s| s.device_status |= 0x100,
+        |s| s.acked_features = 0,
+        |s| s.device_status = ACK | DRIVER,
     ];
     for (i, c) in corruptions.iter().enumerate() {
         let mut s = good.clone();
