@@ -64,10 +64,11 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Guest to run: a built-in guest (counter: per-vCPU counters printed on
-    /// the console; ticker: LAPIC-timer ticks counted at CPL0) or the path of
-    /// an ELF file following the built-in guest ABI.
-    #[arg(long, default_value = "counter")]
+    /// Guest to run: a built-in guest (kv: a Redis-compatible key-value
+    /// store served on --listen; counter: per-vCPU counters printed on the
+    /// console; ticker: LAPIC-timer ticks counted at CPL0) or the path of an
+    /// ELF file following the built-in guest ABI.
+    #[arg(long, default_value = "kv")]
     guest: String,
     /// Persistence mode. suspend-only: guest RAM lives in the image in place,
     /// no runtime cost; state is durable only after an orderly or warned stop
@@ -92,6 +93,15 @@ struct RuntimeArgs {
     /// Write the guest's serial console to this file instead of stdout.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// TCP address where clients reach the guest's service (each connection
+    /// becomes a virtio-vsock connection to the guest). Default
+    /// 127.0.0.1:6380 for the kv guest; loopback only unless you say otherwise.
+    /// Giving it attaches the vsock device to any guest.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// Also accept client connections on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -128,7 +138,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn runtime(a: RuntimeArgs) -> RuntimeOptions {
-    RuntimeOptions { console: a.console }
+    RuntimeOptions {
+        console: a.console,
+        listen: a.listen,
+        unix: a.unix,
+    }
 }
 
 fn main() -> ExitCode {

@@ -114,7 +114,10 @@ fn inspect_reports_resumable_only_after_an_orderly_suspend() {
     let dir = Scratch::new("inspect");
     let img = dir.path("vm.img");
     let img_s = img.to_str().unwrap();
-    let mut vm = Vmm::start(&["run", "--image", img_s], dir.path("c.log"));
+    let mut vm = Vmm::start(
+        &["run", "--image", img_s, "--guest", "counter"],
+        dir.path("c.log"),
+    );
     vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
 
     // While running: in use, not resumable.
@@ -146,7 +149,10 @@ fn sigkill_in_suspend_only_mode_leaves_an_image_that_is_refused_unchanged() {
     let dir = Scratch::new("kill");
     let img = dir.path("vm.img");
     let img_s = img.to_str().unwrap();
-    let mut vm = Vmm::start(&["run", "--image", img_s], dir.path("c.log"));
+    let mut vm = Vmm::start(
+        &["run", "--image", img_s, "--guest", "counter"],
+        dir.path("c.log"),
+    );
     vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
     vm.signal_and_wait(libc::SIGKILL);
 
@@ -170,7 +176,10 @@ fn corrupted_images_are_refused_and_left_byte_identical() {
     let dir = Scratch::new("corrupt");
     let img = dir.path("vm.img");
     let img_s = img.to_str().unwrap();
-    let mut vm = Vmm::start(&["run", "--image", img_s], dir.path("c.log"));
+    let mut vm = Vmm::start(
+        &["run", "--image", img_s, "--guest", "counter"],
+        dir.path("c.log"),
+    );
     vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
     assert!(vm.signal_and_wait(libc::SIGTERM).success());
     let good = std::fs::read(&img).unwrap();

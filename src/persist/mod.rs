@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::devices::serial::SerialState;
+use crate::devices::virtio::vsock::VsockState;
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmState;
 
@@ -72,6 +73,8 @@ pub enum StateError {
 pub struct DeviceStates {
     /// The serial console.
     pub serial: SerialState,
+    /// The virtio-vsock device, when the VM has one.
+    pub vsock: Option<VsockState>,
 }
 
 /// Everything needed to continue a VM, apart from guest RAM (which lives in

@@ -18,7 +18,8 @@ use nvhv_abi::BootInfo;
 use crate::boot::elf;
 use crate::boot::guest_abi::{self, Layout};
 use crate::devices::serial::{Console, SerialState};
-use crate::devices::GuestMemory;
+use crate::devices::virtio::vsock::{Vsock, VsockArgs, VsockConfig};
+use crate::devices::{GuestMemory, MmioDevice};
 use crate::nvram::{Image, ImageConfig, PersistMode, Status};
 use crate::persist::{DeviceStates, MachineState};
 use crate::vstate::memory;
@@ -89,6 +90,18 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// The vsock listener could not be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// Address or path.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// vsock device problem.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     /// Signal setup.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -145,6 +158,35 @@ impl GuestChoice {
 pub struct RuntimeOptions {
     /// Console output file (stdout when None).
     pub console: Option<PathBuf>,
+    /// TCP address the vsock device listens on (None: [`DEFAULT_LISTEN`]).
+    pub listen: Option<String>,
+    /// Optional Unix socket path the vsock device also listens on.
+    pub unix: Option<PathBuf>,
+}
+
+/// Where the vsock device listens unless told otherwise: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6380";
+
+impl RuntimeOptions {
+    /// Bind the listeners for the vsock device.
+    fn vsock_config(&self) -> Result<VsockConfig, VmmError> {
+        let addr = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let tcp = std::net::TcpListener::bind(addr).map_err(|source| VmmError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let mut cfg = VsockConfig::new(tcp);
+        if let Some(p) = &self.unix {
+            let _ = std::fs::remove_file(p);
+            cfg.unix = Some(std::os::unix::net::UnixListener::bind(p).map_err(|source| {
+                VmmError::Listen {
+                    addr: p.display().to_string(),
+                    source,
+                }
+            })?);
+        }
+        Ok(cfg)
+    }
 }
 
 /// `nvhv run`: a new VM in a new image.
@@ -198,6 +240,29 @@ pub enum StopCause {
 /// Port and MMIO dispatch for the built-in ABI's devices.
 struct Bus {
     console: Mutex<Console>,
+    /// MMIO devices: (base, size, device).
+    mmio: Vec<(u64, u64, Arc<Mutex<dyn MmioDevice>>)>,
+}
+
+impl Bus {
+    fn new(console: Console, layout: &Layout, vsock: Option<&Vsock>) -> Arc<Bus> {
+        let mut mmio: Vec<(u64, u64, Arc<Mutex<dyn MmioDevice>>)> = Vec::new();
+        if let Some(v) = vsock {
+            let w = layout.mmio_window(0);
+            mmio.push((w.base, w.size, v.transport()));
+        }
+        Arc::new(Bus {
+            console: Mutex::new(console),
+            mmio,
+        })
+    }
+
+    fn mmio_device(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn MmioDevice>>)> {
+        self.mmio
+            .iter()
+            .find(|(base, size, _)| addr >= *base && addr - base < *size)
+            .map(|(base, _, d)| (addr - base, d))
+    }
 }
 
 impl ExitHandler for Bus {
@@ -242,11 +307,23 @@ impl ExitHandler for Bus {
         }
     }
 
-    fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
-        data.fill(0xff);
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.mmio_device(addr) {
+            Some((off, d)) => d
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .mmio_read(off, data),
+            None => data.fill(0xff),
+        }
     }
 
-    fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((off, d)) = self.mmio_device(addr) {
+            d.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .mmio_write(off, data);
+        }
+    }
 }
 
 /// Events the main thread waits for.
@@ -265,6 +342,7 @@ struct Machine {
     bus: Arc<Bus>,
     wake: Arc<GuestWake>,
     image: Image,
+    vsock: Option<Vsock>,
 }
 
 fn console_out(opts: &RuntimeOptions) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -332,7 +410,7 @@ fn build_new(
     // 3. KVM VM with the split irqchip; guest RAM mapped from the image.
     let vm = Vm::new()?;
     let mem = memory::map_ram(image.file(), image.ram_offset(), cfg.mem, true)?;
-    memory::register(&vm.fd, &mem)?;
+    memory::register(&vm.fd, &mem, false)?;
     // 4. The guest ELF and the ABI's structures.
     let loaded = elf::load(&mem, guest)?;
     if loaded.end > layout.stacks_base() {
@@ -354,6 +432,22 @@ fn build_new(
         })?;
         vcpus.push(v);
     }
+    // 6. Devices: the vsock device for guests that serve clients (kv, or --listen).
+    let wake = Arc::new(GuestWake::new());
+    let with_vsock = cfg.guest.name() == "kv" || cfg.runtime.listen.is_some();
+    let vsock = if with_vsock {
+        Some(Vsock::new(
+            mem.clone(),
+            wake.clone(),
+            cfg.runtime.vsock_config()?,
+        )?)
+    } else {
+        None
+    };
+    let mut mmio = [Default::default(); nvhv_abi::MAX_MMIO];
+    if vsock.is_some() {
+        mmio[0] = layout.mmio_window(0);
+    }
     let info = BootInfo {
         magic: nvhv_abi::BOOT_INFO_MAGIC,
         version: nvhv_abi::BOOT_INFO_VERSION,
@@ -365,21 +459,21 @@ fn build_new(
         tsc_khz: vcpus[0].tsc_khz() as u64,
         kvmclock_addr: nvhv_abi::KVMCLOCK_ADDR,
         seed: random_seed(),
-        mmio_count: 0,
+        mmio_count: u32::from(vsock.is_some()),
         _pad: 0,
-        mmio: [Default::default(); nvhv_abi::MAX_MMIO],
+        mmio,
     };
     guest_abi::write_boot_info(&mem, &info)?;
     let console = Console::new(console_out(&cfg.runtime)?);
+    let bus = Bus::new(console, layout, vsock.as_ref());
     Ok(Machine {
         vm,
         _mem: mem,
         vcpus,
-        bus: Arc::new(Bus {
-            console: Mutex::new(console),
-        }),
-        wake: Arc::new(GuestWake::new()),
+        bus,
+        wake,
         image,
+        vsock,
     })
 }
 
@@ -405,7 +499,7 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     tl.mark("VM created");
     let mem = memory::map_ram(image.file(), image.ram_offset(), ram, true)?;
     tl.mark("RAM mapped");
-    memory::register(&vm.fd, &mem)?;
+    memory::register(&vm.fd, &mem, false)?;
     tl.mark("memory slot registered");
     // 4. vCPUs, then kvmclock.
     let mut vcpus = Vec::new();
@@ -417,15 +511,31 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     vm.restore(&state.vm)?;
     tl.mark("vCPUs restored");
     let console = Console::restore(console_out(&cfg.runtime)?, &state.devices.serial)?;
+    // 5. Devices. Host connections do not survive a VMM restart: the restored
+    //    vsock device tells the guest (TRANSPORT_RESET) and re-polls its queues.
+    let wake = Arc::new(GuestWake::new());
+    let vsock = match &state.devices.vsock {
+        Some(vs) => Some(Vsock::restore(
+            VsockArgs {
+                mem: mem.clone(),
+                wake: wake.clone(),
+                cfg: cfg.runtime.vsock_config()?,
+            },
+            vs,
+        )?),
+        None => None,
+    };
+    tl.mark("devices restored");
+    let layout = Layout::new(ram, vcpus_n)?;
+    let bus = Bus::new(console, &layout, vsock.as_ref());
     let m = Machine {
         vm,
         _mem: mem,
         vcpus,
-        bus: Arc::new(Bus {
-            console: Mutex::new(console),
-        }),
-        wake: Arc::new(GuestWake::new()),
+        bus,
+        wake,
         image,
+        vsock,
     };
     m.run_timed(Some(tl))
 }
@@ -625,10 +735,16 @@ impl Machine {
             c.flush();
             c.save()
         };
+        // ORDER: devices after the vCPUs, so no guest notification arrives
+        //        after the device state is taken.
+        let vsock = self.vsock.as_ref().map(|v| {
+            v.pause();
+            v.save()
+        });
         let state = MachineState {
             vm: self.vm.save()?,
             vcpus: states.into_iter().map(|s| s.expect("all paused")).collect(),
-            devices: DeviceStates { serial },
+            devices: DeviceStates { serial, vsock },
         };
         let bytes = state.encode()?;
         if self.image.backing() == crate::nvram::BackingKind::Dax {

@@ -5,7 +5,7 @@
 //! Exit-free data path: while the core makes progress the thread polls the
 //! rings in guest memory (`epoll_wait` with a zero timeout for the sockets)
 //! with driver notifications suppressed, so a busy guest never exits to
-//! notify. After [`IDLE_SPIN`] without progress it re-enables notifications,
+//! notify. After [`IDLE_SPIN`] (configurable) without progress it re-enables notifications,
 //! re-checks the rings (closing the race with a driver that published a
 //! buffer just before), and only then blocks in epoll. Anything that wakes it
 //! (a notification, a socket, a control request) puts it back into polling
@@ -29,8 +29,16 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::connection::HostStream;
 use super::device::{Shared, VsockCore};
 
-/// Poll this long without progress before re-enabling notifications and sleeping.
+/// Default time to keep polling without progress before re-enabling
+/// notifications and sleeping.
 pub const IDLE_SPIN: Duration = Duration::from_micros(100);
+
+/// While asleep, look at the rings this often anyway. A driver that does not
+/// fence between publishing its available index and reading `avail_event`
+/// (`virtio-drivers` 0.13 has only a Release store there, and x86 may reorder
+/// a store before a later load) can miss the notification the device asked
+/// for; this bounds such a lost kick to about a millisecond instead of a hang.
+pub const RECHECK: Duration = Duration::from_millis(1);
 
 const TOKEN_NOTIFY: u64 = 0;
 const TOKEN_CTRL: u64 = 1;
@@ -49,8 +57,13 @@ pub struct Listeners {
     pub unix: Option<UnixListener>,
 }
 
-/// Start the device thread for `shared`.
-pub fn spawn(shared: Arc<Shared>, listeners: Listeners) -> io::Result<JoinHandle<()>> {
+/// Start the device thread for `shared`; it polls for `idle_spin` without
+/// progress before it sleeps.
+pub fn spawn(
+    shared: Arc<Shared>,
+    listeners: Listeners,
+    idle_spin: Duration,
+) -> io::Result<JoinHandle<()>> {
     let epoll = Epoll::new()?;
     let add = |fd: i32, token: u64| {
         epoll.ctl(
@@ -73,6 +86,7 @@ pub fn spawn(shared: Arc<Shared>, listeners: Listeners) -> io::Result<JoinHandle
         shared,
         epoll,
         listeners,
+        idle_spin,
         full_warned: false,
     };
     std::thread::Builder::new()
@@ -84,6 +98,7 @@ struct DeviceThread {
     shared: Arc<Shared>,
     epoll: Epoll,
     listeners: Listeners,
+    idle_spin: Duration,
     full_warned: bool,
 }
 
@@ -122,9 +137,17 @@ impl DeviceThread {
                 self.dispatch(&mut core, ev);
             }
             if sleeping {
+                let now = Instant::now();
+                let timer_due = core.next_deadline().is_some_and(|d| d <= now);
+                if n == 0 && !timer_due && core.is_running() && !core.ring_work_pending() {
+                    // The periodic re-check found nothing: stay asleep
+                    // (reading the rings only, so no page gets dirty).
+                    drop(core);
+                    continue;
+                }
                 // Woken (by anything, or the timer): back to polling.
                 sleeping = false;
-                last_progress = Instant::now();
+                last_progress = now;
                 core.suppress_notifications();
             }
             let now = Instant::now();
@@ -135,20 +158,18 @@ impl DeviceThread {
                 // Nothing to poll: wait for activation or sockets.
                 sleeping = true;
                 timeout_ms = -1;
-            } else if now.duration_since(last_progress) >= IDLE_SPIN {
+            } else if now.duration_since(last_progress) >= self.idle_spin {
                 if core.arm_notifications() {
                     // Work arrived while arming: keep polling.
                     core.suppress_notifications();
                     last_progress = now;
                 } else {
                     sleeping = true;
-                    timeout_ms = match core.next_deadline() {
-                        Some(d) => {
-                            let ms = d.saturating_duration_since(now).as_micros().div_ceil(1000);
-                            i32::try_from(ms.max(1)).unwrap_or(i32::MAX)
-                        }
-                        None => -1,
-                    };
+                    let until = core
+                        .next_deadline()
+                        .map_or(RECHECK, |d| d.saturating_duration_since(now).min(RECHECK));
+                    let ms = until.as_micros().div_ceil(1000).max(1);
+                    timeout_ms = i32::try_from(ms).unwrap_or(i32::MAX);
                 }
             }
             let wake = core.take_guest_wake();

@@ -553,6 +553,20 @@ impl VsockCore {
         false
     }
 
+    /// While asleep: whether a ring the device waits on has buffers (reads
+    /// only). An unreadable ring counts as work, so that `run` fails the device.
+    pub fn ring_work_pending(&self) -> bool {
+        let waits = [
+            !self.orphan_rst.is_empty() || !self.rx_queue.is_empty(),
+            true,
+            self.reset_event_pending,
+        ];
+        waits.iter().enumerate().any(|(i, &w)| {
+            w && self.queue_ready(i)
+                && queue::has_available(&self.queues[i], &self.mem).unwrap_or(true)
+        })
+    }
+
     /// Earliest time a throttled credit request becomes due.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.conns

@@ -42,6 +42,7 @@ use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -98,6 +99,9 @@ pub struct VsockConfig {
     pub buf_alloc: u32,
     /// Most concurrent host connections; more are refused (closed).
     pub max_connections: usize,
+    /// How long the device keeps polling the rings without progress before
+    /// it re-enables notifications and sleeps ([`backend::IDLE_SPIN`]).
+    pub idle_spin: Duration,
 }
 
 impl VsockConfig {
@@ -110,6 +114,7 @@ impl VsockConfig {
             unix: None,
             buf_alloc: DEFAULT_BUF_ALLOC,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_spin: backend::IDLE_SPIN,
         }
     }
 
@@ -120,6 +125,9 @@ impl VsockConfig {
         }
         if self.max_connections == 0 || self.max_connections > 65536 {
             return Err(VsockError::Config("max_connections must be in 1..=65536"));
+        }
+        if self.idle_spin > Duration::from_secs(1) {
+            return Err(VsockError::Config("idle_spin must be at most 1 s"));
         }
         Ok(())
     }
@@ -163,9 +171,9 @@ impl Vsock {
         cfg: VsockConfig,
     ) -> Result<Self, VsockError> {
         cfg.validate()?;
-        let (shared, listeners) = Self::shared(mem, wake, cfg, None)?;
+        let (shared, listeners, idle_spin) = Self::shared(mem, wake, cfg, None)?;
         let transport = MmioTransport::new(Box::new(VsockFrontend::new(Arc::clone(&shared))));
-        Self::start(transport, shared, listeners)
+        Self::start(transport, shared, listeners, idle_spin)
     }
 
     fn shared(
@@ -173,7 +181,7 @@ impl Vsock {
         wake: Arc<GuestWake>,
         cfg: VsockConfig,
         guest_cid: Option<u64>,
-    ) -> Result<(Arc<Shared>, Listeners), VsockError> {
+    ) -> Result<(Arc<Shared>, Listeners, Duration), VsockError> {
         let signals = Arc::new(DeviceSignals::new());
         let params = CoreParams {
             guest_cid: guest_cid.unwrap_or(cfg.guest_cid),
@@ -194,15 +202,17 @@ impl Vsock {
             tcp: cfg.listen,
             unix: cfg.unix,
         };
-        Ok((shared, listeners))
+        Ok((shared, listeners, cfg.idle_spin))
     }
 
     fn start(
         transport: MmioTransport,
         shared: Arc<Shared>,
         listeners: Listeners,
+        idle_spin: Duration,
     ) -> Result<Self, VsockError> {
-        let thread = backend::spawn(Arc::clone(&shared), listeners).map_err(VsockError::Thread)?;
+        let thread = backend::spawn(Arc::clone(&shared), listeners, idle_spin)
+            .map_err(VsockError::Thread)?;
         Ok(Self {
             transport: Arc::new(Mutex::new(transport)),
             shared,

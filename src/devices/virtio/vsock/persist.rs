@@ -95,7 +95,7 @@ impl Vsock {
             cfg.guest_cid = d.guest_cid;
         }
         cfg.validate()?;
-        let (shared, listeners) = Self::shared(mem, wake, cfg, Some(d.guest_cid))?;
+        let (shared, listeners, idle_spin) = Self::shared(mem, wake, cfg, Some(d.guest_cid))?;
         {
             let mut core = shared.lock();
             core.next_port = d.next_port;
@@ -107,7 +107,7 @@ impl Vsock {
         let frontend = Box::new(VsockFrontend::new(Arc::clone(&shared)));
         let transport =
             MmioTransport::restore(frontend, &state.transport).map_err(VsockError::Transport)?;
-        Self::start(transport, shared, listeners)
+        Self::start(transport, shared, listeners, idle_spin)
     }
 }
 
