@@ -73,8 +73,15 @@ struct RunArgs {
     /// Persistence mode. suspend-only: guest RAM lives in the image in place,
     /// no runtime cost; state is durable only after an orderly or warned stop
     /// (SIGTERM, SIGPWR, `nvhv suspend`); after a crash the image is refused.
+    /// epoch: continuous checkpoints; client output is held until the epoch
+    /// that produced it is durable, so a crash without warning (kill -9,
+    /// power loss) loses no acknowledged write.
     #[arg(long, value_enum, default_value_t = Mode::SuspendOnly)]
     persist: Mode,
+    /// Epoch mode: size of each of the two redo-log halves (one epoch's dirty
+    /// pages must fit in one half).
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    log_size: u64,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -102,13 +109,44 @@ struct RuntimeArgs {
     /// Also accept client connections on this Unix socket.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
+    /// Epoch mode: shortest epoch while replies wait for durability (group
+    /// commit window), e.g. 500us, 1ms.
+    #[arg(long, default_value = "500us", value_parser = parse_duration)]
+    epoch_min: Duration,
+    /// Epoch mode: longest epoch (checkpoint interval when no output waits).
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    epoch_max: Duration,
+    /// Epoch mode: most dirty pages (4 KiB) one epoch may log.
+    #[arg(long, default_value_t = 16384)]
+    dirty_budget: usize,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("'{s}' needs a unit: us, ms or s"))?;
+    let v: f64 = s[..split]
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration"))?;
+    let mult = match &s[split..] {
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        u => return Err(format!("unknown duration unit '{u}' (use us, ms, s)")),
+    };
+    let d = Duration::from_secs_f64(v * mult);
+    if d.is_zero() || d > Duration::from_secs(60) {
+        return Err(format!("'{s}' must be between 1us and 60s"));
+    }
+    Ok(d)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     /// Flush-on-fail: durable on orderly or warned stops only.
     SuspendOnly,
-    /// Continuous epochs (not implemented yet).
+    /// Continuous epochs with output commit: survives crashes without warning.
     Epoch,
 }
 
@@ -142,6 +180,11 @@ fn runtime(a: RuntimeArgs) -> RuntimeOptions {
         console: a.console,
         listen: a.listen,
         unix: a.unix,
+        epochs: nvhv::vmm::EpochPolicy {
+            min: a.epoch_min,
+            max: a.epoch_max,
+            dirty_budget: a.dirty_budget,
+        },
     }
 }
 
@@ -174,6 +217,7 @@ fn main() -> ExitCode {
                     Mode::SuspendOnly => PersistMode::SuspendOnly,
                     Mode::Epoch => PersistMode::Epoch,
                 },
+                log_half_bytes: a.log_size,
                 runtime: runtime(a.runtime),
             };
             vmm::run(&cfg).map(|_| ()).map_err(|e| error_chain(&e))

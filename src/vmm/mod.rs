@@ -9,7 +9,8 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, Sender};
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,9 @@ use crate::vstate::vm::Vm;
 use crate::vstate::wait::GuestWake;
 
 pub mod control;
+mod epoch;
+
+pub use epoch::{EpochPolicy, EpochStats};
 
 /// Everything that can go wrong building, running or stopping a VM.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +115,14 @@ pub enum VmmError {
     /// Writing back guest RAM on a DAX image failed.
     #[error("cannot write back guest RAM to the image")]
     RamSync(#[source] std::io::Error),
+    /// An epoch dirtied more pages than a redo-log record holds.
+    #[error("an epoch dirtied {pages} pages, more than the redo log holds ({capacity}); use a larger --log-size or a smaller --dirty-budget")]
+    DirtyOverflow {
+        /// Dirty pages.
+        pages: usize,
+        /// Capacity.
+        capacity: usize,
+    },
     /// A persistence mode that this build does not implement yet.
     #[error("--persist {0} is not implemented yet; use --persist suspend-only")]
     ModeUnavailable(&'static str),
@@ -162,6 +174,8 @@ pub struct RuntimeOptions {
     pub listen: Option<String>,
     /// Optional Unix socket path the vsock device also listens on.
     pub unix: Option<PathBuf>,
+    /// Epoch policy (used in epoch mode).
+    pub epochs: EpochPolicy,
 }
 
 /// Where the vsock device listens unless told otherwise: loopback only.
@@ -204,6 +218,8 @@ pub struct RunConfig {
     pub guest: GuestChoice,
     /// Persistence mode.
     pub persist: PersistMode,
+    /// Bytes of each of the two redo-log halves (epoch mode).
+    pub log_half_bytes: u64,
     /// Runtime options.
     pub runtime: RuntimeOptions,
 }
@@ -329,6 +345,8 @@ impl ExitHandler for Bus {
 /// Events the main thread waits for.
 enum Event {
     Vcpu(VcpuEvent),
+    /// The vsock device holds output waiting for a commit (group commit).
+    OutputPending,
     Signal(i32, Instant),
     Suspend(Instant, Sender<String>),
 }
@@ -337,12 +355,14 @@ enum Event {
 struct Machine {
     // ORDER (drop): vCPU handles are stopped explicitly before the VM and memory go.
     vm: Vm,
-    _mem: GuestMemory,
+    mem: GuestMemory,
     vcpus: Vec<Vcpu>,
     bus: Arc<Bus>,
     wake: Arc<GuestWake>,
     image: Image,
     vsock: Option<Vsock>,
+    /// Epoch mode's policy; None in suspend-only mode.
+    policy: Option<EpochPolicy>,
 }
 
 fn console_out(opts: &RuntimeOptions) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -372,9 +392,6 @@ fn random_seed() -> u64 {
 
 /// `nvhv run`: create the image, load the guest, run until stopped.
 pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
-    if cfg.persist == PersistMode::Epoch {
-        return Err(VmmError::ModeUnavailable("epoch"));
-    }
     // 1. Check the geometry before touching the file system.
     let layout = Layout::new(cfg.mem, cfg.vcpus)?;
     let guest = cfg.guest.bytes()?;
@@ -387,11 +404,21 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
             vcpus: cfg.vcpus,
             guest: cfg.guest.name(),
             persist: cfg.persist,
-            log_bytes: 0,
+            log_bytes: match cfg.persist {
+                PersistMode::Epoch => 2 * cfg.log_half_bytes,
+                PersistMode::SuspendOnly => 0,
+            },
         },
         cfg.overwrite,
     )?;
-    let result = build_new(cfg, &layout, &guest, image).and_then(|m| m.run());
+    let result = build_new(cfg, &layout, &guest, image).and_then(|mut m| {
+        if m.policy.is_some() {
+            // The first epoch holds the loaded guest, so the image is
+            // resumable before the guest runs a single instruction.
+            m.initial_epoch()?;
+        }
+        m.run()
+    });
     if result.is_err() {
         tracing::error!(
             "run failed; the image at {} is not resumable",
@@ -407,10 +434,13 @@ fn build_new(
     guest: &[u8],
     image: Image,
 ) -> Result<Machine, VmmError> {
-    // 3. KVM VM with the split irqchip; guest RAM mapped from the image.
+    // 3. KVM VM with the split irqchip; guest RAM mapped from the image:
+    //    shared in suspend-only mode (writes land in the image), private
+    //    (copy-on-write, dirty-logged) in epoch mode.
+    let epochs = cfg.persist == PersistMode::Epoch;
     let vm = Vm::new()?;
-    let mem = memory::map_ram(image.file(), image.ram_offset(), cfg.mem, true)?;
-    memory::register(&vm.fd, &mem, false)?;
+    let mem = memory::map_ram(image.file(), image.ram_offset(), cfg.mem, !epochs)?;
+    memory::register(&vm.fd, &mem, epochs)?;
     // 4. The guest ELF and the ABI's structures.
     let loaded = elf::load(&mem, guest)?;
     if loaded.end > layout.stacks_base() {
@@ -468,12 +498,13 @@ fn build_new(
     let bus = Bus::new(console, layout, vsock.as_ref());
     Ok(Machine {
         vm,
-        _mem: mem,
+        mem,
         vcpus,
         bus,
         wake,
         image,
         vsock,
+        policy: epochs.then_some(cfg.runtime.epochs),
     })
 }
 
@@ -482,7 +513,14 @@ fn build_new(
 /// Guest RAM is mapped, never read or copied: the cost does not depend on RAM size.
 pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmError> {
     // 1. Open (lock + validate header and meta records); never writes.
-    let image = Image::open(&cfg.image)?;
+    let mut image = Image::open(&cfg.image)?;
+    let epochs = image.header().config.persist == PersistMode::Epoch;
+    if epochs {
+        // Replay the committed redo records the RAM image may lack (work
+        // proportional to the un-applied log, never to RAM size).
+        let r = image.recover()?;
+        tracing::info!("recovery: {r:?}");
+    }
     image
         .resumable()
         .map_err(|r| VmmError::NotResumable(r.to_string()))?;
@@ -497,9 +535,9 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     // 3. KVM VM and RAM mapping.
     let vm = Vm::new()?;
     tl.mark("VM created");
-    let mem = memory::map_ram(image.file(), image.ram_offset(), ram, true)?;
+    let mem = memory::map_ram(image.file(), image.ram_offset(), ram, !epochs)?;
     tl.mark("RAM mapped");
-    memory::register(&vm.fd, &mem, false)?;
+    memory::register(&vm.fd, &mem, epochs)?;
     tl.mark("memory slot registered");
     // 4. vCPUs, then kvmclock.
     let mut vcpus = Vec::new();
@@ -530,12 +568,13 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     let bus = Bus::new(console, &layout, vsock.as_ref());
     let m = Machine {
         vm,
-        _mem: mem,
+        mem,
         vcpus,
         bus,
         wake,
         image,
         vsock,
+        policy: epochs.then_some(cfg.runtime.epochs),
     };
     m.run_timed(Some(tl))
 }
@@ -650,9 +689,23 @@ impl Machine {
             eprintln!("nvhv: running (image {})", self.image_path().display());
         }
 
-        // 8. Wait for a reason to stop.
+        // 8. Wait for a reason to stop; in epoch mode, checkpoint meanwhile.
+        let mut deferred: VecDeque<Event> = VecDeque::new();
+        let mut stats = EpochStats::default();
+        let mut epoch_start = Instant::now();
+        let mut output_pending = false;
         let (cause, t0, reply) = loop {
-            match rx.recv() {
+            let ev = match deferred.pop_front() {
+                Some(e) => Ok(e),
+                None => match &self.policy {
+                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    Some(p) => {
+                        let due = p.due(epoch_start, output_pending);
+                        rx.recv_timeout(due.saturating_duration_since(Instant::now()))
+                    }
+                },
+            };
+            match ev {
                 Ok(Event::Signal(s, t)) => break (StopCause::Signal(s), t, None),
                 Ok(Event::Suspend(t, r)) => break (StopCause::Request, t, Some(r)),
                 Ok(Event::Vcpu(VcpuEvent::Stopped(i, r))) => {
@@ -660,15 +713,38 @@ impl Machine {
                     break (StopCause::Guest(r), Instant::now(), None);
                 }
                 Ok(Event::Vcpu(VcpuEvent::Paused(..))) => {}
-                Err(_) => unreachable!("the main thread holds a sender"),
+                Ok(Event::OutputPending) => output_pending = true,
+                Err(RecvTimeoutError::Timeout) => {
+                    epoch_start = Instant::now();
+                    output_pending = false;
+                    if let Err(e) = self.epoch(&handles, &rx, &mut deferred, &mut stats) {
+                        // Nothing after the last durable epoch was released:
+                        // stopping here loses no acknowledged output.
+                        for h in handles {
+                            h.stop();
+                        }
+                        return Err(e);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    unreachable!("the main thread holds a sender")
+                }
             }
         };
 
-        // 9. Suspend: pause every vCPU at a safe point and collect its state.
-        let result = self.suspend(&handles, &rx, t0);
+        // 9. Final commit: pause every vCPU at a safe point, save, persist, commit.
+        let result = if self.policy.is_some() {
+            self.epoch(&handles, &rx, &mut deferred, &mut stats)
+                .map(|()| t0.elapsed())
+        } else {
+            self.suspend(&handles, &rx, &mut deferred, t0)
+        };
         sig_handle.close();
         for h in handles {
             h.stop();
+        }
+        if stats.epochs > 0 {
+            eprintln!("nvhv: {}", stats.summary());
         }
         let latency = match result {
             Ok(l) => {
@@ -705,13 +781,17 @@ impl Machine {
         self.image.path().to_path_buf()
     }
 
-    /// Pause, save, persist, commit. Returns the time from `t0` to the durable commit.
-    fn suspend(
+    /// Pause every vCPU and device at a safe point and capture the machine
+    /// state; with `dirty`, also the guest pages written since the last
+    /// capture (copied out of guest memory). Events that arrive meanwhile are
+    /// kept in `deferred`. Leaves everything paused.
+    fn capture(
         &mut self,
         handles: &[VcpuHandle],
         rx: &Receiver<Event>,
-        t0: Instant,
-    ) -> Result<Duration, VmmError> {
+        deferred: &mut VecDeque<Event>,
+        dirty: bool,
+    ) -> Result<Capture, VmmError> {
         for h in handles {
             h.pause(&self.wake);
         }
@@ -723,7 +803,7 @@ impl Machine {
                 Ok(Event::Vcpu(VcpuEvent::Paused(i, st))) => {
                     states[i as usize] = Some((*st)?);
                 }
-                Ok(_) => {}
+                Ok(other) => deferred.push_back(other),
                 Err(_) => {
                     let i = states.iter().position(Option::is_none).unwrap_or(0);
                     return Err(VmmError::PauseTimeout(i as u32));
@@ -736,17 +816,126 @@ impl Machine {
             c.save()
         };
         // ORDER: devices after the vCPUs, so no guest notification arrives
-        //        after the device state is taken.
-        let vsock = self.vsock.as_ref().map(|v| {
-            v.pause();
-            v.save()
-        });
+        //        after the device state is taken; the output cut at the same
+        //        point, so exactly the output produced before it is released
+        //        with this epoch.
+        let (vsock, cut) = match self.vsock.as_ref() {
+            Some(v) => {
+                v.pause();
+                (Some(v.save()), dirty.then(|| v.output_cut()))
+            }
+            None => (None, None),
+        };
         let state = MachineState {
             vm: self.vm.save()?,
             vcpus: states.into_iter().map(|s| s.expect("all paused")).collect(),
             devices: DeviceStates { serial, vsock },
         };
-        let bytes = state.encode()?;
+        let mut pfns = Vec::new();
+        let mut pages = Vec::new();
+        if dirty {
+            // ORDER: harvest with vCPUs and devices paused (nothing writes
+            //        guest memory), copy before anything resumes.
+            pfns = memory::harvest_dirty(&self.vm.fd, &self.mem)?;
+            memory::copy_pages(&self.mem, &pfns, &mut pages)?;
+        }
+        Ok(Capture {
+            state: state.encode()?,
+            pfns,
+            pages,
+            cut,
+        })
+    }
+
+    /// Epoch mode, new VM: commit the loaded guest (vCPU entry state and
+    /// every page the loader wrote) as the first epoch, before any guest code runs.
+    fn initial_epoch(&mut self) -> Result<(), VmmError> {
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            vcpus.push(v.save()?);
+        }
+        let serial = self
+            .bus
+            .console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save();
+        let state = MachineState {
+            vm: self.vm.save()?,
+            vcpus,
+            devices: DeviceStates {
+                serial,
+                vsock: self.vsock.as_ref().map(|v| v.save()),
+            },
+        }
+        .encode()?;
+        let pfns = memory::harvest_dirty(&self.vm.fd, &self.mem)?;
+        let mut pages = Vec::new();
+        memory::copy_pages(&self.mem, &pfns, &mut pages)?;
+        self.image.commit_epoch(&pfns, &pages, &state)?;
+        self.image.apply_committed(&pfns, &pages)?;
+        Ok(())
+    }
+
+    /// Let vCPUs and devices run again after [`capture`](Self::capture).
+    fn unpause(&self, handles: &[VcpuHandle]) {
+        if let Some(v) = &self.vsock {
+            v.resume();
+        }
+        for h in handles {
+            h.resume();
+        }
+    }
+
+    /// One epoch: capture, resume the guest, commit the redo record (one
+    /// persist), release the output held for it, apply it to the RAM image.
+    fn epoch(
+        &mut self,
+        handles: &[VcpuHandle],
+        rx: &Receiver<Event>,
+        deferred: &mut VecDeque<Event>,
+        stats: &mut EpochStats,
+    ) -> Result<(), VmmError> {
+        let t0 = Instant::now();
+        let cap = self.capture(handles, rx, deferred, true)?;
+        self.unpause(handles);
+        let paused = t0.elapsed();
+        if cap.pfns.len() > self.image.log_capacity_pages() {
+            return Err(VmmError::DirtyOverflow {
+                pages: cap.pfns.len(),
+                capacity: self.image.log_capacity_pages(),
+            });
+        }
+        let times = self.image.commit_epoch(&cap.pfns, &cap.pages, &cap.state)?;
+        // ORDER: output of this epoch goes out only after its commit is durable.
+        let held = match (&self.vsock, cap.cut) {
+            (Some(v), Some(cut)) => v.release_output(cut),
+            _ => 0,
+        };
+        // ORDER: apply after the commit; the next commit's persist makes it durable.
+        self.image.apply_committed(&cap.pfns, &cap.pages)?;
+        stats.record(paused, cap.pfns.len(), &times, t0.elapsed(), held);
+        tracing::debug!(
+            epoch = times.epoch,
+            pages = cap.pfns.len(),
+            pause_us = paused.as_micros() as u64,
+            commit_us = t0.elapsed().as_micros() as u64,
+            held,
+            "epoch committed"
+        );
+        Ok(())
+    }
+
+    /// Suspend-only mode: pause, save, persist, commit. Returns the time from
+    /// `t0` to the durable commit.
+    fn suspend(
+        &mut self,
+        handles: &[VcpuHandle],
+        rx: &Receiver<Event>,
+        deferred: &mut VecDeque<Event>,
+        t0: Instant,
+    ) -> Result<Duration, VmmError> {
+        let cap = self.capture(handles, rx, deferred, false)?;
         if self.image.backing() == crate::nvram::BackingKind::Dax {
             // Guest RAM is a plain shared mapping of the DAX file (no MAP_SYNC),
             // and its blocks may be unallocated: fdatasync makes the kernel write
@@ -756,9 +945,21 @@ impl Machine {
         }
         // ORDER: commit() persists guest RAM and the state slot before it
         //        writes the meta record that makes them current.
-        self.image.commit(Status::Suspended, &bytes)?;
+        self.image.commit(Status::Suspended, &cap.state)?;
         Ok(t0.elapsed())
     }
+}
+
+/// What [`Machine::capture`] took while the guest was paused.
+struct Capture {
+    /// Encoded [`MachineState`].
+    state: Vec<u8>,
+    /// Dirty guest page numbers (epoch mode).
+    pfns: Vec<u64>,
+    /// Their contents, 4 KiB each, in `pfns` order.
+    pages: Vec<u8>,
+    /// The vsock output produced up to the pause (epoch mode).
+    cut: Option<OutputCut>,
 }
 
 fn signal_name(s: i32) -> &'static str {
@@ -779,5 +980,65 @@ pub fn describe(r: &StopReason) -> String {
             format!("guest crashed (triple fault) at rip {rip:#x}, rsp {rsp:#x}")
         }
         StopReason::Internal(s) => s.clone(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TEMPORARY shims while the redo log (nvram) and the vsock output gate land;
+// inherent methods of the same names take precedence once they exist.
+
+/// Output produced up to a pause.
+#[derive(Clone, Copy, Debug)]
+pub struct OutputCut;
+
+trait OutputGateShim {
+    fn output_cut(&self) -> OutputCut;
+    fn release_output(&self, cut: OutputCut) -> u64;
+}
+
+impl OutputGateShim for Vsock {
+    fn output_cut(&self) -> OutputCut {
+        OutputCut
+    }
+    fn release_output(&self, _cut: OutputCut) -> u64 {
+        0
+    }
+}
+
+trait RedoShim {
+    fn log_capacity_pages(&self) -> usize;
+    fn commit_epoch(
+        &mut self,
+        pfns: &[u64],
+        pages: &[u8],
+        state: &[u8],
+    ) -> Result<crate::nvram::CommitTimes, crate::nvram::ImageError>;
+    fn apply_committed(&mut self, pfns: &[u64], pages: &[u8]) -> Result<(), crate::nvram::ImageError>;
+}
+
+impl RedoShim for Image {
+    fn log_capacity_pages(&self) -> usize {
+        0
+    }
+    fn commit_epoch(
+        &mut self,
+        _pfns: &[u64],
+        _pages: &[u8],
+        _state: &[u8],
+    ) -> Result<crate::nvram::CommitTimes, crate::nvram::ImageError> {
+        Err(crate::nvram::ImageError::Poisoned)
+    }
+    fn apply_committed(&mut self, _pfns: &[u64], _pages: &[u8]) -> Result<(), crate::nvram::ImageError> {
+        Err(crate::nvram::ImageError::Poisoned)
+    }
+}
+
+trait RecoverShim {
+    fn recover(&mut self) -> Result<(), crate::nvram::ImageError>;
+}
+
+impl RecoverShim for Image {
+    fn recover(&mut self) -> Result<(), crate::nvram::ImageError> {
+        Err(crate::nvram::ImageError::Poisoned)
     }
 }

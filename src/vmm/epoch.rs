@@ -1,0 +1,151 @@
+//! Epoch policy and per-epoch metrics for `--persist epoch`.
+//!
+//! An epoch ends (and is checkpointed) when output is held and at least
+//! `min` has passed since the last epoch began (group commit: every reply
+//! waiting for durability shares one commit), or at `max` in any case. The
+//! dirty budget bounds the pages one epoch may log (and so the time from a
+//! power-fail warning to a durable commit: budget ÷ persist bandwidth).
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::nvram::CommitTimes;
+
+/// When epochs end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochPolicy {
+    /// Shortest epoch when output is waiting (group commit window).
+    pub min: Duration,
+    /// Longest epoch.
+    pub max: Duration,
+    /// Most dirty pages one epoch may carry.
+    pub dirty_budget: usize,
+}
+
+impl Default for EpochPolicy {
+    fn default() -> Self {
+        EpochPolicy {
+            min: Duration::from_micros(500),
+            max: Duration::from_millis(10),
+            dirty_budget: 16384,
+        }
+    }
+}
+
+impl EpochPolicy {
+    /// When the current epoch (begun at `start`) should end.
+    pub fn due(&self, start: Instant, output_pending: bool) -> Instant {
+        start + if output_pending { self.min } else { self.max }
+    }
+}
+
+/// Per-epoch measurements, summarised when the VM stops.
+pub struct EpochStats {
+    /// Epochs committed.
+    pub epochs: u64,
+    /// Guest pause per epoch (µs).
+    pub pause_us: Histogram<u64>,
+    /// Pause start → commit durable (µs): what held output waits at most.
+    pub commit_us: Histogram<u64>,
+    /// Persist alone (µs).
+    pub persist_us: Histogram<u64>,
+    /// Dirty pages per epoch.
+    pub pages: Histogram<u64>,
+    /// Bytes of pages logged in total.
+    pub bytes_logged: u64,
+    /// Output bytes released after commits.
+    pub output_released: u64,
+}
+
+impl Default for EpochStats {
+    fn default() -> Self {
+        let h = || Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
+        EpochStats {
+            epochs: 0,
+            pause_us: h(),
+            commit_us: h(),
+            persist_us: h(),
+            pages: h(),
+            bytes_logged: 0,
+            output_released: 0,
+        }
+    }
+}
+
+impl EpochStats {
+    /// Record one epoch.
+    pub fn record(
+        &mut self,
+        pause: Duration,
+        pages: usize,
+        times: &CommitTimes,
+        commit: Duration,
+        released: u64,
+    ) {
+        self.epochs += 1;
+        let us = |d: Duration| (d.as_micros() as u64).max(1);
+        let _ = self.pause_us.record(us(pause));
+        let _ = self.commit_us.record(us(commit));
+        let _ = self.persist_us.record(us(times.state_persist + times.meta_persist));
+        let _ = self.pages.record(pages as u64 + 1);
+        self.bytes_logged += pages as u64 * 4096;
+        self.output_released += released;
+    }
+
+    /// One line: counts and p50/p99 of each measure.
+    pub fn summary(&self) -> String {
+        let q = |h: &Histogram<u64>| {
+            format!(
+                "p50 {} p99 {} max {}",
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.max()
+            )
+        };
+        format!(
+            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {} MiB logged; {} KiB output released",
+            self.epochs,
+            q(&self.pause_us),
+            q(&self.commit_us),
+            q(&self.persist_us),
+            q(&self.pages),
+            self.bytes_logged >> 20,
+            self.output_released >> 10
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_shortens_the_epoch_to_min() {
+        let p = EpochPolicy::default();
+        let t = Instant::now();
+        assert_eq!(p.due(t, false) - t, p.max);
+        assert_eq!(p.due(t, true) - t, p.min);
+    }
+
+    #[test]
+    fn stats_summarise_what_was_recorded() {
+        let mut s = EpochStats::default();
+        let times = CommitTimes {
+            epoch: 1,
+            state_bytes: 10,
+            state_write: Duration::ZERO,
+            state_persist: Duration::from_micros(100),
+            meta_write: Duration::ZERO,
+            meta_persist: Duration::ZERO,
+            total: Duration::from_micros(120),
+        };
+        s.record(Duration::from_micros(300), 7, &times, Duration::from_micros(900), 55);
+        assert_eq!(s.epochs, 1);
+        assert_eq!(s.bytes_logged, 7 * 4096);
+        assert_eq!(s.output_released, 55);
+        let line = s.summary();
+        assert!(line.starts_with("1 epochs"), "{line}");
+        assert!(line.contains("pause µs p50 300"), "{line}");
+    }
+}
