@@ -60,7 +60,7 @@ pub struct EpochStats {
 
 impl Default for EpochStats {
     fn default() -> Self {
-        let h = || Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds");
+        let h = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
         EpochStats {
             epochs: 0,
             pause_us: h(),
@@ -87,7 +87,9 @@ impl EpochStats {
         let us = |d: Duration| (d.as_micros() as u64).max(1);
         let _ = self.pause_us.record(us(pause));
         let _ = self.commit_us.record(us(commit));
-        let _ = self.persist_us.record(us(times.state_persist + times.meta_persist));
+        let _ = self
+            .persist_us
+            .record(us(times.state_persist + times.meta_persist));
         let _ = self.pages.record(pages as u64 + 1);
         self.bytes_logged += pages as u64 * 4096;
         self.output_released += released;
@@ -140,7 +142,13 @@ mod tests {
             meta_persist: Duration::ZERO,
             total: Duration::from_micros(120),
         };
-        s.record(Duration::from_micros(300), 7, &times, Duration::from_micros(900), 55);
+        s.record(
+            Duration::from_micros(300),
+            7,
+            &times,
+            Duration::from_micros(900),
+            55,
+        );
         assert_eq!(s.epochs, 1);
         assert_eq!(s.bytes_logged, 7 * 4096);
         assert_eq!(s.output_released, 55);

@@ -7,9 +7,9 @@
 //! (signals, control requests, vCPU stops) and performs the suspend commit.
 //! `ARCHITECTURE.md` narrates the steps; the numbered comments below match it.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
-use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +19,9 @@ use nvhv_abi::BootInfo;
 use crate::boot::elf;
 use crate::boot::guest_abi::{self, Layout};
 use crate::devices::serial::{Console, SerialState};
-use crate::devices::virtio::vsock::{Vsock, VsockArgs, VsockConfig};
+use crate::devices::virtio::vsock::{
+    OutputCommit, OutputCut, OutputGate, Vsock, VsockArgs, VsockConfig,
+};
 use crate::devices::{GuestMemory, MmioDevice};
 use crate::nvram::{Image, ImageConfig, PersistMode, Status};
 use crate::persist::{DeviceStates, MachineState};
@@ -650,6 +652,14 @@ impl Machine {
         if let Err(e) = &ctl {
             tracing::warn!("control socket unavailable (nvhv suspend will not work): {e}");
         }
+        if let (Some(_), Some(v)) = (&self.policy, &self.vsock) {
+            // Output commit: guest output is held until its epoch is durable;
+            // the first held byte of an epoch asks for a group commit.
+            let tx = tx.clone();
+            v.set_output_gate(Some(OutputGate::new(move || {
+                let _ = tx.send(Event::OutputPending);
+            })));
+        }
         if let Some(t) = timeline.as_mut() {
             t.mark("signals and control socket up");
         }
@@ -987,24 +997,6 @@ pub fn describe(r: &StopReason) -> String {
 // TEMPORARY shims while the redo log (nvram) and the vsock output gate land;
 // inherent methods of the same names take precedence once they exist.
 
-/// Output produced up to a pause.
-#[derive(Clone, Copy, Debug)]
-pub struct OutputCut;
-
-trait OutputGateShim {
-    fn output_cut(&self) -> OutputCut;
-    fn release_output(&self, cut: OutputCut) -> u64;
-}
-
-impl OutputGateShim for Vsock {
-    fn output_cut(&self) -> OutputCut {
-        OutputCut
-    }
-    fn release_output(&self, _cut: OutputCut) -> u64 {
-        0
-    }
-}
-
 trait RedoShim {
     fn log_capacity_pages(&self) -> usize;
     fn commit_epoch(
@@ -1013,7 +1005,11 @@ trait RedoShim {
         pages: &[u8],
         state: &[u8],
     ) -> Result<crate::nvram::CommitTimes, crate::nvram::ImageError>;
-    fn apply_committed(&mut self, pfns: &[u64], pages: &[u8]) -> Result<(), crate::nvram::ImageError>;
+    fn apply_committed(
+        &mut self,
+        pfns: &[u64],
+        pages: &[u8],
+    ) -> Result<(), crate::nvram::ImageError>;
 }
 
 impl RedoShim for Image {
@@ -1028,7 +1024,11 @@ impl RedoShim for Image {
     ) -> Result<crate::nvram::CommitTimes, crate::nvram::ImageError> {
         Err(crate::nvram::ImageError::Poisoned)
     }
-    fn apply_committed(&mut self, _pfns: &[u64], _pages: &[u8]) -> Result<(), crate::nvram::ImageError> {
+    fn apply_committed(
+        &mut self,
+        _pfns: &[u64],
+        _pages: &[u8],
+    ) -> Result<(), crate::nvram::ImageError> {
         Err(crate::nvram::ImageError::Poisoned)
     }
 }

@@ -31,6 +31,7 @@
 
 use core::alloc::Layout;
 use core::ptr::NonNull;
+use core::sync::atomic::{fence, Ordering};
 
 use nvhv_rt::BootInfo;
 use virtio_drivers::device::common::Feature;
@@ -340,6 +341,13 @@ impl<const Q: usize> Vsock<Q> {
     }
 
     fn notify_if_wanted(&mut self, queue: u16) {
+        // The new available index (a store) must be visible before
+        // `avail_event` / the used flags are read: x86 can reorder a store
+        // after a later load, and `VirtQueue` has only a release store
+        // there. Without the full fence a device that re-enables
+        // notifications just then can miss our kick (as Linux's
+        // `virtqueue_kick_prepare` does with `virtio_mb`).
+        fence(Ordering::SeqCst);
         let wanted = match queue {
             RX_QUEUE => self.rx.should_notify(),
             TX_QUEUE => self.tx.should_notify(),

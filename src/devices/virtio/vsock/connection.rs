@@ -14,10 +14,10 @@
 //!   (`peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`); staged bytes without
 //!   credit make us send CREDIT_REQUEST (throttled by [`CREDIT_RETRY`]).
 //!
-//! Output hook: every byte the guest sends to the host passes through
-//! [`OutBuf::push`] (held) and [`OutBuf::release`] (may go out). Today
-//! release is immediate; an output-commit step can hold bytes until the
-//! checkpoint of the epoch that produced them commits.
+//! Output gate: every byte the guest sends to the host passes through
+//! [`OutBuf::push`], tagged with the output epoch that produced it, and is
+//! written only once released: at once, or (when the device holds output
+//! for output commit) after the checkpoint of its epoch committed.
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
@@ -74,24 +74,73 @@ impl AsRawFd for HostStream {
     }
 }
 
-/// Bytes from the guest on their way to the host socket.
+/// Bytes from the guest on their way to the host socket: the output gate.
+///
+/// Every byte enters through [`push`](Self::push), tagged with the output
+/// epoch it was produced in, and may be written to the host only once
+/// released: at once when the device does not hold output, else by
+/// [`release_through`](Self::release_through) after the checkpoint of its
+/// epoch committed. Offsets are totals since the connection opened.
 #[derive(Debug, Default)]
 pub struct OutBuf {
     buf: VecDeque<u8>,
-    /// Bytes at the front that may be written to the host.
-    released: usize,
+    /// Bytes written to the host so far (the offset of `buf`'s front).
+    written: u64,
+    /// Bytes that may be written (released), as an offset.
+    release_mark: u64,
+    /// Held bytes per epoch: (epoch, end offset), oldest first.
+    held: VecDeque<(u64, u64)>,
 }
 
 impl OutBuf {
-    /// Append guest bytes; they are held until [`release`](Self::release).
-    pub fn push(&mut self, data: &[u8]) {
-        self.buf.extend(data);
+    /// Total bytes pushed.
+    fn pushed(&self) -> u64 {
+        self.written + self.buf.len() as u64
     }
 
-    /// The output-commit point: let every held byte go to the host. (A
-    /// checkpoint-aware version releases only bytes of committed epochs.)
-    pub fn release(&mut self) {
-        self.released = self.buf.len();
+    /// Append guest bytes produced in output epoch `epoch`; with `hold` they
+    /// wait for [`release_through`](Self::release_through), else they are
+    /// released at once.
+    pub fn push(&mut self, data: &[u8], epoch: u64, hold: bool) {
+        self.buf.extend(data);
+        let end = self.pushed();
+        if !hold && self.held.is_empty() {
+            self.release_mark = end;
+            return;
+        }
+        // Held bytes go out in order: unheld bytes behind held ones wait
+        // for the last held epoch.
+        let epoch = if hold {
+            epoch
+        } else {
+            self.held.back().map_or(epoch, |&(e, _)| e)
+        };
+        match self.held.back_mut() {
+            Some((e, last)) if *e == epoch => *last = end,
+            _ => self.held.push_back((epoch, end)),
+        }
+    }
+
+    /// Release the bytes of every epoch up to and including `epoch`; returns
+    /// how many bytes this released.
+    pub fn release_through(&mut self, epoch: u64) -> u64 {
+        let before = self.release_mark;
+        while let Some(&(e, end)) = self.held.front() {
+            if e > epoch {
+                break;
+            }
+            self.release_mark = self.release_mark.max(end);
+            self.held.pop_front();
+        }
+        self.release_mark - before
+    }
+
+    /// Release everything (the gate is switched off).
+    pub fn release_all(&mut self) -> u64 {
+        let before = self.release_mark;
+        self.held.clear();
+        self.release_mark = self.pushed();
+        self.release_mark - before
     }
 
     /// Bytes buffered, held or released.
@@ -106,22 +155,32 @@ impl OutBuf {
 
     /// Released bytes not yet written.
     pub fn released(&self) -> usize {
-        self.released
+        // `release_mark` never passes `pushed()`, nor falls behind `written`.
+        (self.release_mark - self.written) as usize
+    }
+
+    /// Bytes waiting for a release.
+    pub fn held(&self) -> u64 {
+        self.pushed() - self.release_mark
     }
 
     /// Write released bytes until done or the socket would block. Returns
     /// the bytes written; an error is returned only if nothing was written.
     fn write_to(&mut self, s: &mut HostStream) -> io::Result<usize> {
         let mut total = 0;
-        while self.released > 0 {
+        loop {
+            let released = self.released();
+            if released == 0 {
+                return Ok(total);
+            }
             let (a, b) = self.buf.as_slices();
             let chunk = if a.is_empty() { b } else { a };
-            let chunk = &chunk[..chunk.len().min(self.released)];
+            let chunk = &chunk[..chunk.len().min(released)];
             match s.write(chunk) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.buf.drain(..n);
-                    self.released -= n;
+                    self.written += n as u64;
                     total += n;
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -130,7 +189,6 @@ impl OutBuf {
                 Err(e) => return Err(e),
             }
         }
-        Ok(total)
     }
 }
 
@@ -259,11 +317,29 @@ impl Connection {
         self.credit_requested_at = None;
     }
 
+    /// Guest output waiting for a release.
+    pub fn held_output(&self) -> u64 {
+        self.out.held()
+    }
+
+    /// The output gate of this connection.
+    pub fn out_mut(&mut self) -> &mut OutBuf {
+        &mut self.out
+    }
+
     /// Handle a packet the guest sent on this connection (`payload` is the
-    /// RW data, empty for other operations).
-    pub fn on_guest_packet(&mut self, hdr: &Header, op: Op, payload: &[u8]) {
+    /// RW data, empty for other operations); RW data produced in output epoch
+    /// `epoch` is held if `hold`. Returns true if bytes were held.
+    pub fn on_guest_packet(
+        &mut self,
+        hdr: &Header,
+        op: Op,
+        payload: &[u8],
+        epoch: u64,
+        hold: bool,
+    ) -> bool {
         if self.send_rst || self.state == VsockState::Closed {
-            return;
+            return false;
         }
         // Every packet carries the sender's current credit.
         if self.peer_buf_alloc != hdr.buf_alloc || self.peer_fwd_cnt != hdr.fwd_cnt {
@@ -284,15 +360,16 @@ impl Connection {
                         self.peer_port
                     );
                     self.reset_to_guest();
-                    return;
+                    return false;
                 }
                 self.rx_cnt = self.rx_cnt.wrapping_add(len);
                 if self.host_error || self.host_write_shut {
                     // Nowhere to go: consumed all the same.
                     self.fwd_cnt = self.fwd_cnt.wrapping_add(len);
-                } else {
-                    self.out.push(payload);
-                    self.out.release();
+                } else if !payload.is_empty() {
+                    // The one way guest bytes go towards the host.
+                    self.out.push(payload, epoch, hold);
+                    return hold;
                 }
             }
             Op::CreditUpdate | Op::CreditRequest if self.state == VsockState::Established => {
@@ -325,6 +402,7 @@ impl Connection {
                 self.reset_to_guest();
             }
         }
+        false
     }
 
     /// Host socket I/O: write released guest bytes, half-close when the guest

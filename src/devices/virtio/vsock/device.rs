@@ -70,6 +70,39 @@ pub struct VsockCore {
     pub(crate) stopping: bool,
     kick: bool,
     wake_guest: bool,
+    /// Output epoch that guest output is tagged with now.
+    output_epoch: u64,
+    /// Hold guest output until released (output commit); None: release at once.
+    output_gate: Option<OutputGate>,
+    /// The gate was told about output waiting in this epoch.
+    output_signalled: bool,
+}
+
+/// Output commit's hook into the device: while set, guest output is held
+/// until [`VsockCore::release_output`], and the function is called (on the
+/// device thread, with the device locked: it must not block) when output
+/// starts waiting in an epoch.
+#[derive(Clone)]
+pub struct OutputGate(Arc<dyn Fn() + Send + Sync>);
+
+impl OutputGate {
+    /// A gate that calls `on_pending` when output starts waiting.
+    pub fn new(on_pending: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(on_pending))
+    }
+}
+
+impl std::fmt::Debug for OutputGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutputGate")
+    }
+}
+
+/// The guest output produced up to a point (taken with the device paused,
+/// together with the checkpoint it belongs to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutputCut {
+    epoch: u64,
 }
 
 /// Parameters of a core.
@@ -110,7 +143,59 @@ impl VsockCore {
             stopping: false,
             kick: false,
             wake_guest: false,
+            output_epoch: 0,
+            output_gate: None,
+            output_signalled: false,
         }
+    }
+
+    /// Hold guest output behind `gate` (Some) or let it go as it comes
+    /// (None: everything held so far is released).
+    pub fn set_output_gate(&mut self, gate: Option<OutputGate>) {
+        self.output_gate = gate;
+        if self.output_gate.is_none() {
+            let ports: Vec<u32> = self.conns.keys().copied().collect();
+            for p in ports {
+                if let Some(c) = self.conns.get_mut(&p) {
+                    if c.out_mut().release_all() > 0 {
+                        self.schedule_io(p);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Close the current output epoch: output produced so far belongs to the
+    /// returned cut, later output to the next one.
+    pub fn output_cut(&mut self) -> OutputCut {
+        let cut = OutputCut {
+            epoch: self.output_epoch,
+        };
+        self.output_epoch += 1;
+        self.output_signalled = false;
+        cut
+    }
+
+    /// Let the output of `cut` and of every earlier cut go to the host.
+    /// Returns the bytes released.
+    pub fn release_output(&mut self, cut: OutputCut) -> u64 {
+        let mut total = 0;
+        let ports: Vec<u32> = self.conns.keys().copied().collect();
+        for p in ports {
+            if let Some(c) = self.conns.get_mut(&p) {
+                let n = c.out_mut().release_through(cut.epoch);
+                if n > 0 {
+                    total += n;
+                    self.schedule_io(p);
+                }
+            }
+        }
+        total
+    }
+
+    /// Bytes of guest output waiting for a release.
+    pub fn held_output(&self) -> u64 {
+        self.conns.values().map(Connection::held_output).sum()
     }
 
     /// Take the queues the transport validated and start.
@@ -381,11 +466,18 @@ impl VsockCore {
             .is_some_and(|c| c.peer_port == hdr.src_port && c.vsock_open());
         match op {
             Some(op) if known && hdr.type_ == TYPE_STREAM => {
+                let (epoch, hold) = (self.output_epoch, self.output_gate.is_some());
                 if let Some(c) = self.conns.get_mut(&port) {
-                    c.on_guest_packet(hdr, op, payload);
+                    let held = c.on_guest_packet(hdr, op, payload, epoch, hold);
                     if c.finished() {
                         self.conns.remove(&port);
                         return;
+                    }
+                    if held && !self.output_signalled {
+                        self.output_signalled = true;
+                        if let Some(gate) = &self.output_gate {
+                            (gate.0)();
+                        }
                     }
                 }
                 self.schedule_io(port);

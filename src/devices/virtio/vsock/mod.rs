@@ -17,11 +17,22 @@
 //! // checkpoint: vcpus paused, then
 //! vsock.pause();                      // device at a safe point, nothing moves
 //! let state: VsockState = vsock.save();
+//! let cut = vsock.output_cut();       // OutputCommit (with an OutputGate set)
 //! vsock.resume();
+//! // ... once the checkpoint is durable:
+//! vsock.release_output(cut);
 //! // after a crash or on `nvhv resume`:
 //! let vsock = Vsock::restore(VsockArgs { mem, wake, cfg }, &state)?;
 //! ```
 //! [`Vsock`] also implements [`crate::persist::Persist`].
+//!
+//! Output commit: with [`VsockConfig::output_gate`] (or
+//! [`Vsock::set_output_gate`]) set, bytes the guest sends to a host socket are
+//! held, tagged with the output epoch that produced them, until
+//! [`OutputCommit::release_output`] releases their cut; the gate's function is
+//! called once per epoch when output starts waiting (group commit). Guest
+//! credit shrinks while bytes are held, so a guest never has more in flight
+//! than `buf_alloc` per connection. Without a gate output goes out at once.
 //!
 //! Layout: [`packet`] (wire format), [`connection`] (one bridged connection,
 //! credit, host I/O, the output hook), [`device`] (queues and connection
@@ -53,6 +64,7 @@ use super::DeviceSignals;
 use crate::devices::GuestMemory;
 use crate::vstate::wait::GuestWake;
 
+pub use self::device::{OutputCut, OutputGate};
 pub use self::persist::{VsockDeviceState, VsockState};
 
 /// Receive buffer per connection advertised to the guest by default.
@@ -102,6 +114,9 @@ pub struct VsockConfig {
     /// How long the device keeps polling the rings without progress before
     /// it re-enables notifications and sleeps ([`backend::IDLE_SPIN`]).
     pub idle_spin: Duration,
+    /// Output commit: hold guest output until [`OutputCommit::release_output`]
+    /// (see [`OutputGate`]); None releases it as it comes.
+    pub output_gate: Option<OutputGate>,
 }
 
 impl VsockConfig {
@@ -115,6 +130,7 @@ impl VsockConfig {
             buf_alloc: DEFAULT_BUF_ALLOC,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_spin: backend::IDLE_SPIN,
+            output_gate: None,
         }
     }
 
@@ -189,7 +205,8 @@ impl Vsock {
             buf_alloc: cfg.buf_alloc,
             max_connections: cfg.max_connections,
         };
-        let core = VsockCore::new(mem, Arc::clone(&signals), params);
+        let mut core = VsockCore::new(mem, Arc::clone(&signals), params);
+        core.set_output_gate(cfg.output_gate);
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             cv: Condvar::new(),
@@ -252,6 +269,18 @@ impl Vsock {
         self.shared.lock().connection_count()
     }
 
+    /// Hold guest output behind `gate` from now on (Some), or release it as it
+    /// comes (None; whatever is held goes out now).
+    pub fn set_output_gate(&self, gate: Option<OutputGate>) {
+        self.shared.lock().set_output_gate(gate);
+        self.shared.kick_thread();
+    }
+
+    /// Bytes of guest output waiting for a release.
+    pub fn held_output(&self) -> u64 {
+        self.shared.lock().held_output()
+    }
+
     /// Stop the device thread and close every host connection.
     pub fn stop(mut self) {
         self.shutdown();
@@ -268,6 +297,33 @@ impl Vsock {
             tracing::warn!("vsock: device thread panicked");
         }
         self.shared.lock().reset();
+    }
+}
+
+/// Output commit for a device whose output leaves the machine: the
+/// checkpoint engine takes a cut with the device paused, and releases it once
+/// that checkpoint is durable. (A trait, so that every output device, vsock
+/// today, offers the same two steps.)
+pub trait OutputCommit {
+    /// At a checkpoint (device paused): everything the guest sent so far
+    /// belongs to the returned cut.
+    fn output_cut(&self) -> OutputCut;
+    /// Once the checkpoint of `cut` is durable: let its output (and that of
+    /// earlier cuts) go out. Returns the bytes released.
+    fn release_output(&self, cut: OutputCut) -> u64;
+}
+
+impl OutputCommit for Vsock {
+    fn output_cut(&self) -> OutputCut {
+        self.shared.lock().output_cut()
+    }
+
+    fn release_output(&self, cut: OutputCut) -> u64 {
+        let n = self.shared.lock().release_output(cut);
+        if n > 0 {
+            self.shared.kick_thread();
+        }
+        n
     }
 }
 

@@ -44,7 +44,13 @@ fn establish(c: &mut Connection, guest_buf: u32) {
         (h.src_cid, h.dst_cid, h.dst_port),
         (HOST_CID, 3, GUEST_PORT)
     );
-    c.on_guest_packet(&guest_hdr(Op::Response, 0, guest_buf, 0), Op::Response, &[]);
+    c.on_guest_packet(
+        &guest_hdr(Op::Response, 0, guest_buf, 0),
+        Op::Response,
+        &[],
+        0,
+        false,
+    );
     assert_eq!(c.state(), VsockState::Established);
 }
 
@@ -64,7 +70,13 @@ fn read_all(s: &mut UnixStream) -> Vec<u8> {
 #[test]
 fn response_before_request_is_reset() {
     let (mut c, _peer) = pair(4096);
-    c.on_guest_packet(&guest_hdr(Op::Response, 0, 1024, 0), Op::Response, &[]);
+    c.on_guest_packet(
+        &guest_hdr(Op::Response, 0, 1024, 0),
+        Op::Response,
+        &[],
+        0,
+        false,
+    );
     let (h, _) = next(&mut c, 100).unwrap();
     assert_eq!(h.operation(), Some(Op::Rst));
     assert!(c.finished());
@@ -74,7 +86,7 @@ fn response_before_request_is_reset() {
 fn guest_data_reaches_the_host_and_advances_fwd_cnt() {
     let (mut c, mut peer) = pair(4096);
     establish(&mut c, 1024);
-    c.on_guest_packet(&guest_hdr(Op::Rw, 5, 1024, 0), Op::Rw, b"hello");
+    c.on_guest_packet(&guest_hdr(Op::Rw, 5, 1024, 0), Op::Rw, b"hello", 0, false);
     assert!(c.host_io());
     assert_eq!(read_all(&mut peer), b"hello");
     // A credit request is answered with our fwd_cnt.
@@ -82,6 +94,8 @@ fn guest_data_reaches_the_host_and_advances_fwd_cnt() {
         &guest_hdr(Op::CreditRequest, 0, 1024, 0),
         Op::CreditRequest,
         &[],
+        0,
+        false,
     );
     let (h, _) = next(&mut c, 100).unwrap();
     assert_eq!(h.operation(), Some(Op::CreditUpdate));
@@ -92,8 +106,8 @@ fn guest_data_reaches_the_host_and_advances_fwd_cnt() {
 fn guest_exceeding_our_credit_is_reset() {
     let (mut c, _peer) = pair(8);
     establish(&mut c, 1024);
-    c.on_guest_packet(&guest_hdr(Op::Rw, 6, 1024, 0), Op::Rw, b"123456");
-    c.on_guest_packet(&guest_hdr(Op::Rw, 6, 1024, 0), Op::Rw, b"789012");
+    c.on_guest_packet(&guest_hdr(Op::Rw, 6, 1024, 0), Op::Rw, b"123456", 0, false);
+    c.on_guest_packet(&guest_hdr(Op::Rw, 6, 1024, 0), Op::Rw, b"789012", 0, false);
     let (h, _) = next(&mut c, 100).unwrap();
     assert_eq!(h.operation(), Some(Op::Rst));
 }
@@ -118,6 +132,8 @@ fn host_data_never_exceeds_guest_credit_and_asks_for_more() {
         &guest_hdr(Op::CreditUpdate, 0, 100, 100),
         Op::CreditUpdate,
         &[],
+        0,
+        false,
     );
     c.host_io();
     let (h, p) = next(&mut c, 60).unwrap();
@@ -140,7 +156,7 @@ fn host_eof_becomes_shutdown_after_the_data() {
     assert_eq!(h.operation(), Some(Op::Shutdown));
     assert_eq!(h.flags, SHUTDOWN_SEND);
     // The guest answers with RST: done, host socket closes.
-    c.on_guest_packet(&guest_hdr(Op::Rst, 0, 1024, 3), Op::Rst, &[]);
+    c.on_guest_packet(&guest_hdr(Op::Rst, 0, 1024, 3), Op::Rst, &[], 0, false);
     c.host_io();
     assert!(c.finished());
 }
@@ -149,10 +165,10 @@ fn host_eof_becomes_shutdown_after_the_data() {
 fn guest_shutdown_flushes_then_closes_and_answers_rst() {
     let (mut c, mut peer) = pair(4096);
     establish(&mut c, 1024);
-    c.on_guest_packet(&guest_hdr(Op::Rw, 4, 1024, 0), Op::Rw, b"last");
+    c.on_guest_packet(&guest_hdr(Op::Rw, 4, 1024, 0), Op::Rw, b"last", 0, false);
     let mut sd = guest_hdr(Op::Shutdown, 0, 1024, 0);
     sd.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
-    c.on_guest_packet(&sd, Op::Shutdown, &[]);
+    c.on_guest_packet(&sd, Op::Shutdown, &[], 0, false);
     let (h, _) = next(&mut c, 1000).unwrap();
     assert_eq!(h.operation(), Some(Op::Rst));
     assert!(!c.finished(), "bytes still to flush");
@@ -182,6 +198,8 @@ fn partial_writes_lose_no_bytes() {
                 &guest_hdr(Op::Rw, n as u32, 1024, 0),
                 Op::Rw,
                 &data[sent..sent + n],
+                0,
+                false,
             );
             sent += n;
         }
@@ -200,4 +218,45 @@ fn partial_writes_lose_no_bytes() {
         }
     }
     assert_eq!(received, data);
+}
+
+#[test]
+fn out_buf_releases_by_epoch() {
+    let mut o = OutBuf::default();
+    o.push(b"aa", 0, true);
+    o.push(b"bbb", 0, true);
+    o.push(b"cccc", 1, true);
+    assert_eq!((o.released(), o.held(), o.len()), (0, 9, 9));
+    assert_eq!(o.release_through(0), 5);
+    assert_eq!((o.released(), o.held()), (5, 4));
+    assert_eq!(o.release_through(0), 0);
+    o.push(b"d", 2, false);
+    // Released output never overtakes held output before it.
+    assert_eq!(o.released(), 5);
+    assert_eq!(o.release_through(1), 5);
+    assert_eq!((o.released(), o.held()), (10, 0));
+    o.push(b"ee", 3, true);
+    assert_eq!(o.release_all(), 2);
+}
+
+#[test]
+fn held_output_is_not_written_nor_credited_until_released() {
+    let (mut c, mut peer) = pair(4096);
+    establish(&mut c, 1024);
+    assert!(c.on_guest_packet(&guest_hdr(Op::Rw, 3, 1024, 0), Op::Rw, b"abc", 7, true));
+    c.host_io();
+    let mut b = [0u8; 8];
+    assert!(peer.read(&mut b).is_err(), "held bytes reached the host");
+    assert_eq!(c.held_output(), 3);
+    // A guest shutdown waits for the held bytes too.
+    let mut sd = guest_hdr(Op::Shutdown, 0, 1024, 0);
+    sd.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+    c.on_guest_packet(&sd, Op::Shutdown, &[], 7, true);
+    next(&mut c, 100).unwrap();
+    c.host_io();
+    assert!(!c.finished());
+    assert_eq!(c.out_mut().release_through(7), 3);
+    c.host_io();
+    assert!(c.finished());
+    assert_eq!(read_all(&mut peer), b"abc");
 }
