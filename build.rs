@@ -86,6 +86,9 @@ fn main() {
 
     println!("cargo:rerun-if-changed=build.rs");
     watch_tree(&guest_dir);
+    // The kv guest's engine lives in the root workspace (so its tests run with
+    // `cargo test --workspace`) and is compiled into the kv guest too.
+    watch_tree(&manifest_dir.join("kvstore"));
     println!(
         "cargo:rerun-if-changed={}",
         manifest_dir.join("abi/src").display()

@@ -3,23 +3,30 @@
 //! record, each persisted in that order), reading the committed state back,
 //! and the verdict on whether the VM in it can be resumed.
 //!
-//! The commit protocol and the recovery rule are written out in
-//! `docs/nvram-format.md` ("Commit protocol", "Recovery").
+//! Epoch mode adds the redo log (`epoch.rs`: `commit_epoch`,
+//! `apply_committed`, `recover`). The commit protocols and the recovery rule
+//! are written out in `docs/nvram-format.md` ("Commit protocol", "Epoch
+//! commit protocol", "Recovery").
+//!
+//! Every byte goes through a [`Storage`]: the image file with its backing
+//! ([`FileStorage`], the default), or any other implementation (the tests
+//! record every write and persist to enumerate crash points).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::backing::{Backing, BackingError, BackingKind};
+use super::epoch::{plan_recovery, RecoveryPlan, Unapplied};
 use super::layout::{
     check_file_len, select_meta, FormatError, Header, ImageConfig, Meta, MetaSelection,
     PersistMode, Status, Uuid, HEADER_BLOCK, HEADER_LEN, META_LEN,
 };
+use super::storage::{FileStorage, Storage};
 
-/// A failure to create, open, read or commit an image.
+/// A failure to create, open, read, commit or recover an image.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// Nothing exists at the path.
@@ -112,6 +119,51 @@ pub enum ImageError {
     /// An earlier write or persist failed mid-commit; what is durable is unknown until a reopen.
     #[error("an earlier persist of this image failed; reopen it before committing again")]
     Poisoned,
+    /// `commit_epoch` on an image made for suspend-only persistence.
+    #[error("the image was made for suspend-only persistence: it has no redo log for epochs")]
+    NotEpochMode,
+    /// An epoch's dirty pages do not fit one half of the redo log.
+    #[error("{pages} dirty pages do not fit a redo-log record of at most {capacity} pages")]
+    LogFull {
+        /// Pages offered.
+        pages: usize,
+        /// Most pages one record holds in this image.
+        capacity: usize,
+    },
+    /// The page buffer is not 4096 bytes per page number.
+    #[error("{bytes} bytes of page data for {pfns} page numbers (4096 bytes each)")]
+    PageBuffer {
+        /// Page numbers offered.
+        pfns: usize,
+        /// Bytes of page data offered.
+        bytes: usize,
+    },
+    /// A page number outside guest RAM.
+    #[error("page {pfn} is outside guest RAM ({ram_pages} pages)")]
+    PfnOutOfRange {
+        /// The page number.
+        pfn: u64,
+        /// Pages of guest RAM.
+        ram_pages: u64,
+    },
+    /// A commit was attempted before the previous epoch's pages were applied.
+    #[error("epoch {0} is committed but its pages are not applied yet (apply_committed)")]
+    ApplyPending(u64),
+    /// `apply_committed` without a committed, unapplied epoch.
+    #[error("no committed epoch is waiting to be applied")]
+    NothingToApply,
+    /// `apply_committed` was given other pages than the epoch committed.
+    #[error("the pages to apply are not the ones epoch {0} committed")]
+    ApplyMismatch(u64),
+    /// The image must be recovered (redo log replayed) before this operation.
+    #[error("the image needs recovery (redo-log replay) first")]
+    RecoveryPending,
+    /// Both log halves hold a valid record of the same epoch: the image contradicts itself.
+    #[error("both redo-log halves hold a valid record for epoch {0}")]
+    LogConflict(u64),
+    /// A log record no longer matched its CRC while it was replayed.
+    #[error("the redo-log record of epoch {0} changed while it was replayed")]
+    LogChanged(u64),
 }
 
 /// Why the VM in an image cannot be resumed, in words for the user.
@@ -131,13 +183,18 @@ impl NotResumable {
 }
 
 /// How long each step of a commit took.
+///
+/// For [`Image::commit`]: state write, its persist, meta write, its persist.
+/// For [`Image::commit_epoch`], which persists once: `state_write` is the
+/// time to issue every write (log record and state), `state_persist` the one
+/// persist (the commit point), and the meta fields are zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommitTimes {
     /// The epoch just committed.
     pub epoch: u64,
     /// Bytes of state written.
     pub state_bytes: u64,
-    /// Writing the state slot.
+    /// Writing the state slot (and, for an epoch, the log record).
     pub state_write: Duration,
     /// Persisting it (with dirty RAM pages, on File backing).
     pub state_persist: Duration,
@@ -149,15 +206,28 @@ pub struct CommitTimes {
     pub total: Duration,
 }
 
-/// An open, validated image, exclusively locked (`flock`) for as long as it lives.
+/// An open, validated image. Opened from a path ([`Image::open`],
+/// [`Image::create`]) it is a [`FileStorage`], exclusively locked (`flock`)
+/// for as long as it lives.
 #[derive(Debug)]
-pub struct Image {
-    path: PathBuf,
-    file: File,
-    header: Header,
-    meta: MetaSelection,
-    backing: Backing,
-    poisoned: bool,
+pub struct Image<S: Storage = FileStorage> {
+    pub(super) storage: S,
+    pub(super) header: Header,
+    /// The meta blocks as last read or written.
+    pub(super) meta: MetaSelection,
+    /// The committed point the VM continues from: the current meta record,
+    /// or (epoch mode) the meta record recovery will write / the last epoch
+    /// committed through the redo log.
+    pub(super) current: Meta,
+    /// What recovery found (or would do) when the image was opened.
+    pub(super) plan: RecoveryPlan,
+    /// `plan` still has writes to do (`recover` not called yet).
+    pub(super) recovery_pending: bool,
+    /// The epoch committed by `commit_epoch` whose pages are not applied yet.
+    pub(super) unapplied: Option<Unapplied>,
+    /// Writes were issued (log apply, replay) that no persist covers yet.
+    pub(super) unpersisted: bool,
+    pub(super) poisoned: bool,
 }
 
 /// What [`read_validated`] proved about an image.
@@ -167,7 +237,7 @@ pub(super) struct Validated {
     pub(super) file_len: u64,
 }
 
-impl Image {
+impl Image<FileStorage> {
     /// Creates a new image at `path` for `cfg` and returns it open and locked.
     ///
     /// Refuses an existing file unless `overwrite` (and never overwrites an
@@ -209,7 +279,56 @@ impl Image {
         file.set_len(g.image_len())
             .map_err(|e| ImageError::Resize(g.image_len(), e))?;
         fallocate(&file, 0, g.ram.offset)?;
-        let mut backing = Backing::detect(&file, g.ram.offset, true)?;
+        let backing = Backing::detect(&file, g.ram.offset, true)?;
+        let kind = backing.kind();
+        let img = Image::format(FileStorage::new(path, file, backing), header)?;
+        if kind != BackingKind::Tmpfs {
+            sync_parent_dir(path)?;
+        }
+        cleanup.armed = false;
+        Ok(img)
+    }
+
+    /// Opens an existing image read-write, takes its exclusive lock
+    /// ([`ImageError::InUse`] if another process has it), and validates the
+    /// header, the file length, the meta records and (epoch mode) the redo
+    /// log. Never writes: if the log must be replayed, [`Image::recover`]
+    /// does it.
+    pub fn open(path: &Path) -> Result<Image, ImageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| open_error(path, e))?;
+        check_regular(&file, path)?;
+        lock(&file, path, libc::LOCK_EX)?;
+        let ram_offset = read_validated(&file)?.header.geometry.ram.offset;
+        let backing = Backing::detect(&file, ram_offset, true)?;
+        Image::open_storage(FileStorage::new(path, file, backing))
+    }
+
+    /// The image file (for mapping the RAM region).
+    pub fn file(&self) -> &File {
+        self.storage.file()
+    }
+
+    /// The path the image was opened at.
+    pub fn path(&self) -> &Path {
+        self.storage.path()
+    }
+
+    /// What the image lives on.
+    pub fn backing(&self) -> BackingKind {
+        self.storage.kind()
+    }
+}
+
+impl<S: Storage> Image<S> {
+    /// Formats `storage` (already at least `header.geometry.image_len()`
+    /// bytes, zero before the RAM region) as a new image: meta block 0 gets a
+    /// `Created` record (epoch 0), persisted before the header.
+    pub fn format(mut storage: S, header: Header) -> Result<Image<S>, ImageError> {
+        let g = header.geometry;
         let meta = Meta {
             epoch: 0,
             status: Status::Created,
@@ -221,52 +340,57 @@ impl Image {
             image_uuid: header.uuid,
             time_unix_ns: now_ns(),
         };
-        backing.write_at(&file, g.meta[0].offset, &meta.encode())?;
+        storage.write_at(g.meta[0].offset, &meta.encode())?;
         // ORDER: the Created meta record (and the file size) must be durable
         // before the header that makes the file an image.
-        backing.persist(&file, 0, g.ram.offset)?;
-        backing.write_at(&file, 0, &header.encode())?;
-        backing.persist(&file, 0, HEADER_LEN as u64)?;
-        if backing.kind() != BackingKind::Tmpfs {
-            sync_parent_dir(path)?;
-        }
-        cleanup.armed = false;
-        let meta = MetaSelection {
+        storage.persist(0, g.ram.offset)?;
+        storage.write_at(0, &header.encode())?;
+        storage.persist(0, HEADER_LEN as u64)?;
+        let selection = MetaSelection {
             current_block: 0,
             current: meta.clone(),
-            blocks: [Ok(meta), Err(FormatError::MetaBlank)],
+            blocks: [Ok(meta.clone()), Err(FormatError::MetaBlank)],
         };
         Ok(Image {
-            path: path.to_owned(),
-            file,
+            storage,
+            plan: RecoveryPlan::nothing(&header, &meta),
             header,
-            meta,
-            backing,
+            meta: selection,
+            current: meta,
+            recovery_pending: false,
+            unapplied: None,
+            unpersisted: false,
             poisoned: false,
         })
     }
 
-    /// Opens an existing image read-write, takes its exclusive lock
-    /// ([`ImageError::InUse`] if another process has it), and validates the
-    /// header, the file length and the meta records. Never writes.
-    pub fn open(path: &Path) -> Result<Image, ImageError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| open_error(path, e))?;
-        check_regular(&file, path)?;
-        lock(&file, path, libc::LOCK_EX)?;
-        let v = read_validated(&file)?;
-        let backing = Backing::detect(&file, v.header.geometry.ram.offset, true)?;
+    /// Validates the image held by `storage` (header, length, meta records,
+    /// redo log) and works out what recovery must do. Never writes.
+    pub fn open_storage(storage: S) -> Result<Image<S>, ImageError> {
+        let v = read_validated(&storage)?;
+        let plan = plan_recovery(&storage, &v.header, &v.meta.current)?;
+        let current = plan.current(&v.header, &v.meta.current);
         Ok(Image {
-            path: path.to_owned(),
-            file,
+            recovery_pending: plan.needs_writes(),
+            storage,
             header: v.header,
             meta: v.meta,
-            backing,
+            current,
+            plan,
+            unapplied: None,
+            unpersisted: false,
             poisoned: false,
         })
+    }
+
+    /// The storage the image lives in.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// The storage, consuming the image (and, for a file, its lock).
+    pub fn into_storage(self) -> S {
+        self.storage
     }
 
     /// The validated header: config, UUID, geometry.
@@ -274,29 +398,17 @@ impl Image {
         &self.header
     }
 
-    /// The image file (for mapping the RAM region).
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// The path the image was opened at.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// File offset of the guest RAM region (2 MiB aligned).
     pub fn ram_offset(&self) -> u64 {
         self.header.geometry.ram.offset
     }
 
-    /// What the image lives on.
-    pub fn backing(&self) -> BackingKind {
-        self.backing.kind()
-    }
-
-    /// The current (newest valid) meta record.
+    /// The committed point the VM continues from. Normally the current meta
+    /// record; in epoch mode, after `commit_epoch`, the epoch committed
+    /// through the redo log (no meta record is written per epoch), and after
+    /// `open`, the record `recover` makes current.
     pub fn current(&self) -> &Meta {
-        &self.meta.current
+        &self.current
     }
 
     /// Both meta blocks as last read or written: each record, or why it is invalid.
@@ -304,27 +416,40 @@ impl Image {
         &self.meta
     }
 
-    /// Whether the VM can be resumed from the current record: its status
-    /// fits the persist mode, it names a state, and the state matches its CRC.
-    pub fn resumable(&self) -> Result<(), NotResumable> {
-        resumability(&self.file, &self.header, &self.meta.current)
+    /// What recovery found in the redo log when the image was opened, and
+    /// what it does (or did) about it.
+    pub fn recovery_plan(&self) -> &RecoveryPlan {
+        &self.plan
     }
 
-    /// The current record's machine state, checked against its CRC.
+    /// Whether the VM can be resumed from [`Image::current`]: its status
+    /// fits the persist mode, it names a state, and the state matches its CRC.
+    pub fn resumable(&self) -> Result<(), NotResumable> {
+        resumability(&self.storage, &self.header, &self.current)
+    }
+
+    /// The machine state of [`Image::current`], checked against its CRC.
+    /// In epoch mode, refused until [`Image::recover`] has replayed the log
+    /// (the state would not match the RAM image yet).
     pub fn read_state(&self) -> Result<Vec<u8>, ImageError> {
-        read_state(&self.file, &self.header, &self.meta.current)
+        if self.recovery_pending && !self.plan.replay.is_empty() {
+            return Err(ImageError::RecoveryPending);
+        }
+        read_state(&self.storage, &self.header, &self.current)
     }
 
     /// Commits a `Running` record (epoch + 1, same state slot) and persists
     /// it. Call before guest code runs on a shared mapping of the RAM image:
     /// from then on, a crash leaves RAM newer than the saved state, and the
-    /// image says so.
+    /// image says so. In epoch mode (private RAM mapping) the record keeps
+    /// the image resumable.
     pub fn mark_running(&mut self) -> Result<(), ImageError> {
+        self.ready_to_commit()?;
         let meta = Meta {
             epoch: self.next_epoch()?,
             status: Status::Running,
             time_unix_ns: now_ns(),
-            ..self.meta.current.clone()
+            ..self.current.clone()
         };
         self.write_meta(meta).map(drop)
     }
@@ -333,20 +458,20 @@ impl Image {
     ///
     /// Writes the state into the slot the current record does not name,
     /// persists it (on File backing that one `fdatasync` also covers guest RAM
-    /// pages dirtied through a shared mapping of this file; on DAX the caller
-    /// must have written back those pages with [`super::backing::write_back`]),
-    /// then writes the meta record into the block not holding the current
-    /// record and persists that. The commit is durable when this returns.
+    /// pages dirtied through a shared mapping of this file, and in epoch mode
+    /// the pages `apply_committed` wrote; on DAX the caller must have written
+    /// back RAM pages dirtied through a mapping with
+    /// [`super::backing::write_back`]), then writes the meta record into the
+    /// block not holding the current record and persists that. The commit is
+    /// durable when this returns.
     pub fn commit(&mut self, status: Status, state: &[u8]) -> Result<CommitTimes, ImageError> {
         let start = Instant::now();
         if status == Status::Created {
             return Err(ImageError::CommitStatus(status));
         }
-        if self.poisoned {
-            return Err(ImageError::Poisoned);
-        }
+        self.ready_to_commit()?;
         let epoch = self.next_epoch()?;
-        let slot = 1 - self.meta.current.state_slot.min(1);
+        let slot = 1 - self.current.state_slot.min(1);
         let region = self.header.geometry.state[slot];
         let len = state.len() as u64;
         if len > region.size {
@@ -359,12 +484,17 @@ impl Image {
         // on leaves the current commit intact.
         self.poisoned = true;
         let t = Instant::now();
-        self.backing.write_at(&self.file, region.offset, state)?;
+        self.storage.write_at(region.offset, state)?;
         let state_write = t.elapsed();
         let t = Instant::now();
-        // ORDER: the state slot (and the guest RAM pages it goes with) must be
-        // durable before the meta record that names it.
-        self.backing.persist(&self.file, region.offset, len)?;
+        // ORDER: the state slot (and the guest RAM pages it goes with: pages
+        // dirtied through a shared mapping, or applied from the redo log) must
+        // be durable before the meta record that names it.
+        if self.unpersisted {
+            self.persist_all()?;
+        } else {
+            self.storage.persist(region.offset, len)?;
+        }
         let state_persist = t.elapsed();
         self.poisoned = false;
         let meta = Meta {
@@ -374,7 +504,7 @@ impl Image {
             state_len: len,
             state_crc: crc32c::crc32c(state),
             time_unix_ns: now_ns(),
-            ..self.meta.current.clone()
+            ..self.current.clone()
         };
         let (meta_write, meta_persist) = self.write_meta(meta)?;
         Ok(CommitTimes {
@@ -388,68 +518,93 @@ impl Image {
         })
     }
 
-    fn next_epoch(&self) -> Result<u64, ImageError> {
-        self.meta
-            .current
+    /// Refuses a commit on a poisoned image, before recovery, or while a
+    /// committed epoch waits to be applied.
+    pub(super) fn ready_to_commit(&self) -> Result<(), ImageError> {
+        if self.poisoned {
+            return Err(ImageError::Poisoned);
+        }
+        if self.recovery_pending {
+            return Err(ImageError::RecoveryPending);
+        }
+        if let Some(u) = &self.unapplied {
+            return Err(ImageError::ApplyPending(u.epoch));
+        }
+        Ok(())
+    }
+
+    pub(super) fn next_epoch(&self) -> Result<u64, ImageError> {
+        self.current
             .epoch
             .checked_add(1)
             .ok_or(ImageError::EpochExhausted)
     }
 
+    /// Persists every write issued so far, wherever it is (log, state, RAM).
+    pub(super) fn persist_all(&mut self) -> Result<(), BackingError> {
+        self.storage.persist(0, self.header.geometry.image_len())?;
+        self.unpersisted = false;
+        Ok(())
+    }
+
     /// Writes `meta` into the block not holding the current record, persists
-    /// it, and makes it current.
-    fn write_meta(&mut self, meta: Meta) -> Result<(Duration, Duration), ImageError> {
+    /// it, and makes it current. In epoch mode, first persists any writes no
+    /// persist covers yet (applied or replayed pages), and marks the record's
+    /// log span as live (see docs/nvram-format.md, "Meta records in epoch mode").
+    pub(super) fn write_meta(
+        &mut self,
+        mut meta: Meta,
+    ) -> Result<(Duration, Duration), ImageError> {
         if self.poisoned {
             return Err(ImageError::Poisoned);
+        }
+        if self.header.config.persist == PersistMode::Epoch {
+            (meta.log_head, meta.log_tail) = (0, self.header.log_bytes());
         }
         let block = 1 - self.meta.current_block.min(1);
         let region = self.header.geometry.meta[block];
         self.poisoned = true;
+        if self.unpersisted {
+            // ORDER: a meta record in epoch mode says that every log record up
+            // to its epoch is applied to the RAM image: those writes must be
+            // durable before it.
+            self.persist_all()?;
+        }
         let t = Instant::now();
         // A torn write of this block leaves the current record in the other
         // block, which recovery then picks (its CRC fails on this one).
-        self.backing
-            .write_at(&self.file, region.offset, &meta.encode())?;
+        self.storage.write_at(region.offset, &meta.encode())?;
         let meta_write = t.elapsed();
         let t = Instant::now();
         // ORDER: the commit is durable only after this persist; nothing that
         // depends on it (released output, log apply) may happen before.
-        self.backing
-            .persist(&self.file, region.offset, META_LEN as u64)?;
+        self.storage.persist(region.offset, META_LEN as u64)?;
         let meta_persist = t.elapsed();
         self.poisoned = false;
         self.meta.blocks[block] = Ok(meta.clone());
-        self.meta.current = meta;
+        self.meta.current = meta.clone();
         self.meta.current_block = block;
+        self.current = meta;
         Ok((meta_write, meta_persist))
     }
 }
 
+pub(super) fn read_err(what: &'static str) -> impl FnOnce(io::Error) -> ImageError {
+    move |source| ImageError::Read { what, source }
+}
+
 /// Reads and validates the header, the file length and both meta records.
 /// Every read is bounded by a constant (a header block, two meta records).
-pub(super) fn read_validated(file: &File) -> Result<Validated, ImageError> {
-    let file_len = file
-        .metadata()
-        .map_err(|source| ImageError::Read {
-            what: "image metadata",
-            source,
-        })?
-        .len();
+pub(super) fn read_validated<S: Storage + ?Sized>(s: &S) -> Result<Validated, ImageError> {
+    let file_len = s.size().map_err(read_err("image metadata"))?;
     let mut head = vec![0u8; file_len.min(HEADER_BLOCK) as usize];
-    file.read_exact_at(&mut head, 0)
-        .map_err(|source| ImageError::Read {
-            what: "header",
-            source,
-        })?;
+    s.read_at(0, &mut head).map_err(read_err("header"))?;
     let header = Header::parse(&head)?;
     check_file_len(&header, file_len)?;
     let mut blocks = [[0u8; META_LEN]; 2];
     for (block, region) in blocks.iter_mut().zip(header.geometry.meta) {
-        file.read_exact_at(block, region.offset)
-            .map_err(|source| ImageError::Read {
-                what: "meta records",
-                source,
-            })?;
+        s.read_at(region.offset, block)
+            .map_err(read_err("meta records"))?;
     }
     let meta = select_meta(&header, &blocks[0], &blocks[1])?;
     Ok(Validated {
@@ -461,7 +616,11 @@ pub(super) fn read_validated(file: &File) -> Result<Validated, ImageError> {
 
 /// The state `meta` names, checked against its CRC. Allocates at most one
 /// state slot (bounded by the validated geometry).
-pub(super) fn read_state(file: &File, header: &Header, meta: &Meta) -> Result<Vec<u8>, ImageError> {
+pub(super) fn read_state<S: Storage + ?Sized>(
+    s: &S,
+    header: &Header,
+    meta: &Meta,
+) -> Result<Vec<u8>, ImageError> {
     let slot = meta.state_slot.min(1);
     let region = header.geometry.state[slot];
     if meta.state_len > region.size {
@@ -474,11 +633,8 @@ pub(super) fn read_state(file: &File, header: &Header, meta: &Meta) -> Result<Ve
     let len = usize::try_from(meta.state_len)
         .map_err(|_| FormatError::BadMeta("state length does not fit in memory".into()))?;
     let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, region.offset)
-        .map_err(|source| ImageError::Read {
-            what: "state slot",
-            source,
-        })?;
+    s.read_at(region.offset, &mut buf)
+        .map_err(read_err("state slot"))?;
     let computed = crc32c::crc32c(&buf);
     if computed != meta.state_crc {
         return Err(ImageError::StateCrc {
@@ -490,12 +646,24 @@ pub(super) fn read_state(file: &File, header: &Header, meta: &Meta) -> Result<Ve
     Ok(buf)
 }
 
-/// Whether the VM can resume from `meta`. See docs/nvram-format.md ("Status").
-pub(super) fn resumability(file: &File, header: &Header, meta: &Meta) -> Result<(), NotResumable> {
-    match (meta.status, header.config.persist) {
-        (Status::Created, _) => {
+/// Whether the VM can resume from `meta` (the committed point: a meta record,
+/// or in epoch mode the record recovery makes current). See
+/// docs/nvram-format.md ("Status").
+pub(super) fn resumability<S: Storage + ?Sized>(
+    s: &S,
+    header: &Header,
+    meta: &Meta,
+) -> Result<(), NotResumable> {
+    let mode = header.config.persist;
+    match (meta.status, mode) {
+        (Status::Created, PersistMode::SuspendOnly) => {
             return Err(NotResumable::new(
                 "the image was created but never suspended: it holds no VM state",
+            ))
+        }
+        (Status::Created, PersistMode::Epoch) => {
+            return Err(NotResumable::new(
+                "the image was created but no epoch was ever committed: it holds no VM state",
             ))
         }
         (Status::Running, PersistMode::SuspendOnly) => {
@@ -513,18 +681,24 @@ pub(super) fn resumability(file: &File, header: &Header, meta: &Meta) -> Result<
         _ => {}
     }
     if meta.state_len == 0 {
+        let why = match mode {
+            PersistMode::Epoch => ": no epoch was ever committed",
+            PersistMode::SuspendOnly => "",
+        };
         return Err(NotResumable::new(format!(
-            "the current meta record (epoch {}, {}) names no saved state",
+            "the current meta record (epoch {}, {}) names no saved state{why}",
             meta.epoch, meta.status
         )));
     }
-    if meta.log_tail != meta.log_head {
+    // Suspend-only images never use the redo log (v1); in epoch mode the
+    // log span is always live and recovery replays what the log holds.
+    if mode == PersistMode::SuspendOnly && meta.log_tail != meta.log_head {
         return Err(NotResumable::new(format!(
-            "the redo log holds {} committed bytes and this nvhv cannot replay a redo log yet",
+            "the redo log holds {} committed bytes, which suspend-only mode never writes",
             meta.log_tail - meta.log_head
         )));
     }
-    read_state(file, header, meta)
+    read_state(s, header, meta)
         .map(drop)
         .map_err(|e| NotResumable::new(e.to_string()))
 }
@@ -543,10 +717,7 @@ pub(super) fn open_error(path: &Path, e: io::Error) -> ImageError {
 pub(super) fn check_regular(file: &File, path: &Path) -> Result<(), ImageError> {
     let ft = file
         .metadata()
-        .map_err(|source| ImageError::Read {
-            what: "image metadata",
-            source,
-        })?
+        .map_err(read_err("image metadata"))?
         .file_type();
     if !ft.is_file() {
         return Err(ImageError::NotRegular(path.to_owned()));
@@ -636,7 +807,18 @@ fn now() -> (u64, u32) {
     (d.as_secs(), d.subsec_nanos())
 }
 
-fn now_ns() -> u64 {
+#[cfg(test)]
+thread_local! {
+    /// Pins the clock in records and meta records, so that tests counting
+    /// distinct images get the same count on every run.
+    pub(super) static FIXED_NOW_NS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+pub(super) fn now_ns() -> u64 {
+    #[cfg(test)]
+    if let Some(t) = FIXED_NOW_NS.with(std::cell::Cell::get) {
+        return t;
+    }
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -660,6 +842,7 @@ impl Drop for RemoveOnDrop<'_> {
 pub(super) mod tests {
     use super::*;
     use crate::nvram::layout::Region;
+    use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A unique path under /dev/shm (or the temp dir), removed on drop.
@@ -866,7 +1049,7 @@ pub(super) mod tests {
     #[test]
     fn test_fake_dax_commit() {
         let (p, mut img) = created("fakedax");
-        img.backing = Backing::fake_dax(&img.file, img.ram_offset()).unwrap();
+        img.storage.backing = Backing::fake_dax(img.file(), img.ram_offset()).unwrap();
         img.commit(Status::Suspended, b"via the mapping").unwrap();
         drop(img);
         let img = Image::open(&p.0).unwrap();

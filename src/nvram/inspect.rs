@@ -1,6 +1,8 @@
 //! `nvhv inspect`: what an image holds and whether its VM can be resumed,
 //! read without changing the file (read-only open, no lock kept), as a
-//! serializable report with a human-readable `Display`.
+//! serializable report with a human-readable `Display`. In epoch mode it
+//! shows the redo-log records and the recovery plan that `Image::recover`
+//! would carry out (the same code computes both), without carrying it out.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -10,13 +12,19 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::backing::{Backing, BackingKind};
+use super::epoch::{plan_recovery, HalfState};
 use super::image::{
     check_regular, lock, open_error, read_validated, resumability, unlock, ImageError,
 };
 use super::layout::{PersistMode, Status, Uuid};
+use super::redo::{capacity_pages, half_region};
 
 /// What `inspect` found. The JSON keys `format_version`, `ram_bytes`, `vcpus`,
 /// `epoch`, `resumable` and `reason` are a stable interface.
+///
+/// `epoch`, `status` and the state fields describe the committed point the
+/// VM would continue from: the current meta record, or in epoch mode the
+/// epoch recovery restores (which may come from the redo log).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InspectReport {
     /// The path inspected, as given.
@@ -37,9 +45,9 @@ pub struct InspectReport {
     pub backing: BackingKind,
     /// What a commit on this backing survives.
     pub guarantee: &'static str,
-    /// Epoch of the current meta record.
+    /// The committed epoch the VM would continue from.
     pub epoch: u64,
-    /// Status in the current meta record.
+    /// Its status (`committed` when it comes from the redo log).
     pub status: Status,
     /// Whether `nvhv resume` can continue the VM (ignoring `in_use`).
     pub resumable: bool,
@@ -47,7 +55,7 @@ pub struct InspectReport {
     pub reason: Option<String>,
     /// Whether another process holds the image's lock right now.
     pub in_use: bool,
-    /// State slot named by the current record.
+    /// State slot holding that epoch's machine state.
     pub state_slot: usize,
     /// Bytes of saved machine state.
     pub state_bytes: u64,
@@ -55,8 +63,17 @@ pub struct InspectReport {
     pub state_slot_bytes: u64,
     /// Bytes reserved for the redo log.
     pub log_bytes: u64,
-    /// Committed redo-log bytes not yet applied to the RAM image.
+    /// Bytes of redo-log records recovery would replay into the RAM image.
     pub log_pending_bytes: u64,
+    /// Most pages one epoch may commit (one log half); 0 without a usable log.
+    pub log_capacity_pages: u64,
+    /// Both log halves (epoch mode only; empty in suspend-only mode).
+    pub log_records: Vec<LogRecordReport>,
+    /// Epochs whose log records recovery would replay, oldest first.
+    pub replay_epochs: Vec<u64>,
+    /// Whether opening the image to resume it would write to it (replay
+    /// and/or a meta record; `Image::recover`).
+    pub recovery_writes: bool,
     /// Length of the image file.
     pub image_bytes: u64,
     /// File offset of the guest RAM region.
@@ -84,6 +101,23 @@ pub struct MetaBlockReport {
     pub problem: Option<String>,
 }
 
+/// One half of the redo log as `inspect` read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogRecordReport {
+    /// Log half (0 or 1).
+    pub half: usize,
+    /// `blank`, `applied` (covered by the meta record), `valid` or `invalid`.
+    pub state: &'static str,
+    /// The record's epoch, when its header is intact.
+    pub epoch: Option<u64>,
+    /// Pages in the record, when its header is intact.
+    pub pages: Option<u64>,
+    /// Whether recovery would replay it.
+    pub replay: bool,
+    /// Why the record is invalid, if it is.
+    pub problem: Option<String>,
+}
+
 /// Reports what the image at `path` holds, without changing it: the file is
 /// opened read-only (without updating its access time where permitted), and
 /// whether another process holds the image is probed with a non-blocking
@@ -101,9 +135,32 @@ pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
         Err(e) => return Err(e),
     };
     let v = read_validated(&file)?;
-    let (h, cur) = (&v.header, &v.meta.current);
+    let h = &v.header;
+    let plan = plan_recovery(&file, h, &v.meta.current)?;
+    let cur = &plan.current(h, &v.meta.current);
     let backing = Backing::detect(&file, h.geometry.ram.offset, false)?.kind();
     let verdict = resumability(&file, h, cur);
+    let log_records = plan
+        .halves
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(half, st)| LogRecordReport {
+            half,
+            state: st.word(),
+            epoch: st.epoch(),
+            pages: st.record().map(|r| r.pages),
+            replay: plan.replay.contains(&half),
+            problem: match st {
+                HalfState::Invalid { problem, .. } => Some(problem.to_string()),
+                _ => None,
+            },
+        })
+        .collect();
+    let log_capacity_pages = match h.config.persist {
+        PersistMode::Epoch => capacity_pages(half_region(h.geometry.log, 0).size).unwrap_or(0),
+        PersistMode::SuspendOnly => 0,
+    };
     let meta_blocks = v
         .meta
         .blocks
@@ -127,7 +184,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
         persist_mode: h.config.persist,
         backing,
         guarantee: backing.guarantee(),
-        epoch: cur.epoch,
+        epoch: plan.restored_epoch(),
         status: cur.status,
         resumable: verdict.is_ok(),
         reason: verdict.err().map(|e| e.reason),
@@ -136,7 +193,11 @@ pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
         state_bytes: cur.state_len,
         state_slot_bytes: h.geometry.state[0].size,
         log_bytes: h.log_bytes(),
-        log_pending_bytes: cur.log_tail - cur.log_head,
+        log_pending_bytes: plan.replay_bytes(),
+        log_capacity_pages,
+        log_records,
+        replay_epochs: plan.replay_epochs(),
+        recovery_writes: plan.needs_writes(),
         image_bytes: v.file_len,
         ram_offset: h.geometry.ram.offset,
         created_unix: h.created_secs,
@@ -192,12 +253,47 @@ impl fmt::Display for InspectReport {
             self.state_slot,
             Bytes(self.state_slot_bytes)
         )?;
-        writeln!(
-            f,
-            "  redo log   {} reserved, {} pending",
-            Bytes(self.log_bytes),
-            Bytes(self.log_pending_bytes)
-        )?;
+        if self.persist_mode == PersistMode::Epoch {
+            writeln!(
+                f,
+                "  redo log   {} reserved, records of up to {} pages",
+                Bytes(self.log_bytes),
+                self.log_capacity_pages
+            )?;
+            for r in &self.log_records {
+                let what = match (r.epoch, r.pages, &r.problem) {
+                    (Some(e), Some(p), _) => format!("epoch {e}, {p} pages, {}", r.state),
+                    (Some(e), None, Some(why)) => format!("epoch {e}, invalid: {why}"),
+                    (None, _, Some(why)) => format!("invalid: {why}"),
+                    _ => r.state.to_string(),
+                };
+                let replay = if r.replay { " (replay)" } else { "" };
+                writeln!(f, "  log half {} {what}{replay}", r.half)?;
+            }
+            let plan = match (self.replay_epochs.as_slice(), self.recovery_writes) {
+                ([], false) => "nothing to replay".to_string(),
+                ([], true) => {
+                    "nothing to replay; writes a meta record sealing a torn record".into()
+                }
+                (epochs, _) => format!(
+                    "replays epoch{} {} ({}), then writes a meta record",
+                    if epochs.len() == 1 { "" } else { "s" },
+                    epochs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Bytes(self.log_pending_bytes)
+                ),
+            };
+            writeln!(f, "  recovery   {plan}")?;
+        } else {
+            writeln!(
+                f,
+                "  redo log   {} reserved, unused in suspend-only mode",
+                Bytes(self.log_bytes)
+            )?;
+        }
         for m in &self.meta_blocks {
             let what = match (&m.epoch, &m.status, &m.problem) {
                 (Some(e), Some(s), _) => format!("epoch {e}, {s}"),
@@ -331,6 +427,64 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("4 MiB RAM"), "{text}");
+    }
+
+    #[test]
+    fn test_inspect_epoch_image_shows_the_recovery_plan_without_writing() {
+        let p = TempPath::new("inspect-epoch");
+        let mut img = Image::create(&p.0, &cfg(PersistMode::Epoch), false).unwrap();
+        img.mark_running().unwrap();
+        let page = vec![0xab; 4096];
+        img.commit_epoch(&[3], &page, b"two").unwrap();
+        img.apply_committed(&[3], &page).unwrap();
+        img.commit_epoch(&[4, 5], &[page.clone(), page].concat(), b"three")
+            .unwrap();
+        drop(img);
+        let before = std::fs::read(&p.0).unwrap();
+        let r = inspect(&p.0).unwrap();
+        assert_eq!(std::fs::read(&p.0).unwrap(), before);
+        assert!(r.resumable, "{:?}", r.reason);
+        assert_eq!((r.epoch, r.status), (3, Status::Committed));
+        assert_eq!(r.replay_epochs, [2, 3]);
+        assert!(r.recovery_writes);
+        assert_eq!(r.log_pending_bytes, (4096 * 3) + (4096 * 4));
+        assert_eq!(r.log_records.len(), 2);
+        assert_eq!(
+            (r.log_records[1].epoch, r.log_records[1].pages),
+            (Some(3), Some(2))
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        for key in [
+            "format_version",
+            "ram_bytes",
+            "vcpus",
+            "epoch",
+            "resumable",
+            "reason",
+            "log_records",
+            "replay_epochs",
+            "log_capacity_pages",
+        ] {
+            assert!(v.get(key).is_some(), "missing key {key}");
+        }
+        assert_eq!(v["log_records"][0]["state"], "valid");
+        assert_eq!(v["log_records"][0]["replay"], true);
+        let text = r.to_string();
+        assert!(
+            text.contains("log half 1 epoch 3, 2 pages, valid (replay)"),
+            "{text}"
+        );
+        assert!(text.contains("recovery   replays epochs 2, 3"), "{text}");
+        // What inspect predicted is what recovery does; afterwards nothing is pending.
+        let mut img = Image::open(&p.0).unwrap();
+        assert_eq!(img.recover().unwrap().replayed, [2, 3]);
+        drop(img);
+        let r = inspect(&p.0).unwrap();
+        assert!(!r.recovery_writes && r.replay_epochs.is_empty());
+        assert_eq!(r.epoch, 3);
+        assert_eq!(v["log_records"][1]["state"], "valid");
+        assert_eq!(r.log_records[0].state, "applied");
+        assert!(r.to_string().contains("recovery   nothing to replay"));
     }
 
     #[test]

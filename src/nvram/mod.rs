@@ -1,25 +1,38 @@
 //! NVRAM images: the on-NVRAM format (header, double-buffered meta records,
-//! state slots, redo-log area, guest RAM image), the backing it lives on and
-//! its persist primitive, and the crash-atomic commit.
+//! state slots, redo log, guest RAM image), the backing it lives on and its
+//! persist primitive, the crash-atomic commits (suspend and epoch) and
+//! recovery.
 //!
 //! An [`Image`] is an open, validated, exclusively locked image; [`inspect`]
-//! reads one without changing it. The format and the commit order are
-//! specified in `docs/nvram-format.md`.
+//! reads one without changing it. The format, the commit orders and the
+//! recovery rule are specified in `docs/nvram-format.md`.
 //!
 //! - [`layout`]: pure encode/parse of the header and meta records (fuzzed);
+//! - [`redo`]: pure encode/parse of redo-log records and the log geometry;
 //! - [`backing`]: tmpfs / file / DAX detection and `persist`;
-//! - `image`: create, open, commit, read state, resumability;
-//! - `inspect`: the read-only report.
+//! - `storage`: the read/write/persist interface every image byte goes through;
+//! - `image`: create, open, suspend commit, read state, resumability;
+//! - `epoch`: epoch commit through the redo log, apply, recovery;
+//! - `inspect`: the read-only report;
+//! - `crash_tests` (tests only): every crash point of the epoch protocol.
 
 pub mod backing;
+#[cfg(test)]
+mod crash_tests;
+mod epoch;
 mod image;
 mod inspect;
 pub mod layout;
+pub mod redo;
+mod storage;
 
 pub use backing::{BackingError, BackingKind};
+pub use epoch::{HalfState, RecoveryPlan, RecoveryReport};
 pub use image::{CommitTimes, Image, ImageError, NotResumable};
-pub use inspect::{inspect, InspectReport, MetaBlockReport};
+pub use inspect::{inspect, InspectReport, LogRecordReport, MetaBlockReport};
 pub use layout::{
     FormatError, Geometry, Header, ImageConfig, Meta, MetaSelection, PersistMode, Region, Status,
     Uuid, FORMAT_VERSION,
 };
+pub use redo::RecordError;
+pub use storage::{FileStorage, MemStorage, Storage};

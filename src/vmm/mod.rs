@@ -255,16 +255,19 @@ pub enum StopCause {
     Guest(StopReason),
 }
 
+/// An MMIO device shared between the bus (vCPU threads) and its owner.
+type SharedMmio = Arc<Mutex<dyn MmioDevice>>;
+
 /// Port and MMIO dispatch for the built-in ABI's devices.
 struct Bus {
     console: Mutex<Console>,
     /// MMIO devices: (base, size, device).
-    mmio: Vec<(u64, u64, Arc<Mutex<dyn MmioDevice>>)>,
+    mmio: Vec<(u64, u64, SharedMmio)>,
 }
 
 impl Bus {
     fn new(console: Console, layout: &Layout, vsock: Option<&Vsock>) -> Arc<Bus> {
-        let mut mmio: Vec<(u64, u64, Arc<Mutex<dyn MmioDevice>>)> = Vec::new();
+        let mut mmio: Vec<(u64, u64, SharedMmio)> = Vec::new();
         if let Some(v) = vsock {
             let w = layout.mmio_window(0);
             mmio.push((w.base, w.size, v.transport()));
@@ -275,7 +278,7 @@ impl Bus {
         })
     }
 
-    fn mmio_device(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn MmioDevice>>)> {
+    fn mmio_device(&self, addr: u64) -> Option<(u64, &SharedMmio)> {
         self.mmio
             .iter()
             .find(|(base, size, _)| addr >= *base && addr - base < *size)
@@ -731,8 +734,9 @@ impl Machine {
                         // Nothing after the last durable epoch was released:
                         // stopping here loses no acknowledged output.
                         for h in handles {
-                            h.stop();
+                            h.stop(&self.wake);
                         }
+                        eprintln!("nvhv: {}", stats.summary());
                         return Err(e);
                     }
                 }
@@ -744,14 +748,20 @@ impl Machine {
 
         // 9. Final commit: pause every vCPU at a safe point, save, persist, commit.
         let result = if self.policy.is_some() {
+            // The final epoch is durable when epoch() returns; the Suspended
+            // record after it only saves the next open a log scan.
             self.epoch(&handles, &rx, &mut deferred, &mut stats)
-                .map(|()| t0.elapsed())
+                .map(|state| (t0.elapsed(), state))
+                .and_then(|(l, state)| {
+                    self.image.commit(Status::Suspended, &state)?;
+                    Ok(l)
+                })
         } else {
             self.suspend(&handles, &rx, &mut deferred, t0)
         };
         sig_handle.close();
         for h in handles {
-            h.stop();
+            h.stop(&self.wake);
         }
         if stats.epochs > 0 {
             eprintln!("nvhv: {}", stats.summary());
@@ -899,13 +909,14 @@ impl Machine {
 
     /// One epoch: capture, resume the guest, commit the redo record (one
     /// persist), release the output held for it, apply it to the RAM image.
+    /// Returns the committed machine state.
     fn epoch(
         &mut self,
         handles: &[VcpuHandle],
         rx: &Receiver<Event>,
         deferred: &mut VecDeque<Event>,
         stats: &mut EpochStats,
-    ) -> Result<(), VmmError> {
+    ) -> Result<Vec<u8>, VmmError> {
         let t0 = Instant::now();
         let cap = self.capture(handles, rx, deferred, true)?;
         self.unpause(handles);
@@ -933,7 +944,7 @@ impl Machine {
             held,
             "epoch committed"
         );
-        Ok(())
+        Ok(cap.state)
     }
 
     /// Suspend-only mode: pause, save, persist, commit. Returns the time from
@@ -990,55 +1001,5 @@ pub fn describe(r: &StopReason) -> String {
             format!("guest crashed (triple fault) at rip {rip:#x}, rsp {rsp:#x}")
         }
         StopReason::Internal(s) => s.clone(),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// TEMPORARY shims while the redo log (nvram) and the vsock output gate land;
-// inherent methods of the same names take precedence once they exist.
-
-trait RedoShim {
-    fn log_capacity_pages(&self) -> usize;
-    fn commit_epoch(
-        &mut self,
-        pfns: &[u64],
-        pages: &[u8],
-        state: &[u8],
-    ) -> Result<crate::nvram::CommitTimes, crate::nvram::ImageError>;
-    fn apply_committed(
-        &mut self,
-        pfns: &[u64],
-        pages: &[u8],
-    ) -> Result<(), crate::nvram::ImageError>;
-}
-
-impl RedoShim for Image {
-    fn log_capacity_pages(&self) -> usize {
-        0
-    }
-    fn commit_epoch(
-        &mut self,
-        _pfns: &[u64],
-        _pages: &[u8],
-        _state: &[u8],
-    ) -> Result<crate::nvram::CommitTimes, crate::nvram::ImageError> {
-        Err(crate::nvram::ImageError::Poisoned)
-    }
-    fn apply_committed(
-        &mut self,
-        _pfns: &[u64],
-        _pages: &[u8],
-    ) -> Result<(), crate::nvram::ImageError> {
-        Err(crate::nvram::ImageError::Poisoned)
-    }
-}
-
-trait RecoverShim {
-    fn recover(&mut self) -> Result<(), crate::nvram::ImageError>;
-}
-
-impl RecoverShim for Image {
-    fn recover(&mut self) -> Result<(), crate::nvram::ImageError> {
-        Err(crate::nvram::ImageError::Poisoned)
     }
 }

@@ -24,7 +24,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use super::vm::Vm;
-use super::wait::GuestWake;
+use super::wait::{GuestWake, Waiter};
 
 /// MSR_KVM_SYSTEM_TIME_NEW: enables kvmclock for one vCPU.
 const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
@@ -536,9 +536,16 @@ impl VcpuHandle {
         let _ = self.cmd.send(VcpuCmd::Resume);
     }
 
-    /// Stop the thread (it must be paused or stopped) and join it.
-    pub fn stop(self) {
+    /// Stop the thread, running or paused, and join it.
+    ///
+    /// ORDER: the Stop command is queued before the kick, so a running thread
+    /// that the kick sends into its pause handling finds it there.
+    pub fn stop(self, wake: &GuestWake) {
+        self.pause.store(true, Ordering::SeqCst);
         let _ = self.cmd.send(VcpuCmd::Stop);
+        use vmm_sys_util::signal::Killable;
+        let _ = self.thread.kill(kick_signal());
+        wake.notify();
         let _ = self.thread.join();
     }
 }
@@ -593,6 +600,7 @@ fn run_loop(
     cmds: &Receiver<VcpuCmd>,
     events: &dyn Fn(VcpuEvent),
 ) {
+    let mut waiter = Waiter::default();
     loop {
         if pause.load(Ordering::SeqCst) {
             if !paused(vcpu, cmds, events) {
@@ -642,7 +650,7 @@ fn run_loop(
             ExitAction::Continue => {}
             ExitAction::Wait(t) => {
                 if !pause.load(Ordering::SeqCst) {
-                    wake.wait(t);
+                    wake.wait(&mut waiter, t);
                 }
             }
             ExitAction::Stop(reason) => {

@@ -2,18 +2,27 @@
 //! work for the guest, the guest's timeout passes, or the VMM wants the vCPU
 //! (pause, stop).
 //!
-//! A wake-up that arrives while nobody is parked is remembered, so a device
-//! that queues work just before the guest parks never loses the wake-up.
+//! Wake-ups are a generation counter, and each waiter remembers the last
+//! generation it saw ([`Waiter`]). A wake-up that arrives while a vCPU is not
+//! parked (say, just after the guest polled its rings and before its `out` to
+//! the wait port) is therefore never lost, and with several vCPUs one vCPU's
+//! wake-up does not consume another's.
 
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Shared between the devices (which call [`GuestWake::notify`]) and the vCPU threads
-/// (which call [`GuestWake::wait`] on a guest `out` to the wait port).
+/// Shared between the devices (which call [`GuestWake::notify`]) and the vCPU
+/// threads (which call [`GuestWake::wait`] on a guest `out` to the wait port).
 #[derive(Debug, Default)]
 pub struct GuestWake {
-    pending: Mutex<bool>,
+    generation: Mutex<u64>,
     cond: Condvar,
+}
+
+/// One waiter's memory of the wake-ups it has already seen.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Waiter {
+    seen: u64,
 }
 
 impl GuestWake {
@@ -22,39 +31,36 @@ impl GuestWake {
         Self::default()
     }
 
-    /// Wake every parked vCPU now, or the next one that parks.
+    /// Wake every parked vCPU now, and every vCPU that parks later without
+    /// having seen this wake-up.
     pub fn notify(&self) {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        *p = true;
+        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        *g = g.wrapping_add(1);
         self.cond.notify_all();
     }
 
-    /// Park until [`notify`](Self::notify) or `timeout` (None: no limit). Consumes
-    /// the pending wake-up. Returns true if woken by a notification.
-    pub fn wait(&self, timeout: Option<Duration>) -> bool {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        match timeout {
-            None => {
-                while !*p {
-                    p = self.cond.wait(p).unwrap_or_else(|e| e.into_inner());
-                }
-            }
-            Some(t) => {
-                let deadline = std::time::Instant::now() + t;
-                while !*p {
-                    let now = std::time::Instant::now();
-                    if now >= deadline {
+    /// Park until a wake-up `waiter` has not seen yet, or `timeout` (None: no
+    /// limit). Returns true if woken by a notification.
+    pub fn wait(&self, waiter: &mut Waiter, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        while *g == waiter.seen {
+            match deadline {
+                None => g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
                         return false;
                     }
-                    p = self
+                    g = self
                         .cond
-                        .wait_timeout(p, deadline - now)
+                        .wait_timeout(g, d - now)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
             }
         }
-        *p = false;
+        waiter.seen = *g;
         true
     }
 }
@@ -62,20 +68,32 @@ impl GuestWake {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn notify_before_wait_is_not_lost() {
         let w = GuestWake::new();
+        let mut me = Waiter::default();
         w.notify();
-        assert!(w.wait(Some(Duration::from_millis(0))));
-        assert!(!w.wait(Some(Duration::from_millis(1))));
+        assert!(w.wait(&mut me, Some(Duration::from_millis(0))));
+        assert!(!w.wait(&mut me, Some(Duration::from_millis(1))));
+    }
+
+    #[test]
+    fn one_waiter_does_not_consume_anothers_wakeup() {
+        let w = GuestWake::new();
+        let (mut a, mut b) = (Waiter::default(), Waiter::default());
+        w.notify();
+        assert!(w.wait(&mut a, Some(Duration::ZERO)));
+        assert!(w.wait(&mut b, Some(Duration::ZERO)));
+        assert!(!w.wait(&mut a, Some(Duration::ZERO)));
     }
 
     #[test]
     fn notify_from_another_thread_wakes() {
-        let w = std::sync::Arc::new(GuestWake::new());
+        let w = Arc::new(GuestWake::new());
         let w2 = w.clone();
-        let t = std::thread::spawn(move || w2.wait(None));
+        let t = std::thread::spawn(move || w2.wait(&mut Waiter::default(), None));
         w.notify();
         assert!(t.join().unwrap());
     }

@@ -419,7 +419,10 @@ fn save_restore_delivers_transport_reset_and_resets_old_connections() {
             break ev;
         }
         assert!(Instant::now() < deadline, "no transport reset event");
-        g.wake.wait(Some(Duration::from_millis(5)));
+        g.wake.wait(
+            &mut crate::vstate::wait::Waiter::default(),
+            Some(Duration::from_millis(5)),
+        );
     };
     assert_eq!(ev, EVENT_TRANSPORT_RESET);
     // The old connection gets an RST, the lost TX packet is consumed (and

@@ -261,8 +261,10 @@ impl GuestDriver {
                 return None;
             }
             // Park like the built-in guest does on the wait port.
-            self.wake
-                .wait(Some((deadline - now).min(Duration::from_millis(5))));
+            self.wake.wait(
+                &mut crate::vstate::wait::Waiter::default(),
+                Some((deadline - now).min(Duration::from_millis(5))),
+            );
         }
     }
 

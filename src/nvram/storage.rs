@@ -1,0 +1,207 @@
+//! Where an image's bytes live, as the commit and recovery code sees them: a
+//! small positional interface ([`Storage`]: size, read, write, persist) with
+//! the real implementation over the image file and its backing
+//! ([`FileStorage`]), a plain one over a bare `File` (validation before the
+//! backing is known, and `inspect`, which only reads), and an in-memory one
+//! ([`MemStorage`]) for tests and tools.
+//!
+//! Every write of `Image` goes through [`Storage::write_at`] and every ordering
+//! point through [`Storage::persist`], so a test implementation that records
+//! them sees the whole write/persist order of the protocol (the crash-point
+//! enumeration in `crash_tests.rs` does exactly that).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::backing::{Backing, BackingError, BackingKind};
+
+/// Positional access to an image's bytes, with a persist primitive.
+///
+/// A write is not durable until a later [`Storage::persist`] whose range
+/// covers it has returned; until then a power cut may leave any part of it
+/// (and of any other write issued since the last completed persist) on the
+/// medium, in any combination. That is the whole contract the commit protocol
+/// relies on (`docs/nvram-format.md`, "Persist model").
+pub trait Storage {
+    /// Length of the image in bytes.
+    fn size(&self) -> io::Result<u64>;
+
+    /// Fills `buf` from `offset`; a read past the end is an error.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Writes `data` at `offset`. Not durable until a persist covers it.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BackingError>;
+
+    /// Makes every earlier write to `[offset, offset + len)` durable and
+    /// orders it before every later write. Implementations may persist more
+    /// than the range (`fdatasync` persists the whole file).
+    fn persist(&mut self, offset: u64, len: u64) -> Result<(), BackingError>;
+}
+
+/// A bare file: reads and `pwrite`s, persisted with `fdatasync`. Used to
+/// validate an image before its backing is known and by `inspect` (which
+/// opens the file read-only and never writes).
+impl Storage for File {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BackingError> {
+        self.write_all_at(data, offset)
+            .map_err(|source| BackingError::Write {
+                offset,
+                len: data.len(),
+                source,
+            })
+    }
+
+    fn persist(&mut self, _offset: u64, _len: u64) -> Result<(), BackingError> {
+        self.sync_data().map_err(BackingError::Sync)
+    }
+}
+
+/// The image file with its detected backing: writes go through the DAX
+/// mapping where there is one, persists use the backing's primitive
+/// (`fdatasync`, a fence on tmpfs, cache-line write-back on DAX).
+#[derive(Debug)]
+pub struct FileStorage {
+    path: PathBuf,
+    file: File,
+    pub(super) backing: Backing,
+}
+
+impl FileStorage {
+    pub(super) fn new(path: &Path, file: File, backing: Backing) -> FileStorage {
+        FileStorage {
+            path: path.to_owned(),
+            file,
+            backing,
+        }
+    }
+
+    /// The image file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The path the image was opened at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What the file lives on.
+    pub fn kind(&self) -> BackingKind {
+        self.backing.kind()
+    }
+}
+
+impl Storage for FileStorage {
+    fn size(&self) -> io::Result<u64> {
+        self.file.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BackingError> {
+        self.backing.write_at(&self.file, offset, data)
+    }
+
+    fn persist(&mut self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.backing.persist(&self.file, offset, len)
+    }
+}
+
+/// An image held in memory: every write is immediately "durable" and persist
+/// does nothing. For tests and tools that want an [`super::Image`] without a
+/// file (`Image::format` / `Image::open_storage`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemStorage {
+    bytes: Vec<u8>,
+}
+
+impl MemStorage {
+    /// `len` zero bytes.
+    pub fn new(len: usize) -> MemStorage {
+        MemStorage {
+            bytes: vec![0; len],
+        }
+    }
+
+    /// Wraps existing image bytes.
+    pub fn from_bytes(bytes: Vec<u8>) -> MemStorage {
+        MemStorage { bytes }
+    }
+
+    /// The bytes as they are now.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The bytes, consuming the storage.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+fn range(offset: u64, len: usize) -> Option<std::ops::Range<usize>> {
+    let start = usize::try_from(offset).ok()?;
+    Some(start..start.checked_add(len)?)
+}
+
+impl Storage for MemStorage {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.bytes.len() as u64)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let src = range(offset, buf.len())
+            .and_then(|r| self.bytes.get(r))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BackingError> {
+        let r = range(offset, data.len()).ok_or_else(|| BackingError::Write {
+            offset,
+            len: data.len(),
+            source: io::Error::from_raw_os_error(libc::EFBIG),
+        })?;
+        if self.bytes.len() < r.end {
+            self.bytes.resize(r.end, 0);
+        }
+        self.bytes[r].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn persist(&mut self, _offset: u64, _len: u64) -> Result<(), BackingError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_mem_storage_reads_writes_and_grows() {
+        let mut s = MemStorage::new(16);
+        s.write_at(4, b"abcd").unwrap();
+        let mut b = [0u8; 6];
+        s.read_at(3, &mut b).unwrap();
+        assert_eq!(&b, b"\0abcd\0");
+        assert!(s.read_at(12, &mut b).is_err());
+        s.write_at(20, b"z").unwrap();
+        assert_eq!(s.size().unwrap(), 21);
+        s.persist(0, 21).unwrap();
+        assert_eq!(s.bytes()[20], b'z');
+    }
+}
