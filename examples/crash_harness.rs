@@ -1,0 +1,75 @@
+//! Standalone crash harness (the long run of `tests/crash.rs`):
+//!
+//! `cargo run --release --example crash_harness -- [--cycles 500] [--clients 4] [--seed N] [--dir /dev/shm] [-- extra nvhv args]`
+//!
+//! Drives the kv guest in epoch mode with several clients, SIGKILLs nvhv at
+//! random moments, resumes, and checks every acknowledged write. Prints the
+//! counts; exits 1 on any violation.
+
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use std::path::PathBuf;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let cycles: u64 = get("--cycles").and_then(|s| s.parse().ok()).unwrap_or(500);
+    let clients: usize = get("--clients").and_then(|s| s.parse().ok()).unwrap_or(4);
+    let seed: u64 = get("--seed")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let base = PathBuf::from(get("--dir").unwrap_or_else(|| "/dev/shm".into()));
+    let extra: Vec<String> = match args.iter().position(|a| a == "--") {
+        Some(i) => args[i + 1..].to_vec(),
+        None => Vec::new(),
+    };
+    let exe = std::env::current_exe().unwrap();
+    let nvhv = exe.parent().unwrap().parent().unwrap().join("nvhv");
+    assert!(nvhv.exists(), "build nvhv first: cargo build --release");
+    let dir = base.join(format!("nvhv-crash-harness-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut h = harness::Harness::new(nvhv, &dir, clients, seed);
+    h.extra_args = extra;
+    let t0 = std::time::Instant::now();
+    for i in 0..cycles {
+        h.cycle();
+        if (i + 1) % 50 == 0 {
+            eprintln!(
+                "{} cycles, {} violations so far ({:.0} s)",
+                i + 1,
+                h.totals.violations.len(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    h.finish();
+    let t = &h.totals;
+    println!(
+        "crash harness (seed {seed}, {clients} clients): {} SIGKILL cycles in {:.0} s, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} violations",
+        t.cycles,
+        t0.elapsed().as_secs_f64(),
+        t.acked_writes,
+        t.unacked_present,
+        t.unacked_absent,
+        t.checked_keys,
+        t.violations.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    if !t.violations.is_empty() {
+        for v in t.violations.iter().take(20) {
+            eprintln!("violation: {v}");
+        }
+        std::process::exit(1);
+    }
+}

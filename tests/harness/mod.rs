@@ -1,0 +1,507 @@
+//! Crash harness: clients drive the kv guest in epoch mode while the harness
+//! kills nvhv with SIGKILL at random moments, resumes it, and checks that
+//! every acknowledged write survived, that nothing appears that was never
+//! written, and that counters lie between their acknowledged and sent
+//! increments. Shared by `tests/crash.rs` (CI, ≥ 20 cycles) and
+//! `examples/crash_harness.rs` (standalone, ≥ 500 cycles).
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A RESP reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Status(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<Reply>),
+}
+
+/// A minimal RESP2 client over TCP: exactly one reply per command, so the
+/// harness knows which writes were acknowledged.
+pub struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> std::io::Result<Client> {
+        let s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        Ok(Client {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        })
+    }
+
+    pub fn cmd(&mut self, args: &[&[u8]]) -> std::io::Result<Reply> {
+        let mut b = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            b.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            b.extend_from_slice(a);
+            b.extend_from_slice(b"\r\n");
+        }
+        self.w.write_all(&b)?;
+        self.read()
+    }
+
+    fn line(&mut self) -> std::io::Result<String> {
+        let mut l = String::new();
+        if self.r.read_line(&mut l)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(l.trim_end_matches("\r\n").to_string())
+    }
+
+    fn read(&mut self) -> std::io::Result<Reply> {
+        let l = self.line()?;
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad RESP");
+        let (t, rest) = l.split_at(1.min(l.len()));
+        Ok(match t {
+            "+" => Reply::Status(rest.into()),
+            "-" => Reply::Error(rest.into()),
+            ":" => Reply::Int(rest.parse().map_err(|_| bad())?),
+            "$" => {
+                let n: i64 = rest.parse().map_err(|_| bad())?;
+                if n < 0 {
+                    Reply::Bulk(None)
+                } else {
+                    let mut v = vec![0u8; n as usize + 2];
+                    std::io::Read::read_exact(&mut self.r, &mut v)?;
+                    v.truncate(n as usize);
+                    Reply::Bulk(Some(v))
+                }
+            }
+            "*" => {
+                let n: i64 = rest.parse().map_err(|_| bad())?;
+                let mut v = Vec::new();
+                for _ in 0..n.max(0) {
+                    v.push(self.read()?);
+                }
+                Reply::Array(v)
+            }
+            _ => return Err(bad()),
+        })
+    }
+}
+
+/// What one client sent and what was acknowledged, across all cycles.
+#[derive(Default, Debug)]
+pub struct ClientLog {
+    /// SET key → (value, acknowledged).
+    pub sets: HashMap<String, (String, bool)>,
+    /// MSET pair (key a, key b) → (value, acknowledged).
+    pub msets: Vec<(String, String, String, bool)>,
+    /// INCRs sent / acknowledged since the counter's value was last known.
+    pub incr_sent: u64,
+    pub incr_acked: u64,
+    /// Counter value known at the start of the cycle (verified).
+    pub counter_base: u64,
+    /// Next sequence number.
+    pub seq: u64,
+}
+
+/// Totals over a run.
+#[derive(Default, Debug, Clone)]
+pub struct Totals {
+    pub cycles: u64,
+    pub acked_writes: u64,
+    pub unacked_writes: u64,
+    /// Sent but unacknowledged writes found present after a crash.
+    pub unacked_present: u64,
+    /// Sent but unacknowledged writes found absent after a crash.
+    pub unacked_absent: u64,
+    pub checked_keys: u64,
+    pub violations: Vec<String>,
+}
+
+/// Small xorshift PRNG (deterministic per seed).
+pub struct Rng(u64);
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Drive the store until `stop` or a connection error, logging into `log`.
+fn drive(port: u16, c: usize, log: &Mutex<ClientLog>, stop: &AtomicBool, seed: u64) {
+    let Ok(mut cl) = Client::connect(port) else {
+        return;
+    };
+    let mut rng = Rng::new(seed);
+    while !stop.load(Ordering::Relaxed) {
+        let seq = {
+            let mut l = log.lock().unwrap();
+            l.seq += 1;
+            l.seq
+        };
+        match rng.below(3) {
+            0 => {
+                let k = format!("k:{c}:{seq}");
+                let v = format!("v{seq}-{:x}", rng.next());
+                log.lock()
+                    .unwrap()
+                    .sets
+                    .insert(k.clone(), (v.clone(), false));
+                match cl.cmd(&[b"SET", k.as_bytes(), v.as_bytes()]) {
+                    Ok(Reply::Status(s)) if s == "OK" => {
+                        log.lock().unwrap().sets.get_mut(&k).unwrap().1 = true;
+                    }
+                    _ => return,
+                }
+            }
+            1 => {
+                log.lock().unwrap().incr_sent += 1;
+                match cl.cmd(&[b"INCR", format!("ctr:{c}").as_bytes()]) {
+                    Ok(Reply::Int(_)) => log.lock().unwrap().incr_acked += 1,
+                    _ => return,
+                }
+            }
+            _ => {
+                let a = format!("m:{c}:{seq}:a");
+                let b = format!("m:{c}:{seq}:b");
+                let v = format!("mv{seq}-{:x}", rng.next());
+                let idx = {
+                    let mut l = log.lock().unwrap();
+                    l.msets.push((a.clone(), b.clone(), v.clone(), false));
+                    l.msets.len() - 1
+                };
+                match cl.cmd(&[
+                    b"MSET",
+                    a.as_bytes(),
+                    v.as_bytes(),
+                    b.as_bytes(),
+                    v.as_bytes(),
+                ]) {
+                    Ok(Reply::Status(s)) if s == "OK" => log.lock().unwrap().msets[idx].3 = true,
+                    _ => return,
+                }
+            }
+        }
+    }
+}
+
+fn get(cl: &mut Client, k: &str) -> Option<Vec<u8>> {
+    mget(cl, &[k]).pop().unwrap()
+}
+
+/// Values of `keys`, fetched with MGET in chunks (one round trip per chunk:
+/// every reply waits for an epoch commit, so per-key GETs would be slow).
+fn mget(cl: &mut Client, keys: &[&str]) -> Vec<Option<Vec<u8>>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(500) {
+        let mut args: Vec<&[u8]> = vec![b"MGET"];
+        args.extend(chunk.iter().map(|k| k.as_bytes()));
+        match cl.cmd(&args) {
+            Ok(Reply::Array(vs)) if vs.len() == chunk.len() => {
+                for v in vs {
+                    match v {
+                        Reply::Bulk(b) => out.push(b),
+                        other => panic!("MGET element {other:?}"),
+                    }
+                }
+            }
+            other => panic!("MGET: unexpected {other:?}"),
+        }
+    }
+    out
+}
+
+/// Check the store against the logs after a resume; fold what is now known
+/// into the logs (unacknowledged writes become known-present or are dropped
+/// as known-absent) and return the violations.
+fn verify(port: u16, logs: &[Mutex<ClientLog>], t: &mut Totals) {
+    let mut cl = Client::connect(port).expect("connect after resume");
+    let mut expected_keys: HashSet<String> = HashSet::new();
+    for (c, log) in logs.iter().enumerate() {
+        let mut l = log.lock().unwrap();
+        // SETs.
+        let mut gone = Vec::new();
+        let keys: Vec<String> = l.sets.keys().cloned().collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let values = mget(&mut cl, &refs);
+        for (k, got) in keys.iter().zip(values) {
+            let (v, acked) = l.sets.get_mut(k).unwrap();
+            t.checked_keys += 1;
+            match got {
+                Some(got) if got == v.as_bytes() => {
+                    if !*acked {
+                        t.unacked_present += 1;
+                    }
+                    *acked = true
+                }
+                Some(got) => t.violations.push(format!(
+                    "{k}: value {:?} was never written (expected {v})",
+                    String::from_utf8_lossy(&got)
+                )),
+                None if *acked => t.violations.push(format!("{k}: acknowledged SET lost")),
+                None => {
+                    t.unacked_absent += 1;
+                    gone.push(k.clone())
+                }
+            }
+        }
+        for k in gone {
+            l.sets.remove(&k);
+        }
+        expected_keys.extend(l.sets.keys().cloned());
+        // MSETs: both keys or neither.
+        let mut keep = Vec::new();
+        let pairs: Vec<_> = l.msets.drain(..).collect();
+        let flat: Vec<&str> = pairs
+            .iter()
+            .flat_map(|(a, b, _, _)| [a.as_str(), b.as_str()])
+            .collect();
+        let mut values = mget(&mut cl, &flat).into_iter();
+        for (a, b, v, acked) in pairs {
+            t.checked_keys += 2;
+            let (ga, gb) = (values.next().unwrap(), values.next().unwrap());
+            match (ga, gb) {
+                (Some(x), Some(y)) if x == v.as_bytes() && y == v.as_bytes() => {
+                    keep.push((a, b, v, true))
+                }
+                (None, None) if !acked => {}
+                (None, None) => t
+                    .violations
+                    .push(format!("{a}/{b}: acknowledged MSET lost")),
+                (x, y) => t.violations.push(format!(
+                    "{a}/{b}: MSET half applied or wrong: {x:?} {y:?} (expected {v})"
+                )),
+            }
+        }
+        for (a, b, _, _) in &keep {
+            expected_keys.insert(a.clone());
+            expected_keys.insert(b.clone());
+        }
+        l.msets = keep;
+        // Counter.
+        let ck = format!("ctr:{c}");
+        let value = match get(&mut cl, &ck) {
+            Some(v) => String::from_utf8_lossy(&v)
+                .parse::<u64>()
+                .unwrap_or(u64::MAX),
+            None => 0,
+        };
+        let lo = l.counter_base + l.incr_acked;
+        let hi = l.counter_base + l.incr_sent;
+        if value < lo || value > hi {
+            t.violations.push(format!(
+                "{ck} = {value}, outside [{lo} acknowledged, {hi} sent]"
+            ));
+        }
+        l.counter_base = value;
+        l.incr_sent = 0;
+        l.incr_acked = 0;
+        if value > 0 {
+            expected_keys.insert(ck);
+        }
+    }
+    // Nothing that was never written.
+    let mut cursor = b"0".to_vec();
+    let mut seen = 0u64;
+    loop {
+        let r = cl
+            .cmd(&[b"SCAN", &cursor, b"COUNT", b"1000"])
+            .expect("SCAN");
+        let Reply::Array(parts) = r else {
+            panic!("SCAN reply {r:?}")
+        };
+        let (Reply::Bulk(Some(next)), Reply::Array(keys)) = (&parts[0], &parts[1]) else {
+            panic!("SCAN reply shape {parts:?}")
+        };
+        for k in keys {
+            if let Reply::Bulk(Some(k)) = k {
+                seen += 1;
+                let k = String::from_utf8_lossy(k).into_owned();
+                if !expected_keys.contains(&k) {
+                    t.violations.push(format!(
+                        "key {k} exists but was never written (or was lost and came back)"
+                    ));
+                }
+            }
+        }
+        if next == b"0" {
+            break;
+        }
+        cursor = next.clone();
+    }
+    if seen != expected_keys.len() as u64 {
+        t.violations.push(format!(
+            "SCAN saw {seen} keys, expected {}",
+            expected_keys.len()
+        ));
+    }
+}
+
+/// A harness run: image, port, clients.
+pub struct Harness {
+    pub nvhv: PathBuf,
+    pub image: PathBuf,
+    pub port: u16,
+    pub clients: usize,
+    pub extra_args: Vec<String>,
+    pub logs: Vec<Mutex<ClientLog>>,
+    pub totals: Totals,
+    pub rng: Rng,
+    pub log_dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_ready(port: u16, child: &mut Child, what: &str, err: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = Client::connect(port) {
+            if let Ok(Reply::Status(s)) = c.cmd(&[b"PING"]) {
+                if s == "PONG" {
+                    return;
+                }
+            }
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "{what}: nvhv exited ({st}): {}",
+                std::fs::read_to_string(err).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: kv guest never answered PING"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Harness {
+    pub fn new(nvhv: PathBuf, dir: &Path, clients: usize, seed: u64) -> Harness {
+        Harness {
+            nvhv,
+            image: dir.join("crash.img"),
+            port: free_port(),
+            clients,
+            extra_args: Vec::new(),
+            logs: (0..clients)
+                .map(|_| Mutex::new(ClientLog::default()))
+                .collect(),
+            totals: Totals::default(),
+            rng: Rng::new(seed),
+            log_dir: dir.to_path_buf(),
+        }
+    }
+
+    fn spawn(&self, first: bool, n: u64) -> (Child, PathBuf) {
+        let err = self.log_dir.join(format!("nvhv-{n}.stderr"));
+        let listen = format!("127.0.0.1:{}", self.port);
+        let img = self.image.to_str().unwrap();
+        let mut args: Vec<&str> = if first {
+            vec![
+                "run",
+                "--image",
+                img,
+                "--guest",
+                "kv",
+                "--mem",
+                "128M",
+                "--persist",
+                "epoch",
+            ]
+        } else {
+            vec!["resume", "--image", img]
+        };
+        args.extend(["--listen", &listen, "--console", "/dev/null"]);
+        let extra: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        args.extend(extra);
+        let child = Command::new(&self.nvhv)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("spawn nvhv");
+        (child, err)
+    }
+
+    /// One cycle: (re)start, load, SIGKILL at a random moment, resume, verify.
+    pub fn cycle(&mut self) {
+        let n = self.totals.cycles;
+        let (mut child, err) = self.spawn(n == 0, n);
+        wait_ready(self.port, &mut child, "start", &err);
+        if n > 0 {
+            // The resume of the previous kill is verified here, before new load.
+            verify(self.port, &self.logs, &mut self.totals);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let run_for = Duration::from_millis(30 + self.rng.below(300));
+        std::thread::scope(|s| {
+            for c in 0..self.clients {
+                let log = &self.logs[c];
+                let stop = &stop;
+                let port = self.port;
+                let seed = self.rng.next();
+                s.spawn(move || drive(port, c, log, stop, seed));
+            }
+            std::thread::sleep(run_for);
+            // SIGKILL: no warning, no chance to flush anything.
+            let _ = child.kill();
+            let _ = child.wait();
+            stop.store(true, Ordering::Relaxed);
+        });
+        for log in &self.logs {
+            let l = log.lock().unwrap();
+            self.totals.acked_writes += l.sets.values().filter(|s| s.1).count() as u64;
+        }
+        self.totals.cycles += 1;
+    }
+
+    /// Resume once more and verify the last kill, then stop cleanly.
+    pub fn finish(&mut self) {
+        let n = self.totals.cycles;
+        let (mut child, err) = self.spawn(false, n);
+        wait_ready(self.port, &mut child, "final resume", &err);
+        verify(self.port, &self.logs, &mut self.totals);
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let st = child.wait().unwrap();
+        assert!(
+            st.success(),
+            "final suspend failed: {}",
+            std::fs::read_to_string(err).unwrap_or_default()
+        );
+        let mut acked = 0;
+        let mut unacked = 0;
+        for log in &self.logs {
+            let l = log.lock().unwrap();
+            acked +=
+                l.sets.values().filter(|s| s.1).count() + l.msets.iter().filter(|m| m.3).count();
+            unacked += l.sets.values().filter(|s| !s.1).count();
+        }
+        self.totals.acked_writes = acked as u64;
+        self.totals.unacked_writes = unacked as u64;
+    }
+}
