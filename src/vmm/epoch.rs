@@ -106,14 +106,14 @@ impl EpochStats {
             )
         };
         format!(
-            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {} MiB logged; {} KiB output released",
+            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {} MiB logged; {} bytes of output released",
             self.epochs,
             q(&self.pause_us),
             q(&self.commit_us),
             q(&self.persist_us),
             q(&self.pages),
             self.bytes_logged >> 20,
-            self.output_released >> 10
+            self.output_released
         )
     }
 }
