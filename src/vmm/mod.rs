@@ -25,6 +25,7 @@ use crate::devices::virtio::vsock::{
 use crate::devices::{GuestMemory, MmioDevice};
 use crate::nvram::{Image, ImageConfig, PersistMode, Status};
 use crate::persist::{DeviceStates, MachineState};
+use crate::vstate::dirty::{Captured, DirtyTracker};
 use crate::vstate::memory;
 use crate::vstate::vcpu::{
     self, EntryPoint, ExitAction, ExitHandler, StopReason, Vcpu, VcpuEvent, VcpuHandle,
@@ -58,6 +59,9 @@ pub enum VmmError {
     /// Guest memory problem.
     #[error(transparent)]
     Memory(#[from] crate::vstate::memory::MemoryError),
+    /// Dirty tracking problem.
+    #[error(transparent)]
+    Dirty(#[from] crate::vstate::dirty::DirtyError),
     /// Boot structures problem.
     #[error(transparent)]
     GuestAbi(#[from] crate::boot::guest_abi::GuestAbiError),
@@ -368,6 +372,8 @@ struct Machine {
     vsock: Option<Vsock>,
     /// Epoch mode's policy; None in suspend-only mode.
     policy: Option<EpochPolicy>,
+    /// Epoch mode's dirty-page tracker.
+    dirty: Option<DirtyTracker>,
 }
 
 fn console_out(opts: &RuntimeOptions) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -444,6 +450,11 @@ fn build_new(
     //    (copy-on-write, dirty-logged) in epoch mode.
     let epochs = cfg.persist == PersistMode::Epoch;
     let vm = Vm::new()?;
+    // ORDER: manual dirty-log protection before the dirty-logged slot exists.
+    let dirty = match epochs {
+        true => Some(DirtyTracker::enable(&vm.fd, cfg.runtime.epochs.hot_pages)?),
+        false => None,
+    };
     let mem = memory::map_ram(image.file(), image.ram_offset(), cfg.mem, !epochs)?;
     memory::register(&vm.fd, &mem, epochs)?;
     // 4. The guest ELF and the ABI's structures.
@@ -510,6 +521,7 @@ fn build_new(
         image,
         vsock,
         policy: epochs.then_some(cfg.runtime.epochs),
+        dirty,
     })
 }
 
@@ -539,6 +551,10 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     tl.mark("image opened, state read");
     // 3. KVM VM and RAM mapping.
     let vm = Vm::new()?;
+    let dirty = match epochs {
+        true => Some(DirtyTracker::enable(&vm.fd, cfg.runtime.epochs.hot_pages)?),
+        false => None,
+    };
     tl.mark("VM created");
     let mem = memory::map_ram(image.file(), image.ram_offset(), ram, !epochs)?;
     tl.mark("RAM mapped");
@@ -580,6 +596,7 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
         image,
         vsock,
         policy: epochs.then_some(cfg.runtime.epochs),
+        dirty,
     };
     m.run_timed(Some(tl))
 }
@@ -851,17 +868,14 @@ impl Machine {
             vcpus: states.into_iter().map(|s| s.expect("all paused")).collect(),
             devices: DeviceStates { serial, vsock },
         };
-        let mut pfns = Vec::new();
-        let mut pages = Vec::new();
-        if dirty {
+        let mut pages = Captured::default();
+        if let (true, Some(t)) = (dirty, self.dirty.as_mut()) {
             // ORDER: harvest with vCPUs and devices paused (nothing writes
             //        guest memory), copy before anything resumes.
-            pfns = memory::harvest_dirty(&self.vm.fd, &self.mem)?;
-            memory::copy_pages(&self.mem, &pfns, &mut pages)?;
+            t.capture(&self.vm.fd, &self.mem, &mut pages)?;
         }
         Ok(Capture {
             state: state.encode()?,
-            pfns,
             pages,
             cut,
         })
@@ -889,11 +903,13 @@ impl Machine {
             },
         }
         .encode()?;
-        let pfns = memory::harvest_dirty(&self.vm.fd, &self.mem)?;
-        let mut pages = Vec::new();
-        memory::copy_pages(&self.mem, &pfns, &mut pages)?;
-        self.image.commit_epoch(&pfns, &pages, &state)?;
-        self.image.apply_committed(&pfns, &pages)?;
+        let mut cap = Captured::default();
+        if let Some(t) = self.dirty.as_mut() {
+            t.capture(&self.vm.fd, &self.mem, &mut cap)?;
+            t.filter(&mut cap);
+        }
+        self.image.commit_epoch(&cap.pfns, &cap.pages, &state)?;
+        self.image.apply_committed(&cap.pfns, &cap.pages)?;
         Ok(())
     }
 
@@ -918,27 +934,33 @@ impl Machine {
         stats: &mut EpochStats,
     ) -> Result<Vec<u8>, VmmError> {
         let t0 = Instant::now();
-        let cap = self.capture(handles, rx, deferred, true)?;
+        let mut cap = self.capture(handles, rx, deferred, true)?;
         self.unpause(handles);
         let paused = t0.elapsed();
-        if cap.pfns.len() > self.image.log_capacity_pages() {
+        // With the guest running again: keep only pages whose bytes changed.
+        if let Some(t) = self.dirty.as_mut() {
+            t.filter(&mut cap.pages);
+        }
+        let Captured { pfns, pages } = &cap.pages;
+        if pfns.len() > self.image.log_capacity_pages() {
             return Err(VmmError::DirtyOverflow {
-                pages: cap.pfns.len(),
+                pages: pfns.len(),
                 capacity: self.image.log_capacity_pages(),
             });
         }
-        let times = self.image.commit_epoch(&cap.pfns, &cap.pages, &cap.state)?;
+        let times = self.image.commit_epoch(pfns, pages, &cap.state)?;
         // ORDER: output of this epoch goes out only after its commit is durable.
         let held = match (&self.vsock, cap.cut) {
             (Some(v), Some(cut)) => v.release_output(cut),
             _ => 0,
         };
         // ORDER: apply after the commit; the next commit's persist makes it durable.
-        self.image.apply_committed(&cap.pfns, &cap.pages)?;
-        stats.record(paused, cap.pfns.len(), &times, t0.elapsed(), held);
+        self.image.apply_committed(pfns, pages)?;
+        stats.record(paused, pfns.len(), &times, t0.elapsed(), held);
         tracing::debug!(
             epoch = times.epoch,
-            pages = cap.pfns.len(),
+            pages = pfns.len(),
+            hot = self.dirty.as_ref().map_or(0, |d| d.hot_pages()),
             pause_us = paused.as_micros() as u64,
             commit_us = t0.elapsed().as_micros() as u64,
             held,
@@ -975,10 +997,8 @@ impl Machine {
 struct Capture {
     /// Encoded [`MachineState`].
     state: Vec<u8>,
-    /// Dirty guest page numbers (epoch mode).
-    pfns: Vec<u64>,
-    /// Their contents, 4 KiB each, in `pfns` order.
-    pages: Vec<u8>,
+    /// Candidate dirty pages and their bytes (epoch mode).
+    pages: Captured,
     /// The vsock output produced up to the pause (epoch mode).
     cut: Option<OutputCut>,
 }

@@ -33,12 +33,6 @@ pub enum MemoryError {
     /// RAM size does not fit this host's address space.
     #[error("guest RAM size {0} does not fit in this host's address space")]
     TooLarge(u64),
-    /// KVM_GET_DIRTY_LOG failed.
-    #[error("KVM_GET_DIRTY_LOG failed")]
-    DirtyLog(#[source] kvm_ioctls::Error),
-    /// Reading guest memory for a checkpoint failed.
-    #[error("cannot copy guest page {0:#x}")]
-    Copy(u64, #[source] vm_memory::GuestMemoryError),
     /// KVM refused the memory slot.
     #[error("KVM_SET_USER_MEMORY_REGION failed")]
     SetSlot(#[source] kvm_ioctls::Error),
@@ -94,80 +88,4 @@ pub fn register(vm: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<(), Mem
         unsafe { vm.set_user_memory_region(r) }.map_err(MemoryError::SetSlot)?;
     }
     Ok(())
-}
-
-/// Page size of the dirty tracking.
-pub const PAGE: usize = 4096;
-
-/// The guest pages written since the last harvest, as page frame numbers in
-/// ascending order: pages the guest wrote (KVM's dirty log, which this call
-/// resets and re-protects) and pages the VMM wrote through `mem` (vm-memory's
-/// bitmap: used rings, RX buffers, loaded images), which it also resets.
-///
-/// ORDER: call with every vCPU paused and every device quiesced, or a write
-/// racing the harvest may be missed by both bitmaps' resets.
-pub fn harvest_dirty(vm: &VmFd, mem: &GuestMemory) -> Result<Vec<u64>, MemoryError> {
-    let mut pfns = Vec::new();
-    for (slot, region) in mem.iter().enumerate() {
-        let len = region.len() as usize;
-        let kvm = vm
-            .get_dirty_log(slot as u32, len)
-            .map_err(MemoryError::DirtyLog)?;
-        let mapping: &MmapRegion<_> = region;
-        let vmm = mapping.bitmap().get_and_reset();
-        let base = region.start_addr().0 / PAGE as u64;
-        let words = kvm.len().max(vmm.len());
-        for w in 0..words {
-            let mut bits = kvm.get(w).copied().unwrap_or(0) | vmm.get(w).copied().unwrap_or(0);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                let pfn = w as u64 * 64 + b;
-                if pfn < (len / PAGE) as u64 {
-                    pfns.push(base + pfn);
-                }
-            }
-        }
-    }
-    Ok(pfns)
-}
-
-/// Copy the pages `pfns` out of guest memory into `buf` (resized to fit).
-pub fn copy_pages(mem: &GuestMemory, pfns: &[u64], buf: &mut Vec<u8>) -> Result<(), MemoryError> {
-    use vm_memory::Bytes;
-    buf.resize(pfns.len() * PAGE, 0);
-    for (i, &pfn) in pfns.iter().enumerate() {
-        mem.read_slice(
-            &mut buf[i * PAGE..(i + 1) * PAGE],
-            GuestAddress(pfn * PAGE as u64),
-        )
-        .map_err(|e| MemoryError::Copy(pfn, e))?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vm_memory::{Bytes, GuestMemoryMmap};
-
-    #[test]
-    fn vmm_writes_are_dirty_and_copied_back() {
-        let mem: GuestMemory =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap();
-        mem.write_obj(0xabu8, GuestAddress(5 * PAGE as u64 + 7))
-            .unwrap();
-        mem.write_obj(0xcdu8, GuestAddress(63 * PAGE as u64))
-            .unwrap();
-        let region: &MmapRegion<_> = mem.iter().next().unwrap();
-        let words = region.bitmap().get_and_reset();
-        let set: Vec<u64> = (0..64).filter(|i| words[0] >> i & 1 == 1).collect();
-        assert_eq!(set, vec![5, 63]);
-        let mut buf = Vec::new();
-        copy_pages(&mem, &[5, 63], &mut buf).unwrap();
-        assert_eq!(buf.len(), 2 * PAGE);
-        assert_eq!(buf[7], 0xab);
-        assert_eq!(buf[PAGE], 0xcd);
-        assert!(copy_pages(&mem, &[64], &mut buf).is_err());
-    }
 }

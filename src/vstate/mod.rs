@@ -4,6 +4,7 @@
 //! This is one of the two places (with `nvram`) where `unsafe` code lives:
 //! KVM ioctls that kvm-ioctls marks unsafe and the vCPU kick signal handler.
 
+pub mod dirty;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
