@@ -111,7 +111,7 @@ struct RuntimeArgs {
     unix: Option<PathBuf>,
     /// Epoch mode: shortest epoch while replies wait for durability (group
     /// commit window), e.g. 500us, 1ms.
-    #[arg(long, default_value = "500us", value_parser = parse_duration)]
+    #[arg(long, default_value = "100us", value_parser = parse_duration)]
     epoch_min: Duration,
     /// Epoch mode: longest epoch (checkpoint interval when no output waits).
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]

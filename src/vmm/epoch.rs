@@ -29,7 +29,7 @@ pub struct EpochPolicy {
 impl Default for EpochPolicy {
     fn default() -> Self {
         EpochPolicy {
-            min: Duration::from_micros(500),
+            min: Duration::from_micros(100),
             max: Duration::from_millis(10),
             dirty_budget: 16384,
             hot_pages: 2048,

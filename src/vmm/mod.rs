@@ -829,6 +829,7 @@ impl Machine {
         deferred: &mut VecDeque<Event>,
         dirty: bool,
     ) -> Result<Capture, VmmError> {
+        let t0 = Instant::now();
         for h in handles {
             h.pause(&self.wake);
         }
@@ -847,6 +848,7 @@ impl Machine {
                 }
             }
         }
+        let t_vcpus = t0.elapsed();
         let serial: SerialState = {
             let mut c = self.bus.console.lock().unwrap_or_else(|e| e.into_inner());
             c.flush();
@@ -863,19 +865,31 @@ impl Machine {
             }
             None => (None, None),
         };
+        let t_dev = t0.elapsed();
         let state = MachineState {
             vm: self.vm.save()?,
             vcpus: states.into_iter().map(|s| s.expect("all paused")).collect(),
             devices: DeviceStates { serial, vsock },
         };
+        let t_vm = t0.elapsed();
         let mut pages = Captured::default();
         if let (true, Some(t)) = (dirty, self.dirty.as_mut()) {
             // ORDER: harvest with vCPUs and devices paused (nothing writes
             //        guest memory), copy before anything resumes.
             t.capture(&self.vm.fd, &self.mem, &mut pages)?;
         }
+        let t_pages = t0.elapsed();
+        let state = state.encode()?;
+        tracing::trace!(
+            vcpus_us = t_vcpus.as_micros() as u64,
+            devices_us = t_dev.as_micros() as u64,
+            vm_us = t_vm.as_micros() as u64,
+            pages_us = t_pages.as_micros() as u64,
+            encoded_us = t0.elapsed().as_micros() as u64,
+            "capture"
+        );
         Ok(Capture {
-            state: state.encode()?,
+            state,
             pages,
             cut,
         })
