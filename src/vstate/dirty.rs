@@ -249,7 +249,8 @@ impl DirtyTracker {
             if changed {
                 keep_pfns.push(pfn);
                 if write != i {
-                    cap.pages.copy_within(i * PAGE..(i + 1) * PAGE, write * PAGE);
+                    cap.pages
+                        .copy_within(i * PAGE..(i + 1) * PAGE, write * PAGE);
                 }
                 write += 1;
             } else {
@@ -329,7 +330,10 @@ mod tests {
         assert_eq!(t.filter(&mut c), 1);
         assert_eq!(c.pfns, vec![9]);
         assert_eq!(c.pages.len(), PAGE);
-        assert!(c.pages.iter().all(|&b| b == 7), "kept page's bytes moved down");
+        assert!(
+            c.pages.iter().all(|&b| b == 7),
+            "kept page's bytes moved down"
+        );
         assert_eq!(t.hot[&3].unchanged, 1);
         assert_eq!(t.hot[&9].unchanged, 0);
     }
