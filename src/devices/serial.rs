@@ -107,6 +107,23 @@ impl Console {
     }
 }
 
+/// What [`Console`]'s restore needs besides its state: where output goes.
+pub type ConsoleArgs = Box<dyn Write + Send>;
+
+impl crate::persist::Persist<'_> for Console {
+    type State = SerialState;
+    type Args = ConsoleArgs;
+    type Error = SerialError;
+
+    fn save(&self) -> Result<SerialState, SerialError> {
+        Ok(Console::save(self))
+    }
+
+    fn restore(out: ConsoleArgs, state: &SerialState) -> Result<Self, SerialError> {
+        Console::restore(out, state)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,8 +25,9 @@ const HEADER_LEN: usize = 28;
 /// A component whose state is saved into and restored from NVRAM.
 ///
 /// `restore` constructs the component from its state (it never mutates a live
-/// one); `State` is a plain serde DTO kept apart from the live type.
-pub trait Persist: Sized {
+/// one); `State` is a plain serde DTO kept apart from the live type. The
+/// lifetime lets `Args` borrow what the component is built in (the VM).
+pub trait Persist<'a>: Sized {
     /// The saved form.
     type State;
     /// What `restore` needs besides the state (file descriptors, the VM, …).

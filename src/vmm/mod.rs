@@ -24,11 +24,11 @@ use crate::devices::virtio::vsock::{
 };
 use crate::devices::{GuestMemory, MmioDevice};
 use crate::nvram::{Image, ImageConfig, PersistMode, Status};
-use crate::persist::{DeviceStates, MachineState};
+use crate::persist::{DeviceStates, MachineState, Persist};
 use crate::vstate::dirty::{Captured, DirtyTracker};
 use crate::vstate::memory;
 use crate::vstate::vcpu::{
-    self, EntryPoint, ExitAction, ExitHandler, StopReason, Vcpu, VcpuEvent, VcpuHandle,
+    self, EntryPoint, ExitAction, ExitHandler, StopReason, Vcpu, VcpuArgs, VcpuEvent, VcpuHandle,
 };
 use crate::vstate::vm::Vm;
 use crate::vstate::wait::GuestWake;
@@ -567,9 +567,11 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
         let vcpus = (|| -> Result<Vec<Vcpu>, VmmError> {
             let mut vcpus = Vec::new();
             for (i, st) in state.vcpus.iter().enumerate() {
-                let mut v = Vcpu::new(&vm, i as u32)?;
-                v.restore(st)?;
-                vcpus.push(v);
+                let args = VcpuArgs {
+                    vm: &vm,
+                    index: i as u32,
+                };
+                vcpus.push(<Vcpu as Persist>::restore(args, st)?);
             }
             Ok(vcpus)
         })();

@@ -366,8 +366,9 @@ impl Vcpu {
         })
     }
 
-    /// Restore a saved state into this (fresh) vCPU, in Firecracker's order.
-    pub fn restore(&mut self, s: &VcpuState) -> Result<(), VcpuError> {
+    /// Load a saved state into this (fresh) vCPU, in Firecracker's order.
+    /// [`Persist::restore`](crate::persist::Persist::restore) creates the vCPU and calls this.
+    pub fn set_state(&mut self, s: &VcpuState) -> Result<(), VcpuError> {
         if s.cpuid.is_empty() || s.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {
             return Err(VcpuError::BadState("CPUID entry count"));
         }
@@ -417,6 +418,32 @@ impl Vcpu {
     /// Registers, for crash reports.
     pub fn regs(&self) -> Option<kvm_regs> {
         self.fd.get_regs().ok()
+    }
+}
+
+/// What [`Vcpu`]'s restore needs besides its state: the VM and the index.
+pub struct VcpuArgs<'a> {
+    /// The VM to create the vCPU in.
+    pub vm: &'a Vm,
+    /// Its index.
+    pub index: u32,
+}
+
+impl<'a> crate::persist::Persist<'a> for Vcpu {
+    type State = VcpuState;
+    type Args = VcpuArgs<'a>;
+    type Error = VcpuError;
+
+    /// Call [`Vcpu::complete_pending_io`] first if the vCPU has run.
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        Vcpu::save(self)
+    }
+
+    /// Creates vCPU `index` in `vm` and restores `state` into it.
+    fn restore(args: VcpuArgs<'a>, state: &VcpuState) -> Result<Self, VcpuError> {
+        let mut v = Vcpu::new(args.vm, args.index)?;
+        v.set_state(state)?;
+        Ok(v)
     }
 }
 

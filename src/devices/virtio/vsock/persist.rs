@@ -111,7 +111,7 @@ impl Vsock {
     }
 }
 
-impl Persist for Vsock {
+impl Persist<'_> for Vsock {
     type State = VsockState;
     type Args = VsockArgs;
     type Error = VsockError;

@@ -1,0 +1,84 @@
+//! Per-component state round trips that need KVM: a vCPU saved, restored into
+//! a vCPU of a fresh VM (as `resume` does in a new process), and saved again
+//! gives the same state, except what the host moves on its own.
+
+mod common;
+
+use nvhv::persist::Persist;
+use nvhv::vstate::vcpu::{EntryCpl, EntryPoint, Vcpu, VcpuArgs, VcpuState};
+use nvhv::vstate::vm::Vm;
+
+/// The TSC MSR follows the host TSC here (it cannot be set), so it differs.
+const MSR_IA32_TSC: u32 = 0x10;
+
+fn without_tsc(mut s: VcpuState) -> VcpuState {
+    s.msrs.retain(|m| m.index != MSR_IA32_TSC);
+    s
+}
+
+fn saved_entry_state(vm: &Vm, index: u32, cpl: EntryCpl) -> VcpuState {
+    let v = Vcpu::new(vm, index).unwrap();
+    v.configure_entry(&EntryPoint {
+        rip: 0x20_1000,
+        cpl,
+        boot_info: nvhv_abi::BOOT_INFO_ADDR,
+        ram_bytes: 64 << 20,
+    })
+    .unwrap();
+    v.save().unwrap()
+}
+
+#[test]
+fn vcpu_state_save_restore_save_is_identity() {
+    require_kvm!();
+    for (index, cpl) in [(0, EntryCpl::Cpl3), (1, EntryCpl::Cpl0)] {
+        let vm_a = Vm::new().unwrap();
+        let s1 = saved_entry_state(&vm_a, index, cpl);
+        assert_eq!(s1.regs.rip, 0x20_1000);
+        assert_eq!(s1.regs.rsi, index as u64);
+        assert!(s1.msrs.len() > 10, "only {} MSRs saved", s1.msrs.len());
+        assert!(
+            s1.msrs
+                .iter()
+                .any(|m| m.index == 0x4b56_4d01 && m.data & 1 == 1),
+            "kvmclock not enabled in the saved MSRs"
+        );
+
+        let vm_b = Vm::new().unwrap();
+        let v2 = Vcpu::restore(VcpuArgs { vm: &vm_b, index }, &s1).unwrap();
+        let s2 = v2.save().unwrap();
+        assert_eq!(
+            without_tsc(s1.clone()),
+            without_tsc(s2),
+            "vCPU {index} ({cpl:?}): state changed across save → restore → save"
+        );
+    }
+}
+
+#[test]
+fn restore_refuses_malformed_vcpu_state() {
+    require_kvm!();
+    let vm = Vm::new().unwrap();
+    let good = saved_entry_state(&vm, 0, EntryCpl::Cpl3);
+    let vm_b = Vm::new().unwrap();
+    let mut bad = good.clone();
+    bad.xsave.truncate(10);
+    assert!(Vcpu::restore(
+        VcpuArgs {
+            vm: &vm_b,
+            index: 0
+        },
+        &bad
+    )
+    .is_err());
+    let mut bad = good.clone();
+    bad.cpuid.clear();
+    assert!(Vcpu::restore(
+        VcpuArgs {
+            vm: &vm_b,
+            index: 1
+        },
+        &bad
+    )
+    .is_err());
+}
