@@ -40,6 +40,14 @@ pub const IDLE_SPIN: Duration = Duration::from_micros(100);
 /// for; this bounds such a lost kick to about a millisecond instead of a hang.
 pub const RECHECK: Duration = Duration::from_millis(1);
 
+/// After [`IDLE_BACKOFF`] without progress, each empty re-check doubles the
+/// next one's delay up to this, so an idle device costs next to no CPU. (A
+/// kick lost right after a long idle period then waits at most this long.)
+pub const RECHECK_MAX: Duration = Duration::from_millis(64);
+
+/// How long the device must have made no progress before re-checks back off.
+pub const IDLE_BACKOFF: Duration = Duration::from_millis(100);
+
 const TOKEN_NOTIFY: u64 = 0;
 const TOKEN_CTRL: u64 = 1;
 const TOKEN_TCP: u64 = 2;
@@ -141,7 +149,16 @@ impl DeviceThread {
                 let timer_due = core.next_deadline().is_some_and(|d| d <= now);
                 if n == 0 && !timer_due && core.is_running() && !core.ring_work_pending() {
                     // The periodic re-check found nothing: stay asleep
-                    // (reading the rings only, so no page gets dirty).
+                    // (reading the rings only, so no page gets dirty), and
+                    // re-check less often, never past the next timer.
+                    let cap = core.next_deadline().map_or(RECHECK_MAX, |d| {
+                        d.saturating_duration_since(now).min(RECHECK_MAX)
+                    });
+                    let cap_ms = i32::try_from(cap.as_micros().div_ceil(1000).max(1))
+                        .unwrap_or(i32::MAX);
+                    if timeout_ms > 0 && now.duration_since(last_progress) >= IDLE_BACKOFF {
+                        timeout_ms = timeout_ms.saturating_mul(2).min(cap_ms);
+                    }
                     drop(core);
                     continue;
                 }
