@@ -718,8 +718,6 @@ fn ttl_expire_and_keys_actually_expiring() {
 /// EXPIREAT/PEXPIREAT/EXAT/PXAT take Unix times and EXPIRETIME/PEXPIRETIME
 /// report them, as in Redis (clients compute them from the wall clock).
 #[test]
-#[ignore = "guest bug: the kv guest's clock is kvmclock time since VM start, not Unix time, \
-            so EXPIREAT/EXAT/EXPIRETIME are off by ~56 years (see the KV test report)"]
 fn expireat_and_expiretime_use_unix_time() {
     require_kvm!();
     let kv = Kv::start("unixtime", "64M");

@@ -29,6 +29,23 @@ pub const TSS_ADDR: u64 = 0x1_0000;
 pub const TSS_STRIDE: u64 = 0x3000;
 /// Guest-physical address of the [`BootInfo`] block.
 pub const BOOT_INFO_ADDR: u64 = 0x7000;
+/// Guest-physical address of the [`WallClock`] record. The VMM writes it
+/// before the guest first runs and again on every resume, so guests can tell
+/// Unix time: `kvmclock ns + unix_minus_kvmclock_ns`.
+pub const WALL_CLOCK_ADDR: u64 = 0x7f00;
+/// Magic of a valid [`WallClock`] ("NVHVWALL").
+pub const WALL_CLOCK_MAGIC: u64 = u64::from_le_bytes(*b"NVHVWALL");
+
+/// Unix time relative to kvmclock, at [`WALL_CLOCK_ADDR`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WallClock {
+    /// [`WALL_CLOCK_MAGIC`] once the VMM has written the record.
+    pub magic: u64,
+    /// Unix time in ns minus kvmclock ns, as of the last boot or resume.
+    pub unix_minus_kvmclock_ns: i64,
+}
+
 /// Guest-physical address of the kvmclock area: vCPU `i` has its
 /// `pvclock_vcpu_time_info` (32 bytes) at `KVMCLOCK_ADDR + 32 * i`.
 pub const KVMCLOCK_ADDR: u64 = 0x8000;
@@ -215,6 +232,12 @@ mod tests {
     #[test]
     fn boot_info_fits_below_kvmclock() {
         assert!(BOOT_INFO_ADDR + core::mem::size_of::<BootInfo>() as u64 <= KVMCLOCK_ADDR);
+    }
+
+    #[test]
+    fn wall_clock_lies_between_boot_info_and_kvmclock() {
+        assert!(BOOT_INFO_ADDR + core::mem::size_of::<BootInfo>() as u64 <= WALL_CLOCK_ADDR);
+        assert!(WALL_CLOCK_ADDR + core::mem::size_of::<WallClock>() as u64 <= KVMCLOCK_ADDR);
     }
 
     #[test]

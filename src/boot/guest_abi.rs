@@ -174,6 +174,20 @@ pub fn write_boot_info(mem: &GuestMemory, info: &BootInfo) -> Result<(), GuestAb
         .map_err(GuestAbiError::Write)
 }
 
+/// Write the wall-clock record: Unix time = kvmclock + `unix_minus_kvmclock_ns`.
+/// Called before the guest first runs and on every resume (kvmclock continues
+/// from its saved value while Unix time moved on).
+pub fn write_wall_clock(
+    mem: &GuestMemory,
+    unix_minus_kvmclock_ns: i64,
+) -> Result<(), GuestAbiError> {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&nvhv_abi::WALL_CLOCK_MAGIC.to_le_bytes());
+    b[8..].copy_from_slice(&unix_minus_kvmclock_ns.to_le_bytes());
+    mem.write_slice(&b, GuestAddress(nvhv_abi::WALL_CLOCK_ADDR))
+        .map_err(GuestAbiError::Write)
+}
+
 /// Serialize [`BootInfo`] in its `repr(C)` layout (all fields are little-endian integers).
 fn boot_info_bytes(i: &BootInfo) -> Vec<u8> {
     let mut b = Vec::with_capacity(core::mem::size_of::<BootInfo>());

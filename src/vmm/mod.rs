@@ -510,6 +510,7 @@ fn build_new(
         mmio,
     };
     guest_abi::write_boot_info(&mem, &info)?;
+    guest_abi::write_wall_clock(&mem, vm.unix_minus_kvmclock_ns()?)?;
     let console = Console::new(console_out(&cfg.runtime)?);
     let bus = Bus::new(console, layout, vsock.as_ref());
     Ok(Machine {
@@ -580,6 +581,8 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     slot.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
     let vcpus = vcpus?;
     vm.restore(&state.vm)?;
+    // kvmclock continues from its saved value; Unix time moved on.
+    guest_abi::write_wall_clock(&mem, vm.unix_minus_kvmclock_ns()?)?;
     tl.mark("vCPUs restored");
     let console = Console::restore(console_out(&cfg.runtime)?, &state.devices.serial)?;
     // 5. Devices. Host connections do not survive a VMM restart: the restored

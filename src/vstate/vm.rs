@@ -96,6 +96,15 @@ impl Vm {
         Ok(VmState { clock })
     }
 
+    /// Unix time minus kvmclock, in ns, now (for the guest's wall-clock record).
+    pub fn unix_minus_kvmclock_ns(&self) -> Result<i64, VmError> {
+        let clock = self.fd.get_clock().map_err(VmError::GetClock)?.clock;
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        Ok(unix - clock as i64)
+    }
+
     /// Restore the VM-wide state: kvmclock continues from the saved value, so
     /// guest time never runs backwards (the time the VM was stopped is not
     /// counted, like a paused VM).

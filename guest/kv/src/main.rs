@@ -26,7 +26,7 @@ mod vsock;
 
 use nvhv_kvstore::Store;
 use nvhv_rt::abi::KV_VSOCK_PORT;
-use nvhv_rt::{now_ns, println, tsc, BootInfo};
+use nvhv_rt::{println, tsc, BootInfo};
 use virtio_drivers::transport::mmio::MmioTransport;
 
 use server::State;
@@ -104,7 +104,9 @@ fn run<const Q: usize>(info: &'static BootInfo, transport: MmioTransport<'static
     let mut last_busy = tsc();
     let mut next_housekeeping = 0u64;
     loop {
-        let now_ms = now_ns() / 1_000_000;
+        // Unix time, like Redis: TTLs keep running while the VM is suspended,
+        // and EXPIREAT/EXAT take Unix timestamps.
+        let now_ms = nvhv_rt::unix_time_ns() / 1_000_000;
         let mut busy = dev.reclaim_tx() > 0;
         if dev.poll_events() {
             st.transport_reset(dev.cid());

@@ -40,7 +40,7 @@ pub use nvhv_abi::BootInfo;
 pub use heap::{heap_free_bytes, heap_used_bytes};
 pub use io::{exit, wait};
 pub use start::boot_info;
-pub use time::{now_ns, tsc};
+pub use time::{now_ns, tsc, unix_time_ns};
 
 /// Declares the guest's main function: `entry!(path)` where `path` is a
 /// `fn(&'static BootInfo, u32) -> !`. Every vCPU calls it (vCPU 0 after

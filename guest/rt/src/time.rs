@@ -96,3 +96,19 @@ fn tsc_fallback_ns(tsc_khz: u64) -> u64 {
     }
     (t as u128 * 1_000_000 / tsc_khz as u128) as u64
 }
+
+/// Unix time in nanoseconds: kvmclock plus the offset the VMM keeps in the
+/// wall-clock record (rewritten on every resume). Falls back to kvmclock time
+/// if the VMM wrote no record.
+pub fn unix_time_ns() -> u64 {
+    let rec = nvhv_abi::WALL_CLOCK_ADDR as *const nvhv_abi::WallClock;
+    // SAFETY: the wall-clock record is identity-mapped guest RAM at a fixed ABI
+    // address that the VMM writes only while the vCPUs are stopped.
+    let wc = unsafe { rec.read_volatile() };
+    let now = now_ns();
+    if wc.magic == nvhv_abi::WALL_CLOCK_MAGIC {
+        (now as i64).wrapping_add(wc.unix_minus_kvmclock_ns) as u64
+    } else {
+        now
+    }
+}

@@ -154,8 +154,8 @@ impl DeviceThread {
                     let cap = core.next_deadline().map_or(RECHECK_MAX, |d| {
                         d.saturating_duration_since(now).min(RECHECK_MAX)
                     });
-                    let cap_ms = i32::try_from(cap.as_micros().div_ceil(1000).max(1))
-                        .unwrap_or(i32::MAX);
+                    let cap_ms =
+                        i32::try_from(cap.as_micros().div_ceil(1000).max(1)).unwrap_or(i32::MAX);
                     if timeout_ms > 0 && now.duration_since(last_progress) >= IDLE_BACKOFF {
                         timeout_ms = timeout_ms.saturating_mul(2).min(cap_ms);
                     }
