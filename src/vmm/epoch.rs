@@ -37,10 +37,19 @@ impl Default for EpochPolicy {
     }
 }
 
+/// How often the dirty count is checked against the budget between epochs.
+pub const BUDGET_CHECK: Duration = Duration::from_millis(2);
+
 impl EpochPolicy {
     /// When the current epoch (begun at `start`) should end.
     pub fn due(&self, start: Instant, output_pending: bool) -> Instant {
         start + if output_pending { self.min } else { self.max }
+    }
+
+    /// When to wake next: the epoch's due time, or earlier to check the
+    /// dirty budget.
+    pub fn next_wake(&self, start: Instant, output_pending: bool, now: Instant) -> Instant {
+        self.due(start, output_pending).min(now + BUDGET_CHECK)
     }
 }
 
@@ -132,6 +141,14 @@ mod tests {
         let t = Instant::now();
         assert_eq!(p.due(t, false) - t, p.max);
         assert_eq!(p.due(t, true) - t, p.min);
+    }
+
+    #[test]
+    fn budget_checks_wake_before_a_long_epoch_ends() {
+        let p = EpochPolicy::default();
+        let t = Instant::now();
+        assert_eq!(p.next_wake(t, false, t), t + BUDGET_CHECK.min(p.max));
+        assert_eq!(p.next_wake(t, true, t), t + p.min.min(BUDGET_CHECK));
     }
 
     #[test]

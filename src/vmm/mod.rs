@@ -745,8 +745,9 @@ impl Machine {
                 None => match &self.policy {
                     None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
                     Some(p) => {
-                        let due = p.due(epoch_start, output_pending);
-                        rx.recv_timeout(due.saturating_duration_since(Instant::now()))
+                        let now = Instant::now();
+                        let wake = p.next_wake(epoch_start, output_pending, now);
+                        rx.recv_timeout(wake.saturating_duration_since(now))
                     }
                 },
             };
@@ -760,6 +761,9 @@ impl Machine {
                 Ok(Event::Vcpu(VcpuEvent::Paused(..))) => {}
                 Ok(Event::OutputPending) => output_pending = true,
                 Err(RecvTimeoutError::Timeout) => {
+                    if !self.epoch_due(epoch_start, output_pending)? {
+                        continue;
+                    }
                     epoch_start = Instant::now();
                     output_pending = false;
                     if let Err(e) = self.epoch(&handles, &rx, &mut deferred, &mut stats) {
@@ -936,6 +940,18 @@ impl Machine {
         self.image.commit_epoch(&cap.pfns, &cap.pages, &state)?;
         self.image.apply_committed(&cap.pfns, &cap.pages)?;
         Ok(())
+    }
+
+    /// Epoch mode: whether the current epoch should end now — its time is up,
+    /// or the guest has written as many pages as the dirty budget allows.
+    fn epoch_due(&self, start: Instant, output_pending: bool) -> Result<bool, VmmError> {
+        let (Some(p), Some(d)) = (&self.policy, &self.dirty) else {
+            return Ok(false);
+        };
+        if Instant::now() >= p.due(start, output_pending) {
+            return Ok(true);
+        }
+        Ok(d.peek_count(&self.vm.fd, &self.mem)? >= p.dirty_budget)
     }
 
     /// Let vCPUs and devices run again after [`capture`](Self::capture).

@@ -110,6 +110,18 @@ impl DirtyTracker {
         self.hot.len()
     }
 
+    /// How many pages KVM reports written (hot pages included) right now,
+    /// without changing anything: with manual protection `KVM_GET_DIRTY_LOG`
+    /// neither clears nor re-protects. For the dirty-budget check between
+    /// epochs; safe while the guest runs.
+    pub fn peek_count(&self, vm: &VmFd, mem: &GuestMemory) -> Result<usize, DirtyError> {
+        let region = mem.iter().next().ok_or(DirtyError::Regions)?;
+        let bits = vm
+            .get_dirty_log(0, region.len() as usize)
+            .map_err(DirtyError::GetLog)?;
+        Ok(bits.iter().map(|w| w.count_ones() as usize).sum())
+    }
+
     fn alloc_slot(&mut self) -> usize {
         self.free.pop().unwrap_or_else(|| {
             self.shadow.resize(self.shadow.len() + PAGE, 0);
