@@ -496,7 +496,12 @@ pub struct Header {
     pub geometry: Geometry,
 }
 
-fn le_u32(b: &[u8], off: usize) -> u32 {
+// Little-endian field helpers shared by the hand-parsed records (header and
+// meta records here, redo-log records in `redo.rs`). Out-of-range offsets
+// read as zero and write nothing: callers check lengths first.
+
+/// The u32 at `off`.
+pub(super) fn le_u32(b: &[u8], off: usize) -> u32 {
     let mut a = [0u8; 4];
     if let Some(s) = b.get(off..off + 4) {
         a.copy_from_slice(s);
@@ -504,7 +509,8 @@ fn le_u32(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes(a)
 }
 
-fn le_u64(b: &[u8], off: usize) -> u64 {
+/// The u64 at `off`.
+pub(super) fn le_u64(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
     if let Some(s) = b.get(off..off + 8) {
         a.copy_from_slice(s);
@@ -512,18 +518,21 @@ fn le_u64(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn put(b: &mut [u8], off: usize, v: &[u8]) {
+/// Write `v` at `off`.
+pub(super) fn put(b: &mut [u8], off: usize, v: &[u8]) {
     if let Some(d) = b.get_mut(off..off + v.len()) {
         d.copy_from_slice(v);
     }
 }
 
-fn all_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
+/// Whether every byte is zero (compared against a zero block: fast in any build).
+pub(super) fn all_zero(b: &[u8]) -> bool {
+    static ZERO: [u8; 4096] = [0; 4096];
+    b.chunks(ZERO.len()).all(|c| c == &ZERO[..c.len()])
 }
 
 /// CRC32C of `bytes` with the four bytes at `crc_at` taken as zero.
-fn crc_with_hole(bytes: &[u8], crc_at: usize) -> u32 {
+pub(super) fn crc_with_hole(bytes: &[u8], crc_at: usize) -> u32 {
     let (pre, rest) = bytes.split_at(crc_at.min(bytes.len()));
     let post = rest.get(4..).unwrap_or(&[]);
     let crc = crc32c::crc32c(pre);

@@ -12,7 +12,7 @@
 //! Every length read from an image is untrusted: parsers check sizes before
 //! reading, never allocate from a stored length, and never panic.
 
-use super::layout::{Header, Region, Uuid, BLOCK};
+use super::layout::{all_zero, crc_with_hole, le_u32, le_u64, put, Header, Region, Uuid, BLOCK};
 
 /// Magic at offset 0 of every log record.
 pub const RECORD_MAGIC: [u8; 8] = *b"NVHVLOGR";
@@ -183,42 +183,6 @@ pub struct RecordHeader {
     pub payload_crc: u32,
     /// Wall-clock time of the commit, nanoseconds since the Unix epoch (informational).
     pub time_unix_ns: u64,
-}
-
-fn le_u32(b: &[u8], off: usize) -> u32 {
-    let mut a = [0u8; 4];
-    if let Some(s) = b.get(off..off + 4) {
-        a.copy_from_slice(s);
-    }
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    if let Some(s) = b.get(off..off + 8) {
-        a.copy_from_slice(s);
-    }
-    u64::from_le_bytes(a)
-}
-
-fn put(b: &mut [u8], off: usize, v: &[u8]) {
-    if let Some(d) = b.get_mut(off..off + v.len()) {
-        d.copy_from_slice(v);
-    }
-}
-
-/// Whether every byte is zero (compared against a zero block: fast in any build).
-fn all_zero(b: &[u8]) -> bool {
-    static ZERO: [u8; 4096] = [0; 4096];
-    b.chunks(ZERO.len()).all(|c| c == &ZERO[..c.len()])
-}
-
-fn crc_with_hole(bytes: &[u8], crc_at: usize) -> u32 {
-    let (pre, rest) = bytes.split_at(crc_at.min(bytes.len()));
-    let post = rest.get(4..).unwrap_or(&[]);
-    let crc = crc32c::crc32c(pre);
-    let crc = crc32c::crc32c_append(crc, &[0; 4]);
-    crc32c::crc32c_append(crc, post)
 }
 
 impl RecordHeader {
