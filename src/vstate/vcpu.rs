@@ -131,6 +131,12 @@ pub struct Vcpu {
     fd: VcpuFd,
     index: u32,
     msr_indices: Vec<u32>,
+    /// The last KVM_RUN ended in an I/O or MMIO exit that KVM completes only
+    /// on the next KVM_RUN.
+    io_pending: bool,
+    /// CPUID as set (it never changes once the vCPU exists): saved once,
+    /// not read back on every epoch.
+    cpuid: Option<Vec<kvm_cpuid_entry2>>,
 }
 
 impl Vcpu {
@@ -158,6 +164,8 @@ impl Vcpu {
             fd,
             index,
             msr_indices: Vec::new(),
+            io_pending: false,
+            cpuid: None,
         };
         v.msr_indices = v.readable_msrs(&vm.msr_indices);
         Ok(v)
@@ -305,21 +313,39 @@ impl Vcpu {
     }
 
     /// Complete a pending I/O or MMIO exit so no data is lost: KVM_RUN with
-    /// `immediate_exit` set finishes the instruction and returns EINTR.
+    /// `immediate_exit` set finishes the instruction and returns EINTR. Does
+    /// nothing (no ioctl) when the last KVM_RUN left nothing pending.
     pub fn complete_pending_io(&mut self) {
+        if !self.io_pending {
+            return;
+        }
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
+        self.io_pending = false;
     }
 
-    /// Save the whole vCPU state. Call [`complete_pending_io`](Self::complete_pending_io) first.
-    pub fn save(&self) -> Result<VcpuState, VcpuError> {
-        let cpuid = self
-            .fd
-            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(self.get_err("CPUID2"))?
-            .as_slice()
-            .to_vec();
+    /// Save the whole vCPU state. Call [`complete_pending_io`](Self::complete_pending_io)
+    /// first. CPUID is read from KVM once and reused (it cannot change).
+    pub fn save(&mut self) -> Result<VcpuState, VcpuError> {
+        let st = self.read_state(self.cpuid.clone())?;
+        if self.cpuid.is_none() {
+            self.cpuid = Some(st.cpuid.clone());
+        }
+        Ok(st)
+    }
+
+    /// Read every piece of vCPU state from KVM; CPUID too unless `cpuid` is given.
+    fn read_state(&self, cpuid: Option<Vec<kvm_cpuid_entry2>>) -> Result<VcpuState, VcpuError> {
+        let cpuid = match cpuid {
+            Some(c) => c,
+            None => self
+                .fd
+                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(self.get_err("CPUID2"))?
+                .as_slice()
+                .to_vec(),
+        };
         let mp_state = self.fd.get_mp_state().map_err(self.get_err("MP_STATE"))?;
         let regs = self.fd.get_regs().map_err(self.get_err("REGS"))?;
         let sregs = self.fd.get_sregs().map_err(self.get_err("SREGS"))?;
@@ -376,6 +402,7 @@ impl Vcpu {
         let cpuid =
             CpuId::from_entries(&s.cpuid).map_err(|_| VcpuError::BadState("CPUID entries"))?;
         self.fd.set_cpuid2(&cpuid).map_err(self.set_err("CPUID2"))?;
+        self.cpuid = Some(s.cpuid.clone());
         self.fd
             .set_mp_state(s.mp_state)
             .map_err(self.set_err("MP_STATE"))?;
@@ -434,9 +461,11 @@ impl<'a> crate::persist::Persist<'a> for Vcpu {
     type Args = VcpuArgs<'a>;
     type Error = VcpuError;
 
-    /// Call [`Vcpu::complete_pending_io`] first if the vCPU has run.
+    /// Reads the state from KVM. The vCPU must be stopped with nothing
+    /// pending (as after [`Vcpu::complete_pending_io`]); the CPUID read once
+    /// is reused, not cached here.
     fn save(&self) -> Result<VcpuState, VcpuError> {
-        Vcpu::save(self)
+        self.read_state(self.cpuid.clone())
     }
 
     /// Creates vCPU `index` in `vm` and restores `state` into it.
@@ -635,7 +664,15 @@ fn run_loop(
             }
             continue;
         }
-        let action = match vcpu.fd.run() {
+        let result = vcpu.fd.run();
+        vcpu.io_pending = matches!(
+            result,
+            Ok(VcpuExit::IoOut(..))
+                | Ok(VcpuExit::IoIn(..))
+                | Ok(VcpuExit::MmioRead(..))
+                | Ok(VcpuExit::MmioWrite(..))
+        );
+        let action = match result {
             Ok(VcpuExit::IoOut(port, data)) => handler.pio_out(port, data),
             Ok(VcpuExit::IoIn(port, data)) => {
                 handler.pio_in(port, data);
