@@ -374,6 +374,8 @@ struct Machine {
     policy: Option<EpochPolicy>,
     /// Epoch mode's dirty-page tracker.
     dirty: Option<DirtyTracker>,
+    /// The last captured machine state, clock zeroed (to skip empty epochs).
+    last_state: Option<MachineState>,
 }
 
 fn console_out(opts: &RuntimeOptions) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -523,6 +525,7 @@ fn build_new(
         vsock,
         policy: epochs.then_some(cfg.runtime.epochs),
         dirty,
+        last_state: None,
     })
 }
 
@@ -612,6 +615,7 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
         vsock,
         policy: epochs.then_some(cfg.runtime.epochs),
         dirty,
+        last_state: None,
     };
     m.run_timed(Some(tl))
 }
@@ -766,7 +770,7 @@ impl Machine {
                     }
                     epoch_start = Instant::now();
                     output_pending = false;
-                    if let Err(e) = self.epoch(&handles, &rx, &mut deferred, &mut stats) {
+                    if let Err(e) = self.epoch(&handles, &rx, &mut deferred, &mut stats, false) {
                         // Nothing after the last durable epoch was released:
                         // stopping here loses no acknowledged output.
                         for h in handles {
@@ -786,7 +790,7 @@ impl Machine {
         let result = if self.policy.is_some() {
             // The final epoch is durable when epoch() returns; the Suspended
             // record after it only saves the next open a log scan.
-            self.epoch(&handles, &rx, &mut deferred, &mut stats)
+            self.epoch(&handles, &rx, &mut deferred, &mut stats, true)
                 .map(|state| (t0.elapsed(), state))
                 .and_then(|(l, state)| {
                     self.image.commit(Status::Suspended, &state)?;
@@ -898,6 +902,19 @@ impl Machine {
             t.capture(&self.vm.fd, &self.mem, &mut pages)?;
         }
         let t_pages = t0.elapsed();
+        // The machine state without the clock: equal to the last epoch's
+        // when the guest has not run since (kvmclock alone always moves).
+        let unchanged = {
+            let mut same = state.clone();
+            same.vm.clock = Default::default();
+            let same = Some(same) == self.last_state;
+            if !same {
+                let mut key = state.clone();
+                key.vm.clock = Default::default();
+                self.last_state = Some(key);
+            }
+            same
+        };
         let state = state.encode()?;
         tracing::trace!(
             vcpus_us = t_vcpus.as_micros() as u64,
@@ -907,7 +924,12 @@ impl Machine {
             encoded_us = t0.elapsed().as_micros() as u64,
             "capture"
         );
-        Ok(Capture { state, pages, cut })
+        Ok(Capture {
+            state,
+            pages,
+            cut,
+            unchanged,
+        })
     }
 
     /// Epoch mode, new VM: commit the loaded guest (vCPU entry state and
@@ -973,6 +995,7 @@ impl Machine {
         rx: &Receiver<Event>,
         deferred: &mut VecDeque<Event>,
         stats: &mut EpochStats,
+        final_epoch: bool,
     ) -> Result<Vec<u8>, VmmError> {
         let t0 = Instant::now();
         let mut cap = self.capture(handles, rx, deferred, true)?;
@@ -983,6 +1006,13 @@ impl Machine {
             t.filter(&mut cap.pages);
         }
         let Captured { pfns, pages } = &cap.pages;
+        let no_output = self.vsock.as_ref().is_none_or(|v| v.held_output() == 0);
+        if pfns.is_empty() && cap.unchanged && no_output && !final_epoch {
+            // Nothing happened since the last epoch (the guest stayed parked,
+            // no page changed, no output waits): nothing to commit. An idle
+            // VM costs a capture per epoch, no write.
+            return Ok(cap.state);
+        }
         if pfns.len() > self.image.log_capacity_pages() {
             return Err(VmmError::DirtyOverflow {
                 pages: pfns.len(),
@@ -1042,6 +1072,8 @@ struct Capture {
     pages: Captured,
     /// The vsock output produced up to the pause (epoch mode).
     cut: Option<OutputCut>,
+    /// vCPU and device state equal the previous capture's (clock aside).
+    unchanged: bool,
 }
 
 fn signal_name(s: i32) -> &'static str {

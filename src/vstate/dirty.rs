@@ -209,17 +209,16 @@ impl DirtyTracker {
             )
             .map_err(|e| DirtyError::Copy(pfn, e))?;
         }
-        // Which reported pages are KVM's (left writable): they become hot.
-        self.mark_kvm_reported(&kvm, out);
+        // Every reported page becomes hot (or stays hot): compared with its
+        // shadow from now on, so a page the VMM rewrites with the same bytes
+        // each epoch (ring flags) is not logged again and again.
+        self.mark_reported(out);
         Ok(())
     }
 
-    fn mark_kvm_reported(&mut self, kvm: &[u64], out: &Captured) {
+    fn mark_reported(&mut self, out: &Captured) {
         for &pfn in &out.pfns {
-            let in_kvm = kvm
-                .get(pfn as usize / 64)
-                .is_some_and(|w| w >> (pfn % 64) & 1 == 1);
-            if in_kvm && !self.hot.contains_key(&pfn) && !self.retiring.contains_key(&pfn) {
+            if !self.hot.contains_key(&pfn) && !self.retiring.contains_key(&pfn) {
                 // New hot page: no shadow yet, `filter` logs it and fills one.
                 let slot = self.alloc_slot();
                 self.hot.insert(

@@ -39,18 +39,39 @@ impl GuestWake {
         self.cond.notify_all();
     }
 
+    /// Make parked waiters re-check their `interrupted` condition without
+    /// counting as a wake-up (the VMM wants a parked vCPU, the guest does not).
+    pub fn poke(&self) {
+        let _g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_all();
+    }
+
     /// Park until a wake-up `waiter` has not seen yet, or `timeout` (None: no
     /// limit). Returns true if woken by a notification.
     pub fn wait(&self, waiter: &mut Waiter, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
+        self.wait_until(waiter, deadline, &|| false) == Wake::Notified
+    }
+
+    /// Park until a wake-up `waiter` has not seen, `deadline`, or (checked on
+    /// every [`poke`](Self::poke)) `interrupted()`.
+    pub fn wait_until(
+        &self,
+        waiter: &mut Waiter,
+        deadline: Option<Instant>,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Wake {
         let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
         while *g == waiter.seen {
+            if interrupted() {
+                return Wake::Interrupted;
+            }
             match deadline {
                 None => g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
-                        return false;
+                        return Wake::TimedOut;
                     }
                     g = self
                         .cond
@@ -61,8 +82,19 @@ impl GuestWake {
             }
         }
         waiter.seen = *g;
-        true
+        Wake::Notified
     }
+}
+
+/// Why [`GuestWake::wait_until`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A device has work for the guest.
+    Notified,
+    /// The guest's timeout passed.
+    TimedOut,
+    /// The VMM wants the waiter (pause, stop).
+    Interrupted,
 }
 
 #[cfg(test)]
@@ -87,6 +119,28 @@ mod tests {
         assert!(w.wait(&mut a, Some(Duration::ZERO)));
         assert!(w.wait(&mut b, Some(Duration::ZERO)));
         assert!(!w.wait(&mut a, Some(Duration::ZERO)));
+    }
+
+    #[test]
+    fn poke_interrupts_without_consuming_a_wakeup() {
+        let w = Arc::new(GuestWake::new());
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (w2, f2) = (w.clone(), flag.clone());
+        let t = std::thread::spawn(move || {
+            let mut me = Waiter::default();
+            let r = w2.wait_until(&mut me, None, &|| {
+                f2.load(std::sync::atomic::Ordering::SeqCst)
+            });
+            (r, me)
+        });
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        w.poke();
+        let (r, mut me) = t.join().unwrap();
+        assert_eq!(r, Wake::Interrupted);
+        assert!(
+            !w.wait(&mut me, Some(Duration::ZERO)),
+            "poke counted as a wake-up"
+        );
     }
 
     #[test]
