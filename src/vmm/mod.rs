@@ -129,9 +129,6 @@ pub enum VmmError {
         /// Capacity.
         capacity: usize,
     },
-    /// A persistence mode that this build does not implement yet.
-    #[error("--persist {0} is not implemented yet; use --persist suspend-only")]
-    ModeUnavailable(&'static str),
 }
 
 /// Which guest to run in a new VM.
