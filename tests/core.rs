@@ -250,3 +250,32 @@ fn run_refuses_to_overwrite_an_existing_file() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(std::fs::read(&img).unwrap(), b"precious");
 }
+
+#[test]
+fn nvhv_suspend_commits_through_the_control_socket() {
+    require_kvm!();
+    let dir = Scratch::new("ctl");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    let mut vm = Vmm::start(
+        &["run", "--image", img_s, "--guest", "counter"],
+        dir.path("c.log"),
+    );
+    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+    let out = nvhv_output(&["suspend", "--image", img_s]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("durable"), "{said}");
+    assert!(vm.child.wait().unwrap().success(), "{}", vm.stderr_text());
+    // Nobody serves the image any more: a clear error, not a hang.
+    let out = nvhv_output(&["suspend", "--image", img_s]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no running nvhv"));
+    let out = nvhv_output(&["inspect", "--json", img_s]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["resumable"], true, "{j}");
+}
