@@ -1034,6 +1034,9 @@ impl Machine {
             held,
             "epoch committed"
         );
+        if let Some(t) = self.dirty.as_mut() {
+            t.recycle(cap.pages);
+        }
         Ok(cap.state)
     }
 

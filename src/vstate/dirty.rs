@@ -26,7 +26,7 @@ use std::collections::HashMap;
 
 use kvm_bindings::{kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2};
 use kvm_ioctls::VmFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
@@ -84,6 +84,8 @@ pub struct DirtyTracker {
     /// Pages re-protected at the last capture, compared once more in `filter`.
     retiring: HashMap<u64, usize>,
     budget: usize,
+    /// A page buffer handed back by [`recycle`](Self::recycle) for the next capture.
+    spare: Vec<u8>,
 }
 
 impl DirtyTracker {
@@ -102,7 +104,15 @@ impl DirtyTracker {
             free: Vec::new(),
             retiring: HashMap::new(),
             budget: hot_budget,
+            spare: Vec::new(),
         })
+    }
+
+    /// Hand back a committed capture's page buffer, to be reused.
+    pub fn recycle(&mut self, cap: Captured) {
+        if cap.pages.capacity() > self.spare.capacity() {
+            self.spare = cap.pages;
+        }
     }
 
     /// Pages currently left writable.
@@ -201,14 +211,14 @@ impl DirtyTracker {
                 }
             }
         }
-        out.pages.resize(out.pfns.len() * PAGE, 0);
-        for (i, &pfn) in out.pfns.iter().enumerate() {
-            mem.read_slice(
-                &mut out.pages[i * PAGE..(i + 1) * PAGE],
-                GuestAddress(pfn * PAGE as u64),
-            )
-            .map_err(|e| DirtyError::Copy(pfn, e))?;
+        out.pages.clear();
+        if out.pages.capacity() == 0 {
+            // Reuse the buffer of an earlier epoch: a fresh 8 MiB allocation
+            // costs thousands of page faults, slow under nested paging.
+            out.pages = std::mem::take(&mut self.spare);
+            out.pages.clear();
         }
+        copy_pages(region, npages, &out.pfns, &mut out.pages)?;
         // Every reported page becomes hot (or stays hot): compared with its
         // shadow from now on, so a page the VMM rewrites with the same bytes
         // each epoch (ring flags) is not logged again and again.
@@ -279,6 +289,35 @@ impl DirtyTracker {
     }
 }
 
+/// Append pages `pfns` of `region` to `dst` (4 KiB each, in order).
+///
+/// A plain copy from the mapping, no zero-fill first; this runs while the
+/// guest is paused, so every microsecond here is guest downtime.
+fn copy_pages(
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+    npages: usize,
+    pfns: &[u64],
+    dst: &mut Vec<u8>,
+) -> Result<(), DirtyError> {
+    let base = region.as_ptr();
+    dst.reserve(pfns.len() * PAGE);
+    for &pfn in pfns {
+        if pfn as usize >= npages {
+            return Err(DirtyError::Copy(
+                pfn,
+                vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(pfn * PAGE as u64)),
+            ));
+        }
+        // SAFETY: `pfn < npages`, so the 4 KiB range lies inside the live
+        // mapping of `region` (borrowed for the call). Every vCPU and device
+        // is paused (the caller's ORDER rule), so nothing writes it while the
+        // shared slice exists.
+        let page = unsafe { std::slice::from_raw_parts(base.add(pfn as usize * PAGE), PAGE) };
+        dst.extend_from_slice(page);
+    }
+    Ok(())
+}
+
 /// Re-protect the pages set in `bitmap` (whole slot 0) and clear their bits.
 fn clear_dirty_log(vm: &VmFd, npages: usize, bitmap: &mut [u64]) -> Result<(), DirtyError> {
     let arg = kvm_clear_dirty_log {
@@ -309,6 +348,7 @@ mod tests {
             free: Vec::new(),
             retiring: HashMap::new(),
             budget: 100,
+            spare: Vec::new(),
         }
     }
 
