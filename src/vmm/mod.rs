@@ -869,11 +869,6 @@ impl Machine {
             }
         }
         let t_vcpus = t0.elapsed();
-        let serial: SerialState = {
-            let mut c = self.bus.console.lock().unwrap_or_else(|e| e.into_inner());
-            c.flush();
-            c.save()
-        };
         // ORDER: devices after the vCPUs, so no guest notification arrives
         //        after the device state is taken; the output cut at the same
         //        point, so exactly the output produced before it is released
@@ -886,11 +881,8 @@ impl Machine {
             None => (None, None),
         };
         let t_dev = t0.elapsed();
-        let state = MachineState {
-            vm: self.vm.save()?,
-            vcpus: states.into_iter().map(|s| s.expect("all paused")).collect(),
-            devices: DeviceStates { serial, vsock },
-        };
+        let vcpus = states.into_iter().map(|s| s.expect("all paused")).collect();
+        let state = self.machine_state(vcpus, vsock)?;
         let t_vm = t0.elapsed();
         let mut pages = Captured::default();
         if let (true, Some(t)) = (dirty, self.dirty.as_mut()) {
@@ -902,12 +894,10 @@ impl Machine {
         // The machine state without the clock: equal to the last epoch's
         // when the guest has not run since (kvmclock alone always moves).
         let unchanged = {
-            let mut same = state.clone();
-            same.vm.clock = Default::default();
-            let same = Some(same) == self.last_state;
+            let mut key = state.clone();
+            key.vm.clock = Default::default();
+            let same = self.last_state.as_ref() == Some(&key);
             if !same {
-                let mut key = state.clone();
-                key.vm.clock = Default::default();
                 self.last_state = Some(key);
             }
             same
@@ -929,6 +919,25 @@ impl Machine {
         })
     }
 
+    /// The machine state from saved vCPU and vsock states, adding the
+    /// console (flushed) and the VM-wide state. Everything must be paused.
+    fn machine_state(
+        &self,
+        vcpus: Vec<vcpu::VcpuState>,
+        vsock: Option<crate::devices::virtio::vsock::VsockState>,
+    ) -> Result<MachineState, VmmError> {
+        let serial: SerialState = {
+            let mut c = self.bus.console.lock().unwrap_or_else(|e| e.into_inner());
+            c.flush();
+            c.save()
+        };
+        Ok(MachineState {
+            vm: self.vm.save()?,
+            vcpus,
+            devices: DeviceStates { serial, vsock },
+        })
+    }
+
     /// Epoch mode, new VM: commit the loaded guest (vCPU entry state and
     /// every page the loader wrote) as the first epoch, before any guest code runs.
     fn initial_epoch(&mut self) -> Result<(), VmmError> {
@@ -936,21 +945,8 @@ impl Machine {
         for v in &self.vcpus {
             vcpus.push(v.save()?);
         }
-        let serial = self
-            .bus
-            .console
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .save();
-        let state = MachineState {
-            vm: self.vm.save()?,
-            vcpus,
-            devices: DeviceStates {
-                serial,
-                vsock: self.vsock.as_ref().map(|v| v.save()),
-            },
-        }
-        .encode()?;
+        let vsock = self.vsock.as_ref().map(|v| v.save());
+        let state = self.machine_state(vcpus, vsock)?.encode()?;
         let mut cap = Captured::default();
         if let Some(t) = self.dirty.as_mut() {
             t.capture(&self.vm.fd, &self.mem, &mut cap)?;
