@@ -9,6 +9,24 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
+/// A new 1-vCPU `counter` VM in a scratch image, once it has printed.
+fn running_counter(tag: &str) -> (Scratch, std::path::PathBuf, Vmm) {
+    let dir = Scratch::new(tag);
+    let img = dir.path("vm.img");
+    let mut vm = Vmm::start(
+        &[
+            "run",
+            "--image",
+            img.to_str().unwrap(),
+            "--guest",
+            "counter",
+        ],
+        dir.path("c.log"),
+    );
+    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+    (dir, img, vm)
+}
+
 /// Run `counter` until vCPU(s) printed, suspend with SIGTERM, then resume
 /// `rounds` times, checking the counters never go back and keep growing.
 fn counter_survives(vcpus: u32, rounds: usize) {
@@ -111,14 +129,8 @@ fn ticker_keeps_ticking_after_resume() {
 #[test]
 fn inspect_reports_resumable_only_after_an_orderly_suspend() {
     require_kvm!();
-    let dir = Scratch::new("inspect");
-    let img = dir.path("vm.img");
+    let (_dir, img, mut vm) = running_counter("inspect");
     let img_s = img.to_str().unwrap();
-    let mut vm = Vmm::start(
-        &["run", "--image", img_s, "--guest", "counter"],
-        dir.path("c.log"),
-    );
-    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
 
     // While running: in use, not resumable.
     let out = nvhv_output(&["inspect", "--json", img_s]);
@@ -146,14 +158,8 @@ fn inspect_reports_resumable_only_after_an_orderly_suspend() {
 #[test]
 fn sigkill_in_suspend_only_mode_leaves_an_image_that_is_refused_unchanged() {
     require_kvm!();
-    let dir = Scratch::new("kill");
-    let img = dir.path("vm.img");
+    let (_dir, img, mut vm) = running_counter("kill");
     let img_s = img.to_str().unwrap();
-    let mut vm = Vmm::start(
-        &["run", "--image", img_s, "--guest", "counter"],
-        dir.path("c.log"),
-    );
-    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
     vm.signal_and_wait(libc::SIGKILL);
 
     let out = nvhv_output(&["inspect", "--json", img_s]);
@@ -173,14 +179,7 @@ fn sigkill_in_suspend_only_mode_leaves_an_image_that_is_refused_unchanged() {
 #[test]
 fn corrupted_images_are_refused_and_left_byte_identical() {
     require_kvm!();
-    let dir = Scratch::new("corrupt");
-    let img = dir.path("vm.img");
-    let img_s = img.to_str().unwrap();
-    let mut vm = Vmm::start(
-        &["run", "--image", img_s, "--guest", "counter"],
-        dir.path("c.log"),
-    );
-    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+    let (dir, img, mut vm) = running_counter("corrupt");
     assert!(vm.signal_and_wait(libc::SIGTERM).success());
     let good = std::fs::read(&img).unwrap();
 
@@ -254,14 +253,8 @@ fn run_refuses_to_overwrite_an_existing_file() {
 #[test]
 fn nvhv_suspend_commits_through_the_control_socket() {
     require_kvm!();
-    let dir = Scratch::new("ctl");
-    let img = dir.path("vm.img");
+    let (_dir, img, mut vm) = running_counter("ctl");
     let img_s = img.to_str().unwrap();
-    let mut vm = Vmm::start(
-        &["run", "--image", img_s, "--guest", "counter"],
-        dir.path("c.log"),
-    );
-    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
     let out = nvhv_output(&["suspend", "--image", img_s]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
