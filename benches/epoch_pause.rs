@@ -9,18 +9,14 @@
 //! per bucket of logged pages beside the time this process needs to copy the
 //! same number of 4 KiB pages (the floor of a copy-based checkpoint).
 
+mod support;
+
+use support::{free_port, nvhv};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// SET key to `len` bytes and read the +OK.
 fn set(s: &mut TcpStream, key: &str, len: usize) {
@@ -71,7 +67,7 @@ fn main() {
     let img = format!("{dir}/nvhv-bench-epoch-pause-{}.img", std::process::id());
     let _ = std::fs::remove_file(&img);
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nvhv"))
+    let mut child = Command::new(nvhv())
         .args([
             "run",
             "--image",

@@ -49,9 +49,13 @@
 //! stopped by their own pids only. The machine is shared: the load average
 //! is printed with each size; compare within a row.
 
+mod support;
+
+use support::{ensure_redis_server, free_port, is_tmpfs, nvhv};
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,27 +66,8 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
-fn nvhv() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_nvhv"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn addr(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let paths = std::env::var_os("PATH")?;
-    std::env::split_paths(&paths)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -169,20 +154,6 @@ fn dir_files(p: &Path) -> Vec<(String, u64)> {
         .unwrap_or_default();
     v.sort();
     v
-}
-
-/// Whether `dir` is on tmpfs (by /proc/mounts, longest matching mount point).
-fn is_tmpfs(dir: &Path) -> bool {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && dir.starts_with(f[1])).then(|| (f[1].len(), f[2] == "tmpfs"))
-        })
-        .max()
-        .is_some_and(|(_, t)| t)
 }
 
 // ---------------------------------------------------------------- RESP
@@ -1060,30 +1031,6 @@ fn inspect_summary(img: &Path) -> String {
 }
 
 // ---------------------------------------------------------------- redis side
-
-fn ensure_redis_server() -> Result<(), String> {
-    if which("redis-server").is_some() {
-        return Ok(());
-    }
-    eprintln!("redis-server missing: apt-get install -y redis-server");
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "redis-server"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-    };
-    let ok = matches!(install(), Ok(s) if s.success())
-        || (matches!(
-            Command::new("apt-get").args(["update", "-q"]).stdout(Stdio::null()).status(),
-            Ok(s) if s.success()
-        ) && matches!(install(), Ok(s) if s.success()));
-    if ok && which("redis-server").is_some() {
-        Ok(())
-    } else {
-        Err("redis-server is not installed and apt-get could not install it".into())
-    }
-}
 
 fn redis_side(o: &Opts, tag: &str, ds: &Dataset) -> RedisResult {
     let mut res = RedisResult::default();

@@ -29,31 +29,16 @@
 //! with `-P` per pipelined batch). The runs of the servers are interleaved
 //! per configuration, so slow phases of a shared machine hit them alike.
 
+mod support;
+
+use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, which};
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn nvhv() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_nvhv"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let paths = std::env::var_os("PATH")?;
-    std::env::split_paths(&paths)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
 
 /// True once `PING` on a fresh connection gets `+PONG`.
 fn pong(port: u16) -> bool {
@@ -332,31 +317,6 @@ fn measure(
     Ok(runs.swap_remove(runs.len() / 2))
 }
 
-/// Makes sure `redis-server` exists: apt-get install it if missing.
-fn ensure_redis_server() -> Result<(), String> {
-    if which("redis-server").is_some() {
-        return Ok(());
-    }
-    eprintln!("redis-server missing: apt-get install -y redis-server");
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "redis-server"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-    };
-    let ok = matches!(install(), Ok(s) if s.success())
-        || (matches!(
-            Command::new("apt-get").args(["update", "-q"]).stdout(Stdio::null()).status(),
-            Ok(s) if s.success()
-        ) && matches!(install(), Ok(s) if s.success()));
-    if ok && which("redis-server").is_some() {
-        Ok(())
-    } else {
-        Err("redis-server is not installed and apt-get could not install it".into())
-    }
-}
-
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -622,18 +582,4 @@ fn main() {
             }
         );
     }
-}
-
-/// Whether `dir` is on tmpfs (by /proc/mounts, longest matching mount point).
-fn is_tmpfs(dir: &Path) -> bool {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && dir.starts_with(f[1])).then(|| (f[1].len(), f[2] == "tmpfs"))
-        })
-        .max()
-        .is_some_and(|(_, t)| t)
 }
