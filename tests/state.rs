@@ -82,3 +82,51 @@ fn restore_refuses_malformed_vcpu_state() {
     )
     .is_err());
 }
+
+/// A vCPU confined to CPL3 (entry state, page tables that confine) is saved
+/// quickly from the second save on, and the quick save equals a full read;
+/// a CPL0 vCPU, or one whose tables do not confine, is always saved in full.
+#[test]
+fn quick_save_equals_full_save_and_only_when_confined() {
+    require_kvm!();
+    for (cpl, confinable, expect_quick) in [
+        (EntryCpl::Cpl3, true, true),
+        (EntryCpl::Cpl3, false, false),
+        (EntryCpl::Cpl0, true, false),
+    ] {
+        let vm = Vm::new().unwrap();
+        let mut v = Vcpu::new(&vm, 0).unwrap();
+        v.configure_entry(&EntryPoint {
+            rip: 0x20_1000,
+            cpl,
+            boot_info: nvhv_abi::BOOT_INFO_ADDR,
+            ram_bytes: 64 << 20,
+        })
+        .unwrap();
+        v.set_confinable(confinable);
+        let full = Vcpu::save(&mut v).unwrap();
+        assert_eq!(v.quick_saves(), 0, "the first save is always full");
+        let second = Vcpu::save(&mut v).unwrap();
+        assert_eq!(
+            v.quick_saves(),
+            expect_quick as u64,
+            "{cpl:?}, confinable {confinable}"
+        );
+        assert_eq!(
+            without_tsc(full.clone()),
+            without_tsc(second.clone()),
+            "{cpl:?}: the second save differs from the first"
+        );
+        let tsc = |s: &VcpuState| {
+            s.msrs
+                .iter()
+                .find(|m| m.index == MSR_IA32_TSC)
+                .unwrap()
+                .data
+        };
+        assert!(
+            tsc(&second) >= tsc(&full),
+            "the TSC is read afresh, never taken back"
+        );
+    }
+}

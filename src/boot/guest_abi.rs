@@ -104,13 +104,51 @@ impl Layout {
     }
 }
 
+/// The 2 MiB page that holds the local APIC.
+const LAPIC_2M: u64 = nvhv_abi::LAPIC_BASE & !(MIB2 - 1);
+
+/// Whether guest memory holds page tables written with `confine` (see
+/// [`write_system_tables`]): read from the image, so that a VM created
+/// before confinement existed (or a CPL0 guest) is never treated as confined.
+/// The guest cannot change these entries: they lie in its read-only 2 MiB.
+pub fn is_confining(mem: &GuestMemory) -> bool {
+    let r = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).ok();
+    let pd = |gib: u64| nvhv_abi::PD_ADDR + gib * 4096;
+    let lapic_gib = LAPIC_2M / GIB;
+    let lapic_pde = pd(lapic_gib) + ((LAPIC_2M % GIB) / MIB2) * 8;
+    r(nvhv_abi::PML4_ADDR) == Some(nvhv_abi::PDPT_ADDR | 0x7)
+        && r(nvhv_abi::PDPT_ADDR) == Some(pd(0) | 0x7)
+        && r(nvhv_abi::PDPT_ADDR + lapic_gib * 8) == Some(pd(lapic_gib) | 0x7)
+        && r(pd(0)) == Some(PDE_LOW_CONFINED)
+        && r(lapic_pde) == Some(LAPIC_2M | PDE_LAPIC_CONFINED)
+}
+
 fn w64(mem: &GuestMemory, addr: u64, v: u64) -> Result<(), GuestAbiError> {
     mem.write_obj(v, GuestAddress(addr))
         .map_err(GuestAbiError::Write)
 }
 
+/// Page-directory entry flags: present, writable, user, 2 MiB page.
+const PDE_RW_USER: u64 = 0x87;
+/// The first 2 MiB for a CPL3 guest: present, user, 2 MiB, read-only.
+const PDE_LOW_CONFINED: u64 = 0x85;
+/// The 2 MiB around the local APIC for a CPL3 guest: supervisor only.
+const PDE_LAPIC_CONFINED: u64 = 0x83;
+
 /// Write page tables, GDT and TSSs for `layout`.
-pub fn write_system_tables(mem: &GuestMemory, layout: &Layout) -> Result<(), GuestAbiError> {
+///
+/// With `confine` (guests entered at CPL3), the guest cannot leave CPL3
+/// without a triple fault, nor change what only CPL0 can: the first 2 MiB
+/// (page tables, GDT, TSSs, boot info) are read-only to it — no call gate
+/// or page-table entry can be forged — and the local APIC page is
+/// supervisor-only. With the entry state (no IDT, no `syscall`, no
+/// `sysenter`), that lets an epoch re-read only the registers a CPL3 guest
+/// can change ([`is_confining`], `Vcpu::save`).
+pub fn write_system_tables(
+    mem: &GuestMemory,
+    layout: &Layout,
+    confine: bool,
+) -> Result<(), GuestAbiError> {
     // Page tables: PML4[0] -> PDPT; PDPT[g] -> PD g; PD entries map 2 MiB pages.
     // The user bit (0x4) is set at every level, or CPL3 instruction fetches fault.
     w64(mem, nvhv_abi::PML4_ADDR, nvhv_abi::PDPT_ADDR | 0x7)?;
@@ -120,7 +158,12 @@ pub fn write_system_tables(mem: &GuestMemory, layout: &Layout) -> Result<(), Gue
         let mut table = [0u8; 4096];
         for (e, chunk) in table.chunks_exact_mut(8).enumerate() {
             let addr = g * GIB + e as u64 * MIB2;
-            chunk.copy_from_slice(&(addr | 0x87).to_le_bytes()); // P RW US PS
+            let flags = match addr {
+                0 if confine => PDE_LOW_CONFINED,
+                a if confine && a == LAPIC_2M => PDE_LAPIC_CONFINED,
+                _ => PDE_RW_USER,
+            };
+            chunk.copy_from_slice(&(addr | flags).to_le_bytes());
         }
         mem.write_slice(&table, GuestAddress(pd))
             .map_err(GuestAbiError::Write)?;
@@ -248,7 +291,7 @@ mod tests {
     fn page_tables_identity_map_with_user_bit() {
         let m = mem(8 << 20);
         let l = Layout::new(8 << 20, 1).unwrap();
-        write_system_tables(&m, &l).unwrap();
+        write_system_tables(&m, &l, false).unwrap();
         let pml4: u64 = m.read_obj(GuestAddress(nvhv_abi::PML4_ADDR)).unwrap();
         assert_eq!(pml4 & 0x7, 0x7);
         // Walk an address in the 4th GiB: 0xfee00000 (local APIC) maps to itself.
@@ -261,13 +304,36 @@ mod tests {
             .unwrap();
         assert_eq!(pde & !0xfff, va & !(MIB2 - 1));
         assert_eq!(pde & 0x87, 0x87);
+        assert!(!is_confining(&m));
+    }
+
+    #[test]
+    fn confined_tables_are_read_only_low_and_hide_the_lapic() {
+        let m = mem(8 << 20);
+        let l = Layout::new(8 << 20, 1).unwrap();
+        write_system_tables(&m, &l, true).unwrap();
+        assert!(is_confining(&m));
+        let pde0: u64 = m.read_obj(GuestAddress(nvhv_abi::PD_ADDR)).unwrap();
+        assert_eq!(pde0 & 0x2, 0, "first 2 MiB not writable");
+        assert_eq!(pde0 & 0x4, 0x4, "but readable from CPL3");
+        let pde: u64 = m
+            .read_obj(GuestAddress(nvhv_abi::PD_ADDR + 3 * 4096 + 503 * 8))
+            .unwrap();
+        assert_eq!(pde & !0xfff, 0xfee0_0000 & !(MIB2 - 1));
+        assert_eq!(pde & 0x4, 0, "local APIC supervisor-only");
+        let other: u64 = m.read_obj(GuestAddress(nvhv_abi::PD_ADDR + 8)).unwrap();
+        assert_eq!(other & 0x87, 0x87, "the rest is RAM as before");
+        // A forged entry (as after a resume of an older image) is not confining.
+        m.write_obj(0x87u64, GuestAddress(nvhv_abi::PD_ADDR))
+            .unwrap();
+        assert!(!is_confining(&m));
     }
 
     #[test]
     fn tss_bitmap_opens_only_guest_ports() {
         let m = mem(8 << 20);
         let l = Layout::new(8 << 20, 2).unwrap();
-        write_system_tables(&m, &l).unwrap();
+        write_system_tables(&m, &l, false).unwrap();
         let base = nvhv_abi::TSS_ADDR + nvhv_abi::TSS_STRIDE;
         let bit = |port: u16| -> u8 {
             let b: u8 = m

@@ -41,15 +41,33 @@ impl Default for EpochPolicy {
 pub const BUDGET_CHECK: Duration = Duration::from_millis(2);
 
 impl EpochPolicy {
-    /// When the current epoch (begun at `start`) should end.
-    pub fn due(&self, start: Instant, output_pending: bool) -> Instant {
-        start + if output_pending { self.min } else { self.max }
+    /// When the current epoch (begun at `start`) should end, given since
+    /// when output has been waiting (`pending`) and whether the guest is idle
+    /// (every vCPU parked at the wait port, its state already saved).
+    ///
+    /// With output waiting, the epoch lasts at least `min`; after that it
+    /// ends as soon as the guest is idle (it will produce nothing more for
+    /// this group commit, and pausing it costs nothing), and at the latest
+    /// `min` after the output began to wait (then the guest is kicked out of
+    /// `KVM_RUN`).
+    pub fn due(&self, start: Instant, pending: Option<Instant>, idle: bool) -> Instant {
+        match pending {
+            None => start + self.max,
+            Some(_) if idle => start + self.min,
+            Some(p) => (start + self.min).max(p + self.min).min(start + self.max),
+        }
     }
 
     /// When to wake next: the epoch's due time, or earlier to check the
     /// dirty budget.
-    pub fn next_wake(&self, start: Instant, output_pending: bool, now: Instant) -> Instant {
-        self.due(start, output_pending).min(now + BUDGET_CHECK)
+    pub fn next_wake(
+        &self,
+        start: Instant,
+        pending: Option<Instant>,
+        idle: bool,
+        now: Instant,
+    ) -> Instant {
+        self.due(start, pending, idle).min(now + BUDGET_CHECK)
     }
 }
 
@@ -139,16 +157,36 @@ mod tests {
     fn output_shortens_the_epoch_to_min() {
         let p = EpochPolicy::default();
         let t = Instant::now();
-        assert_eq!(p.due(t, false) - t, p.max);
-        assert_eq!(p.due(t, true) - t, p.min);
+        assert_eq!(p.due(t, None, false) - t, p.max);
+        assert_eq!(p.due(t, None, true) - t, p.max, "idle without output");
+        assert_eq!(p.due(t, Some(t), false) - t, p.min);
+        assert_eq!(p.due(t, Some(t), true) - t, p.min);
+    }
+
+    #[test]
+    fn a_busy_guest_gets_min_after_its_output_to_go_idle() {
+        let p = EpochPolicy::default();
+        let t = Instant::now();
+        let late = t + 5 * p.min;
+        assert_eq!(p.due(t, Some(late), false), late + p.min);
+        assert_eq!(p.due(t, Some(late), true), t + p.min, "idle: at once");
+        let very_late = t + p.max;
+        assert_eq!(
+            p.due(t, Some(very_late), false),
+            t + p.max,
+            "never past max"
+        );
     }
 
     #[test]
     fn budget_checks_wake_before_a_long_epoch_ends() {
         let p = EpochPolicy::default();
         let t = Instant::now();
-        assert_eq!(p.next_wake(t, false, t), t + BUDGET_CHECK.min(p.max));
-        assert_eq!(p.next_wake(t, true, t), t + p.min.min(BUDGET_CHECK));
+        assert_eq!(p.next_wake(t, None, false, t), t + BUDGET_CHECK.min(p.max));
+        assert_eq!(
+            p.next_wake(t, Some(t), false, t),
+            t + p.min.min(BUDGET_CHECK)
+        );
     }
 
     #[test]

@@ -464,11 +464,13 @@ fn build_new(
             stacks: layout.stacks_base(),
         });
     }
-    guest_abi::write_system_tables(&mem, layout)?;
+    guest_abi::write_system_tables(&mem, layout, loaded.cpl == vcpu::EntryCpl::Cpl3)?;
     // 5. vCPUs in the ABI's entry state.
     let mut vcpus = Vec::new();
+    let confined = guest_abi::is_confining(&mem);
     for i in 0..cfg.vcpus {
-        let v = Vcpu::new(&vm, i)?;
+        let mut v = Vcpu::new(&vm, i)?;
+        v.set_confinable(confined);
         v.configure_entry(&EntryPoint {
             rip: loaded.entry,
             cpl: loaded.cpl,
@@ -579,7 +581,11 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
         (slot.join(), vcpus)
     });
     slot.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-    let vcpus = vcpus?;
+    let mut vcpus = vcpus?;
+    let confined = guest_abi::is_confining(&mem);
+    for v in &mut vcpus {
+        v.set_confinable(confined);
+    }
     vm.restore(&state.vm)?;
     // kvmclock continues from its saved value; Unix time moved on.
     guest_abi::write_wall_clock(&mem, vm.unix_minus_kvmclock_ns()?)?;
@@ -694,6 +700,7 @@ impl Machine {
             let tx = tx.clone();
             v.set_output_gate(Some(OutputGate::new(move || {
                 let _ = tx.send(Event::OutputPending);
+                std::thread::yield_now();
             })));
         }
         if let Some(t) = timeline.as_mut() {
@@ -718,6 +725,7 @@ impl Machine {
                 v,
                 self.bus.clone() as Arc<dyn ExitHandler>,
                 self.wake.clone(),
+                self.policy.is_some(),
                 Box::new(move |e| {
                     let _ = tx.send(Event::Vcpu(e));
                 }),
@@ -739,7 +747,8 @@ impl Machine {
         let mut deferred: VecDeque<Event> = VecDeque::new();
         let mut stats = EpochStats::default();
         let mut epoch_start = Instant::now();
-        let mut output_pending = false;
+        let mut output_pending: Option<Instant> = None;
+        let idle = |hs: &[VcpuHandle]| hs.iter().all(VcpuHandle::parked_with_state);
         let (cause, t0, reply) = loop {
             let ev = match deferred.pop_front() {
                 Some(e) => Ok(e),
@@ -747,7 +756,8 @@ impl Machine {
                     None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
                     Some(p) => {
                         let now = Instant::now();
-                        let wake = p.next_wake(epoch_start, output_pending, now);
+                        let idle = output_pending.is_some() && idle(&handles);
+                        let wake = p.next_wake(epoch_start, output_pending, idle, now);
                         rx.recv_timeout(wake.saturating_duration_since(now))
                     }
                 },
@@ -759,14 +769,18 @@ impl Machine {
                     eprintln!("nvhv: guest stopped on vCPU {i}: {}", describe(&r));
                     break (StopCause::Guest(r), Instant::now(), None);
                 }
-                Ok(Event::Vcpu(VcpuEvent::Paused(..))) => {}
-                Ok(Event::OutputPending) => output_pending = true,
+                // A park re-evaluates the due time at the loop top.
+                Ok(Event::Vcpu(VcpuEvent::Paused(..) | VcpuEvent::Parked(_))) => {}
+                Ok(Event::OutputPending) => {
+                    output_pending.get_or_insert_with(Instant::now);
+                }
                 Err(RecvTimeoutError::Timeout) => {
-                    if !self.epoch_due(epoch_start, output_pending)? {
+                    let idle = output_pending.is_some() && idle(&handles);
+                    if !self.epoch_due(epoch_start, output_pending, idle)? {
                         continue;
                     }
                     epoch_start = Instant::now();
-                    output_pending = false;
+                    output_pending = None;
                     if let Err(e) = self.epoch(&handles, &rx, &mut deferred, &mut stats, false) {
                         // Nothing after the last durable epoch was released:
                         // stopping here loses no acknowledged output.
@@ -850,10 +864,9 @@ impl Machine {
         dirty: bool,
     ) -> Result<Capture, VmmError> {
         let t0 = Instant::now();
-        for h in handles {
-            h.pause(&self.wake);
-        }
-        let mut states: Vec<Option<vcpu::VcpuState>> = vec![None; handles.len()];
+        // A vCPU parked with its state saved hands it over at once.
+        let mut states: Vec<Option<vcpu::VcpuState>> =
+            handles.iter().map(|h| h.pause(&self.wake)).collect();
         let deadline = Instant::now() + Duration::from_secs(10);
         while states.iter().any(Option::is_none) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -959,11 +972,16 @@ impl Machine {
 
     /// Epoch mode: whether the current epoch should end now — its time is up,
     /// or the guest has written as many pages as the dirty budget allows.
-    fn epoch_due(&self, start: Instant, output_pending: bool) -> Result<bool, VmmError> {
+    fn epoch_due(
+        &self,
+        start: Instant,
+        output_pending: Option<Instant>,
+        idle: bool,
+    ) -> Result<bool, VmmError> {
         let (Some(p), Some(d)) = (&self.policy, &self.dirty) else {
             return Ok(false);
         };
-        if Instant::now() >= p.due(start, output_pending) {
+        if Instant::now() >= p.due(start, output_pending, idle) {
             return Ok(true);
         }
         Ok(d.peek_count(&self.vm.fd, &self.mem)? >= p.dirty_budget)
@@ -1025,6 +1043,7 @@ impl Machine {
             epoch = times.epoch,
             pages = pfns.len(),
             hot = self.dirty.as_ref().map_or(0, |d| d.hot_pages()),
+            faulted = self.dirty.as_ref().map_or(0, |d| d.faulted()),
             pause_us = paused.as_micros() as u64,
             commit_us = t0.elapsed().as_micros() as u64,
             held,
