@@ -963,7 +963,6 @@ impl Machine {
         let mut cap = Captured::default();
         if let Some(t) = self.dirty.as_mut() {
             t.capture(&self.vm.fd, &self.mem, &mut cap)?;
-            t.filter(&mut cap);
         }
         self.image.commit_epoch(&cap.pfns, &cap.pages, &state)?;
         self.image.apply_committed(&cap.pfns, &cap.pages)?;
@@ -1009,13 +1008,9 @@ impl Machine {
         final_epoch: bool,
     ) -> Result<Vec<u8>, VmmError> {
         let t0 = Instant::now();
-        let mut cap = self.capture(handles, rx, deferred, true)?;
+        let cap = self.capture(handles, rx, deferred, true)?;
         self.unpause(handles);
         let paused = t0.elapsed();
-        // With the guest running again: keep only pages whose bytes changed.
-        if let Some(t) = self.dirty.as_mut() {
-            t.filter(&mut cap.pages);
-        }
         let Captured { pfns, pages } = &cap.pages;
         let no_output = self.vsock.as_ref().is_none_or(|v| v.held_output() == 0);
         if pfns.is_empty() && cap.unchanged && no_output && !final_epoch {
@@ -1031,12 +1026,14 @@ impl Machine {
             });
         }
         let times = self.image.commit_epoch(pfns, pages, &cap.state)?;
+        let durable = t0.elapsed();
         // ORDER: output of this epoch goes out only after its commit is durable.
         let held = match (&self.vsock, cap.cut) {
             (Some(v), Some(cut)) => v.release_output(cut),
             _ => 0,
         };
         // ORDER: apply after the commit; the next commit's persist makes it durable.
+        let released = t0.elapsed();
         self.image.apply_committed(pfns, pages)?;
         stats.record(paused, pfns.len(), &times, t0.elapsed(), held);
         tracing::debug!(
@@ -1045,6 +1042,10 @@ impl Machine {
             hot = self.dirty.as_ref().map_or(0, |d| d.hot_pages()),
             faulted = self.dirty.as_ref().map_or(0, |d| d.faulted()),
             pause_us = paused.as_micros() as u64,
+            write_us = times.state_write.as_micros() as u64,
+            persist_us = times.state_persist.as_micros() as u64,
+            durable_us = durable.as_micros() as u64,
+            release_us = (released - durable).as_micros() as u64,
             commit_us = t0.elapsed().as_micros() as u64,
             held,
             "epoch committed"
