@@ -70,13 +70,15 @@ struct RunArgs {
     /// ELF file following the built-in guest ABI.
     #[arg(long, default_value = "kv")]
     guest: String,
-    /// Persistence mode. suspend-only: guest RAM lives in the image in place,
-    /// no runtime cost; state is durable only after an orderly or warned stop
-    /// (SIGTERM, SIGPWR, `nvhv suspend`); after a crash the image is refused.
-    /// epoch: continuous checkpoints; client output is held until the epoch
+    /// Persistence mode. epoch (the default): continuous checkpoints (an
+    /// epoch ends when a reply waits and --epoch-min has passed, at the dirty
+    /// budget, or at --epoch-max); client output is held until the epoch
     /// that produced it is durable, so a crash without warning (kill -9,
-    /// power loss) loses no acknowledged write.
-    #[arg(long, value_enum, default_value_t = Mode::SuspendOnly)]
+    /// power loss) loses no acknowledged write. suspend-only: guest RAM lives
+    /// in the image in place, no runtime cost; state is durable only after
+    /// an orderly or warned stop (SIGTERM, SIGPWR, `nvhv suspend`); after a
+    /// crash the image is refused.
+    #[arg(long, value_enum, default_value_t = Mode::Epoch)]
     persist: Mode,
     /// Epoch mode: size of each of the two redo-log halves (one epoch's dirty
     /// pages must fit in one half).

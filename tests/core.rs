@@ -9,8 +9,9 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
-/// A new 1-vCPU `counter` VM in a scratch image, once it has printed.
-fn running_counter(tag: &str) -> (Scratch, std::path::PathBuf, Vmm) {
+/// A new 1-vCPU `counter` VM in a scratch image (persistence `mode`), once
+/// it has printed.
+fn running_counter(tag: &str, mode: &str) -> (Scratch, std::path::PathBuf, Vmm) {
     let dir = Scratch::new(tag);
     let img = dir.path("vm.img");
     let mut vm = Vmm::start(
@@ -20,6 +21,8 @@ fn running_counter(tag: &str) -> (Scratch, std::path::PathBuf, Vmm) {
             img.to_str().unwrap(),
             "--guest",
             "counter",
+            "--persist",
+            mode,
         ],
         dir.path("c.log"),
     );
@@ -129,7 +132,7 @@ fn ticker_keeps_ticking_after_resume() {
 #[test]
 fn inspect_reports_resumable_only_after_an_orderly_suspend() {
     require_kvm!();
-    let (_dir, img, mut vm) = running_counter("inspect");
+    let (_dir, img, mut vm) = running_counter("inspect", "suspend-only");
     let img_s = img.to_str().unwrap();
 
     // While running: in use, not resumable.
@@ -158,7 +161,7 @@ fn inspect_reports_resumable_only_after_an_orderly_suspend() {
 #[test]
 fn sigkill_in_suspend_only_mode_leaves_an_image_that_is_refused_unchanged() {
     require_kvm!();
-    let (_dir, img, mut vm) = running_counter("kill");
+    let (_dir, img, mut vm) = running_counter("kill", "suspend-only");
     let img_s = img.to_str().unwrap();
     vm.signal_and_wait(libc::SIGKILL);
 
@@ -179,7 +182,7 @@ fn sigkill_in_suspend_only_mode_leaves_an_image_that_is_refused_unchanged() {
 #[test]
 fn corrupted_images_are_refused_and_left_byte_identical() {
     require_kvm!();
-    let (dir, img, mut vm) = running_counter("corrupt");
+    let (dir, img, mut vm) = running_counter("corrupt", "epoch");
     assert!(vm.signal_and_wait(libc::SIGTERM).success());
     let good = std::fs::read(&img).unwrap();
 
@@ -253,7 +256,7 @@ fn run_refuses_to_overwrite_an_existing_file() {
 #[test]
 fn nvhv_suspend_commits_through_the_control_socket() {
     require_kvm!();
-    let (_dir, img, mut vm) = running_counter("ctl");
+    let (_dir, img, mut vm) = running_counter("ctl", "epoch");
     let img_s = img.to_str().unwrap();
     let out = nvhv_output(&["suspend", "--image", img_s]);
     let said = String::from_utf8_lossy(&out.stdout);
