@@ -449,6 +449,10 @@ pub(crate) mod testing {
             let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
             let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
             self.last_used = self.last_used.wrapping_add(1);
+            // Like virtio-drivers with EVENT_IDX: used_event = next entry to look at.
+            let used_event = self.avail + 4 + 2 * u64::from(self.size);
+            mem.write_obj(self.last_used.to_le(), GuestAddress(used_event))
+                .unwrap();
             Some((u32::from_le(id), u32::from_le(len)))
         }
 

@@ -189,6 +189,8 @@ impl DeviceThread {
                     timeout_ms = i32::try_from(ms).unwrap_or(i32::MAX);
                 }
             }
+            let idle = sleeping || !core.is_running();
+            core.resolve_tx_wake(idle);
             let wake = core.take_guest_wake();
             drop(core);
             if wake {

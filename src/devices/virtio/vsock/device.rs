@@ -70,6 +70,8 @@ pub struct VsockCore {
     pub(crate) stopping: bool,
     kick: bool,
     wake_guest: bool,
+    /// TX buffers were returned and the guest was not woken for them yet.
+    tx_wake_pending: bool,
     /// Output epoch that guest output is tagged with now.
     output_epoch: u64,
     /// Hold guest output until released (output commit); None: release at once.
@@ -143,6 +145,7 @@ impl VsockCore {
             stopping: false,
             kick: false,
             wake_guest: false,
+            tx_wake_pending: false,
             output_epoch: 0,
             output_gate: None,
             output_signalled: false,
@@ -305,6 +308,34 @@ impl VsockCore {
         }
     }
 
+    /// Settle a pending TX-completion wake-up: none is needed once the
+    /// driver has consumed every TX completion (its `used_event` caught up
+    /// with the used index: it runs and saw them), or if another wake-up goes
+    /// out anyway; otherwise it is sent when the device is about to sleep
+    /// (`idle`), so a guest that parked waiting for TX buffers is woken
+    /// within the device's idle-spin time.
+    pub fn resolve_tx_wake(&mut self, idle: bool) {
+        if !self.tx_wake_pending {
+            return;
+        }
+        if self.wake_guest || self.tx_driver_caught_up() {
+            self.tx_wake_pending = false;
+        } else if idle {
+            self.tx_wake_pending = false;
+            self.wake_guest = true;
+        }
+    }
+
+    /// The driver's `used_event` (the next used entry it will look at, as
+    /// `virtio-drivers` keeps it) equals our next used index.
+    fn tx_driver_caught_up(&self) -> bool {
+        let q = &self.queues[TX];
+        // virtq_avail: flags, idx, ring[size], used_event.
+        let addr = q.avail_ring() + 4 + 2 * u64::from(q.size());
+        vm_memory::Bytes::read_obj::<u16>(&self.mem, vm_memory::GuestAddress(addr))
+            .is_ok_and(|e| u16::from_le(e) == q.next_used())
+    }
+
     /// Whether the guest should be woken (used buffers were added); clears it.
     pub fn take_guest_wake(&mut self) -> bool {
         std::mem::take(&mut self.wake_guest)
@@ -434,7 +465,16 @@ impl VsockCore {
             // ORDER: the packet is copied out before its buffer goes back to
             // the guest, which may reuse it at once.
             queue::add_used(&mut self.queues[TX], &self.mem, head, 0)?;
-            self.used_added();
+            if self.queues[TX].event_idx_enabled() {
+                // Decided in `resolve_tx_wake`: most drivers reclaim TX
+                // buffers while they run, and a wake-up sent now would be
+                // remembered and end the guest's next park at once (an exit,
+                // an idle spin and, in epoch mode, a state save per request).
+                self.signals.used_buffer();
+                self.tx_wake_pending = true;
+            } else {
+                self.used_added();
+            }
             progress = true;
             let payload = std::mem::take(&mut self.payload);
             self.on_guest_packet(&hdr, op, &payload);

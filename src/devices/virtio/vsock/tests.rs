@@ -246,6 +246,48 @@ fn polling_suppresses_notifications_and_idle_rearms_them() {
     assert_eq!(g.notifies[1], before + 1, "idle device must be notified");
 }
 
+/// TX completions wake a parked guest only when it has not consumed them by
+/// the time the device goes idle (it may be waiting for a buffer); a driver
+/// that keeps up is not woken (a remembered wake-up would end its next park
+/// at once).
+#[test]
+fn tx_completions_wake_only_a_guest_that_did_not_reclaim_them() {
+    let Rig {
+        vsock: _vsock,
+        mut g,
+        addr,
+    } = rig_spin(4096, FEATURES, Duration::from_millis(300));
+    // The long idle spin keeps the test independent of scheduling noise: a
+    // driver descheduled for longer than it would rightly be woken.
+    let mut cl = client(addr);
+    let mut gc = accept(&mut g, 1024);
+    let wake = Arc::clone(&g.wake);
+    let mut me = crate::vstate::wait::Waiter::default();
+    let idle = |g: &GuestDriver| g.tx.avail_event(&g.mem) == g.tx.avail_idx;
+    wait_for(|| idle(&g), "device idle after the handshake");
+    while wake.wait(&mut me, Some(Duration::ZERO)) {}
+
+    // Reclaimed at once (send waits for and pops the completion).
+    g.send(&gc.hdr(Op::Rw, 3), b"abc");
+    gc.tx_cnt += 3;
+    let mut b = [0u8; 3];
+    cl.read_exact(&mut b).unwrap();
+    wait_for(|| idle(&g), "device idle after the first packet");
+    assert!(
+        !wake.wait(&mut me, Some(Duration::from_millis(20))),
+        "a guest that reclaimed its TX buffer was woken"
+    );
+
+    // Not reclaimed: woken once the device goes idle.
+    g.send_async(&gc.hdr(Op::Rw, 3), b"def");
+    cl.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"def");
+    assert!(
+        wake.wait(&mut me, Some(T)),
+        "a guest that left a TX completion unconsumed was never woken"
+    );
+}
+
 #[test]
 fn works_without_event_idx() {
     let Rig {
