@@ -104,23 +104,15 @@ impl Layout {
     }
 }
 
-/// The 2 MiB page that holds the local APIC.
-const LAPIC_2M: u64 = nvhv_abi::LAPIC_BASE & !(MIB2 - 1);
-
 /// Whether guest memory holds page tables written with `confine` (see
 /// [`write_system_tables`]): read from the image, so that a VM created
 /// before confinement existed (or a CPL0 guest) is never treated as confined.
 /// The guest cannot change these entries: they lie in its read-only 2 MiB.
 pub fn is_confining(mem: &GuestMemory) -> bool {
     let r = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).ok();
-    let pd = |gib: u64| nvhv_abi::PD_ADDR + gib * 4096;
-    let lapic_gib = LAPIC_2M / GIB;
-    let lapic_pde = pd(lapic_gib) + ((LAPIC_2M % GIB) / MIB2) * 8;
     r(nvhv_abi::PML4_ADDR) == Some(nvhv_abi::PDPT_ADDR | 0x7)
-        && r(nvhv_abi::PDPT_ADDR) == Some(pd(0) | 0x7)
-        && r(nvhv_abi::PDPT_ADDR + lapic_gib * 8) == Some(pd(lapic_gib) | 0x7)
-        && r(pd(0)) == Some(PDE_LOW_CONFINED)
-        && r(lapic_pde) == Some(LAPIC_2M | PDE_LAPIC_CONFINED)
+        && r(nvhv_abi::PDPT_ADDR) == Some(nvhv_abi::PD_ADDR | 0x7)
+        && r(nvhv_abi::PD_ADDR) == Some(PDE_LOW_CONFINED)
 }
 
 fn w64(mem: &GuestMemory, addr: u64, v: u64) -> Result<(), GuestAbiError> {
@@ -132,18 +124,17 @@ fn w64(mem: &GuestMemory, addr: u64, v: u64) -> Result<(), GuestAbiError> {
 const PDE_RW_USER: u64 = 0x87;
 /// The first 2 MiB for a CPL3 guest: present, user, 2 MiB, read-only.
 const PDE_LOW_CONFINED: u64 = 0x85;
-/// The 2 MiB around the local APIC for a CPL3 guest: supervisor only.
-const PDE_LAPIC_CONFINED: u64 = 0x83;
 
 /// Write page tables, GDT and TSSs for `layout`.
 ///
 /// With `confine` (guests entered at CPL3), the guest cannot leave CPL3
 /// without a triple fault, nor change what only CPL0 can: the first 2 MiB
-/// (page tables, GDT, TSSs, boot info) are read-only to it — no call gate
-/// or page-table entry can be forged — and the local APIC page is
-/// supervisor-only. With the entry state (no IDT, no `syscall`, no
-/// `sysenter`), that lets an epoch re-read only the registers a CPL3 guest
-/// can change ([`is_confining`], `Vcpu::save`).
+/// (page tables, GDT, TSSs, boot info) are read-only to it, so no call gate
+/// or page-table entry can be forged. With the entry state (no IDT, no
+/// `syscall`, no `sysenter`), that lets an epoch re-read only the registers
+/// a CPL3 guest can change ([`is_confining`], `Vcpu::save`). (The local
+/// APIC stays reachable where RAM does not cover it: its registers are
+/// re-read every epoch.)
 pub fn write_system_tables(
     mem: &GuestMemory,
     layout: &Layout,
@@ -160,7 +151,6 @@ pub fn write_system_tables(
             let addr = g * GIB + e as u64 * MIB2;
             let flags = match addr {
                 0 if confine => PDE_LOW_CONFINED,
-                a if confine && a == LAPIC_2M => PDE_LAPIC_CONFINED,
                 _ => PDE_RW_USER,
             };
             chunk.copy_from_slice(&(addr | flags).to_le_bytes());
@@ -308,7 +298,7 @@ mod tests {
     }
 
     #[test]
-    fn confined_tables_are_read_only_low_and_hide_the_lapic() {
+    fn confined_tables_make_the_low_2m_read_only() {
         let m = mem(8 << 20);
         let l = Layout::new(8 << 20, 1).unwrap();
         write_system_tables(&m, &l, true).unwrap();
@@ -316,11 +306,6 @@ mod tests {
         let pde0: u64 = m.read_obj(GuestAddress(nvhv_abi::PD_ADDR)).unwrap();
         assert_eq!(pde0 & 0x2, 0, "first 2 MiB not writable");
         assert_eq!(pde0 & 0x4, 0x4, "but readable from CPL3");
-        let pde: u64 = m
-            .read_obj(GuestAddress(nvhv_abi::PD_ADDR + 3 * 4096 + 503 * 8))
-            .unwrap();
-        assert_eq!(pde & !0xfff, 0xfee0_0000 & !(MIB2 - 1));
-        assert_eq!(pde & 0x4, 0, "local APIC supervisor-only");
         let other: u64 = m.read_obj(GuestAddress(nvhv_abi::PD_ADDR + 8)).unwrap();
         assert_eq!(other & 0x87, 0x87, "the rest is RAM as before");
         // A forged entry (as after a resume of an older image) is not confining.
