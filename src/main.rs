@@ -1,6 +1,7 @@
 //! The `nvhv` command line: parses arguments into the library's configs and
 //! runs them. All the work is in the `nvhv` library.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -245,15 +246,18 @@ fn main() -> ExitCode {
             .map_err(|e| error_chain(&e)),
         Cmd::Inspect { path, json } => match nvhv::nvram::inspect(&path) {
             Ok(r) => {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&r).expect("report serializes")
-                    );
+                let text = if json {
+                    serde_json::to_string_pretty(&r).expect("report serializes")
                 } else {
-                    println!("{r}");
+                    r.to_string()
+                };
+                // A reader that stops early (`| head`) is not an error.
+                match writeln!(std::io::stdout().lock(), "{text}") {
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                        Err(format!("writing the report: {e}"))
+                    }
+                    _ => Ok(()),
                 }
-                Ok(())
             }
             Err(e) => Err(error_chain(&e)),
         },

@@ -156,6 +156,18 @@ fn inspect_reports_resumable_only_after_an_orderly_suspend() {
     assert_eq!(j["ram_bytes"], 64u64 << 20);
     assert!(j["epoch"].as_u64().unwrap() >= 1);
     assert_eq!(j["format_version"], 1);
+
+    // A reader that goes away (`nvhv inspect IMG | head -1`) is no error.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvhv"))
+        .args(["inspect", img_s])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
 }
 
 #[test]
