@@ -6,11 +6,16 @@
 //! read them. Everything here is `#[repr(C)]` plain data with fixed addresses,
 //! so the layout is the contract. Bump [`BOOT_INFO_VERSION`] on any change.
 //!
-//! Entry state (see `docs/guest-abi.md` for the long form):
+//! Entry state (`guest/README.md` says how the built-in guests use it):
 //! - 64-bit long mode, paging on, every page of `[0, map_end)` identity-mapped
 //!   with 2 MiB pages, user bit set at every level (so CPL3 can use them);
 //! - CPL3 by default; CPL0 if the ELF carries an nvhv note asking for it
 //!   ([`NOTE_NAME`], [`NOTE_TYPE_ENTRY`]);
+//! - a CPL3 guest is confined to CPL3: the first 2 MiB (page tables, GDT,
+//!   TSSs, boot info, kvmclock) are mapped read-only, `syscall` is disabled
+//!   (EFER.SCE = 0), `sysenter` faults and there is no IDT, so any attempt to
+//!   reach CPL0 (or to write those tables) is a triple fault. The VMM relies
+//!   on it to save only what CPL3 code can change at each epoch;
 //! - `rdi` = guest-physical address of the [`BootInfo`] block, `rsi` = vCPU index,
 //!   `rsp` = top of this vCPU's stack, `rflags` = 0x2 (no interrupts, no IOPL:
 //!   port I/O is granted by the TSS I/O permission bitmap);
