@@ -16,7 +16,8 @@ fn without_tsc(mut s: VcpuState) -> VcpuState {
     s
 }
 
-fn saved_entry_state(vm: &Vm, index: u32, cpl: EntryCpl) -> VcpuState {
+/// A new vCPU in the built-in ABI's entry state.
+fn entry_vcpu(vm: &Vm, index: u32, cpl: EntryCpl) -> Vcpu {
     let v = Vcpu::new(vm, index).unwrap();
     v.configure_entry(&EntryPoint {
         rip: 0x20_1000,
@@ -25,7 +26,11 @@ fn saved_entry_state(vm: &Vm, index: u32, cpl: EntryCpl) -> VcpuState {
         ram_bytes: 64 << 20,
     })
     .unwrap();
-    v.save().unwrap()
+    v
+}
+
+fn saved_entry_state(vm: &Vm, index: u32, cpl: EntryCpl) -> VcpuState {
+    entry_vcpu(vm, index, cpl).save().unwrap()
 }
 
 #[test]
@@ -95,14 +100,7 @@ fn quick_save_equals_full_save_and_only_when_confined() {
         (EntryCpl::Cpl0, true, false),
     ] {
         let vm = Vm::new().unwrap();
-        let mut v = Vcpu::new(&vm, 0).unwrap();
-        v.configure_entry(&EntryPoint {
-            rip: 0x20_1000,
-            cpl,
-            boot_info: nvhv_abi::BOOT_INFO_ADDR,
-            ram_bytes: 64 << 20,
-        })
-        .unwrap();
+        let mut v = entry_vcpu(&vm, 0, cpl);
         v.set_confinable(confinable);
         let full = Vcpu::save(&mut v).unwrap();
         assert_eq!(v.quick_saves(), 0, "the first save is always full");

@@ -386,6 +386,16 @@ impl Vcpu {
         Ok(st)
     }
 
+    /// The xsave area (x87, SSE, AVX state).
+    fn xsave_bytes(&self) -> Result<Vec<u32>, VcpuError> {
+        Ok(self
+            .fd
+            .get_xsave()
+            .map_err(self.get_err("XSAVE"))?
+            .region
+            .to_vec())
+    }
+
     /// How many saves were quick (see [`save`](Self::save)).
     pub fn quick_saves(&self) -> u64 {
         self.quick_saves
@@ -409,12 +419,7 @@ impl Vcpu {
             return Ok(None);
         }
         let regs = self.fd.get_regs().map_err(self.get_err("REGS"))?;
-        let xsave = self
-            .fd
-            .get_xsave()
-            .map_err(self.get_err("XSAVE"))?
-            .region
-            .to_vec();
+        let xsave = self.xsave_bytes()?;
         let lapic = self.fd.get_lapic().map_err(self.get_err("LAPIC"))?;
         // The TSC moves on its own; restoring the full save's value would
         // take the guest's TSC back in time on hosts that can set it.
@@ -463,12 +468,7 @@ impl Vcpu {
         let mp_state = self.fd.get_mp_state().map_err(self.get_err("MP_STATE"))?;
         let regs = self.fd.get_regs().map_err(self.get_err("REGS"))?;
         let sregs = self.fd.get_sregs().map_err(self.get_err("SREGS"))?;
-        let xsave = self
-            .fd
-            .get_xsave()
-            .map_err(self.get_err("XSAVE"))?
-            .region
-            .to_vec();
+        let xsave = self.xsave_bytes()?;
         let xcrs = self.fd.get_xcrs().map_err(self.get_err("XCRS"))?;
         let debugregs = self
             .fd
