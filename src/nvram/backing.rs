@@ -184,6 +184,30 @@ impl Backing {
         }
     }
 
+    /// On an ordinary file: start the write-back of `[offset, offset + len)`
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait for
+    /// it), so that the next `fdatasync` finds those pages written. Scattered
+    /// pages are what makes an `fdatasync` slow on our disks (64 contiguous
+    /// dirty pages: ~150 µs; 50 more scattered ones: ~790 µs). Nothing on
+    /// tmpfs and DAX (their persist does not wait for a disk).
+    pub(crate) fn start_writeback(&self, file: &File, offset: u64, len: u64) {
+        if self.kind != BackingKind::File {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: sync_file_range only reads its integer arguments; the fd is
+        // open for the duration of the call (borrowed `file`). An error (e.g.
+        // EINVAL on a file system without it) is ignored: this is a hint.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
     /// A backing that writes through an ordinary shared mapping and flushes
     /// cache lines as on DAX: lets the tests run the DAX code path on tmpfs.
     #[cfg(test)]

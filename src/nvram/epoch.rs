@@ -500,6 +500,11 @@ impl<S: Storage> Image<S> {
             let data = &pages[i * PAGE as usize..(i + n) * PAGE as usize];
             self.storage.write_at(ram + pfns[i] * PAGE, data)?;
         }
+        if let (Some(lo), Some(hi)) = (pfns.iter().min(), pfns.iter().max()) {
+            // Get the scattered pages on their way while the next epoch runs.
+            self.storage
+                .start_writeback(ram + lo * PAGE, (hi - lo + 1) * PAGE);
+        }
         self.poisoned = false;
         self.unpersisted = true;
         self.unapplied = None;

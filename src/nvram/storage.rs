@@ -38,6 +38,11 @@ pub trait Storage {
     /// orders it before every later write. Implementations may persist more
     /// than the range (`fdatasync` persists the whole file).
     fn persist(&mut self, offset: u64, len: u64) -> Result<(), BackingError>;
+
+    /// A hint, no guarantee: start writing `[offset, offset + len)` to the
+    /// medium now, so that a later persist has less left to wait for. Only a
+    /// persist makes anything durable.
+    fn start_writeback(&mut self, _offset: u64, _len: u64) {}
 }
 
 /// A bare file: reads and `pwrite`s, persisted with `fdatasync`. Used to
@@ -116,6 +121,10 @@ impl Storage for FileStorage {
 
     fn persist(&mut self, offset: u64, len: u64) -> Result<(), BackingError> {
         self.backing.persist(&self.file, offset, len)
+    }
+
+    fn start_writeback(&mut self, offset: u64, len: u64) {
+        self.backing.start_writeback(&self.file, offset, len);
     }
 }
 
