@@ -101,8 +101,10 @@ mod tests {
                 }
             }
             if kind == PT_NOTE {
-                if let Some(c) = nvhv_abi::note_entry_cpl(&elf[off..off + filesz]) {
-                    cpl = Some(c);
+                match nvhv_abi::note_entry_cpl(&elf[off..off + filesz]) {
+                    Ok(Some(c)) => cpl = Some(c),
+                    Ok(None) => {}
+                    Err(e) => panic!("{name}: malformed nvhv note: {e}"),
                 }
             }
         }

@@ -196,10 +196,12 @@ pub const TSS_RSP0_OFFSET: u64 = 4;
 ///
 /// The note's name is [`NOTE_NAME`], stored with its terminating NUL as the ELF
 /// specification says (`namesz` = 5); a name stored without the NUL is accepted
-/// too. The first note of type [`NOTE_TYPE_ENTRY_CPL`] with a descriptor of at
-/// least 4 bytes wins; its first 4 bytes (little endian) are the CPL. Malformed
-/// or truncated input yields `None` for the part that cannot be read.
-pub fn note_entry_cpl(notes: &[u8]) -> Option<u32> {
+/// too. The first note of type [`NOTE_TYPE_ENTRY_CPL`] wins; its first 4
+/// bytes (little endian) are the CPL. `Ok(None)`: no such note. An error
+/// names what is malformed: a note whose name or descriptor runs past the
+/// segment, or our note with a descriptor shorter than 4 bytes (fewer than 12
+/// bytes left at the end are ignored, as padding).
+pub fn note_entry_cpl(notes: &[u8]) -> Result<Option<u32>, &'static str> {
     fn word(b: &[u8], at: usize) -> Option<u32> {
         let w = b.get(at..at.checked_add(4)?)?;
         Some(u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
@@ -208,21 +210,34 @@ pub fn note_entry_cpl(notes: &[u8]) -> Option<u32> {
         Some(n.checked_add(3)? & !3)
     }
     let mut at = 0usize;
-    while at.checked_add(12)? <= notes.len() {
-        let namesz = word(notes, at)? as usize;
-        let descsz = word(notes, at + 4)? as usize;
-        let kind = word(notes, at + 8)?;
+    while at.checked_add(12).is_some_and(|end| end <= notes.len()) {
+        let (Some(namesz), Some(descsz), Some(kind)) =
+            (word(notes, at), word(notes, at + 4), word(notes, at + 8))
+        else {
+            return Err("note header");
+        };
+        let (namesz, descsz) = (namesz as usize, descsz as usize);
         let name_at = at + 12;
-        let desc_at = name_at.checked_add(pad4(namesz)?)?;
-        let next = desc_at.checked_add(pad4(descsz)?)?;
-        let name = notes.get(name_at..name_at.checked_add(namesz)?)?;
+        let desc_at = pad4(namesz)
+            .and_then(|n| name_at.checked_add(n))
+            .ok_or("note name")?;
+        let next = pad4(descsz)
+            .and_then(|n| desc_at.checked_add(n))
+            .ok_or("note descriptor")?;
+        let name = name_at
+            .checked_add(namesz)
+            .and_then(|end| notes.get(name_at..end))
+            .ok_or("note name")?;
         let name = name.strip_suffix(&[0]).unwrap_or(name);
-        if name == NOTE_NAME && kind == NOTE_TYPE_ENTRY_CPL && descsz >= 4 {
-            return word(notes, desc_at);
+        if name == NOTE_NAME && kind == NOTE_TYPE_ENTRY_CPL {
+            if descsz < 4 {
+                return Err("note descriptor");
+            }
+            return word(notes, desc_at).map(Some).ok_or("note descriptor");
         }
         at = next;
     }
-    None
+    Ok(None)
 }
 
 /// Stack top of vCPU `index` in a VM with `ram_bytes` of RAM.
@@ -265,22 +280,27 @@ mod tests {
             5, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0, 0, b'n', b'v', b'h', b'v', 0, 0, 0, 0, //
             0, 0, 0, 0,
         ];
-        assert_eq!(note_entry_cpl(&notes), Some(0));
+        assert_eq!(note_entry_cpl(&notes), Ok(Some(0)));
         let mut cpl3 = notes;
         cpl3[36] = 3;
-        assert_eq!(note_entry_cpl(&cpl3), Some(3));
+        assert_eq!(note_entry_cpl(&cpl3), Ok(Some(3)));
         // Name without its NUL.
         let bare: [u8; 20] = [
             4, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0, 0, b'n', b'v', b'h', b'v', 3, 0, 0, 0,
         ];
-        assert_eq!(note_entry_cpl(&bare), Some(3));
-        // Truncated, other type, empty.
-        assert_eq!(note_entry_cpl(&notes[..38]), None);
+        assert_eq!(note_entry_cpl(&bare), Ok(Some(3)));
+        // Other type, empty, a short tail: no note.
         let mut other = notes;
         other[24] = 2;
-        assert_eq!(note_entry_cpl(&other), None);
-        assert_eq!(note_entry_cpl(&[]), None);
-        assert_eq!(note_entry_cpl(&[0xff; 16]), None);
+        assert_eq!(note_entry_cpl(&other), Ok(None));
+        assert_eq!(note_entry_cpl(&[]), Ok(None));
+        assert_eq!(note_entry_cpl(&notes[..11]), Ok(None));
+        // Malformed: our descriptor cut off, a name past the end, a short descriptor.
+        assert!(note_entry_cpl(&notes[..38]).is_err());
+        assert!(note_entry_cpl(&[0xff; 16]).is_err());
+        let mut short = bare;
+        short[4] = 2;
+        assert!(note_entry_cpl(&short).is_err());
     }
 
     #[test]

@@ -103,26 +103,11 @@ pub fn entry_cpl(image: &[u8]) -> Result<EntryCpl, ElfError> {
         let notes = image
             .get(off..off.checked_add(size).ok_or(bad("note overflow"))?)
             .ok_or(bad("note out of file"))?;
-        let mut at = 0usize;
-        while at + 12 <= notes.len() {
-            let namesz = read_u32(notes, at).ok_or(bad("note"))? as usize;
-            let descsz = read_u32(notes, at + 4).ok_or(bad("note"))? as usize;
-            let ntype = read_u32(notes, at + 8).ok_or(bad("note"))?;
-            let name_at = at + 12;
-            let desc_at = name_at + namesz.div_ceil(4) * 4;
-            let name = notes
-                .get(name_at..name_at + namesz)
-                .ok_or(bad("note name"))?;
-            let name = name.strip_suffix(b"\0").unwrap_or(name);
-            if name == nvhv_abi::NOTE_NAME && ntype == nvhv_abi::NOTE_TYPE_ENTRY_CPL {
-                let cpl = read_u32(notes, desc_at).ok_or(bad("note descriptor"))?;
-                return match cpl {
-                    0 => Ok(EntryCpl::Cpl0),
-                    3 => Ok(EntryCpl::Cpl3),
-                    n => Err(ElfError::BadCpl(n)),
-                };
-            }
-            at = desc_at + descsz.div_ceil(4) * 4;
+        match nvhv_abi::note_entry_cpl(notes).map_err(bad)? {
+            Some(0) => return Ok(EntryCpl::Cpl0),
+            Some(3) => return Ok(EntryCpl::Cpl3),
+            Some(n) => return Err(ElfError::BadCpl(n)),
+            None => {}
         }
     }
     Ok(EntryCpl::Cpl3)
