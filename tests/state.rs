@@ -128,3 +128,25 @@ fn quick_save_equals_full_save_and_only_when_confined() {
         );
     }
 }
+
+/// After a restore the restored state is the base of quick saves: the first
+/// save of a confined vCPU is already quick, and equal to what was restored.
+#[test]
+fn first_save_after_restore_is_quick_and_equals_the_restored_state() {
+    require_kvm!();
+    let vm_a = Vm::new().unwrap();
+    let s1 = saved_entry_state(&vm_a, 0, EntryCpl::Cpl3);
+    let vm_b = Vm::new().unwrap();
+    let mut v = Vcpu::restore(
+        VcpuArgs {
+            vm: &vm_b,
+            index: 0,
+        },
+        &s1,
+    )
+    .unwrap();
+    v.set_confinable(true);
+    let s2 = Vcpu::save(&mut v).unwrap();
+    assert_eq!(v.quick_saves(), 1);
+    assert_eq!(without_tsc(s1), without_tsc(s2));
+}

@@ -533,6 +533,10 @@ fn build_new(
 /// Guest RAM is mapped, never read or copied: the cost does not depend on RAM size.
 pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmError> {
     // 1. Open (lock + validate header and meta records); never writes.
+    // KVM_CREATE_VM (~0.6 ms here) on another thread while the image is
+    // opened and checked; its result is looked at only once the image is
+    // known good, so image errors come first.
+    let new_vm = std::thread::spawn(Vm::new);
     let mut image = Image::open(&cfg.image)?;
     let epochs = image.header().config.persist == PersistMode::Epoch;
     if epochs {
@@ -553,7 +557,9 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     let mut tl = Timeline::new(started);
     tl.mark("image opened, state read");
     // 3. KVM VM and RAM mapping.
-    let vm = Vm::new()?;
+    let vm = new_vm
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
     let dirty = match epochs {
         true => Some(DirtyTracker::enable(&vm.fd, cfg.runtime.epochs.hot_pages)?),
         false => None,

@@ -553,6 +553,9 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&s.events)
             .map_err(self.set_err("VCPU_EVENTS"))?;
+        // The vCPU now holds `s`: the base of quick saves (the first epoch
+        // after a resume need not read everything back).
+        self.full = Some(Box::new(s.clone()));
         Ok(())
     }
 
