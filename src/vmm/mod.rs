@@ -373,6 +373,9 @@ struct Machine {
     dirty: Option<DirtyTracker>,
     /// The last captured machine state, clock zeroed (to skip empty epochs).
     last_state: Option<MachineState>,
+    /// Every vCPU's park generation at the last capture, if all were parked:
+    /// while they still are, nothing ran, and an idle epoch is skipped.
+    parked_at_capture: Option<Vec<u64>>,
 }
 
 fn console_out(opts: &RuntimeOptions) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -525,6 +528,7 @@ fn build_new(
         policy: epochs.then_some(cfg.runtime.epochs),
         dirty,
         last_state: None,
+        parked_at_capture: None,
     })
 }
 
@@ -625,6 +629,7 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
         policy: epochs.then_some(cfg.runtime.epochs),
         dirty,
         last_state: None,
+        parked_at_capture: None,
     };
     m.run_timed(Some(tl))
 }
@@ -782,7 +787,15 @@ impl Machine {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     let idle = output_pending.is_some() && idle(&handles);
-                    if !self.epoch_due(epoch_start, output_pending, idle)? {
+                    let nothing_ran = self.nothing_ran(&handles);
+                    if !self.epoch_due(epoch_start, output_pending, idle, nothing_ran)? {
+                        continue;
+                    }
+                    if output_pending.is_none() && nothing_ran {
+                        // Every vCPU stayed parked since the last capture (so
+                        // no page changed through them and no output exists):
+                        // an idle VM costs no capture at all.
+                        epoch_start = Instant::now();
                         continue;
                     }
                     epoch_start = Instant::now();
@@ -870,6 +883,9 @@ impl Machine {
         dirty: bool,
     ) -> Result<Capture, VmmError> {
         let t0 = Instant::now();
+        // ORDER: generations read before the pause, so a park in between
+        //        can only make the next idle check fail (never pass wrongly).
+        self.parked_at_capture = handles.iter().map(VcpuHandle::park_generation).collect();
         // A vCPU parked with its state saved hands it over at once.
         let mut states: Vec<Option<vcpu::VcpuState>> =
             handles.iter().map(|h| h.pause(&self.wake)).collect();
@@ -982,6 +998,7 @@ impl Machine {
         start: Instant,
         output_pending: Option<Instant>,
         idle: bool,
+        nothing_ran: bool,
     ) -> Result<bool, VmmError> {
         let (Some(p), Some(d)) = (&self.policy, &self.dirty) else {
             return Ok(false);
@@ -989,7 +1006,14 @@ impl Machine {
         if Instant::now() >= p.due(start, output_pending, idle) {
             return Ok(true);
         }
-        Ok(d.peek_count(&self.vm.fd, &self.mem)? >= p.dirty_budget)
+        // Parked vCPUs dirty nothing: no need to ask KVM.
+        Ok(!nothing_ran && d.peek_count(&self.vm.fd, &self.mem)? >= p.dirty_budget)
+    }
+
+    /// Whether every vCPU has stayed parked since the last capture.
+    fn nothing_ran(&self, handles: &[VcpuHandle]) -> bool {
+        let now: Option<Vec<u64>> = handles.iter().map(VcpuHandle::park_generation).collect();
+        now.is_some() && now == self.parked_at_capture
     }
 
     /// Let vCPUs and devices run again after [`capture`](Self::capture).

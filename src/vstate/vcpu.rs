@@ -713,6 +713,9 @@ struct ParkInner {
     state: Option<VcpuState>,
     /// The VMM took `state` and holds the vCPU until [`VcpuHandle::resume`].
     held: bool,
+    /// Counts the parks that saved a state: unchanged means the guest has
+    /// not run since.
+    generation: u64,
 }
 
 impl ParkSlot {
@@ -760,6 +763,13 @@ impl VcpuHandle {
     /// Whether the vCPU is parked with its state saved (a pause costs nothing).
     pub fn parked_with_state(&self) -> bool {
         self.park.lock().state.is_some()
+    }
+
+    /// While parked with its state saved: a number that changes whenever the
+    /// guest has run and parked again (None while it runs).
+    pub fn park_generation(&self) -> Option<u64> {
+        let slot = self.park.lock();
+        slot.state.as_ref().map(|_| slot.generation)
     }
 
     /// Run again after a pause.
@@ -882,7 +892,10 @@ fn presave(vcpu: &mut Vcpu, park: &ParkSlot, ctl: &LoopControl, last: &mut Optio
         vcpu.ran_since_save = false;
     }
     if let Some(st) = last.as_ref() {
-        park.lock().state = Some(st.clone());
+        let mut slot = park.lock();
+        slot.state = Some(st.clone());
+        slot.generation += 1;
+        drop(slot);
         (ctl.events)(VcpuEvent::Parked(vcpu.index));
     }
 }

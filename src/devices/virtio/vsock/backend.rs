@@ -135,8 +135,10 @@ impl DeviceThread {
                 while core.paused && !core.stopping {
                     core = shared.cv.wait(core).unwrap_or_else(|e| e.into_inner());
                 }
+                // Poll once at once (the guest may have queued work during
+                // the pause), but a pause is not progress: an idle device
+                // keeps its backed-off re-check period across epochs.
                 sleeping = false;
-                last_progress = Instant::now();
             }
             if core.stopping {
                 break;
@@ -162,9 +164,10 @@ impl DeviceThread {
                     drop(core);
                     continue;
                 }
-                // Woken (by anything, or the timer): back to polling.
+                // Woken (by anything, or the timer): back to polling. Not
+                // progress by itself (an epoch's resume kicks us): if the
+                // poll finds nothing, the idle back-off carries on.
                 sleeping = false;
-                last_progress = now;
                 core.suppress_notifications();
             }
             let now = Instant::now();
