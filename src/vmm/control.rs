@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Errors of the control socket.
@@ -44,6 +45,9 @@ pub fn socket_path(image: &Path) -> PathBuf {
 /// A running control server; removes its socket file when dropped.
 pub struct Server {
     path: PathBuf,
+    /// Requests being answered: the VMM waits for them before it exits, or
+    /// the client could see the connection close without its reply.
+    in_flight: Arc<(Mutex<usize>, Condvar)>,
 }
 
 impl Server {
@@ -55,6 +59,8 @@ impl Server {
     ) -> Result<Server, ControlError> {
         let path = socket_path(image);
         let _ = std::fs::remove_file(&path);
+        let in_flight: Arc<(Mutex<usize>, Condvar)> = Arc::default();
+        let counted = Arc::clone(&in_flight);
         let listener = UnixListener::bind(&path).map_err(|source| ControlError::Bind {
             path: path.clone(),
             source,
@@ -63,24 +69,34 @@ impl Server {
             .name("control".into())
             .spawn(move || {
                 for conn in listener.incoming().flatten() {
-                    let _ = serve(conn, &on_suspend);
+                    let _ = serve(conn, &on_suspend, &counted);
                 }
             })
             .map_err(|source| ControlError::Bind {
                 path: path.clone(),
                 source,
             })?;
-        Ok(Server { path })
+        Ok(Server { path, in_flight })
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // ORDER: the VMM drops the server after it sent its last reply; let
+        // the control thread write it before the process exits (bounded, so
+        // a client that stopped reading cannot hold the exit).
+        let (n, cv) = &*self.in_flight;
+        let g = n.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = cv.wait_timeout_while(g, Duration::from_secs(1), |n| *n > 0);
     }
 }
 
-fn serve(conn: UnixStream, on_suspend: &impl Fn(Sender<String>)) -> std::io::Result<()> {
+fn serve(
+    conn: UnixStream,
+    on_suspend: &impl Fn(Sender<String>),
+    in_flight: &(Mutex<usize>, Condvar),
+) -> std::io::Result<()> {
     let mut line = String::new();
     // A request is one short line; never read more than 256 bytes.
     BufReader::new(std::io::Read::take(&conn, 256)).read_line(&mut line)?;
@@ -88,11 +104,17 @@ fn serve(conn: UnixStream, on_suspend: &impl Fn(Sender<String>)) -> std::io::Res
     match line.trim() {
         "suspend" => {
             let (tx, rx) = std::sync::mpsc::channel();
+            // ORDER: counted before the VMM hears of the request, so it
+            // cannot exit between its reply and our write.
+            *in_flight.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
             on_suspend(tx);
             let reply = rx
                 .recv()
                 .unwrap_or_else(|_| "error: the VMM stopped before replying".into());
-            writeln!(w, "{reply}")
+            let r = writeln!(w, "{reply}");
+            *in_flight.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            in_flight.1.notify_all();
+            r
         }
         other => writeln!(w, "error: unknown request '{other}'"),
     }

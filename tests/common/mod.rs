@@ -150,15 +150,24 @@ pub fn nvhv_output(args: &[&str]) -> Output {
 /// Values printed as `counter <vcpu> <n>` for one vCPU, in order.
 pub fn counters(text: &str, vcpu: u32) -> Vec<u64> {
     let prefix = format!("counter {vcpu} ");
-    text.lines()
+    complete_lines(text)
         .filter_map(|l| l.strip_prefix(&prefix))
         .filter_map(|v| v.trim().parse().ok())
         .collect()
 }
 
+/// The lines of `text` that end in a newline: a stop can pause the guest in
+/// the middle of a line (every serial byte is an exit), and the rest of that
+/// line is printed by the resumed guest, so a console's last line may be cut
+/// (`counter 0 2562125822` read as `counter 0 256212582`).
+fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
+}
+
 /// Values printed as `ticks <n>`.
 pub fn ticks(text: &str) -> Vec<u64> {
-    text.lines()
+    complete_lines(text)
         .filter_map(|l| l.strip_prefix("ticks "))
         .filter_map(|v| v.trim().parse().ok())
         .collect()
