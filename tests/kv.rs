@@ -1670,3 +1670,22 @@ fn redis_benchmark_set_get_incr_pipelined_runs_without_errors() {
         "{info}"
     );
 }
+
+/// An idle VM in epoch mode is not captured while its vCPU stays parked:
+/// the epoch summary counts the epochs that ended without a capture.
+#[test]
+fn idle_epochs_take_no_capture() {
+    require_kvm!();
+    let mut kv = Kv::start("idle", "64M");
+    // The idle period is what is tested here (40 epochs of 10 ms), not a
+    // wait for something to happen.
+    std::thread::sleep(Duration::from_millis(400));
+    kv.suspend();
+    let err = kv.vm.stderr_text();
+    let skips: u64 = err
+        .split([';', '\n'])
+        .find_map(|p| p.trim().strip_suffix(" idle epochs without a capture"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no idle count in the summary: {err}"));
+    assert!(skips >= 10, "only {skips} idle epochs skipped: {err}");
+}

@@ -87,6 +87,9 @@ pub struct EpochStats {
     pub bytes_logged: u64,
     /// Output bytes released after commits.
     pub output_released: u64,
+    /// Epochs that ended with every vCPU still parked since the last
+    /// capture: nothing was captured.
+    pub idle_skips: u64,
 }
 
 impl Default for EpochStats {
@@ -100,6 +103,7 @@ impl Default for EpochStats {
             pages: h(),
             bytes_logged: 0,
             output_released: 0,
+            idle_skips: 0,
         }
     }
 }
@@ -137,14 +141,15 @@ impl EpochStats {
             )
         };
         format!(
-            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {} MiB logged; {} bytes of output released",
+            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {} MiB logged; {} bytes of output released; {} idle epochs without a capture",
             self.epochs,
             q(&self.pause_us),
             q(&self.commit_us),
             q(&self.persist_us),
             q(&self.pages),
             self.bytes_logged >> 20,
-            self.output_released
+            self.output_released,
+            self.idle_skips
         )
     }
 }
@@ -214,5 +219,10 @@ mod tests {
         let line = s.summary();
         assert!(line.starts_with("1 epochs"), "{line}");
         assert!(line.contains("pause µs p50 300"), "{line}");
+        s.idle_skips = 4;
+        assert!(
+            s.summary().ends_with("; 4 idle epochs without a capture"),
+            "{line}"
+        );
     }
 }

@@ -795,6 +795,7 @@ impl Machine {
                         // Every vCPU stayed parked since the last capture (so
                         // no page changed through them and no output exists):
                         // an idle VM costs no capture at all.
+                        stats.idle_skips += 1;
                         epoch_start = Instant::now();
                         continue;
                     }
