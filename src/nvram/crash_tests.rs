@@ -26,6 +26,7 @@ use super::backing::BackingError;
 use super::layout::{Header, ImageConfig, PersistMode, Status, Uuid};
 use super::redo::{capacity_pages, half_region, PAGE};
 use super::storage::{MemStorage, Storage};
+use super::test_rng::Rng;
 use super::Image;
 
 const BLK: usize = 4096;
@@ -33,24 +34,6 @@ const RAM_PAGES: u64 = 32;
 /// Log halves of 14 blocks: header + one table block + 12 pages.
 const LOG_BLOCKS: u64 = 28;
 const CAPACITY: usize = 12;
-
-/// A small deterministic generator (xorshift64*), so the test needs no crate.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 /// One recorded storage operation.
 #[derive(Debug, Clone)]

@@ -927,6 +927,7 @@ pub fn select_meta(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nvram::test_rng::Rng;
 
     fn cfg() -> ImageConfig {
         ImageConfig {
@@ -965,20 +966,6 @@ mod tests {
     fn reseal_meta(b: &mut [u8]) {
         let crc = crc_with_hole(&b[..META_LEN], M_CRC);
         b[M_CRC..M_CRC + 4].copy_from_slice(&crc.to_le_bytes());
-    }
-
-    /// A small deterministic generator (xorshift64*), so tests need no crate.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.next() as u8).collect()
-        }
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! - `image`: create, open, suspend commit, read state, resumability;
 //! - `epoch`: epoch commit through the redo log, apply, recovery;
 //! - `inspect`: the read-only report;
-//! - `crash_tests` (tests only): every crash point of the epoch protocol.
+//! - `crash_tests` (tests only): every crash point of the epoch protocol;
+//! - `test_rng` (tests only): the deterministic generator the tests share.
 
 pub mod backing;
 #[cfg(test)]
@@ -25,6 +26,8 @@ mod inspect;
 pub mod layout;
 pub mod redo;
 mod storage;
+#[cfg(test)]
+mod test_rng;
 
 pub use backing::{BackingError, BackingKind};
 pub use epoch::{HalfState, RecoveryPlan, RecoveryReport};

@@ -504,16 +504,11 @@ mod tests {
 
     #[test]
     fn test_parse_never_panics_on_random_input() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = crate::nvram::test_rng::Rng(0x2545_f491_4f6c_dd1d);
         let h = header();
         for i in 0..20_000 {
             let mut b = [0u8; RECORD_HEADER_LEN];
-            for v in b.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *v = x as u8;
-            }
+            b.copy_from_slice(&rng.bytes(RECORD_HEADER_LEN));
             if i % 2 == 0 {
                 b[..8].copy_from_slice(&RECORD_MAGIC);
                 b[8..12].copy_from_slice(&1u32.to_le_bytes());
