@@ -146,26 +146,9 @@ impl Chain {
         offset: usize,
         buf: &mut [u8],
     ) -> Result<usize, QueueError> {
-        let mut skip = offset;
-        let mut done = 0;
-        for &(addr, len) in &self.segs {
-            let len = len as usize;
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let n = (len - skip).min(buf.len() - done);
-            // `skip < len <= u32::MAX`, so the addition cannot overflow a u64.
-            let at = GuestAddress(addr.0 + skip as u64);
-            mem.read_slice(&mut buf[done..done + n], at)
-                .map_err(QueueError::Memory)?;
-            done += n;
-            skip = 0;
-            if done == buf.len() {
-                break;
-            }
-        }
-        Ok(done)
+        self.for_each_piece(offset, buf.len(), |at, range| {
+            mem.read_slice(&mut buf[range], at)
+        })
     }
 
     /// Copy `data` into the chain starting `offset` bytes in; returns how many
@@ -176,6 +159,20 @@ impl Chain {
         offset: usize,
         data: &[u8],
     ) -> Result<usize, QueueError> {
+        self.for_each_piece(offset, data.len(), |at, range| {
+            mem.write_slice(&data[range], at)
+        })
+    }
+
+    /// Walk the chain's bytes `offset..offset + total` (cut at the chain's
+    /// end) one buffer at a time: `f(guest address, range of the caller's
+    /// bytes)`. Returns how many bytes were covered.
+    fn for_each_piece(
+        &self,
+        offset: usize,
+        total: usize,
+        mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), GuestMemoryError>,
+    ) -> Result<usize, QueueError> {
         let mut skip = offset;
         let mut done = 0;
         for &(addr, len) in &self.segs {
@@ -184,13 +181,13 @@ impl Chain {
                 skip -= len;
                 continue;
             }
-            let n = (len - skip).min(data.len() - done);
+            let n = (len - skip).min(total - done);
+            // `skip < len <= u32::MAX`, so the addition cannot overflow a u64.
             let at = GuestAddress(addr.0 + skip as u64);
-            mem.write_slice(&data[done..done + n], at)
-                .map_err(QueueError::Memory)?;
+            f(at, done..done + n).map_err(QueueError::Memory)?;
             done += n;
             skip = 0;
-            if done == data.len() {
+            if done == total {
                 break;
             }
         }
