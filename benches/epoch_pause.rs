@@ -11,7 +11,7 @@
 
 mod support;
 
-use support::{free_port, nvhv};
+use support::{free_port, nvhv, Args};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -57,12 +57,8 @@ fn main() {
         eprintln!("epoch_pause bench: /dev/kvm not available, nothing measured");
         return;
     }
-    let args: Vec<String> = std::env::args().collect();
-    let dir = args
-        .iter()
-        .position(|a| a == "--dir")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
+    let dir = Args::from_env()
+        .get("--dir")
         .unwrap_or_else(|| "/dev/shm".into());
     let img = format!("{dir}/nvhv-bench-epoch-pause-{}.img", std::process::id());
     let _ = std::fs::remove_file(&img);

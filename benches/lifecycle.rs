@@ -12,14 +12,14 @@
 //!
 //! The machine is shared and noisy: compare sizes within one run.
 
+mod support;
+
+use support::{nvhv, Args};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn nvhv() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_nvhv"))
-}
 
 fn ms_after(line: &str, key: &str) -> Option<f64> {
     let i = line.find(key)? + key.len();
@@ -80,13 +80,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let args = Args::from_env();
+    let get = |k: &str| args.get(k);
     let rounds: usize = get("--rounds").and_then(|s| s.parse().ok()).unwrap_or(20);
     let sizes = get("--sizes").unwrap_or_else(|| "64M,4G".into());
     let dir = PathBuf::from(get("--dir").unwrap_or_else(|| "/dev/shm".into()));

@@ -51,7 +51,7 @@
 
 mod support;
 
-use support::{ensure_redis_server, free_port, is_tmpfs, nvhv};
+use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, Args};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -746,17 +746,9 @@ struct Opts {
 }
 
 fn opts() -> Opts {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let get = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let has = |k: &str| args.iter().any(|a| a == k);
+    let args = Args::from_env();
+    let get = |k: &str| args.get(k);
+    let has = |k: &str| args.has(k);
     Opts {
         sizes: get("--sizes")
             .unwrap_or_else(|| "256M,1G,4G".into())

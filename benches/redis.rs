@@ -31,7 +31,7 @@
 
 mod support;
 
-use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, which};
+use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, which, Args};
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -318,16 +318,8 @@ fn measure(
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let get = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let args = Args::from_env();
+    let get = |k: &str| args.get(k);
     let persist = get("--persist").unwrap_or_else(|| "suspend-only".into());
     let dir = PathBuf::from(get("--dir").unwrap_or_else(|| "/dev/shm".into()));
     let seconds: f64 = get("--seconds").and_then(|s| s.parse().ok()).unwrap_or(1.5);

@@ -1,11 +1,41 @@
 //! Helpers shared by the benchmarks that drive `nvhv` and `redis-server` as
-//! processes (`redis.rs`, `recovery.rs`, `epoch_pause.rs`). Not a bench target
-//! itself: each bench includes it with `mod support;`.
+//! processes (`redis.rs`, `recovery.rs`, `epoch_pause.rs`, `lifecycle.rs`).
+//! Not a bench target itself: each bench includes it with `mod support;`.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+/// The bench's command line: `cargo bench --bench NAME -- --flag value …`
+/// (cargo's own `--bench` argument left out).
+pub struct Args(Vec<String>);
+
+impl Args {
+    /// This process's arguments.
+    pub fn from_env() -> Self {
+        Args(
+            std::env::args()
+                .skip(1)
+                .filter(|a| a != "--bench")
+                .collect(),
+        )
+    }
+
+    /// The value given after `flag`, if any.
+    pub fn get(&self, flag: &str) -> Option<String> {
+        self.0
+            .iter()
+            .position(|a| a == flag)
+            .and_then(|i| self.0.get(i + 1))
+            .cloned()
+    }
+
+    /// Whether the switch `flag` was given.
+    pub fn has(&self, flag: &str) -> bool {
+        self.0.iter().any(|a| a == flag)
+    }
+}
 
 /// The `nvhv` binary cargo built for this bench.
 pub fn nvhv() -> PathBuf {
