@@ -759,7 +759,7 @@ impl Machine {
         let mut stats = EpochStats::default();
         let mut epoch_start = Instant::now();
         let mut output_pending: Option<Instant> = None;
-        let idle = |hs: &[VcpuHandle]| hs.iter().all(VcpuHandle::parked_with_state);
+        let idle = |hs: &[VcpuHandle]| hs.iter().all(|h| h.park_generation().is_some());
         let (cause, t0, reply) = loop {
             let ev = match deferred.pop_front() {
                 Some(e) => Ok(e),
@@ -1063,8 +1063,8 @@ impl Machine {
             (Some(v), Some(cut)) => v.release_output(cut),
             _ => 0,
         };
-        // ORDER: apply after the commit; the next commit's persist makes it durable.
         let released = t0.elapsed();
+        // ORDER: apply after the commit; the next commit's persist makes it durable.
         self.image.apply_committed(pfns, pages)?;
         stats.record(paused, pfns.len(), &times, t0.elapsed(), held);
         tracing::debug!(

@@ -760,13 +760,9 @@ impl VcpuHandle {
         None
     }
 
-    /// Whether the vCPU is parked with its state saved (a pause costs nothing).
-    pub fn parked_with_state(&self) -> bool {
-        self.park.lock().state.is_some()
-    }
-
-    /// While parked with its state saved: a number that changes whenever the
-    /// guest has run and parked again (None while it runs).
+    /// While parked with its state saved (a pause then costs nothing): a
+    /// number that changes whenever the guest has run and parked again. None
+    /// while it runs.
     pub fn park_generation(&self) -> Option<u64> {
         let slot = self.park.lock();
         slot.state.as_ref().map(|_| slot.generation)
