@@ -27,7 +27,7 @@ pub mod layout;
 pub mod redo;
 mod storage;
 #[cfg(test)]
-mod test_rng;
+pub(crate) mod test_rng;
 
 pub use backing::{BackingError, BackingKind};
 pub use epoch::{HalfState, RecoveryPlan, RecoveryReport};
