@@ -54,6 +54,26 @@ pub struct WallClock {
 /// Guest-physical address of the kvmclock area: vCPU `i` has its
 /// `pvclock_vcpu_time_info` (32 bytes) at `KVMCLOCK_ADDR + 32 * i`.
 pub const KVMCLOCK_ADDR: u64 = 0x8000;
+/// Guest-physical address of the [`Hints`] record: advice the VMM updates
+/// while the guest runs (a page of its own, read-only for CPL3 guests like
+/// the rest of the first 2 MiB). A guest may ignore it. The VMM writes it
+/// without marking the page dirty, so it is not part of the persistent
+/// state: after a resume it reads as whatever was last captured, possibly
+/// stale, until the VMM writes it again.
+pub const HINTS_ADDR: u64 = 0x9000;
+
+/// Advice from the VMM, at [`HINTS_ADDR`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// Non-zero while the VMM holds output the guest sent (epoch mode: it is
+    /// released when the epoch that produced it commits). A guest with
+    /// nothing left to do should park at the wait port now instead of
+    /// polling: nothing it sends reaches anyone before that commit, and the
+    /// commit can start without interrupting a parked guest.
+    pub output_held: u32,
+}
+
 /// Guest-physical address of the first page directory (one per GiB mapped).
 pub const PD_ADDR: u64 = 0x10_0000;
 /// First guest-physical address free for the guest's ELF segments.

@@ -27,6 +27,7 @@ use crate::nvram::{Image, ImageConfig, PersistMode, Status};
 use crate::persist::{DeviceStates, MachineState, Persist};
 use crate::vstate::dirty::{Captured, DirtyTracker};
 use crate::vstate::memory;
+use crate::vstate::memory::AdviceWord;
 use crate::vstate::vcpu::{
     self, EntryPoint, ExitAction, ExitHandler, StopReason, Vcpu, VcpuArgs, VcpuEvent, VcpuHandle,
 };
@@ -371,6 +372,8 @@ struct Machine {
     policy: Option<EpochPolicy>,
     /// Epoch mode's dirty-page tracker.
     dirty: Option<DirtyTracker>,
+    /// Epoch mode: `Hints::output_held`, advice to the guest.
+    output_hint: Option<AdviceWord>,
     /// The last captured machine state, clock zeroed (to skip empty epochs).
     last_state: Option<MachineState>,
     /// Every vCPU's park generation at the last capture, if all were parked:
@@ -518,6 +521,7 @@ fn build_new(
     let console = Console::new(console_out(&cfg.runtime)?);
     let bus = Bus::new(console, layout, vsock.as_ref());
     Ok(Machine {
+        output_hint: epochs.then(|| output_hint(&mem)).flatten(),
         vm,
         mem,
         vcpus,
@@ -530,6 +534,12 @@ fn build_new(
         last_state: None,
         parked_at_capture: None,
     })
+}
+
+/// The guest's `Hints::output_held` word.
+fn output_hint(mem: &GuestMemory) -> Option<AdviceWord> {
+    let at = nvhv_abi::HINTS_ADDR + std::mem::offset_of!(nvhv_abi::Hints, output_held) as u64;
+    AdviceWord::new(mem, at)
 }
 
 /// `nvhv resume`: validate the image, restore the machine, run until stopped.
@@ -619,6 +629,7 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     let layout = Layout::new(ram, vcpus_n)?;
     let bus = Bus::new(console, &layout, vsock.as_ref());
     let m = Machine {
+        output_hint: epochs.then(|| output_hint(&mem)).flatten(),
         vm,
         mem,
         vcpus,
@@ -708,8 +719,14 @@ impl Machine {
         if let (Some(_), Some(v)) = (&self.policy, &self.vsock) {
             // Output commit: guest output is held until its epoch is durable;
             // the first held byte of an epoch asks for a group commit.
+            // The gate also tells the guest (advice, nvhv_abi::Hints) that
+            // its output waits for a commit, so an idle guest parks at once.
             let tx = tx.clone();
+            let hint = self.output_hint.clone();
             v.set_output_gate(Some(OutputGate::new(move || {
+                if let Some(h) = &hint {
+                    h.store(1);
+                }
                 let _ = tx.send(Event::OutputPending);
                 std::thread::yield_now();
             })));
@@ -1040,6 +1057,11 @@ impl Machine {
     ) -> Result<Vec<u8>, VmmError> {
         let t0 = Instant::now();
         let cap = self.capture(handles, rx, deferred, true)?;
+        if let Some(h) = &self.output_hint {
+            // Everything held so far goes out with this epoch; the gate sets
+            // it again for the next epoch's output.
+            h.store(0);
+        }
         self.unpause(handles);
         let paused = t0.elapsed();
         let Captured { pfns, pages } = &cap.pages;

@@ -6,9 +6,13 @@
 //! not depend on RAM size. vm-memory's [`AtomicBitmap`] records the pages the
 //! VMM itself writes (device emulation), which the epoch engine needs.
 //!
+//! [`AdviceWord`] is the one exception: a word the VMM writes without marking
+//! it dirty, for advice that is not state ([`nvhv_abi::Hints`]).
+//!
 //! [`AtomicBitmap`]: vm_memory::bitmap::AtomicBitmap
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -88,4 +92,72 @@ pub fn register(vm: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<(), Mem
         unsafe { vm.set_user_memory_region(r) }.map_err(MemoryError::SetSlot)?;
     }
     Ok(())
+}
+
+/// A 32-bit word of guest memory that the VMM updates while the guest runs,
+/// as advice only ([`nvhv_abi::Hints`]). Stores bypass vm-memory's dirty
+/// bitmap on purpose: the word is not part of the persistent state (an
+/// epoch never logs a page for it), so its value after a resume may be stale.
+/// Never use this for anything the guest relies on for correctness.
+#[derive(Clone)]
+pub struct AdviceWord {
+    /// Keeps the mapping that `word` points into alive.
+    _mem: GuestMemory,
+    word: *const AtomicU32,
+}
+
+// SAFETY: `word` points into a mapping kept alive by `_mem` (shared, reference
+// counted) and is only accessed atomically.
+unsafe impl Send for AdviceWord {}
+// SAFETY: as above; `&AdviceWord` only allows atomic stores.
+unsafe impl Sync for AdviceWord {}
+
+impl AdviceWord {
+    /// The word at guest-physical `addr` (4-byte aligned, inside RAM), or
+    /// `None` when it is not.
+    pub fn new(mem: &GuestMemory, addr: u64) -> Option<Self> {
+        if addr % 4 != 0 {
+            return None;
+        }
+        // Both ends inside one region (RAM is one region here).
+        let host = mem.get_host_address(GuestAddress(addr)).ok()?;
+        let end = mem.get_host_address(GuestAddress(addr + 3)).ok()?;
+        if end as usize != host as usize + 3 {
+            return None;
+        }
+        Some(AdviceWord {
+            _mem: mem.clone(),
+            word: host.cast::<AtomicU32>(),
+        })
+    }
+
+    /// Store `v` (visible to the guest's next read).
+    pub fn store(&self, v: u32) {
+        // SAFETY: `word` is 4-byte aligned, lies inside the live mapping owned
+        // by `_mem`, and is only ever accessed atomically by the VMM (the
+        // guest's plain reads of it are advisory).
+        unsafe { (*self.word).store(v, Ordering::Release) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn advice_word_is_seen_by_the_guest_and_never_marks_a_page_dirty() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        assert!(AdviceWord::new(&mem, 0x9002).is_none(), "misaligned");
+        assert!(AdviceWord::new(&mem, 0x10000).is_none(), "outside RAM");
+        let w = AdviceWord::new(&mem, 0x9000).unwrap();
+        w.store(7);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x9000)).unwrap(), 7);
+        let region: &MmapRegion<_> = mem.iter().next().unwrap();
+        let dirty = region.bitmap().get_and_reset();
+        assert!(dirty.iter().all(|&b| b == 0), "advice is not state");
+        // A write through vm-memory, by contrast, is tracked.
+        mem.write_obj(1u32, GuestAddress(0x9000)).unwrap();
+        assert!(region.bitmap().get_and_reset().iter().any(|&b| b != 0));
+    }
 }

@@ -10,7 +10,8 @@
 //! vsock used rings in guest memory ([`vsock`]), feeds requests to the store
 //! and queues replies ([`server`]); a queue-notify register write happens
 //! only when the device asks for one through `avail_event` (it suppresses
-//! them while it polls). After [`IDLE_US`] without any progress it parks at
+//! them while it polls). After [`IDLE_US`] without any progress (at once when
+//! the VMM says it holds our output until an epoch commits) it parks at
 //! the wait port ([`nvhv_rt::wait`], one exit) for at most [`WAIT_US`]; the
 //! device wakes it when a packet arrives. Expired keys are reclaimed every
 //! [`HOUSEKEEPING_MS`], busy or idle. Nothing is printed per request (each
@@ -124,7 +125,10 @@ fn run<const Q: usize>(info: &'static BootInfo, transport: MmioTransport<'static
         let t = tsc();
         if busy {
             last_busy = t;
-        } else if t.wrapping_sub(last_busy) >= idle_ticks {
+        } else if t.wrapping_sub(last_busy) >= idle_ticks || nvhv_rt::output_held() {
+            // Idle: park. At once when the VMM holds our replies until an
+            // epoch commits (polling cannot bring the next request sooner,
+            // and a parked guest lets the commit start without a kick).
             nvhv_rt::wait(WAIT_US);
             last_busy = tsc();
         }

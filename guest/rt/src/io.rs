@@ -69,6 +69,15 @@ pub fn wait(timeout_us: u32) {
     }
 }
 
+/// Whether the VMM holds output this guest sent until its epoch commits
+/// ([`nvhv_abi::Hints::output_held`]): then an idle guest should [`wait`]
+/// at once rather than poll.
+pub fn output_held() -> bool {
+    // SAFETY: HINTS_ADDR lies in the identity-mapped, always-readable first
+    // 2 MiB; the VMM updates the word concurrently, hence the volatile read.
+    unsafe { core::ptr::read_volatile(nvhv_abi::HINTS_ADDR as *const u32) != 0 }
+}
+
 /// Stops the VM (guest-requested power off) with status `code`.
 pub fn exit(code: u32) -> ! {
     // SAFETY: EXIT_PORT is the ABI's exit port; writing it stops the VM.
