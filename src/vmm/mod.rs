@@ -1057,11 +1057,6 @@ impl Machine {
     ) -> Result<Vec<u8>, VmmError> {
         let t0 = Instant::now();
         let cap = self.capture(handles, rx, deferred, true)?;
-        if let Some(h) = &self.output_hint {
-            // Everything held so far goes out with this epoch; the gate sets
-            // it again for the next epoch's output.
-            h.store(0);
-        }
         self.unpause(handles);
         let paused = t0.elapsed();
         let Captured { pfns, pages } = &cap.pages;
@@ -1086,6 +1081,16 @@ impl Machine {
             _ => 0,
         };
         let released = t0.elapsed();
+        if let (Some(h), Some(v)) = (&self.output_hint, &self.vsock) {
+            // The guest's output stays held (the hint set) from its gate to
+            // its release, so the guest parks rather than polls meanwhile.
+            // ORDER: clear, then look: output held since (whose gate sets
+            //        the word after holding it) keeps the word set.
+            h.store(0);
+            if v.held_output() > 0 {
+                h.store(1);
+            }
+        }
         // ORDER: apply after the commit; the next commit's persist makes it durable.
         self.image.apply_committed(pfns, pages)?;
         stats.record(paused, pfns.len(), &times, t0.elapsed(), held);
