@@ -50,6 +50,10 @@ fn counter_survives(vcpus: u32, rounds: usize) {
     let st = vm.signal_and_wait(libc::SIGTERM);
     assert!(st.success(), "suspend failed: {}", vm.stderr_text());
     assert!(vm.stderr_text().contains("durable"), "{}", vm.stderr_text());
+    assert!(
+        vm.console_text().ends_with('\n'),
+        "console ends in a cut line"
+    );
     let mut last: Vec<u64> = (0..vcpus)
         .map(|i| *counters(&vm.console_text(), i).last().unwrap())
         .collect();
@@ -69,6 +73,19 @@ fn counter_survives(vcpus: u32, rounds: usize) {
             vm.stderr_text()
         );
         let text = vm.console_text();
+        // A line cut by a stop is carried in the saved state and finished
+        // after the resume: no log ends in a cut line or starts with the
+        // rest of one.
+        assert!(
+            text.ends_with('\n'),
+            "round {round}: console ends in a cut line"
+        );
+        for l in text.lines() {
+            assert!(
+                !l.starts_with(|c: char| c.is_ascii_digit()),
+                "round {round}: the rest of a cut line: {l:?}"
+            );
+        }
         for (i, before) in last.iter_mut().enumerate() {
             let c = counters(&text, i as u32);
             assert!(

@@ -18,8 +18,9 @@ use crate::vstate::vm::VmState;
 
 /// Magic at the start of an encoded machine state.
 pub const STATE_MAGIC: [u8; 8] = *b"NVHVSTAT";
-/// Version of the [`MachineState`] encoding this binary writes and reads.
-pub const STATE_VERSION: u32 = 1;
+/// Version of the [`MachineState`] encoding this binary writes. It also
+/// reads version 1, whose serial state had no unfinished console line.
+pub const STATE_VERSION: u32 = 2;
 const HEADER_LEN: usize = 28;
 
 /// A component whose state is saved into and restored from NVRAM.
@@ -50,7 +51,7 @@ pub enum StateError {
     #[error("machine state has a bad magic")]
     BadMagic,
     /// Written by another version of nvhv.
-    #[error("machine state version {0}, this nvhv reads {STATE_VERSION}")]
+    #[error("machine state version {0}, this nvhv reads versions 1 to {STATE_VERSION}")]
     Version(u32),
     /// Payload length does not match.
     #[error("machine state payload length {0} does not match the slot")]
@@ -113,7 +114,7 @@ impl MachineState {
             return Err(StateError::BadMagic);
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != STATE_VERSION {
+        if !(1..=STATE_VERSION).contains(&version) {
             return Err(StateError::Version(version));
         }
         let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
@@ -125,7 +126,11 @@ impl MachineState {
         if crc32c::crc32c(payload) != crc {
             return Err(StateError::Crc);
         }
-        let s: MachineState = postcard::from_bytes(payload).map_err(StateError::Decode)?;
+        let s: MachineState = match version {
+            1 => postcard::from_bytes::<v1::MachineState>(payload).map(Into::into),
+            _ => postcard::from_bytes(payload),
+        }
+        .map_err(StateError::Decode)?;
         if s.vcpus.len() != vcpus as usize {
             return Err(StateError::Inconsistent(format!(
                 "{} vCPU states for a {}-vCPU image",
@@ -137,9 +142,87 @@ impl MachineState {
     }
 }
 
+/// The version-1 encoding, read for images suspended by older builds.
+mod v1 {
+    use serde::{Deserialize, Serialize};
+
+    use crate::devices::virtio::vsock::VsockState;
+    use crate::vstate::vcpu::VcpuState;
+    use crate::vstate::vm::VmState;
+
+    /// Version 1 of `SerialState`: no unfinished line.
+    #[derive(Serialize, Deserialize)]
+    pub struct SerialState {
+        pub regs: [u8; 9],
+        pub in_buffer: Vec<u8>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct DeviceStates {
+        pub serial: SerialState,
+        pub vsock: Option<VsockState>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct MachineState {
+        pub vm: VmState,
+        pub vcpus: Vec<VcpuState>,
+        pub devices: DeviceStates,
+    }
+
+    impl From<MachineState> for super::MachineState {
+        fn from(s: MachineState) -> Self {
+            super::MachineState {
+                vm: s.vm,
+                vcpus: s.vcpus,
+                devices: super::DeviceStates {
+                    serial: super::SerialState {
+                        regs: s.devices.serial.regs,
+                        in_buffer: s.devices.serial.in_buffer,
+                        line: Vec::new(),
+                    },
+                    vsock: s.devices.vsock,
+                },
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_1_state_is_read_with_no_unfinished_line() {
+        let mut s = sample();
+        s.devices.serial.regs[8] = 0x5a;
+        s.devices.serial.in_buffer = vec![1, 2];
+        let old = v1::MachineState {
+            vm: s.vm.clone(),
+            vcpus: s.vcpus.clone(),
+            devices: v1::DeviceStates {
+                serial: v1::SerialState {
+                    regs: s.devices.serial.regs,
+                    in_buffer: s.devices.serial.in_buffer.clone(),
+                },
+                vsock: None,
+            },
+        };
+        let payload = postcard::to_allocvec(&old).unwrap();
+        let mut b = Vec::new();
+        b.extend_from_slice(&STATE_MAGIC);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        b.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        b.extend_from_slice(&payload);
+        let d = MachineState::decode(&b, 2).unwrap();
+        assert_eq!(d, s);
+        assert!(d.devices.serial.line.is_empty());
+        // The same bytes labelled version 2 do not decode as version 2.
+        b[8] = 2;
+        assert!(MachineState::decode(&b, 2).is_err());
+    }
 
     fn sample() -> MachineState {
         let mut v: VcpuState = VcpuState {

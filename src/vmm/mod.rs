@@ -834,6 +834,14 @@ impl Machine {
             }
         };
 
+        if matches!(cause, StopCause::Guest(_)) {
+            // The guest is gone for good: its unfinished console line too.
+            self.bus
+                .console
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .finish();
+        }
         // 9. Final commit: pause every vCPU at a safe point, save, persist, commit.
         let result = if self.policy.is_some() {
             // The final epoch is durable when epoch() returns; the Suspended

@@ -156,10 +156,9 @@ pub fn counters(text: &str, vcpu: u32) -> Vec<u64> {
         .collect()
 }
 
-/// The lines of `text` that end in a newline: a stop can pause the guest in
-/// the middle of a line (every serial byte is an exit), and the rest of that
-/// line is printed by the resumed guest, so a console's last line may be cut
-/// (`counter 0 2562125822` read as `counter 0 256212582`).
+/// The lines of `text` that end in a newline. nvhv writes the console a
+/// line at a time (a line cut by a stop is finished after the resume), but
+/// a console file read while the guest runs may end mid-write.
 fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
     text.split_inclusive('\n')
         .filter_map(|l| l.strip_suffix('\n'))
