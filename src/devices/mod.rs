@@ -9,7 +9,7 @@ pub mod virtio;
 
 /// Guest memory as every device sees it: the RAM image mapping, with vm-memory's
 /// bitmap recording the pages the VMM itself writes (they are dirty pages too).
-pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+pub type GuestMemory = vm_memory::GuestMemoryMmap<crate::vstate::memory::PageBitmap>;
 
 /// A device reached through MMIO exits. `offset` is relative to the device's window.
 pub trait MmioDevice: Send {

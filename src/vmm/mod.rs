@@ -457,7 +457,11 @@ fn build_new(
     let vm = Vm::new()?;
     // ORDER: manual dirty-log protection before the dirty-logged slot exists.
     let dirty = match epochs {
-        true => Some(DirtyTracker::enable(&vm.fd, cfg.runtime.epochs.hot_pages)?),
+        true => Some(DirtyTracker::enable(
+            &vm.fd,
+            cfg.runtime.epochs.hot_pages,
+            cfg.mem,
+        )?),
         false => None,
     };
     let mem = memory::map_ram(image.file(), image.ram_offset(), cfg.mem, !epochs)?;
@@ -575,7 +579,11 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
     let dirty = match epochs {
-        true => Some(DirtyTracker::enable(&vm.fd, cfg.runtime.epochs.hot_pages)?),
+        true => Some(DirtyTracker::enable(
+            &vm.fd,
+            cfg.runtime.epochs.hot_pages,
+            ram,
+        )?),
         false => None,
     };
     tl.mark("VM created");

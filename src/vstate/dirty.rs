@@ -144,14 +144,18 @@ pub struct DirtyTracker {
 impl DirtyTracker {
     /// Enable manual dirty-log protection on `vm`. ORDER: before the memory
     /// slot is registered with `KVM_MEM_LOG_DIRTY_PAGES`.
-    pub fn enable(vm: &VmFd, hot_budget: usize) -> Result<Self, DirtyError> {
+    pub fn enable(vm: &VmFd, hot_budget: usize, ram_bytes: u64) -> Result<Self, DirtyError> {
         let mut cap = kvm_enable_cap {
             cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
             ..Default::default()
         };
         cap.args[0] = 1; // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, not INITIALLY_SET
         vm.enable_cap(&cap).map_err(DirtyError::EnableCap)?;
-        Ok(Self::new(hot_budget))
+        let mut t = Self::new(hot_budget);
+        // Sized now, not in the first capture (where it would add to the
+        // first reply's wait after a resume).
+        t.size_for(usize::try_from(ram_bytes).unwrap_or(usize::MAX) / PAGE);
+        Ok(t)
     }
 
     fn new(hot_budget: usize) -> Self {
@@ -217,7 +221,8 @@ impl DirtyTracker {
             .get_dirty_log(0, region.len() as usize)
             .map_err(DirtyError::GetLog)?;
         let mapping: &MmapRegion<_> = region;
-        let vmm = mapping.bitmap().get_and_reset();
+        let mut vmm = vec![0u64; npages.div_ceil(64)];
+        mapping.bitmap().take_words(|w, bits| vmm[w] = bits);
         self.size_for(npages);
         if let Some(bitmap) = self.retire(npages) {
             clear_dirty_log(vm, npages, &bitmap)?;

@@ -3,13 +3,12 @@
 //! RAM is mapped `MAP_SHARED` from the image file, so guest writes land in the
 //! image in place (the suspend-only / flush-on-fail model) and resuming maps the
 //! file again without reading or copying a single page: the cost of resume does
-//! not depend on RAM size. vm-memory's [`AtomicBitmap`] records the pages the
-//! VMM itself writes (device emulation), which the epoch engine needs.
+//! not depend on RAM size. [`PageBitmap`], vm-memory's dirty bitmap here,
+//! records the pages the VMM itself writes (device emulation), which the
+//! epoch engine needs.
 //!
 //! [`AdviceWord`] is the one exception: a word the VMM writes without marking
 //! it dirty, for advice that is not state ([`nvhv_abi::Hints`]).
-//!
-//! [`AtomicBitmap`]: vm_memory::bitmap::AtomicBitmap
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,7 +19,90 @@ use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
 
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
+
 use crate::devices::GuestMemory;
+
+/// Pages per summary bit of [`PageBitmap`]: one 64-bit word of page bits.
+const GROUP_PAGES: usize = 64;
+const PAGE: usize = 4096;
+
+/// The dirty bitmap of guest memory (vm-memory's `Bitmap`): a bit per 4 KiB
+/// page the VMM wrote through vm-memory, plus a summary bit per 64 pages, so
+/// that taking the written pages costs time in proportion to them, not to
+/// RAM. (vm-memory's `AtomicBitmap::get_and_reset` swaps every word: ~125 µs
+/// per epoch for 6.25 GiB of RAM here, more than the rest of a capture.)
+#[derive(Clone, Debug)]
+pub struct PageBitmap {
+    pages: AtomicBitmap,
+    groups: AtomicBitmap,
+}
+
+impl PageBitmap {
+    fn with_bytes(len: usize) -> Self {
+        let nz = |n: usize| std::num::NonZeroUsize::new(n).expect("non-zero");
+        PageBitmap {
+            pages: AtomicBitmap::new(len, nz(PAGE)),
+            groups: AtomicBitmap::new(len, nz(PAGE * GROUP_PAGES)),
+        }
+    }
+
+    /// Take and clear the written pages, as words of 64 page bits: calls
+    /// `f(word_index, bits)` for each non-empty word, in ascending order.
+    ///
+    /// ORDER: nothing may write guest memory through vm-memory meanwhile (the
+    /// caller pauses the devices): a page marked between reading its bit and
+    /// clearing it would be lost.
+    pub fn take_words(&self, mut f: impl FnMut(usize, u64)) {
+        for (gw, mut gbits) in self.groups.get_and_reset().into_iter().enumerate() {
+            while gbits != 0 {
+                let g = gw * 64 + gbits.trailing_zeros() as usize;
+                gbits &= gbits - 1;
+                let first = g * GROUP_PAGES;
+                let bits = (0..GROUP_PAGES)
+                    .filter(|&i| self.pages.is_bit_set(first + i))
+                    .fold(0u64, |w, i| w | 1 << i);
+                self.pages
+                    .reset_addr_range(first * PAGE, GROUP_PAGES * PAGE);
+                if bits != 0 {
+                    f(g, bits);
+                }
+            }
+        }
+    }
+}
+
+impl Default for PageBitmap {
+    fn default() -> Self {
+        PageBitmap::with_bytes(0)
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for PageBitmap {
+    type S = RefSlice<'a, Self>;
+}
+
+impl Bitmap for PageBitmap {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        // ORDER: the page bits before their summary bit.
+        self.pages.set_addr_range(offset, len);
+        self.groups.set_addr_range(offset, len);
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.pages.is_addr_set(offset)
+    }
+
+    fn slice_at(&self, offset: usize) -> RefSlice<'_, Self> {
+        RefSlice::new(self, offset)
+    }
+}
+
+impl NewBitmap for PageBitmap {
+    fn with_len(len: usize) -> Self {
+        PageBitmap::with_bytes(len)
+    }
+}
 
 /// Errors while mapping guest RAM.
 #[derive(Debug, thiserror::Error)]
@@ -154,10 +236,36 @@ mod tests {
         w.store(7);
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x9000)).unwrap(), 7);
         let region: &MmapRegion<_> = mem.iter().next().unwrap();
-        let dirty = region.bitmap().get_and_reset();
-        assert!(dirty.iter().all(|&b| b == 0), "advice is not state");
+        let mut words = Vec::new();
+        region.bitmap().take_words(|i, b| words.push((i, b)));
+        assert!(words.is_empty(), "advice is not state");
         // A write through vm-memory, by contrast, is tracked.
         mem.write_obj(1u32, GuestAddress(0x9000)).unwrap();
-        assert!(region.bitmap().get_and_reset().iter().any(|&b| b != 0));
+        region.bitmap().take_words(|i, b| words.push((i, b)));
+        assert_eq!(words, vec![(0, 1 << 9)]);
+    }
+
+    #[test]
+    fn page_bitmap_reports_exactly_the_written_pages_once() {
+        // 8 MiB: 2048 pages, 32 words.
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let region: &MmapRegion<_> = mem.iter().next().unwrap();
+        // A write across a page boundary, one in the last page, one across a
+        // 64-page group boundary.
+        mem.write_slice(&[1; 8], GuestAddress(0x1ffc)).unwrap();
+        mem.write_obj(7u64, GuestAddress((8 << 20) - 8)).unwrap();
+        mem.write_slice(&[2; 16], GuestAddress(64 * 4096 - 8))
+            .unwrap();
+        let mut pages = Vec::new();
+        region.bitmap().take_words(|w, mut b| {
+            while b != 0 {
+                pages.push(w * 64 + b.trailing_zeros() as usize);
+                b &= b - 1;
+            }
+        });
+        assert_eq!(pages, vec![1, 2, 63, 64, 2047]);
+        let mut again = 0;
+        region.bitmap().take_words(|_, _| again += 1);
+        assert_eq!(again, 0, "taking clears");
     }
 }

@@ -13,7 +13,7 @@
 //!   malformed.
 //!
 //! Every guest-memory access goes through vm-memory (bounds-checked, and the
-//! `AtomicBitmap` of [`crate::devices::GuestMemory`] records the pages the VMM
+//! `PageBitmap` of [`crate::devices::GuestMemory`] records the pages the VMM
 //! writes, which are dirty pages for the checkpoint engine).
 
 pub mod mmio;

@@ -324,11 +324,10 @@ pub(crate) mod testing {
     //! memory, for the tests of the transport and the devices.
 
     use super::*;
-    use vm_memory::bitmap::AtomicBitmap;
 
     /// Anonymous guest memory of `size` bytes at address 0.
     pub fn memory(size: usize) -> GuestMemory {
-        vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), size)])
+        crate::devices::GuestMemory::from_ranges(&[(GuestAddress(0), size)])
             .expect("anonymous guest memory")
     }
 

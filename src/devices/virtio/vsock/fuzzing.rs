@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::device::{CoreParams, VsockCore};
@@ -49,9 +48,8 @@ fn take<'a>(data: &mut &'a [u8], n: usize) -> &'a [u8] {
 /// Run the device over rings built from `data`. Returns whether the device
 /// ended in DEVICE_NEEDS_RESET.
 pub fn run_queues(data: &[u8]) -> bool {
-    let mem: GuestMemory =
-        vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-            .expect("anonymous guest memory");
+    let mem: GuestMemory = crate::devices::GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+        .expect("anonymous guest memory");
     let mut d = data;
     let table = 16 * usize::from(QSIZE);
     let ring = 4 + 2 * usize::from(QSIZE);
