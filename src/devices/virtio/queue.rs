@@ -263,10 +263,14 @@ pub fn pop_chain(
 
 /// Whether the driver made buffers available that the device has not taken yet.
 pub fn has_available(q: &Queue, mem: &GuestMemory) -> Result<bool, QueueError> {
-    let idx = q
-        .avail_idx(mem, Ordering::Acquire)
-        .map_err(QueueError::AvailRing)?;
-    Ok(idx.0 != q.next_avail())
+    Ok(avail_idx(q, mem)? != q.next_avail())
+}
+
+/// The driver's avail index (how many buffers it has made available, mod 2^16).
+pub fn avail_idx(q: &Queue, mem: &GuestMemory) -> Result<u16, QueueError> {
+    Ok(q.avail_idx(mem, Ordering::Acquire)
+        .map_err(QueueError::AvailRing)?
+        .0)
 }
 
 /// Return `chain` to the driver in the used ring with `len` bytes written.

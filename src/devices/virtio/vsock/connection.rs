@@ -392,7 +392,14 @@ impl Connection {
                     self.reset_to_guest();
                 }
             }
-            Op::Rst => self.close_vsock(),
+            Op::Rst => {
+                tracing::debug!(
+                    "vsock: guest reset guest port {} in state {:?}",
+                    self.peer_port,
+                    self.state
+                );
+                self.close_vsock();
+            }
             _ => {
                 tracing::debug!(
                     "vsock: unexpected {op:?} in state {:?} on guest port {}, resetting",

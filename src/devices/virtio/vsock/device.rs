@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 
@@ -43,6 +43,9 @@ const TX_BUDGET: usize = 128;
 const RX_BUDGET: usize = 128;
 /// Most RSTs for unknown connections kept waiting for RX buffers.
 pub const MAX_ORPHAN_RST: usize = 4096;
+/// Longest wait, after a restore, for the guest to take the transport reset
+/// before RX (new connections) goes on anyway.
+pub const RESET_ACK_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The device state behind the core mutex.
 #[derive(Debug)]
@@ -61,6 +64,10 @@ pub struct VsockCore {
     pub(crate) next_port: u32,
     pub(crate) orphan_rst: VecDeque<Header>,
     pub(crate) reset_event_pending: bool,
+    /// After a restore, RX waits until the guest has taken the transport
+    /// reset ([`RESET_ACK_TIMEOUT`]): since when, and the event queue's
+    /// avail index once the event is published.
+    reset_gate: Option<(Instant, Option<u16>)>,
     io_queue: VecDeque<u32>,
     rx_queue: VecDeque<u32>,
     payload: Vec<u8>,
@@ -138,6 +145,7 @@ impl VsockCore {
             next_port: FIRST_LOCAL_PORT,
             orphan_rst: VecDeque::new(),
             reset_event_pending: false,
+            reset_gate: None,
             io_queue: VecDeque::new(),
             rx_queue: VecDeque::new(),
             payload: Vec::with_capacity(MAX_PKT_PAYLOAD as usize),
@@ -246,7 +254,37 @@ impl VsockCore {
         self.io_queue.clear();
         self.rx_queue.clear();
         self.reset_event_pending = false;
+        self.reset_gate = None;
         self.kick = false;
+    }
+
+    /// After a restore: the guest must drop its connections (the event is
+    /// queued), and nothing goes into RX until it has taken the event.
+    pub(crate) fn restored(&mut self, now: Instant) {
+        self.reset_event_pending = true;
+        self.reset_gate = Some((now, None));
+    }
+
+    /// Whether RX still waits for the guest to take the transport reset.
+    /// The event tells the guest to drop every connection; a connection
+    /// request it saw first would be dropped with them (the host client
+    /// then sees its connection closed right after connecting). A driver
+    /// re-posts an event buffer once it has handled an event (Linux, the kv
+    /// guest), so the event queue's avail index moving on is the signal; a
+    /// driver that never does waits at most [`RESET_ACK_TIMEOUT`].
+    fn rx_gated(&mut self, now: Instant) -> Result<bool, QueueError> {
+        let Some((since, published)) = self.reset_gate else {
+            return Ok(false);
+        };
+        let taken = match published {
+            Some(a0) => queue::avail_idx(&self.queues[EVT], &self.mem)? != a0,
+            None => false,
+        };
+        if taken || now.duration_since(since) >= RESET_ACK_TIMEOUT {
+            self.reset_gate = None;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Whether the device runs (activated, not failed).
@@ -428,6 +466,10 @@ impl VsockCore {
         // ORDER: the event is written before add_used publishes it.
         queue::add_used(q, &self.mem, chain.head(), EVENT_LEN as u32)?;
         self.reset_event_pending = false;
+        if let Some((since, _)) = self.reset_gate {
+            let avail = queue::avail_idx(&self.queues[EVT], &self.mem)?;
+            self.reset_gate = Some((since, Some(avail)));
+        }
         self.used_added();
         Ok(true)
     }
@@ -593,7 +635,7 @@ impl VsockCore {
     }
 
     fn process_rx(&mut self, now: Instant) -> Result<bool, QueueError> {
-        if !self.queue_ready(RX) {
+        if !self.queue_ready(RX) || self.rx_gated(now)? {
             return Ok(false);
         }
         let mut progress = false;

@@ -99,7 +99,7 @@ impl Vsock {
         {
             let mut core = shared.lock();
             core.next_port = d.next_port;
-            core.reset_event_pending = true;
+            core.restored(std::time::Instant::now());
             for &(local, peer) in &d.connections {
                 core.reset_guest_connection(local, peer);
             }

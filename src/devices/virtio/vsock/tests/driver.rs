@@ -37,6 +37,8 @@ pub struct GuestDriver {
     pub notifies: [usize; 3],
     pub event_idx: bool,
     pub tx_free: Vec<u16>,
+    /// Descriptor of the event last taken by `peek_event`.
+    pub last_event_id: u16,
 }
 
 fn wr(t: &Arc<Mutex<MmioTransport>>, off: u32, v: u32) {
@@ -63,6 +65,7 @@ impl GuestDriver {
             notifies: [0; 3],
             event_idx: false,
             tx_free: (0..QSIZE / 2).rev().collect(),
+            last_event_id: 0,
         }
     }
 
@@ -173,14 +176,25 @@ impl GuestDriver {
         self.notify_if_needed(2);
     }
 
-    /// Events the device delivered, by id.
+    /// The next event the device delivered; like Linux, the buffer is
+    /// posted again once the event is handled (read).
     pub fn poll_event(&mut self) -> Option<u32> {
+        let v = self.peek_event()?;
+        let id = self.last_event_id;
+        self.evt.publish(&self.mem, id);
+        self.notify_if_needed(2);
+        Some(v)
+    }
+
+    /// The next event the device delivered, its buffer kept (not re-posted).
+    pub fn peek_event(&mut self) -> Option<u32> {
         let (id, len) = self.evt.pop_used(&self.mem)?;
         assert_eq!(len, 4);
         let v: u32 = self
             .mem
             .read_obj(GuestAddress(EVT_BUF + 8 * u64::from(id)))
             .unwrap();
+        self.last_event_id = id as u16;
         Some(u32::from_le(v))
     }
 
