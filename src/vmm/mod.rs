@@ -593,8 +593,12 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     //    paging KVM allocates per-page metadata for the slot (~1 ms per GiB
     //    here), the one cost of resume that grows with RAM size. The two are
     //    independent (restoring registers touches no guest memory).
+    let mut dirty = dirty;
     let (slot, vcpus) = std::thread::scope(|s| {
         let slot = s.spawn(|| memory::register(&vm.fd, &mem, epochs));
+        // The dirty tracker faults in its buffers meanwhile (off the path of
+        // the first reply after this resume).
+        s.spawn(|| dirty.as_mut().map(DirtyTracker::warm));
         let vcpus = (|| -> Result<Vec<Vcpu>, VmmError> {
             let mut vcpus = Vec::new();
             for (i, st) in state.vcpus.iter().enumerate() {
@@ -1028,13 +1032,13 @@ impl Machine {
     /// Epoch mode: whether the current epoch should end now — its time is up,
     /// or the guest has written as many pages as the dirty budget allows.
     fn epoch_due(
-        &self,
+        &mut self,
         start: Instant,
         output_pending: Option<Instant>,
         idle: bool,
         nothing_ran: bool,
     ) -> Result<bool, VmmError> {
-        let (Some(p), Some(d)) = (&self.policy, &self.dirty) else {
+        let (Some(p), Some(d)) = (&self.policy, self.dirty.as_mut()) else {
             return Ok(false);
         };
         if Instant::now() >= p.due(start, output_pending, idle) {

@@ -26,11 +26,14 @@
 //! Pages the VMM writes (vm-memory's bitmap: used rings, RX buffers) are
 //! reported by that bitmap and handled the same way.
 
-use kvm_bindings::{kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2};
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_dirty_log, kvm_dirty_log__bindgen_ty_1, kvm_enable_cap,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iowr_nr;
+use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
 use crate::devices::GuestMemory;
 
@@ -52,6 +55,11 @@ pub const MAX_HOLD_SHIFT: u8 = 5;
 
 const KVMIO: u32 = 0xAE;
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+
+/// Shadow and page-buffer pages [`DirtyTracker::warm`] faults in ahead of
+/// the first capture.
+const WARM_PAGES: usize = 64;
 
 /// Errors of dirty tracking.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +69,7 @@ pub enum DirtyError {
     EnableCap(#[source] kvm_ioctls::Error),
     /// KVM_GET_DIRTY_LOG failed.
     #[error("KVM_GET_DIRTY_LOG failed")]
-    GetLog(#[source] kvm_ioctls::Error),
+    GetLog(#[source] std::io::Error),
     /// KVM_CLEAR_DIRTY_LOG failed.
     #[error("KVM_CLEAR_DIRTY_LOG failed")]
     ClearLog(#[source] std::io::Error),
@@ -134,6 +142,11 @@ pub struct DirtyTracker {
     budget: usize,
     /// Reused per capture.
     jobs: Vec<Job>,
+    /// KVM's dirty bitmap, read into the same buffer every time.
+    kvm_bits: Vec<u64>,
+    /// The VMM's written pages as bitmap words, and the words set in it.
+    vmm_bits: Vec<u64>,
+    vmm_set: Vec<usize>,
     /// A page buffer handed back by [`recycle`](Self::recycle) for the next capture.
     spare: Vec<u8>,
     /// Pages of the last capture that were write-protected when written
@@ -171,8 +184,28 @@ impl DirtyTracker {
             retiring: Vec::new(),
             budget: hot_budget,
             jobs: Vec::new(),
+            kvm_bits: Vec::new(),
+            vmm_bits: Vec::new(),
+            vmm_set: Vec::new(),
             spare: Vec::new(),
             faulted: 0,
+        }
+    }
+
+    /// Fault in what the first capture writes (the bitmap buffers, some
+    /// shadow and page-buffer pages), so that it costs what later ones do:
+    /// on our hosts each first touch of a page costs microseconds, and the
+    /// first capture after a resume holds the first reply. Call before the
+    /// guest runs (the resume does it while KVM registers guest memory).
+    pub fn warm(&mut self) {
+        self.kvm_bits.fill(0);
+        self.vmm_bits.fill(0);
+        if self.shadow.is_empty() {
+            self.shadow.resize(WARM_PAGES * PAGE, 0);
+            self.free = (0..WARM_PAGES as u32).rev().collect();
+        }
+        if self.spare.capacity() == 0 {
+            self.spare = vec![1; WARM_PAGES * PAGE];
         }
     }
 
@@ -192,12 +225,11 @@ impl DirtyTracker {
     /// without changing anything: with manual protection `KVM_GET_DIRTY_LOG`
     /// neither clears nor re-protects. For the dirty-budget check between
     /// epochs; safe while the guest runs.
-    pub fn peek_count(&self, vm: &VmFd, mem: &GuestMemory) -> Result<usize, DirtyError> {
+    pub fn peek_count(&mut self, vm: &VmFd, mem: &GuestMemory) -> Result<usize, DirtyError> {
         let region = mem.iter().next().ok_or(DirtyError::Regions)?;
-        let bits = vm
-            .get_dirty_log(0, region.len() as usize)
-            .map_err(DirtyError::GetLog)?;
-        Ok(bits.iter().map(|w| w.count_ones() as usize).sum())
+        self.size_for(region.len() as usize / PAGE);
+        get_dirty_log(vm, &mut self.kvm_bits)?;
+        Ok(self.kvm_bits.iter().map(|w| w.count_ones() as usize).sum())
     }
 
     /// With every vCPU and device paused: re-protect the pages gone cold,
@@ -217,13 +249,18 @@ impl DirtyTracker {
             return Err(DirtyError::Regions);
         }
         let npages = region.len() as usize / PAGE;
-        let kvm = vm
-            .get_dirty_log(0, region.len() as usize)
-            .map_err(DirtyError::GetLog)?;
-        let mapping: &MmapRegion<_> = region;
-        let mut vmm = vec![0u64; npages.div_ceil(64)];
-        mapping.bitmap().take_words(|w, bits| vmm[w] = bits);
         self.size_for(npages);
+        let mut kvm = std::mem::take(&mut self.kvm_bits);
+        get_dirty_log(vm, &mut kvm)?;
+        let mapping: &MmapRegion<_> = region;
+        let mut vmm = std::mem::take(&mut self.vmm_bits);
+        for w in self.vmm_set.drain(..) {
+            vmm[w] = 0;
+        }
+        mapping.bitmap().take_words(|w, bits| {
+            vmm[w] = bits;
+            self.vmm_set.push(w);
+        });
         if let Some(bitmap) = self.retire(npages) {
             clear_dirty_log(vm, npages, &bitmap)?;
         }
@@ -232,7 +269,10 @@ impl DirtyTracker {
         // caller's ORDER rule), so nothing writes guest memory while the
         // shared slice exists.
         let guest = unsafe { std::slice::from_raw_parts(region.as_ptr(), npages * PAGE) };
-        self.take(guest, &kvm, &vmm, out)
+        let r = self.take(guest, &kvm, &vmm, out);
+        self.kvm_bits = kvm;
+        self.vmm_bits = vmm;
+        r
     }
 
     /// Pages of the last capture that were protected when the guest (or the
@@ -250,6 +290,9 @@ impl DirtyTracker {
             self.hot.clear();
             self.free.clear();
             self.shadow.clear();
+            self.kvm_bits = vec![0; npages.div_ceil(64)];
+            self.vmm_bits = vec![0; npages.div_ceil(64)];
+            self.vmm_set.clear();
         }
     }
 
@@ -418,6 +461,25 @@ impl DirtyTracker {
         });
         self.at[p] = self.hot.len() as u32;
     }
+}
+
+/// `KVM_GET_DIRTY_LOG` of slot 0 into `bits` (one bit per page of the slot).
+fn get_dirty_log(vm: &VmFd, bits: &mut [u64]) -> Result<(), DirtyError> {
+    let arg = kvm_dirty_log {
+        slot: 0,
+        padding1: 0,
+        __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: bits.as_mut_ptr().cast(),
+        },
+    };
+    // SAFETY: `vm` is a VM fd; `bits` holds one bit per page of slot 0 (the
+    // caller sized it from the slot) and outlives the call; KVM writes at
+    // most that many bits.
+    let ret = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) };
+    if ret != 0 {
+        return Err(DirtyError::GetLog(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Re-protect the pages set in `bitmap` (whole slot 0) and clear their bits.
