@@ -73,6 +73,9 @@ pub enum DirtyError {
     /// KVM_CLEAR_DIRTY_LOG failed.
     #[error("KVM_CLEAR_DIRTY_LOG failed")]
     ClearLog(#[source] std::io::Error),
+    /// A dirty bitmap buffer does not match the memory slot (a bug).
+    #[error("dirty bitmap does not match the memory slot")]
+    BitmapSize,
     /// A dirty bit names a page outside guest memory.
     #[error("dirty bit for guest page {0:#x}, outside guest memory")]
     OutOfRange(u64),
@@ -227,8 +230,9 @@ impl DirtyTracker {
     /// epochs; safe while the guest runs.
     pub fn peek_count(&mut self, vm: &VmFd, mem: &GuestMemory) -> Result<usize, DirtyError> {
         let region = mem.iter().next().ok_or(DirtyError::Regions)?;
-        self.size_for(region.len() as usize / PAGE);
-        get_dirty_log(vm, &mut self.kvm_bits)?;
+        let npages = region.len() as usize / PAGE;
+        self.size_for(npages);
+        get_dirty_log(vm, npages, &mut self.kvm_bits)?;
         Ok(self.kvm_bits.iter().map(|w| w.count_ones() as usize).sum())
     }
 
@@ -250,26 +254,29 @@ impl DirtyTracker {
         }
         let npages = region.len() as usize / PAGE;
         self.size_for(npages);
+        // The bitmap buffers go back whatever happens (they are sized once).
         let mut kvm = std::mem::take(&mut self.kvm_bits);
-        get_dirty_log(vm, &mut kvm)?;
-        let mapping: &MmapRegion<_> = region;
         let mut vmm = std::mem::take(&mut self.vmm_bits);
-        for w in self.vmm_set.drain(..) {
-            vmm[w] = 0;
-        }
-        mapping.bitmap().take_words(|w, bits| {
-            vmm[w] = bits;
-            self.vmm_set.push(w);
-        });
-        if let Some(bitmap) = self.retire(npages) {
-            clear_dirty_log(vm, npages, &bitmap)?;
-        }
-        // SAFETY: the slice covers exactly the live mapping of `region`
-        // (borrowed for the call). Every vCPU and device is paused (the
-        // caller's ORDER rule), so nothing writes guest memory while the
-        // shared slice exists.
-        let guest = unsafe { std::slice::from_raw_parts(region.as_ptr(), npages * PAGE) };
-        let r = self.take(guest, &kvm, &vmm, out);
+        let r = (|| {
+            get_dirty_log(vm, npages, &mut kvm)?;
+            let mapping: &MmapRegion<_> = region;
+            for w in self.vmm_set.drain(..) {
+                vmm[w] = 0;
+            }
+            mapping.bitmap().take_words(|w, bits| {
+                vmm[w] = bits;
+                self.vmm_set.push(w);
+            });
+            if let Some((first, bitmap)) = self.retire() {
+                clear_dirty_log(vm, npages, first, &bitmap)?;
+            }
+            // SAFETY: the slice covers exactly the live mapping of `region`
+            // (borrowed for the call). Every vCPU and device is paused (the
+            // caller's ORDER rule), so nothing writes guest memory while the
+            // shared slice exists.
+            let guest = unsafe { std::slice::from_raw_parts(region.as_ptr(), npages * PAGE) };
+            self.take(guest, &kvm, &vmm, out)
+        })();
         self.kvm_bits = kvm;
         self.vmm_bits = vmm;
         r
@@ -298,9 +305,11 @@ impl DirtyTracker {
 
     /// Start a capture: pick the hot pages to re-protect (unchanged past
     /// their hold, or the longest unchanged beyond the hot budget), mark them
-    /// retiring, and return the bitmap to hand to `KVM_CLEAR_DIRTY_LOG`
-    /// (`None` when there are none).
-    fn retire(&mut self, npages: usize) -> Option<Vec<u64>> {
+    /// retiring, and return what to hand to `KVM_CLEAR_DIRTY_LOG`: the first
+    /// page (a multiple of 64) and the bitmap from there to the last cold
+    /// page, so that the cost follows the cold pages, not RAM (`None` when
+    /// there are none).
+    fn retire(&mut self) -> Option<(usize, Vec<u64>)> {
         self.captures = self.captures.wrapping_add(1).max(1);
         let mut cold: Vec<usize> = (0..self.hot.len())
             .filter(|&i| self.hot[i].unchanged >= self.hot[i].hold)
@@ -316,7 +325,10 @@ impl DirtyTracker {
         if cold.is_empty() {
             return None;
         }
-        let mut bitmap = vec![0u64; npages.div_ceil(64)];
+        let pfns = cold.iter().map(|&i| self.hot[i].pfn as usize);
+        let first = pfns.clone().min().unwrap_or(0) / 64 * 64;
+        let last = pfns.max().unwrap_or(0);
+        let mut bitmap = vec![0u64; (last - first) / 64 + 1];
         // Highest index first: swap_remove then only moves entries that stay.
         cold.sort_unstable_by(|a, b| b.cmp(a));
         for i in cold {
@@ -325,12 +337,12 @@ impl DirtyTracker {
                 self.at[moved.pfn as usize] = i as u32 + 1;
             }
             let p = h.pfn as usize;
-            bitmap[p / 64] |= 1 << (p % 64);
+            bitmap[(p - first) / 64] |= 1 << (p % 64);
             self.at[p] = RETIRING | h.slot;
             self.retired[p] = self.captures;
             self.retiring.push(h.pfn);
         }
-        Some(bitmap)
+        Some((first, bitmap))
     }
 
     /// The rest of a capture, after the re-protection: compare every
@@ -463,8 +475,11 @@ impl DirtyTracker {
     }
 }
 
-/// `KVM_GET_DIRTY_LOG` of slot 0 into `bits` (one bit per page of the slot).
-fn get_dirty_log(vm: &VmFd, bits: &mut [u64]) -> Result<(), DirtyError> {
+/// `KVM_GET_DIRTY_LOG` of slot 0 (`npages` pages) into `bits`.
+fn get_dirty_log(vm: &VmFd, npages: usize, bits: &mut [u64]) -> Result<(), DirtyError> {
+    if bits.len() != npages.div_ceil(64) {
+        return Err(DirtyError::BitmapSize);
+    }
     let arg = kvm_dirty_log {
         slot: 0,
         padding1: 0,
@@ -472,9 +487,9 @@ fn get_dirty_log(vm: &VmFd, bits: &mut [u64]) -> Result<(), DirtyError> {
             dirty_bitmap: bits.as_mut_ptr().cast(),
         },
     };
-    // SAFETY: `vm` is a VM fd; `bits` holds one bit per page of slot 0 (the
-    // caller sized it from the slot) and outlives the call; KVM writes at
-    // most that many bits.
+    // SAFETY: `vm` is a VM fd; `bits` holds one bit per page of slot 0
+    // (checked above) and outlives the call; KVM writes at most that many
+    // bits.
     let ret = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) };
     if ret != 0 {
         return Err(DirtyError::GetLog(std::io::Error::last_os_error()));
@@ -482,18 +497,30 @@ fn get_dirty_log(vm: &VmFd, bits: &mut [u64]) -> Result<(), DirtyError> {
     Ok(())
 }
 
-/// Re-protect the pages set in `bitmap` (whole slot 0) and clear their bits.
-fn clear_dirty_log(vm: &VmFd, npages: usize, bitmap: &[u64]) -> Result<(), DirtyError> {
+/// Re-protect the pages set in `bitmap` and clear their bits: bit `i` is
+/// page `first + i` of slot 0 (`npages` pages); `first` is a multiple of 64.
+fn clear_dirty_log(
+    vm: &VmFd,
+    npages: usize,
+    first: usize,
+    bitmap: &[u64],
+) -> Result<(), DirtyError> {
+    // KVM wants a multiple of 64 pages unless the range ends the slot.
+    let num = (bitmap.len() * 64).min(npages.saturating_sub(first));
+    if first % 64 != 0 || num == 0 || bitmap.len() != num.div_ceil(64) {
+        return Err(DirtyError::BitmapSize);
+    }
     let arg = kvm_clear_dirty_log {
         slot: 0,
-        num_pages: npages as u32,
-        first_page: 0,
+        num_pages: u32::try_from(num).map_err(|_| DirtyError::BitmapSize)?,
+        first_page: first as u64,
         __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
             dirty_bitmap: bitmap.as_ptr().cast_mut().cast(),
         },
     };
-    // SAFETY: `vm` is a VM fd; `bitmap` holds one bit per page of slot 0
-    // (npages.div_ceil(64) words) and outlives the call; KVM only reads it.
+    // SAFETY: `vm` is a VM fd; `bitmap` holds one bit for each of the `num`
+    // pages from `first` (checked above) and outlives the call; KVM only
+    // reads it.
     let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
     if ret != 0 {
         return Err(DirtyError::ClearLog(std::io::Error::last_os_error()));
@@ -535,9 +562,9 @@ mod tests {
             for h in &self.t.hot {
                 kvm[h.pfn as usize / 64] |= 1 << (h.pfn % 64);
             }
-            let retired = match self.t.retire(npages) {
-                Some(bitmap) => (0..npages as u64)
-                    .filter(|&p| bitmap[p as usize / 64] & (1 << (p % 64)) != 0)
+            let retired = match self.t.retire() {
+                Some((first, bitmap)) => (first as u64..(first + bitmap.len() * 64) as u64)
+                    .filter(|&p| bitmap[(p as usize - first) / 64] & (1 << (p % 64)) != 0)
                     .collect(),
                 None => Vec::new(),
             };
@@ -646,6 +673,23 @@ mod tests {
             f.capture(&[5]);
         }
         assert_eq!(f.hot(5).unwrap().hold, HOT_EPOCHS << MAX_HOLD_SHIFT);
+    }
+
+    #[test]
+    fn re_protection_covers_only_the_span_of_the_cold_pages() {
+        let mut f = Fixture::new(512, 100);
+        f.capture(&[130, 200, 300]);
+        f.t.hot[f.t.at[300] as usize - 1].unchanged = 0;
+        for i in 0..f.t.hot.len() {
+            if f.t.hot[i].pfn != 300 {
+                f.t.hot[i].unchanged = HOT_EPOCHS;
+            }
+        }
+        let (first, bitmap) = f.t.retire().expect("two pages go cold");
+        assert_eq!(first, 128, "a multiple of 64 at or below the lowest");
+        assert_eq!(bitmap.len(), 2, "words up to the highest cold page only");
+        assert_eq!(bitmap[0], 1 << (130 - 128));
+        assert_eq!(bitmap[1], 1 << (200 - 192));
     }
 
     #[test]
