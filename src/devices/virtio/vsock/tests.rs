@@ -415,6 +415,24 @@ fn unknown_connections_and_guest_connects_get_rst() {
     assert!(g.recv(Duration::from_millis(20)).is_none());
 }
 
+/// A device restored from `state` (as a new VMM process would: a new
+/// listener, the same guest memory), with the driver attached to it.
+fn restore_on_a_new_listener(
+    g: &mut GuestDriver,
+    state: &VsockState,
+) -> (Vsock, std::net::SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let args = VsockArgs {
+        mem: g.mem.clone(),
+        wake: Arc::clone(&g.wake),
+        cfg: VsockConfig::new(listener),
+    };
+    let vsock = Vsock::restore(args, state).unwrap();
+    g.t = vsock.transport();
+    (vsock, addr)
+}
+
 #[test]
 fn save_restore_delivers_transport_reset_and_resets_old_connections() {
     let Rig { vsock, mut g, addr } = rig();
@@ -443,15 +461,7 @@ fn save_restore_delivers_transport_reset_and_resets_old_connections() {
     drop(vsock);
     expect_eof(&mut cl);
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr2 = listener.local_addr().unwrap();
-    let args = VsockArgs {
-        mem: g.mem.clone(),
-        wake: Arc::clone(&g.wake),
-        cfg: VsockConfig::new(listener),
-    };
-    let vsock = Vsock::restore(args, &state).unwrap();
-    g.t = vsock.transport();
+    let (vsock, addr2) = restore_on_a_new_listener(&mut g, &state);
     assert_eq!(g.guest_cid(), 3);
 
     // TRANSPORT_RESET on the event queue.
@@ -504,15 +514,7 @@ fn after_restore_new_connections_wait_for_the_guest_to_take_the_reset() {
     vsock.pause();
     let state = vsock.save();
     drop(vsock);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let args = VsockArgs {
-        mem: g.mem.clone(),
-        wake: Arc::clone(&g.wake),
-        cfg: VsockConfig::new(listener),
-    };
-    let vsock = Vsock::restore(args, &state).unwrap();
-    g.t = vsock.transport();
+    let (_vsock, addr) = restore_on_a_new_listener(&mut g, &state);
     let _cl = client(addr);
     // The event arrives; while its buffer is not posted again, no request.
     let deadline = Instant::now() + T;
