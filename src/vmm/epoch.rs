@@ -59,15 +59,23 @@ impl EpochPolicy {
     }
 
     /// When to wake next: the epoch's due time, or earlier to check the
-    /// dirty budget.
+    /// dirty budget — unless every vCPU is parked (`parked`, with the VMM
+    /// told when one leaves its park): parked vCPUs dirty nothing, so an
+    /// idle VM wakes the VMM once per `max`, not every [`BUDGET_CHECK`].
     pub fn next_wake(
         &self,
         start: Instant,
         pending: Option<Instant>,
         idle: bool,
+        parked: bool,
         now: Instant,
     ) -> Instant {
-        self.due(start, pending, idle).min(now + BUDGET_CHECK)
+        let due = self.due(start, pending, idle);
+        if parked && pending.is_none() {
+            due
+        } else {
+            due.min(now + BUDGET_CHECK)
+        }
     }
 }
 
@@ -187,10 +195,20 @@ mod tests {
     fn budget_checks_wake_before_a_long_epoch_ends() {
         let p = EpochPolicy::default();
         let t = Instant::now();
-        assert_eq!(p.next_wake(t, None, false, t), t + BUDGET_CHECK.min(p.max));
         assert_eq!(
-            p.next_wake(t, Some(t), false, t),
+            p.next_wake(t, None, false, false, t),
+            t + BUDGET_CHECK.min(p.max)
+        );
+        assert_eq!(
+            p.next_wake(t, Some(t), false, false, t),
             t + p.min.min(BUDGET_CHECK)
+        );
+        // Every vCPU parked: no budget checks, just the epoch's end.
+        assert_eq!(p.next_wake(t, None, false, true, t), t + p.max);
+        assert_eq!(
+            p.next_wake(t, Some(t), true, true, t),
+            t + p.min.min(BUDGET_CHECK),
+            "output waiting: as before"
         );
     }
 

@@ -694,6 +694,8 @@ pub enum VcpuEvent {
     /// Parked at the wait port with its state saved (with `presave`): the
     /// VMM can pause it now without waking it.
     Parked(u32),
+    /// Left a park while the VMM was watching for it (see [`spawn`]).
+    Unparked(u32),
     /// The guest stopped on its own.
     Stopped(u32, StopReason),
 }
@@ -813,11 +815,14 @@ impl VcpuHandle {
 /// Start `vcpu` on its own thread. Events go to `events`. With `presave`
 /// (epoch mode), the thread saves the vCPU state whenever the guest parks at
 /// the wait port, so that an epoch finds it ready (see [`VcpuHandle::pause`]).
+/// A vCPU leaving a park while `unpark_watch` is set clears it and sends
+/// [`VcpuEvent::Unparked`] (the VMM sleeps long while every vCPU is parked).
 pub fn spawn(
     mut vcpu: Vcpu,
     handler: Arc<dyn ExitHandler>,
     wake: Arc<GuestWake>,
     presave: bool,
+    unpark_watch: Arc<AtomicBool>,
     events: Box<dyn Fn(VcpuEvent) + Send>,
 ) -> Result<VcpuHandle, VcpuError> {
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
@@ -837,6 +842,7 @@ pub fn spawn(
                 pause: &pause2,
                 parked: &parked2,
                 park: presave.then_some(&*park2),
+                unpark_watch: &unpark_watch,
                 cmds: &cmd_rx,
                 events: &*events,
             };
@@ -860,6 +866,7 @@ struct LoopControl<'a> {
     parked: &'a AtomicBool,
     /// With `presave`: where the state saved at a park is left.
     park: Option<&'a ParkSlot>,
+    unpark_watch: &'a AtomicBool,
     cmds: &'a Receiver<VcpuCmd>,
     events: &'a dyn Fn(VcpuEvent),
 }
@@ -996,6 +1003,11 @@ fn run_loop(vcpu: &mut Vcpu, handler: &dyn ExitHandler, ctl: &LoopControl) {
                         slot = park.cv.wait(slot).unwrap_or_else(|e| e.into_inner());
                     }
                     slot.state = None;
+                }
+                // ORDER: after the slot is emptied (the VMM arms the watch,
+                //        then looks at the slots: one of the two sees the other).
+                if ctl.unpark_watch.swap(false, Ordering::SeqCst) {
+                    (ctl.events)(VcpuEvent::Unparked(vcpu.index));
                 }
                 // ORDER: clear `parked` before the pause check at the loop top.
                 ctl.parked.store(false, Ordering::SeqCst);
