@@ -11,29 +11,43 @@ mod harness;
 
 use std::path::PathBuf;
 
+use clap::Parser;
+
+/// Drive the kv guest with several clients, SIGKILL nvhv at random moments,
+/// resume, and check every acknowledged write; exit 1 on any violation.
+#[derive(Parser)]
+struct Args {
+    /// SIGKILL / resume cycles.
+    #[arg(long, default_value_t = 500)]
+    cycles: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Seed of the workload and the kill times (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where the image goes (a directory is made in it and removed after).
+    #[arg(long, default_value = "/dev/shm")]
+    dir: PathBuf,
+    /// More `nvhv run` / `resume` arguments, after `--`.
+    #[arg(last = true)]
+    extra: Vec<String>,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let cycles: u64 = get("--cycles").and_then(|s| s.parse().ok()).unwrap_or(500);
-    let clients: usize = get("--clients").and_then(|s| s.parse().ok()).unwrap_or(4);
-    let seed: u64 = get("--seed")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    let base = PathBuf::from(get("--dir").unwrap_or_else(|| "/dev/shm".into()));
-    let extra: Vec<String> = match args.iter().position(|a| a == "--") {
-        Some(i) => args[i + 1..].to_vec(),
-        None => Vec::new(),
-    };
+    let Args {
+        cycles,
+        clients,
+        seed,
+        dir: base,
+        extra,
+    } = Args::parse();
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    });
     let exe = std::env::current_exe().unwrap();
     let nvhv = exe.parent().unwrap().parent().unwrap().join("nvhv");
     assert!(nvhv.exists(), "build nvhv first: cargo build --release");
