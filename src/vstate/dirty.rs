@@ -145,11 +145,9 @@ pub struct DirtyTracker {
     budget: usize,
     /// Reused per capture.
     jobs: Vec<Job>,
-    /// KVM's dirty bitmap, read into the same buffer every time.
+    /// KVM's dirty bitmap, read into the same buffer every time (a
+    /// capture then adds the pages the VMM wrote).
     kvm_bits: Vec<u64>,
-    /// The VMM's written pages as bitmap words, and the words set in it.
-    vmm_bits: Vec<u64>,
-    vmm_set: Vec<usize>,
     /// A page buffer handed back by [`recycle`](Self::recycle) for the next capture.
     spare: Vec<u8>,
     /// Pages of the last capture that were write-protected when written
@@ -188,8 +186,6 @@ impl DirtyTracker {
             budget: hot_budget,
             jobs: Vec::new(),
             kvm_bits: Vec::new(),
-            vmm_bits: Vec::new(),
-            vmm_set: Vec::new(),
             spare: Vec::new(),
             faulted: 0,
         }
@@ -202,7 +198,6 @@ impl DirtyTracker {
     /// guest runs (the resume does it while KVM registers guest memory).
     pub fn warm(&mut self) {
         self.kvm_bits.fill(0);
-        self.vmm_bits.fill(0);
         if self.shadow.is_empty() {
             self.shadow.resize(WARM_PAGES * PAGE, 0);
             self.free = (0..WARM_PAGES as u32).rev().collect();
@@ -254,19 +249,21 @@ impl DirtyTracker {
         }
         let npages = region.len() as usize / PAGE;
         self.size_for(npages);
-        // The bitmap buffers go back whatever happens (they are sized once).
-        let mut kvm = std::mem::take(&mut self.kvm_bits);
-        let mut vmm = std::mem::take(&mut self.vmm_bits);
+        // The bitmap buffer goes back whatever happens (it is sized once).
+        let mut bits = std::mem::take(&mut self.kvm_bits);
         let r = (|| {
-            get_dirty_log(vm, npages, &mut kvm)?;
+            // KVM_GET_DIRTY_LOG overwrites every word; the pages the VMM
+            // wrote are added to them.
+            get_dirty_log(vm, npages, &mut bits)?;
             let mapping: &MmapRegion<_> = region;
-            for w in self.vmm_set.drain(..) {
-                vmm[w] = 0;
-            }
-            mapping.bitmap().take_words(|w, bits| {
-                vmm[w] = bits;
-                self.vmm_set.push(w);
+            let mut outside = None;
+            mapping.bitmap().take_words(|w, vmm| match bits.get_mut(w) {
+                Some(b) => *b |= vmm,
+                None => outside = Some(w as u64 * 64),
             });
+            if let Some(pfn) = outside {
+                return Err(DirtyError::OutOfRange(pfn));
+            }
             if let Some((first, bitmap)) = self.retire() {
                 clear_dirty_log(vm, npages, first, &bitmap)?;
             }
@@ -275,10 +272,9 @@ impl DirtyTracker {
             // caller's ORDER rule), so nothing writes guest memory while the
             // shared slice exists.
             let guest = unsafe { std::slice::from_raw_parts(region.as_ptr(), npages * PAGE) };
-            self.take(guest, &kvm, &vmm, out)
+            self.take(guest, &bits, out)
         })();
-        self.kvm_bits = kvm;
-        self.vmm_bits = vmm;
+        self.kvm_bits = bits;
         r
     }
 
@@ -298,8 +294,6 @@ impl DirtyTracker {
             self.free.clear();
             self.shadow.clear();
             self.kvm_bits = vec![0; npages.div_ceil(64)];
-            self.vmm_bits = vec![0; npages.div_ceil(64)];
-            self.vmm_set.clear();
         }
     }
 
@@ -345,16 +339,11 @@ impl DirtyTracker {
         Some((first, bitmap))
     }
 
-    /// The rest of a capture, after the re-protection: compare every
-    /// reported page (`kvm` | `vmm` bits) of `guest` with its shadow, log the
-    /// changed ones into `out` in ascending pfn order, and update the hot set.
-    fn take(
-        &mut self,
-        guest: &[u8],
-        kvm: &[u64],
-        vmm: &[u64],
-        out: &mut Captured,
-    ) -> Result<(), DirtyError> {
+    /// The rest of a capture, after the re-protection: compare every page
+    /// set in `dirty` (KVM's bits and the VMM's) with its shadow, log the
+    /// changed ones of `guest` into `out` in ascending pfn order, and update
+    /// the hot set.
+    fn take(&mut self, guest: &[u8], dirty: &[u64], out: &mut Captured) -> Result<(), DirtyError> {
         let npages = guest.len() / PAGE;
         out.pfns.clear();
         out.pages.clear();
@@ -367,8 +356,8 @@ impl DirtyTracker {
         self.faulted = 0;
         let mut jobs = std::mem::take(&mut self.jobs);
         jobs.clear();
-        for w in 0..kvm.len().max(vmm.len()) {
-            let mut bits = kvm.get(w).copied().unwrap_or(0) | vmm.get(w).copied().unwrap_or(0);
+        for (w, &word) in dirty.iter().enumerate() {
+            let mut bits = word;
             while bits != 0 {
                 let pfn = w as u64 * 64 + bits.trailing_zeros() as u64;
                 bits &= bits - 1;
@@ -572,7 +561,7 @@ mod tests {
                 kvm[p as usize / 64] |= 1 << (p % 64);
             }
             let mut out = Captured::default();
-            self.t.take(&self.guest, &kvm, &[], &mut out).unwrap();
+            self.t.take(&self.guest, &kvm, &mut out).unwrap();
             (retired, out)
         }
 
