@@ -878,17 +878,7 @@ fn paused(vcpu: &mut Vcpu, ctl: &LoopControl, last: &mut Option<VcpuState>) -> b
     loop {
         match ctl.cmds.recv() {
             Ok(VcpuCmd::Pause) => {
-                let st = match (vcpu.ran_since_save, last.as_ref()) {
-                    (false, Some(s)) => Ok(s.clone()),
-                    _ => {
-                        // ORDER: finish the pending exit before reading any register.
-                        vcpu.complete_pending_io();
-                        let st = vcpu.save();
-                        vcpu.ran_since_save = false;
-                        *last = st.as_ref().ok().cloned();
-                        st
-                    }
-                };
+                let st = save_or_reuse(vcpu, last);
                 (ctl.events)(VcpuEvent::Paused(vcpu.index, Box::new(st)));
             }
             Ok(VcpuCmd::Resume) => return true,
@@ -897,18 +887,27 @@ fn paused(vcpu: &mut Vcpu, ctl: &LoopControl, last: &mut Option<VcpuState>) -> b
     }
 }
 
+/// The vCPU's state: the last save again if the guest has not run since,
+/// else a new save, remembered in `last` (a failed one forgets it).
+fn save_or_reuse(vcpu: &mut Vcpu, last: &mut Option<VcpuState>) -> Result<VcpuState, VcpuError> {
+    if let (false, Some(s)) = (vcpu.ran_since_save, last.as_ref()) {
+        return Ok(s.clone());
+    }
+    // ORDER: finish the pending exit (a pause's or the wait port's) before
+    // reading any register.
+    vcpu.complete_pending_io();
+    let st = vcpu.save();
+    vcpu.ran_since_save = false;
+    *last = st.as_ref().ok().cloned();
+    st
+}
+
 /// Parking with `presave`: save the state now (unless unchanged since the
 /// last save) and leave it in the slot for the VMM.
 fn presave(vcpu: &mut Vcpu, park: &ParkSlot, ctl: &LoopControl, last: &mut Option<VcpuState>) {
-    if vcpu.ran_since_save || last.is_none() {
-        // ORDER: finish the wait-port exit before reading any register.
-        vcpu.complete_pending_io();
-        *last = vcpu.save().ok();
-        vcpu.ran_since_save = false;
-    }
-    if let Some(st) = last.as_ref() {
+    if let Ok(st) = save_or_reuse(vcpu, last) {
         let mut slot = park.lock();
-        slot.state = Some(st.clone());
+        slot.state = Some(st);
         slot.generation += 1;
         drop(slot);
         (ctl.events)(VcpuEvent::Parked(vcpu.index));
