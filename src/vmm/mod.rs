@@ -456,14 +456,9 @@ fn build_new(
     let epochs = cfg.persist == PersistMode::Epoch;
     let vm = Vm::new()?;
     // ORDER: manual dirty-log protection before the dirty-logged slot exists.
-    let dirty = match epochs {
-        true => Some(DirtyTracker::enable(
-            &vm.fd,
-            cfg.runtime.epochs.hot_pages,
-            cfg.mem,
-        )?),
-        false => None,
-    };
+    let dirty = epochs
+        .then(|| DirtyTracker::enable(&vm.fd, cfg.runtime.epochs.hot_pages, cfg.mem))
+        .transpose()?;
     let mem = memory::map_ram(image.file(), image.ram_offset(), cfg.mem, !epochs)?;
     memory::register(&vm.fd, &mem, epochs)?;
     // 4. The guest ELF and the ABI's structures.
@@ -578,14 +573,9 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     let vm = new_vm
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-    let mut dirty = match epochs {
-        true => Some(DirtyTracker::enable(
-            &vm.fd,
-            cfg.runtime.epochs.hot_pages,
-            ram,
-        )?),
-        false => None,
-    };
+    let mut dirty = epochs
+        .then(|| DirtyTracker::enable(&vm.fd, cfg.runtime.epochs.hot_pages, ram))
+        .transpose()?;
     tl.mark("VM created");
     let mem = memory::map_ram(image.file(), image.ram_offset(), ram, !epochs)?;
     tl.mark("RAM mapped");

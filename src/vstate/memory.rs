@@ -23,9 +23,10 @@ use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSli
 
 use crate::devices::GuestMemory;
 
+use super::dirty::PAGE;
+
 /// Pages per summary bit of [`PageBitmap`]: one 64-bit word of page bits.
 const GROUP_PAGES: usize = 64;
-const PAGE: usize = 4096;
 
 /// The dirty bitmap of guest memory (vm-memory's `Bitmap`): a bit per 4 KiB
 /// page the VMM wrote through vm-memory, plus a summary bit per 64 pages, so
