@@ -37,6 +37,15 @@ impl Default for EpochPolicy {
     }
 }
 
+/// Why an epoch ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpochEnd {
+    /// Its time is up (`max`, or `min` with output waiting).
+    Due,
+    /// The guest's dirty pages reached the budget.
+    Budget,
+}
+
 /// How often the dirty count is checked against the budget between epochs.
 pub const BUDGET_CHECK: Duration = Duration::from_millis(2);
 
@@ -98,6 +107,8 @@ pub struct EpochStats {
     /// Epochs that ended with every vCPU still parked since the last
     /// capture: nothing was captured.
     pub idle_skips: u64,
+    /// Epochs ended early because the guest's dirty pages reached the budget.
+    pub budget_ends: u64,
 }
 
 impl Default for EpochStats {
@@ -112,6 +123,7 @@ impl Default for EpochStats {
             bytes_logged: 0,
             output_released: 0,
             idle_skips: 0,
+            budget_ends: 0,
         }
     }
 }
@@ -149,7 +161,7 @@ impl EpochStats {
             )
         };
         format!(
-            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {} MiB logged; {} bytes of output released; {} idle epochs without a capture",
+            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {} MiB logged; {} bytes of output released; {} idle epochs without a capture; {} epochs ended by the dirty budget",
             self.epochs,
             q(&self.pause_us),
             q(&self.commit_us),
@@ -157,7 +169,8 @@ impl EpochStats {
             q(&self.pages),
             self.bytes_logged >> 20,
             self.output_released,
-            self.idle_skips
+            self.idle_skips,
+            self.budget_ends
         )
     }
 }
@@ -238,8 +251,10 @@ mod tests {
         assert!(line.starts_with("1 epochs"), "{line}");
         assert!(line.contains("pause µs p50 300"), "{line}");
         s.idle_skips = 4;
+        s.budget_ends = 2;
         assert!(
-            s.summary().ends_with("; 4 idle epochs without a capture"),
+            s.summary()
+                .ends_with("; 4 idle epochs without a capture; 2 epochs ended by the dirty budget"),
             "{line}"
         );
     }

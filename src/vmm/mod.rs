@@ -37,7 +37,7 @@ use crate::vstate::wait::GuestWake;
 pub mod control;
 mod epoch;
 
-pub use epoch::{EpochPolicy, EpochStats};
+pub use epoch::{EpochEnd, EpochPolicy, EpochStats};
 
 /// Everything that can go wrong building, running or stopping a VM.
 #[derive(Debug, thiserror::Error)]
@@ -825,9 +825,11 @@ impl Machine {
                 Err(RecvTimeoutError::Timeout) => {
                     let idle = output_pending.is_some() && idle(&handles);
                     let nothing_ran = self.nothing_ran(&handles);
-                    if !self.epoch_due(epoch_start, output_pending, idle, nothing_ran)? {
+                    let Some(end) =
+                        self.epoch_end(epoch_start, output_pending, idle, nothing_ran)?
+                    else {
                         continue;
-                    }
+                    };
                     if output_pending.is_none() && nothing_ran {
                         // Every vCPU stayed parked since the last capture (so
                         // no page changed through them and no output exists):
@@ -835,6 +837,9 @@ impl Machine {
                         stats.idle_skips += 1;
                         epoch_start = Instant::now();
                         continue;
+                    }
+                    if end == EpochEnd::Budget {
+                        stats.budget_ends += 1;
                     }
                     epoch_start = Instant::now();
                     output_pending = None;
@@ -1037,23 +1042,25 @@ impl Machine {
         Ok(())
     }
 
-    /// Epoch mode: whether the current epoch should end now — its time is up,
-    /// or the guest has written as many pages as the dirty budget allows.
-    fn epoch_due(
+    /// Epoch mode: whether the current epoch should end now, and why — its
+    /// time is up, or the guest has written as many pages as the dirty
+    /// budget allows.
+    fn epoch_end(
         &mut self,
         start: Instant,
         output_pending: Option<Instant>,
         idle: bool,
         nothing_ran: bool,
-    ) -> Result<bool, VmmError> {
+    ) -> Result<Option<EpochEnd>, VmmError> {
         let (Some(p), Some(d)) = (&self.policy, self.dirty.as_mut()) else {
-            return Ok(false);
+            return Ok(None);
         };
         if Instant::now() >= p.due(start, output_pending, idle) {
-            return Ok(true);
+            return Ok(Some(EpochEnd::Due));
         }
         // Parked vCPUs dirty nothing: no need to ask KVM.
-        Ok(!nothing_ran && d.peek_count(&self.vm.fd, &self.mem)? >= p.dirty_budget)
+        let over = !nothing_ran && d.peek_count(&self.vm.fd, &self.mem)? >= p.dirty_budget;
+        Ok(over.then_some(EpochEnd::Budget))
     }
 
     /// Whether every vCPU has stayed parked since the last capture.
