@@ -3,9 +3,10 @@
 //! recovery ([`Image::recover`], planned by [`plan_recovery`] when the image
 //! is opened, and by `inspect` without writing).
 //!
-//! One persist per epoch: the log record (header, page table, pages) and the
-//! machine state go out together and one persist makes them durable; the
-//! record is self-validating, so that persist's return is the commit point.
+//! One persist per epoch: the log record (header, then the changed bytes of
+//! each page) and the machine state go out together and one persist makes
+//! them durable; the record is self-validating, so that persist's return is
+//! the commit point.
 //! The protocol, the recovery rule and the argument that they are sound are
 //! in `docs/nvram-format.md` ("Epoch commit protocol", "Recovery").
 
@@ -15,14 +16,19 @@ use serde::Serialize;
 
 use super::image::{now_ns, read_err, CommitTimes, Image, ImageError};
 use super::layout::{Header, Meta, PersistMode, Region, Status, BLOCK};
+use std::borrow::Cow;
+
+use super::layout::FORMAT_VERSION_1;
 use super::redo::{
-    capacity_pages, decode_table, encode_table, half_region, record_bytes, runs, table_bytes,
-    RecordError, RecordHeader, PAGE, RECORD_HEADER_LEN,
+    capacity_pages, decode_writes, encode_table, half_region, payload_room, runs, Changes,
+    PageWrite, Payload, RecordError, RecordHeader, PAGE, RECORD_HEADER_LEN, RECORD_VERSION,
+    RECORD_VERSION_1,
 };
 use super::storage::Storage;
 
-/// Pages read per step when validating or replaying a record (bounds memory).
-const CHUNK_PAGES: usize = 64;
+/// Bytes gathered into one write when writes to consecutive RAM-image bytes
+/// are coalesced (replay of pages logged whole).
+const COALESCE_BYTES: usize = 1 << 20;
 
 /// What one half of the redo log holds, as recovery classifies it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,11 +133,11 @@ impl RecoveryPlan {
             .sum()
     }
 
-    /// Bytes of log records replayed in all.
+    /// Bytes of log records replayed in all (header blocks and payloads).
     pub fn replay_bytes(&self) -> u64 {
         self.replay
             .iter()
-            .filter_map(|&h| self.record(h).map(|r| record_bytes(r.pages)))
+            .filter_map(|&h| self.record(h).map(|r| BLOCK + r.payload_len))
             .sum()
     }
 
@@ -178,6 +184,7 @@ impl RecoveryPlan {
 pub(super) struct Unapplied {
     pub(super) epoch: u64,
     pub(super) pages: usize,
+    pub(super) payload_len: usize,
     pub(super) payload_crc: u32,
 }
 
@@ -256,51 +263,63 @@ fn classify<S: Storage + ?Sized>(
     Ok(HalfState::Valid(rh))
 }
 
-/// A record's raw page table and its decoded page numbers (or why they are invalid).
-type Table = (Vec<u8>, Result<Vec<u64>, RecordError>);
-
-/// Reads a record's table (bounded by the half's capacity) and decodes it.
-fn read_table<S: Storage + ?Sized>(
+/// Reads a record's payload (its length bounded by the half: `check` ran).
+fn read_payload<S: Storage + ?Sized>(
     s: &S,
-    header: &Header,
     region: Region,
     rh: &RecordHeader,
-) -> Result<Table, ImageError> {
-    let mut table = vec![0u8; table_bytes(rh.pages) as usize];
-    s.read_at(region.offset + BLOCK, &mut table)
-        .map_err(read_err("redo-log page table"))?;
-    let pfns = decode_table(&table, rh.pages, header.ram_bytes() / PAGE);
-    Ok((table, pfns))
+) -> Result<Vec<u8>, ImageError> {
+    let len = usize::try_from(rh.payload_len).unwrap_or(usize::MAX);
+    let mut payload = vec![0u8; len];
+    s.read_at(region.offset + BLOCK, &mut payload)
+        .map_err(read_err("redo-log payload"))?;
+    Ok(payload)
 }
 
-/// Checks a record's payload CRC (table, then page data, read in chunks) and
-/// its page numbers. `Ok(Err(_))`: the record is invalid.
+/// Checks a record's payload: its CRC, then that it decodes (every page in
+/// RAM, every range in its page). `Ok(Err(_))`: the record is invalid.
 fn check_payload<S: Storage + ?Sized>(
     s: &S,
     header: &Header,
     region: Region,
     rh: &RecordHeader,
 ) -> Result<Result<(), RecordError>, ImageError> {
-    let (table, pfns) = read_table(s, header, region, rh)?;
-    let mut crc = crc32c::crc32c(&table);
-    let data = region.offset + BLOCK + table.len() as u64;
-    let mut buf = vec![0u8; CHUNK_PAGES.min(rh.pages as usize) * PAGE as usize];
-    let mut done = 0u64;
-    while done < rh.pages {
-        let n = (rh.pages - done).min(CHUNK_PAGES as u64);
-        let chunk = &mut buf[..(n * PAGE) as usize];
-        s.read_at(data + done * PAGE, chunk)
-            .map_err(read_err("redo-log pages"))?;
-        crc = crc32c::crc32c_append(crc, chunk);
-        done += n;
-    }
+    let payload = read_payload(s, region, rh)?;
+    let crc = crc32c::crc32c(&payload);
     if crc != rh.payload_crc {
         return Ok(Err(RecordError::PayloadCrc {
             stored: rh.payload_crc,
             computed: crc,
         }));
     }
-    Ok(pfns.map(drop))
+    Ok(decode_writes(rh.version, &payload, rh.pages, header.ram_bytes() / PAGE).map(drop))
+}
+
+/// Writes `writes` into the RAM region at `ram` (the region's offset), in
+/// order; writes that continue each other in the RAM image are gathered
+/// into one (up to [`COALESCE_BYTES`]).
+fn write_pages<S: Storage + ?Sized>(
+    s: &mut S,
+    ram: u64,
+    writes: &[PageWrite<'_>],
+) -> Result<(), ImageError> {
+    let mut run: Vec<u8> = Vec::new();
+    let mut run_at = 0u64;
+    for w in writes {
+        let at = ram + w.pfn * PAGE + w.offset as u64;
+        if !run.is_empty() && (at != run_at + run.len() as u64 || run.len() >= COALESCE_BYTES) {
+            s.write_at(run_at, &run)?;
+            run.clear();
+        }
+        if run.is_empty() {
+            run_at = at;
+        }
+        run.extend_from_slice(w.data);
+    }
+    if !run.is_empty() {
+        s.write_at(run_at, &run)?;
+    }
+    Ok(())
 }
 
 /// Works out what recovery does with the image `s` whose current meta record
@@ -356,20 +375,45 @@ impl<S: Storage> Image<S> {
         capacity_pages(half.size).map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
     }
 
-    /// Commits epoch `current().epoch + 1`: the pages written since the last
-    /// epoch (`pages` holds `pfns.len()` pages of 4096 bytes, page `i` being
-    /// guest page `pfns[i]`) and the machine `state` saved with them.
+    /// The most payload bytes one epoch may commit (0 in suspend-only mode
+    /// or with no log).
+    pub fn log_room_bytes(&self) -> usize {
+        if self.header.config.persist != PersistMode::Epoch {
+            return 0;
+        }
+        let half = half_region(self.header.geometry.log, 0);
+        payload_room(half.size).map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// The record version and payload `changes` are logged as in this image:
+    /// v2 (the delta payload) in images of the current format, v1 (a page
+    /// table and whole pages) in format-1 images, which builds before format
+    /// 2 must still be able to read.
+    fn encoded<'a>(&self, changes: &'a Changes) -> (u32, Cow<'a, [u8]>) {
+        if self.header.format_version == FORMAT_VERSION_1 {
+            let mut b = encode_table(changes.pfns());
+            b.extend_from_slice(&changes.pages);
+            (RECORD_VERSION_1, Cow::Owned(b))
+        } else {
+            (RECORD_VERSION, Cow::Borrowed(changes.payload.bytes()))
+        }
+    }
+
+    /// Commits epoch `current().epoch + 1`: what changed in guest RAM since
+    /// the last epoch (`changes`: for each page written, its changed bytes
+    /// relative to what the RAM image holds once every earlier epoch is
+    /// applied, and its whole new bytes) and the machine `state` saved with
+    /// it.
     ///
     /// Writes the log record into log half `epoch % 2` and the state into
     /// the state slot the current point does not name, then persists once. When
     /// this returns, the epoch is durable: a crash from then on resumes it or
-    /// a later one. Then call [`Image::apply_committed`] with the same pages
-    /// (no other commit is accepted before). Pages are applied and replayed
-    /// in table order (a page number repeated: the last copy wins).
+    /// a later one. Then call [`Image::apply_committed`] with the same
+    /// changes (no other commit is accepted before). Entries are applied and
+    /// replayed in order (a page logged twice: the later entry's bytes win).
     pub fn commit_epoch(
         &mut self,
-        pfns: &[u64],
-        pages: &[u8],
+        changes: &Changes,
         state: &[u8],
     ) -> Result<CommitTimes, ImageError> {
         let start = Instant::now();
@@ -377,24 +421,27 @@ impl<S: Storage> Image<S> {
         if self.header.config.persist != PersistMode::Epoch {
             return Err(ImageError::NotEpochMode);
         }
-        if Some(pages.len()) != pfns.len().checked_mul(PAGE as usize) {
-            return Err(ImageError::PageBuffer {
-                pfns: pfns.len(),
-                bytes: pages.len(),
-            });
-        }
+        let pfns = changes.pfns();
         let ram_pages = self.header.ram_bytes() / PAGE;
         if let Some(&pfn) = pfns.iter().find(|&&p| p >= ram_pages) {
             return Err(ImageError::PfnOutOfRange { pfn, ram_pages });
         }
+        if Some(changes.pages.len()) != pfns.len().checked_mul(PAGE as usize) {
+            return Err(ImageError::PageBuffer {
+                pfns: pfns.len(),
+                bytes: changes.pages.len(),
+            });
+        }
         let epoch = self.next_epoch()?;
         let half = (epoch % 2) as usize;
         let region = half_region(self.header.geometry.log, half);
-        let capacity = self.log_capacity_pages();
-        if capacity_pages(region.size).is_none() || pfns.len() > capacity {
+        let (version, bytes) = self.encoded(changes);
+        let bytes = &bytes[..];
+        if payload_room(region.size).is_none() || bytes.len() > self.log_room_bytes() {
             return Err(ImageError::LogFull {
                 pages: pfns.len(),
-                capacity,
+                bytes: bytes.len(),
+                room: self.log_room_bytes(),
             });
         }
         let slot = 1 - self.current.state_slot.min(1);
@@ -406,24 +453,24 @@ impl<S: Storage> Image<S> {
                 slot_bytes: slot_region.size,
             });
         }
-        let table = encode_table(pfns);
-        let payload_crc = crc32c::crc32c_append(crc32c::crc32c(&table), pages);
+        let payload_crc = crc32c::crc32c(bytes);
         let state_crc = crc32c::crc32c(state);
         let time_unix_ns = now_ns();
         let record = RecordHeader {
+            version,
             half,
             epoch,
             image_uuid: self.header.uuid,
             pages: pfns.len() as u64,
+            payload_len: bytes.len() as u64,
             state_slot: slot,
             state_len,
             state_crc,
             payload_crc,
             time_unix_ns,
         };
-        let mut head = vec![0u8; BLOCK as usize + table.len()];
+        let mut head = vec![0u8; BLOCK as usize];
         head[..RECORD_HEADER_LEN].copy_from_slice(&record.encode());
-        head[BLOCK as usize..].copy_from_slice(&table);
         // From here on a failure leaves what is durable unknown.
         self.poisoned = true;
         let t = Instant::now();
@@ -431,8 +478,7 @@ impl<S: Storage> Image<S> {
         // any part, together with the previous epoch's apply. None of them
         // touches what the current point needs: the other log half and the
         // state slot the current point names.
-        self.storage
-            .write_at(region.offset + head.len() as u64, pages)?;
+        self.storage.write_at(region.offset + BLOCK, bytes)?;
         self.storage.write_at(slot_region.offset, state)?;
         self.storage.write_at(region.offset, &head)?;
         let state_write = t.elapsed();
@@ -448,6 +494,7 @@ impl<S: Storage> Image<S> {
         self.unapplied = Some(Unapplied {
             epoch,
             pages: pfns.len(),
+            payload_len: bytes.len(),
             payload_crc,
         });
         self.current = Meta {
@@ -472,20 +519,27 @@ impl<S: Storage> Image<S> {
         })
     }
 
-    /// Writes the pages of the epoch just committed by [`Image::commit_epoch`]
-    /// into the RAM image. Pass the same `pfns` and `pages` (checked against
-    /// the record's CRC). Does not persist: the next commit's persist covers
-    /// these writes, and until then the log record can redo them.
-    pub fn apply_committed(&mut self, pfns: &[u64], pages: &[u8]) -> Result<(), ImageError> {
+    /// Writes the epoch just committed by [`Image::commit_epoch`] into the
+    /// RAM image: pass the same `changes`. Their whole pages are written
+    /// (one write per run of consecutive pages, where the payload's ranges
+    /// would take one each), after checking the payload against the record's
+    /// length and CRC and the pages against every range of the payload. Does
+    /// not persist: the next commit's persist covers these writes, and until
+    /// then the log record can redo them.
+    pub fn apply_committed(&mut self, changes: &Changes) -> Result<(), ImageError> {
         if self.poisoned {
             return Err(ImageError::Poisoned);
         }
         let Some(u) = self.unapplied else {
             return Err(ImageError::NothingToApply);
         };
+        let (pfns, pages) = (changes.pfns(), &changes.pages[..]);
+        let (_, bytes) = self.encoded(changes);
         let same = pfns.len() == u.pages
+            && bytes.len() == u.payload_len
             && Some(pages.len()) == pfns.len().checked_mul(PAGE as usize)
-            && crc32c::crc32c_append(crc32c::crc32c(&encode_table(pfns)), pages) == u.payload_crc;
+            && crc32c::crc32c(&bytes) == u.payload_crc
+            && matches_pages(&changes.payload, pages, self.header.ram_bytes() / PAGE);
         if !same {
             return Err(ImageError::ApplyMismatch(u.epoch));
         }
@@ -561,33 +615,46 @@ impl<S: Storage> Image<S> {
         Ok(report)
     }
 
-    /// Writes the pages of the record in `half` into the RAM image, in table
-    /// order, re-checking the payload CRC as it goes. Returns the pages written.
+    /// Writes the record in `half` into the RAM image, in entry order, after
+    /// checking its payload CRC once more. Returns the pages written.
     fn replay(&mut self, half: usize, rh: &RecordHeader) -> Result<u64, ImageError> {
         let region = half_region(self.header.geometry.log, half);
-        let (table, pfns) = read_table(&self.storage, &self.header, region, rh)?;
-        let pfns = pfns.map_err(|_| ImageError::LogChanged(rh.epoch))?;
-        let mut crc = crc32c::crc32c(&table);
-        let data = region.offset + BLOCK + table.len() as u64;
-        let ram = self.header.geometry.ram.offset;
-        let mut buf = vec![0u8; CHUNK_PAGES.min(pfns.len()) * PAGE as usize];
-        for (c, chunk_pfns) in pfns.chunks(CHUNK_PAGES).enumerate() {
-            let first = (c * CHUNK_PAGES) as u64;
-            let chunk = &mut buf[..chunk_pfns.len() * PAGE as usize];
-            self.storage
-                .read_at(data + first * PAGE, chunk)
-                .map_err(read_err("redo-log pages"))?;
-            crc = crc32c::crc32c_append(crc, chunk);
-            for (i, n) in runs(chunk_pfns) {
-                let pages = &chunk[i * PAGE as usize..(i + n) * PAGE as usize];
-                self.storage.write_at(ram + chunk_pfns[i] * PAGE, pages)?;
-            }
-        }
-        if crc != rh.payload_crc {
+        let payload = read_payload(&self.storage, region, rh)?;
+        if crc32c::crc32c(&payload) != rh.payload_crc {
             return Err(ImageError::LogChanged(rh.epoch));
         }
-        Ok(pfns.len() as u64)
+        let writes = decode_writes(
+            rh.version,
+            &payload,
+            rh.pages,
+            self.header.ram_bytes() / PAGE,
+        )
+        .map_err(|_| ImageError::LogChanged(rh.epoch))?;
+        write_pages(&mut self.storage, self.header.geometry.ram.offset, &writes)?;
+        Ok(rh.pages)
     }
+}
+
+/// Whether `pages` (whole pages, one per entry of `payload`) hold every
+/// byte `payload` logs for them: the pages apply writes are the committed ones.
+fn matches_pages(payload: &Payload, pages: &[u8], ram_pages: u64) -> bool {
+    let Ok(writes) = decode_writes(
+        RECORD_VERSION,
+        payload.bytes(),
+        payload.pfns().len() as u64,
+        ram_pages,
+    ) else {
+        return false;
+    };
+    for w in &writes {
+        let Some(page) = pages.get(w.entry * PAGE as usize..(w.entry + 1) * PAGE as usize) else {
+            return false;
+        };
+        if page[w.offset..w.offset + w.data.len()] != *w.data {
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -595,6 +662,7 @@ mod tests {
     use super::*;
     use crate::nvram::image::tests::{cfg, TempPath};
     use crate::nvram::layout::{ImageConfig, Uuid};
+    use crate::nvram::redo::{Changes, FULL_ENTRY};
     use crate::nvram::storage::MemStorage;
 
     const P: usize = PAGE as usize;
@@ -642,13 +710,53 @@ mod tests {
         ] {
             let data = pages(&pfns, e);
             let state = vec![e; 100 + usize::from(e)];
-            img.commit_epoch(&pfns, &data, &state).unwrap();
+            img.commit_epoch(&Changes::whole(&pfns, &data), &state)
+                .unwrap();
             if e < 4 {
-                img.apply_committed(&pfns, &data).unwrap();
+                img.apply_committed(&Changes::whole(&pfns, &data)).unwrap();
             }
             states.push(state);
         }
         (img, states)
+    }
+
+    #[test]
+    fn test_format_1_images_get_version_1_records_and_recover() {
+        let c = epoch_cfg();
+        let mut h = Header::new(&c, Uuid::from_random([1; 16]), 0, 0).unwrap();
+        h.format_version = FORMAT_VERSION_1;
+        let len = h.geometry.image_len() as usize;
+        let mut img = Image::format(MemStorage::new(len), h.clone()).unwrap();
+        img.mark_running().unwrap();
+        let a = pages(&[2, 3], 1);
+        img.commit_epoch(&Changes::whole(&[2, 3], &a), b"one")
+            .unwrap();
+        img.apply_committed(&Changes::whole(&[2, 3], &a)).unwrap();
+        // A delta payload is logged as the whole pages in a format-1 image.
+        let mut b = a[..P].to_vec();
+        b[100] ^= 0xff;
+        let mut delta = Changes::default();
+        assert!(delta.payload.push_delta(2, &a[..P], &b));
+        delta.pages = b.clone();
+        img.commit_epoch(&delta, b"two").unwrap();
+        let mut s = img.into_storage();
+        // Lose the RAM image's pages: recovery must rebuild them from the log.
+        s.write_at(h.geometry.ram.offset, &vec![0; 16 * P]).unwrap();
+        let mut img = Image::open_storage(s).unwrap();
+        let plan = img.recovery_plan().clone();
+        let versions: Vec<u32> = plan
+            .halves
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|st| st.record().map(|r| r.version))
+            .collect();
+        assert_eq!(versions, [RECORD_VERSION_1, RECORD_VERSION_1]);
+        assert_eq!(plan.replay_epochs(), [2, 3]);
+        img.recover().unwrap();
+        assert_eq!(img.read_state().unwrap(), b"two");
+        assert_eq!(ram_page(img.storage(), &h, 2), b);
+        assert_eq!(ram_page(img.storage(), &h, 3), pages(&[3], 1));
     }
 
     fn reopen(img: Image<MemStorage>) -> Image<MemStorage> {
@@ -695,7 +803,8 @@ mod tests {
         assert_eq!(img.storage.bytes(), &before[..]);
         // And the VM continues: epoch 5 (Running), then 6 into half 0.
         img.mark_running().unwrap();
-        img.commit_epoch(&[9], &pages(&[9], 6), b"six").unwrap();
+        img.commit_epoch(&Changes::whole(&[9], &pages(&[9], 6)), b"six")
+            .unwrap();
         assert_eq!(img.current().epoch, 6);
     }
 
@@ -703,7 +812,8 @@ mod tests {
     fn test_suspend_in_epoch_mode_needs_no_replay() {
         let (mut img, _) = three_epochs();
         let data = pages(&[1, 5, 6, 7], 4);
-        img.apply_committed(&[1, 5, 6, 7], &data).unwrap();
+        img.apply_committed(&Changes::whole(&[1, 5, 6, 7], &data))
+            .unwrap();
         let t = img.commit(Status::Suspended, b"suspended state").unwrap();
         assert_eq!(t.epoch, 5);
         let mut img = reopen(img);
@@ -724,21 +834,14 @@ mod tests {
             ..epoch_cfg()
         });
         assert!(matches!(
-            so.commit_epoch(&[], &[], b"s"),
+            so.commit_epoch(&Changes::whole(&[], &[]), b"s"),
             Err(ImageError::NotEpochMode)
         ));
         assert_eq!(so.log_capacity_pages(), 0);
         let mut img = mem_image(&epoch_cfg());
         assert_eq!(img.log_capacity_pages(), 6);
         assert!(matches!(
-            img.commit_epoch(&[1], &[0; 100], b"s"),
-            Err(ImageError::PageBuffer {
-                pfns: 1,
-                bytes: 100
-            })
-        ));
-        assert!(matches!(
-            img.commit_epoch(&[16], &[0; P], b"s"),
+            img.commit_epoch(&Changes::whole(&[16], &[0; P]), b"s"),
             Err(ImageError::PfnOutOfRange {
                 pfn: 16,
                 ram_pages: 16
@@ -746,28 +849,31 @@ mod tests {
         ));
         let seven: Vec<u64> = (0..7).collect();
         assert!(matches!(
-            img.commit_epoch(&seven, &pages(&seven, 0), b"s"),
+            img.commit_epoch(&Changes::whole(&seven, &pages(&seven, 0)), b"s"),
             Err(ImageError::LogFull {
                 pages: 7,
-                capacity: 6
+                bytes: 28_770,
+                room: 28_672
             })
         ));
         let slot = img.header().geometry.state[0].size as usize;
         assert!(matches!(
-            img.commit_epoch(&[], &[], &vec![0; slot + 1]),
+            img.commit_epoch(&Changes::whole(&[], &[]), &vec![0; slot + 1]),
             Err(ImageError::StateTooLarge { .. })
         ));
         // Nothing was written by the refusals.
         assert_eq!(img.current().epoch, 0);
         assert!(matches!(
-            img.apply_committed(&[], &[]),
+            img.apply_committed(&Changes::whole(&[], &[])),
             Err(ImageError::NothingToApply)
         ));
         let six: Vec<u64> = (0..6).collect();
         let data = pages(&six, 1);
-        img.commit_epoch(&six, &data, b"s").unwrap();
+        img.commit_epoch(&Changes::whole(&six, &data), b"s")
+            .unwrap();
         for e in [
-            img.commit_epoch(&[], &[], b"s").unwrap_err(),
+            img.commit_epoch(&Changes::whole(&[], &[]), b"s")
+                .unwrap_err(),
             img.commit(Status::Suspended, b"s").unwrap_err(),
             img.mark_running().unwrap_err(),
         ] {
@@ -776,17 +882,30 @@ mod tests {
         let mut other = data.clone();
         other[5000] ^= 1;
         assert!(matches!(
-            img.apply_committed(&six, &other),
+            img.apply_committed(&Changes::whole(&six, &other)),
             Err(ImageError::ApplyMismatch(1))
         ));
         assert!(matches!(
-            img.apply_committed(&six[..5], &data[..5 * P]),
+            img.apply_committed(&Changes::whole(&six[..5], &data[..5 * P])),
             Err(ImageError::ApplyMismatch(1))
         ));
-        img.apply_committed(&six, &data).unwrap();
+        // The committed payload with other pages (or too few) is refused too.
+        let mut committed = Changes::whole(&six, &data);
+        committed.pages = other.clone();
+        assert!(matches!(
+            img.apply_committed(&committed),
+            Err(ImageError::ApplyMismatch(1))
+        ));
+        committed.pages.truncate(5 * P);
+        assert!(matches!(
+            img.apply_committed(&committed),
+            Err(ImageError::ApplyMismatch(1))
+        ));
+        img.apply_committed(&Changes::whole(&six, &data)).unwrap();
         // An empty epoch (state only) and a full one.
-        img.commit_epoch(&[], &[], b"only state").unwrap();
-        img.apply_committed(&[], &[]).unwrap();
+        img.commit_epoch(&Changes::whole(&[], &[]), b"only state")
+            .unwrap();
+        img.apply_committed(&Changes::whole(&[], &[])).unwrap();
         assert_eq!(img.current().epoch, 2);
     }
 
@@ -798,10 +917,11 @@ mod tests {
         });
         assert_eq!(img.log_capacity_pages(), 0);
         assert!(matches!(
-            img.commit_epoch(&[], &[], b"s"),
+            img.commit_epoch(&Changes::whole(&[], &[]), b"s"),
             Err(ImageError::LogFull {
                 pages: 0,
-                capacity: 0
+                bytes: 0,
+                room: 0
             })
         ));
         let img = reopen(img);
@@ -814,8 +934,9 @@ mod tests {
         let pfns = [3u64, 4, 5, 3];
         let mut data = pages(&pfns, 9);
         data[3 * P..].fill(0xee);
-        img.commit_epoch(&pfns, &data, b"s").unwrap();
-        img.apply_committed(&pfns, &data).unwrap();
+        img.commit_epoch(&Changes::whole(&pfns, &data), b"s")
+            .unwrap();
+        img.apply_committed(&Changes::whole(&pfns, &data)).unwrap();
         let h = img.header().clone();
         assert_eq!(ram_page(img.storage(), &h, 3), vec![0xee; P]);
         assert_eq!(ram_page(img.storage(), &h, 4), pages(&[4], 9));
@@ -860,12 +981,15 @@ mod tests {
             let plan = plan_after_flip(&bytes, r4 + bit / 8, (bit % 8) as u8).unwrap();
             invalid_then(&plan, 0, 3, &[3]);
         }
-        // Table, page data, state: detected by the payload and state CRCs.
+        // Payload and state: detected by their CRCs.
+        // (The payload: 4 entries of a whole page, 4110 bytes each.)
+        let entry = FULL_ENTRY as usize;
         for (at, why) in [
+            (r4 + BLOCK as usize, "payload"),
             (r4 + BLOCK as usize + 8, "payload"),
             (r4 + BLOCK as usize + 4000, "payload"),
-            (r4 + 2 * BLOCK as usize, "payload"),
-            (r4 + 2 * BLOCK as usize + 4 * P - 1, "payload"),
+            (r4 + BLOCK as usize + entry + 10, "payload"),
+            (r4 + BLOCK as usize + 4 * entry - 1, "payload"),
             (s4, "state"),
             (s4 + 103, "state"),
         ] {
@@ -970,12 +1094,15 @@ mod tests {
         img.mark_running().unwrap();
         let pfns = [0u64, 1023];
         let data = pages(&pfns, 5);
-        let t = img.commit_epoch(&pfns, &data, b"file state").unwrap();
+        let t = img
+            .commit_epoch(&Changes::whole(&pfns, &data), b"file state")
+            .unwrap();
         assert_eq!(t.epoch, 2);
         assert!(t.total >= t.state_persist);
-        img.apply_committed(&pfns, &data).unwrap();
+        img.apply_committed(&Changes::whole(&pfns, &data)).unwrap();
         let d2 = pages(&[7], 6);
-        img.commit_epoch(&[7], &d2, b"second").unwrap();
+        img.commit_epoch(&Changes::whole(&[7], &d2), b"second")
+            .unwrap();
         drop(img);
         // Killed before apply(3): recovery replays 2 and 3.
         let mut img = Image::open(&p.0).unwrap();

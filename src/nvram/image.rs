@@ -122,15 +122,17 @@ pub enum ImageError {
     /// `commit_epoch` on an image made for suspend-only persistence.
     #[error("the image was made for suspend-only persistence: it has no redo log for epochs")]
     NotEpochMode,
-    /// An epoch's dirty pages do not fit one half of the redo log.
-    #[error("{pages} dirty pages do not fit a redo-log record of at most {capacity} pages")]
+    /// An epoch's changes do not fit one half of the redo log.
+    #[error("{pages} dirty pages ({bytes} bytes of changes) do not fit a redo-log record of at most {room} bytes")]
     LogFull {
         /// Pages offered.
         pages: usize,
-        /// Most pages one record holds in this image.
-        capacity: usize,
+        /// Bytes of payload offered.
+        bytes: usize,
+        /// Most payload bytes one record holds in this image.
+        room: usize,
     },
-    /// The page buffer is not 4096 bytes per page number.
+    /// The whole pages of an epoch's changes are not 4096 bytes per page.
     #[error("{bytes} bytes of page data for {pfns} page numbers (4096 bytes each)")]
     PageBuffer {
         /// Page numbers offered.
@@ -1197,14 +1199,14 @@ pub(super) mod tests {
                 matches!(e, FormatError::HeaderCrc { .. } | FormatError::BadHeader(_))
             });
         }
-        // Version 2 with a correct CRC: the version check itself refuses it.
+        // Version 3 with a correct CRC: the version check itself refuses it.
         let mut b = good.clone();
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
         b[16..20].fill(0);
         let crc = crc32c::crc32c(&b[..HEADER_LEN]);
         b[16..20].copy_from_slice(&crc.to_le_bytes());
         assert_refused("version", &b, |e| {
-            e.to_string() == "image format 2, this nvhv reads 1"
+            e.to_string() == "image format 3, this nvhv reads 1 and 2"
         });
         // State slot 1 moved onto state slot 0, CRC re-computed: geometry.
         let mut b = good.clone();

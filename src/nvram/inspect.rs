@@ -369,6 +369,7 @@ fn utc(secs: u64) -> String {
 mod tests {
     use super::*;
     use crate::nvram::image::tests::{cfg, TempPath};
+    use crate::nvram::redo::Changes;
     use crate::nvram::Image;
 
     #[test]
@@ -390,7 +391,7 @@ mod tests {
             (r.epoch, r.status, r.state_bytes, r.vcpus),
             (1, Status::Suspended, 3000, 2)
         );
-        assert_eq!(r.format_version, 1);
+        assert_eq!(r.format_version, 2);
         assert_eq!(r.ram_bytes, 4 << 20);
         assert_eq!(r.meta_blocks[1].epoch, Some(1));
         assert!(r.meta_blocks[1].current);
@@ -435,10 +436,14 @@ mod tests {
         let mut img = Image::create(&p.0, &cfg(PersistMode::Epoch), false).unwrap();
         img.mark_running().unwrap();
         let page = vec![0xab; 4096];
-        img.commit_epoch(&[3], &page, b"two").unwrap();
-        img.apply_committed(&[3], &page).unwrap();
-        img.commit_epoch(&[4, 5], &[page.clone(), page].concat(), b"three")
+        img.commit_epoch(&Changes::whole(&[3], &page), b"two")
             .unwrap();
+        img.apply_committed(&Changes::whole(&[3], &page)).unwrap();
+        img.commit_epoch(
+            &Changes::whole(&[4, 5], &[page.clone(), page].concat()),
+            b"three",
+        )
+        .unwrap();
         drop(img);
         let before = std::fs::read(&p.0).unwrap();
         let r = inspect(&p.0).unwrap();
@@ -447,7 +452,8 @@ mod tests {
         assert_eq!((r.epoch, r.status), (3, Status::Committed));
         assert_eq!(r.replay_epochs, [2, 3]);
         assert!(r.recovery_writes);
-        assert_eq!(r.log_pending_bytes, (4096 * 3) + (4096 * 4));
+        // Two records: a header block each, and entries of 4110 bytes.
+        assert_eq!(r.log_pending_bytes, (4096 + 4110) + (4096 + 2 * 4110));
         assert_eq!(r.log_records.len(), 2);
         assert_eq!(
             (r.log_records[1].epoch, r.log_records[1].pages),

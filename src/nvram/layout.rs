@@ -17,8 +17,13 @@ use serde::Serialize;
 pub const MAGIC: [u8; 8] = *b"NVHVIMG\0";
 /// Magic at offset 0 of every meta record.
 pub const META_MAGIC: [u8; 8] = *b"NVHVMETA";
-/// The format version this binary writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this binary writes (redo-log records of version 2).
+/// It reads this one and [`FORMAT_VERSION_1`].
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format: the same layout, redo-log records of version 1 (which
+/// nvhv still writes into images of this format, so that the builds before
+/// format 2 still read them).
+pub const FORMAT_VERSION_1: u32 = 1;
 /// Alignment and granularity of every region; also the size of a meta block.
 pub const BLOCK: u64 = 4096;
 /// Size of the header block at offset 0 (the header record is its first [`HEADER_LEN`] bytes).
@@ -93,7 +98,7 @@ pub enum FormatError {
         looks_like: Option<&'static str>,
     },
     /// A format version this binary cannot read.
-    #[error("image format {found}, this nvhv reads {FORMAT_VERSION}")]
+    #[error("image format {found}, this nvhv reads {FORMAT_VERSION_1} and {FORMAT_VERSION}")]
     UnsupportedVersion {
         /// The version in the image.
         found: u32,
@@ -652,7 +657,7 @@ impl Header {
             return Err(too_short);
         }
         let version = le_u32(bytes, H_VERSION);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
             return Err(FormatError::UnsupportedVersion { found: version });
         }
         let header_len = le_u32(bytes, H_LEN);
@@ -1073,11 +1078,15 @@ mod tests {
     #[test]
     fn test_header_parse_wrong_version_resealed() {
         let mut b = header().encode();
-        b[H_VERSION..H_VERSION + 4].copy_from_slice(&2u32.to_le_bytes());
+        b[H_VERSION..H_VERSION + 4].copy_from_slice(&3u32.to_le_bytes());
         reseal_header(&mut b);
         let e = Header::parse(&b).unwrap_err();
-        assert_eq!(e, FormatError::UnsupportedVersion { found: 2 });
-        assert_eq!(e.to_string(), "image format 2, this nvhv reads 1");
+        assert_eq!(e, FormatError::UnsupportedVersion { found: 3 });
+        assert_eq!(e.to_string(), "image format 3, this nvhv reads 1 and 2");
+        // Format 1 (the same layout, version-1 log records) is read.
+        b[H_VERSION..H_VERSION + 4].copy_from_slice(&1u32.to_le_bytes());
+        reseal_header(&mut b);
+        assert_eq!(Header::parse(&b).unwrap().format_version, FORMAT_VERSION_1);
     }
 
     #[test]

@@ -1,13 +1,17 @@
 //! The redo log's on-NVRAM format (epoch mode): where the two log halves lie,
-//! how many pages a record may carry, and the record header and page-number
-//! table as pure little-endian encode/parse functions with no file behind
-//! them (the tests and the fuzzer feed them anything).
+//! how many pages a record may carry, and the record header and payload as
+//! pure little-endian encode/parse functions with no file behind them (the
+//! tests and the fuzzer feed them anything).
 //!
-//! A record is one epoch's dirty pages: a 4 KiB header block, the page-number
-//! table (one u64 per page, zero-padded to 4 KiB) and the page data. It is
-//! self-validating: the header carries CRCs of itself, of the table and data
-//! (the "payload"), and of the machine state the epoch saved in a state slot.
-//! `docs/nvram-format.md` ("Redo log") is the long form of this file.
+//! A record is one epoch's changes to guest RAM: a 4 KiB header block, then
+//! the payload. Version 2 (written now) has one entry per changed page: its
+//! page number and the byte ranges of the page that changed, with their new
+//! bytes ([`Payload`]; a page new to the log is one range covering it all).
+//! Version 1 (still read) has a page-number table (one u64 per page,
+//! zero-padded to 4 KiB) and whole pages. A record is self-validating: the
+//! header carries CRCs of itself, of the payload, and of the machine state the
+//! epoch saved in a state slot. `docs/nvram-format.md` ("Redo log") is the
+//! long form of this file.
 //!
 //! Every length read from an image is untrusted: parsers check sizes before
 //! reading, never allocate from a stored length, and never panic.
@@ -16,14 +20,28 @@ use super::layout::{all_zero, crc_with_hole, le_u32, le_u64, put, Header, Region
 
 /// Magic at offset 0 of every log record.
 pub const RECORD_MAGIC: [u8; 8] = *b"NVHVLOGR";
-/// The record format version this binary writes and reads.
-pub const RECORD_VERSION: u32 = 1;
+/// The record format version this binary writes. It reads this one and
+/// [`RECORD_VERSION_1`].
+pub const RECORD_VERSION: u32 = 2;
+/// The first record format: whole pages behind a page-number table.
+pub const RECORD_VERSION_1: u32 = 1;
 /// Bytes of the record header covered by its CRC (the rest of the 4 KiB header block is zero).
 pub const RECORD_HEADER_LEN: usize = 128;
 /// Guest page size: the unit of the log.
 pub const PAGE: u64 = 4096;
-/// Page numbers per 4 KiB table block.
+/// Page numbers per 4 KiB table block (v1).
 const PFNS_PER_BLOCK: u64 = BLOCK / 8;
+/// Bytes of a v2 entry's fixed part: the page number (u64) and the number
+/// of ranges (u16).
+const ENTRY_HEAD: usize = 10;
+/// Bytes of one v2 range descriptor: offset and length in the page (u16 each).
+const RANGE_HEAD: usize = 4;
+/// Bytes of the largest v2 entry: one range covering the whole page.
+pub const FULL_ENTRY: u64 = (ENTRY_HEAD + RANGE_HEAD) as u64 + PAGE;
+/// Changed words at most this many bytes apart are logged as one range: a
+/// range costs 4 bytes of descriptor and one write when it is replayed, the
+/// unchanged bytes in between cost as many bytes.
+const MERGE_GAP: usize = 16;
 
 // Record header offsets. See docs/nvram-format.md, "Log record header".
 const R_MAGIC: usize = 0;
@@ -40,7 +58,9 @@ const R_STATE_LEN: usize = 64;
 const R_PAYLOAD_CRC: usize = 72;
 const R_RESERVED0: usize = 76; // 4 bytes
 const R_TIME: usize = 80;
-const R_RESERVED1: usize = 88; // 40 bytes up to RECORD_HEADER_LEN
+const R_PAYLOAD_LEN: usize = 88; // v2; reserved (zero) in v1
+const R_RESERVED1_V1: usize = 88; // 40 bytes up to RECORD_HEADER_LEN
+const R_RESERVED1: usize = 96; // 32 bytes up to RECORD_HEADER_LEN
 
 /// Why the bytes in a log half are not a valid record for this image. Pure:
 /// no I/O error lives here.
@@ -56,10 +76,10 @@ pub enum RecordError {
     #[error("bad magic")]
     Magic,
     /// A record format this binary cannot read.
-    #[error("record format {0}, this nvhv reads {RECORD_VERSION}")]
+    #[error("record format {0}, this nvhv reads {RECORD_VERSION_1} and {RECORD_VERSION}")]
     Version(u32),
-    /// The header length is not v1's.
-    #[error("header length {0}, v1 uses {RECORD_HEADER_LEN}")]
+    /// The header length is not the one both versions use.
+    #[error("header length {0}, records use {RECORD_HEADER_LEN}")]
     Length(u32),
     /// The header bytes do not match their CRC (for example a torn write).
     #[error("header CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")]
@@ -83,13 +103,21 @@ pub enum RecordError {
         /// Half it was read from.
         found: usize,
     },
-    /// More pages than a half of this image's log can hold.
+    /// More pages than a half of this image's log can hold (v1).
     #[error("{pages} pages exceed the half's capacity of {capacity}")]
     TooManyPages {
         /// Pages in the header.
         pages: u64,
         /// Capacity of one half.
         capacity: u64,
+    },
+    /// A payload longer than a half of this image's log can hold (v2).
+    #[error("a payload of {len} bytes exceeds the half's room of {room}")]
+    PayloadTooLong {
+        /// Payload length in the header.
+        len: u64,
+        /// Bytes a half holds after the header block.
+        room: u64,
     },
     /// The state length exceeds the state slot.
     #[error("state length {len} exceeds its {slot_bytes}-byte slot")]
@@ -107,8 +135,10 @@ pub enum RecordError {
         /// CRC of the bytes read.
         computed: u32,
     },
-    /// The table names a page outside guest RAM, or its padding is not zero.
-    #[error("page table: {0}")]
+    /// The payload's page table (v1) or entries (v2) are malformed: a page
+    /// outside guest RAM, a range outside its page, non-zero padding, a
+    /// length that does not add up.
+    #[error("payload: {0}")]
     BadTable(String),
     /// The state slot does not hold the state this record committed (torn
     /// state write, or the slot was reused by a later commit).
@@ -133,19 +163,32 @@ pub fn half_region(log: Region, half: usize) -> Region {
     }
 }
 
-/// Bytes of the page-number table for `pages` pages (a multiple of 4 KiB).
+/// Bytes of a v1 page-number table for `pages` pages (a multiple of 4 KiB).
 pub fn table_bytes(pages: u64) -> u64 {
     pages.div_ceil(PFNS_PER_BLOCK) * BLOCK
 }
 
-/// Bytes of a whole record with `pages` pages: header block, table, data.
+/// Bytes of a whole v1 record with `pages` pages: header block, table, data.
 pub fn record_bytes(pages: u64) -> u64 {
     BLOCK + table_bytes(pages) + pages * PAGE
 }
 
-/// The most pages one record may carry in a half of `half_bytes` bytes, or
-/// `None` when not even an empty record fits.
+/// The bytes of payload a record may carry in a half of `half_bytes` bytes
+/// (what follows the header block), or `None` when not even the header fits.
+pub fn payload_room(half_bytes: u64) -> Option<u64> {
+    (half_bytes >= BLOCK).then(|| half_bytes / BLOCK * BLOCK - BLOCK)
+}
+
+/// The most pages one (v2) record may carry in a half of `half_bytes` bytes
+/// whatever changed in them (every page logged whole), or `None` when not
+/// even an empty record fits.
 pub fn capacity_pages(half_bytes: u64) -> Option<u64> {
+    payload_room(half_bytes).map(|room| room / FULL_ENTRY)
+}
+
+/// The most pages one v1 record may carry in a half of `half_bytes` bytes, or
+/// `None` when not even an empty record fits.
+pub fn capacity_pages_v1(half_bytes: u64) -> Option<u64> {
     let blocks = half_bytes / BLOCK;
     if blocks == 0 {
         return None;
@@ -165,21 +208,27 @@ pub fn capacity_pages(half_bytes: u64) -> Option<u64> {
 /// The header of one log record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordHeader {
+    /// The record format: [`RECORD_VERSION`] or [`RECORD_VERSION_1`].
+    pub version: u32,
     /// The log half (0 or 1) the record was written to.
     pub half: usize,
     /// The epoch this record commits.
     pub epoch: u64,
     /// The UUID of the image the record belongs to.
     pub image_uuid: Uuid,
-    /// Pages in the record.
+    /// Pages in the record (v2: entries).
     pub pages: u64,
+    /// Bytes of payload after the header block (v1: table and pages, as
+    /// the page count implies).
+    pub payload_len: u64,
     /// The state slot (0 or 1) holding this epoch's machine state.
     pub state_slot: usize,
     /// Bytes of machine state in that slot.
     pub state_len: u64,
     /// CRC32C of those bytes.
     pub state_crc: u32,
-    /// CRC32C of the page-number table (padded) followed by the page data.
+    /// CRC32C of the payload (v1: the page-number table, padded, then the
+    /// page data).
     pub payload_crc: u32,
     /// Wall-clock time of the commit, nanoseconds since the Unix epoch (informational).
     pub time_unix_ns: u64,
@@ -190,7 +239,7 @@ impl RecordHeader {
     pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
         let mut b = [0u8; RECORD_HEADER_LEN];
         put(&mut b, R_MAGIC, &RECORD_MAGIC);
-        put(&mut b, R_VERSION, &RECORD_VERSION.to_le_bytes());
+        put(&mut b, R_VERSION, &self.version.to_le_bytes());
         put(&mut b, R_LEN, &(RECORD_HEADER_LEN as u32).to_le_bytes());
         put(&mut b, R_HALF, &u32::from(self.half != 0).to_le_bytes());
         put(&mut b, R_EPOCH, &self.epoch.to_le_bytes());
@@ -205,6 +254,9 @@ impl RecordHeader {
         put(&mut b, R_STATE_LEN, &self.state_len.to_le_bytes());
         put(&mut b, R_PAYLOAD_CRC, &self.payload_crc.to_le_bytes());
         put(&mut b, R_TIME, &self.time_unix_ns.to_le_bytes());
+        if self.version != RECORD_VERSION_1 {
+            put(&mut b, R_PAYLOAD_LEN, &self.payload_len.to_le_bytes());
+        }
         let crc = crc_with_hole(&b, R_CRC);
         put(&mut b, R_CRC, &crc.to_le_bytes());
         b
@@ -224,7 +276,7 @@ impl RecordHeader {
             return Err(RecordError::Magic);
         }
         let version = le_u32(b, R_VERSION);
-        if version != RECORD_VERSION {
+        if version != RECORD_VERSION && version != RECORD_VERSION_1 {
             return Err(RecordError::Version(version));
         }
         let len = le_u32(b, R_LEN);
@@ -237,9 +289,22 @@ impl RecordHeader {
             return Err(RecordError::HeaderCrc { stored, computed });
         }
         let bad = |m: String| Err(RecordError::BadHeader(m));
-        if !all_zero(&b[R_RESERVED0..R_RESERVED0 + 4]) || !all_zero(&b[R_RESERVED1..]) {
+        let reserved1 = match version {
+            RECORD_VERSION_1 => R_RESERVED1_V1,
+            _ => R_RESERVED1,
+        };
+        if !all_zero(&b[R_RESERVED0..R_RESERVED0 + 4]) || !all_zero(&b[reserved1..]) {
             return bad("reserved bytes are not zero".into());
         }
+        let pages = le_u64(b, R_PAGES);
+        let payload_len = match version {
+            // What the page count implies (bounded by check()).
+            RECORD_VERSION_1 => {
+                let p = pages.min(1 << 40);
+                table_bytes(p) + p * PAGE
+            }
+            _ => le_u64(b, R_PAYLOAD_LEN),
+        };
         let half = match le_u32(b, R_HALF) {
             0 => 0,
             1 => 1,
@@ -253,10 +318,12 @@ impl RecordHeader {
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[R_UUID..R_UUID + 16]);
         Ok(RecordHeader {
+            version,
             half,
             epoch: le_u64(b, R_EPOCH),
             image_uuid: Uuid(uuid),
-            pages: le_u64(b, R_PAGES),
+            pages,
+            payload_len,
             state_slot,
             state_len: le_u64(b, R_STATE_LEN),
             state_crc: le_u32(b, R_STATE_CRC),
@@ -266,8 +333,8 @@ impl RecordHeader {
     }
 
     /// Checks the header against the image it was found in, read from log
-    /// half `found_in`: same UUID, same half, page count within the half's
-    /// capacity, state within its slot.
+    /// half `found_in`: same UUID, same half, page count (v1) or payload
+    /// length (v2) within the half, state within its slot.
     pub fn check(&self, header: &Header, found_in: usize) -> Result<(), RecordError> {
         if self.image_uuid != header.uuid {
             return Err(RecordError::Foreign(self.image_uuid));
@@ -279,12 +346,22 @@ impl RecordHeader {
             });
         }
         let half = half_region(header.geometry.log, found_in);
-        let capacity = capacity_pages(half.size).unwrap_or(0);
-        if self.pages > capacity {
-            return Err(RecordError::TooManyPages {
-                pages: self.pages,
-                capacity,
-            });
+        if self.version == RECORD_VERSION_1 {
+            let capacity = capacity_pages_v1(half.size).unwrap_or(0);
+            if self.pages > capacity {
+                return Err(RecordError::TooManyPages {
+                    pages: self.pages,
+                    capacity,
+                });
+            }
+        } else {
+            let room = payload_room(half.size).unwrap_or(0);
+            if self.payload_len > room {
+                return Err(RecordError::PayloadTooLong {
+                    len: self.payload_len,
+                    room,
+                });
+            }
         }
         let slot_bytes = header.geometry.state[self.state_slot.min(1)].size;
         if self.state_len > slot_bytes {
@@ -354,6 +431,293 @@ pub fn runs(pfns: &[u64]) -> impl Iterator<Item = (usize, usize)> + '_ {
     })
 }
 
+/// A v2 record's payload, built entry by entry: for each page, its number,
+/// the ranges of it that changed and their new bytes.
+///
+/// An entry: `pfn` (u64), `n` (u16, ≥ 1), `n` × (`offset`, `len`) (u16
+/// each; ranges ascending, not overlapping, inside the page, `len` ≥ 1),
+/// then the ranges' bytes one after the other. Entries follow each other
+/// with no padding.
+#[derive(Debug, Default, Clone)]
+pub struct Payload {
+    bytes: Vec<u8>,
+    pfns: Vec<u64>,
+    /// Reused by `push_delta`: the changed ranges of one page.
+    ranges: Vec<(usize, usize)>,
+}
+
+impl Payload {
+    /// Every page of `pages` (`pfns.len()` pages of 4 KiB, page `i` being
+    /// guest page `pfns[i]`) logged whole.
+    pub fn full(pfns: &[u64], pages: &[u8]) -> Self {
+        assert_eq!(pages.len(), pfns.len() * PAGE as usize, "one page per pfn");
+        let mut p = Payload::default();
+        for (&pfn, page) in pfns.iter().zip(pages.chunks_exact(PAGE as usize)) {
+            p.push_full(pfn, page);
+        }
+        p
+    }
+
+    /// Log guest page `pfn` whole (its bytes before are not known or not
+    /// worth diffing).
+    pub fn push_full(&mut self, pfn: u64, page: &[u8]) {
+        assert_eq!(page.len(), PAGE as usize, "a page");
+        self.ranges.clear();
+        self.ranges.push((0, PAGE as usize));
+        self.push_ranges(pfn, page);
+    }
+
+    /// Log what changed in guest page `pfn` from `old` (its bytes as of the
+    /// last record that logged it, which the RAM image holds once that
+    /// record is applied) to `new`: the changed 8-byte words, as ranges
+    /// (whole when that is no larger). Returns false, and logs nothing, when
+    /// the two are equal.
+    pub fn push_delta(&mut self, pfn: u64, old: &[u8], new: &[u8]) -> bool {
+        const BLOCK64: usize = 64;
+        assert!(
+            old.len() == PAGE as usize && new.len() == PAGE as usize,
+            "pages"
+        );
+        // Most pages compared are unchanged: one memcmp says so.
+        if old == new {
+            return false;
+        }
+        let word =
+            |b: &[u8], i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        self.ranges.clear();
+        let mut cur: Option<(usize, usize)> = None;
+        for (b, (o, n)) in old
+            .chunks_exact(BLOCK64)
+            .zip(new.chunks_exact(BLOCK64))
+            .enumerate()
+        {
+            // Eight words XORed and ORed: zero when the block is unchanged.
+            if (0..BLOCK64)
+                .step_by(8)
+                .fold(0, |d, i| d | (word(o, i) ^ word(n, i)))
+                == 0
+            {
+                continue;
+            }
+            for w in 0..BLOCK64 / 8 {
+                if word(o, w * 8) == word(n, w * 8) {
+                    continue;
+                }
+                let at = b * BLOCK64 + w * 8;
+                cur = match cur {
+                    Some((s, e)) if at - e <= MERGE_GAP => Some((s, at + 8)),
+                    Some(r) => {
+                        self.ranges.push(r);
+                        Some((at, at + 8))
+                    }
+                    None => Some((at, at + 8)),
+                };
+            }
+        }
+        let Some(last) = cur else {
+            return false;
+        };
+        self.ranges.push(last);
+        let data: usize = self.ranges.iter().map(|(s, e)| e - s).sum();
+        if ENTRY_HEAD + RANGE_HEAD * self.ranges.len() + data >= FULL_ENTRY as usize {
+            self.ranges.clear();
+            self.ranges.push((0, PAGE as usize));
+        }
+        self.push_ranges(pfn, new);
+        true
+    }
+
+    fn push_ranges(&mut self, pfn: u64, page: &[u8]) {
+        let b = &mut self.bytes;
+        b.extend_from_slice(&pfn.to_le_bytes());
+        b.extend_from_slice(&(self.ranges.len() as u16).to_le_bytes());
+        for &(s, e) in &self.ranges {
+            b.extend_from_slice(&(s as u16).to_le_bytes());
+            b.extend_from_slice(&((e - s) as u16).to_le_bytes());
+        }
+        for &(s, e) in &self.ranges {
+            b.extend_from_slice(&page[s..e]);
+        }
+        self.pfns.push(pfn);
+    }
+
+    /// The pages logged, in entry order.
+    pub fn pfns(&self) -> &[u64] {
+        &self.pfns
+    }
+
+    /// The encoded payload.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// No page logged.
+    pub fn is_empty(&self) -> bool {
+        self.pfns.is_empty()
+    }
+
+    /// Bytes the payload can hold without growing.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    /// Forget every entry (keeping the buffers).
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.pfns.clear();
+    }
+}
+
+/// One epoch's changes to guest RAM: as the redo log records them
+/// (`payload`: the changed bytes of each page) and whole (`pages`: the new
+/// bytes of each of those pages, 4 KiB each in the payload's order — what
+/// applying the epoch to the RAM image writes, and what a v1 record holds).
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// The changes, page by page.
+    pub payload: Payload,
+    /// The pages' whole new bytes.
+    pub pages: Vec<u8>,
+}
+
+impl Changes {
+    /// Every page of `pages` (`pfns.len()` pages, page `i` being guest page
+    /// `pfns[i]`) logged whole.
+    pub fn whole(pfns: &[u64], pages: &[u8]) -> Self {
+        Changes {
+            payload: Payload::full(pfns, pages),
+            pages: pages.to_vec(),
+        }
+    }
+
+    /// The pages changed, in order.
+    pub fn pfns(&self) -> &[u64] {
+        self.payload.pfns()
+    }
+
+    /// Forget every page (keeping the buffers).
+    pub fn clear(&mut self) {
+        self.payload.clear();
+        self.pages.clear();
+    }
+}
+
+/// One write a record makes to the RAM image: `data` at byte `offset` of
+/// guest page `pfn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageWrite<'a> {
+    /// The payload entry (v1: page-table entry) it comes from.
+    pub entry: usize,
+    /// The guest page.
+    pub pfn: u64,
+    /// Where in the page (`offset + data.len()` ≤ 4096).
+    pub offset: usize,
+    /// The new bytes.
+    pub data: &'a [u8],
+}
+
+/// The writes of a record's payload (`version`, `pages` pages or entries),
+/// in order, after checking all of it: every page below `ram_pages`, every
+/// range inside its page, every byte accounted for (v1: the table's padding
+/// zero and one page per entry after it).
+pub fn decode_writes(
+    version: u32,
+    payload: &[u8],
+    pages: u64,
+    ram_pages: u64,
+) -> Result<Vec<PageWrite<'_>>, RecordError> {
+    let bad = |m: String| Err(RecordError::BadTable(m));
+    if version == RECORD_VERSION_1 {
+        let tb = usize::try_from(table_bytes(pages)).unwrap_or(usize::MAX);
+        let Some(table) = payload.get(..tb) else {
+            return bad(format!(
+                "{} bytes cannot hold a table of {pages} pages",
+                payload.len()
+            ));
+        };
+        let pfns = decode_table(table, pages, ram_pages)?;
+        let data = &payload[tb..];
+        if data.len() as u64 != pages.saturating_mul(PAGE) {
+            return bad(format!(
+                "{} bytes of page data for {pages} pages",
+                data.len()
+            ));
+        }
+        return Ok(pfns
+            .iter()
+            .zip(data.chunks_exact(PAGE as usize))
+            .enumerate()
+            .map(|(entry, (&pfn, page))| PageWrite {
+                entry,
+                pfn,
+                offset: 0,
+                data: page,
+            })
+            .collect());
+    }
+    let mut writes = Vec::new();
+    let mut at = 0usize;
+    let take = |at: &mut usize, n: usize| -> Option<&[u8]> {
+        let s = payload.get(*at..at.checked_add(n)?)?;
+        *at += n;
+        Some(s)
+    };
+    for i in 0..pages {
+        let Some(head) = take(&mut at, ENTRY_HEAD) else {
+            return bad(format!("entry {i} of {pages} is cut off"));
+        };
+        let pfn = le_u64(head, 0);
+        let n = u16::from_le_bytes([head[8], head[9]]) as usize;
+        if pfn >= ram_pages {
+            return bad(format!(
+                "page {pfn} is outside guest RAM ({ram_pages} pages)"
+            ));
+        }
+        if n == 0 {
+            return bad(format!("entry {i} (page {pfn}) has no range"));
+        }
+        let Some(descs) = take(&mut at, n * RANGE_HEAD) else {
+            return bad(format!("entry {i} (page {pfn}): ranges cut off"));
+        };
+        let mut end = 0usize;
+        let first = writes.len();
+        for d in descs.chunks_exact(RANGE_HEAD) {
+            let off = u16::from_le_bytes([d[0], d[1]]) as usize;
+            let len = u16::from_le_bytes([d[2], d[3]]) as usize;
+            if len == 0 || off < end || off + len > PAGE as usize {
+                return bad(format!(
+                    "entry {i} (page {pfn}): range {off}+{len} is empty, out of order or outside the page"
+                ));
+            }
+            end = off + len;
+            // Its bytes follow all of the entry's descriptors: taken below.
+            writes.push(PageWrite {
+                entry: i as usize,
+                pfn,
+                offset: off,
+                data: &[],
+            });
+        }
+        for (w, d) in writes[first..]
+            .iter_mut()
+            .zip(descs.chunks_exact(RANGE_HEAD))
+        {
+            let len = u16::from_le_bytes([d[2], d[3]]) as usize;
+            let Some(data) = take(&mut at, len) else {
+                return bad(format!("entry {i} (page {pfn}): data cut off"));
+            };
+            w.data = data;
+        }
+    }
+    if at != payload.len() {
+        return bad(format!(
+            "{} bytes left after {pages} entries",
+            payload.len() - at
+        ));
+    }
+    Ok(writes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,10 +736,12 @@ mod tests {
 
     fn record(h: &Header) -> RecordHeader {
         RecordHeader {
+            version: RECORD_VERSION,
             half: 1,
             epoch: 77,
             image_uuid: h.uuid,
             pages: 3,
+            payload_len: 300,
             state_slot: 1,
             state_len: 999,
             state_crc: 0x1234_5678,
@@ -385,20 +751,41 @@ mod tests {
     }
 
     #[test]
-    fn test_capacity_matches_record_size_exhaustively() {
-        assert_eq!(capacity_pages(0), None);
-        assert_eq!(capacity_pages(4095), None);
-        assert_eq!(capacity_pages(4096), Some(0));
-        assert_eq!(capacity_pages(8192), Some(0));
-        assert_eq!(capacity_pages(3 * 4096), Some(1));
+    fn test_v1_capacity_matches_record_size_exhaustively() {
+        assert_eq!(capacity_pages_v1(0), None);
+        assert_eq!(capacity_pages_v1(4095), None);
+        assert_eq!(capacity_pages_v1(4096), Some(0));
+        assert_eq!(capacity_pages_v1(8192), Some(0));
+        assert_eq!(capacity_pages_v1(3 * 4096), Some(1));
         for blocks in 1..3000u64 {
             let half = blocks * BLOCK;
-            let n = capacity_pages(half).unwrap();
+            let n = capacity_pages_v1(half).unwrap();
             assert!(record_bytes(n) <= half, "{blocks}");
             assert!(record_bytes(n + 1) > half, "{blocks}");
         }
         // 64 MiB half: 16384 blocks, 32 of them table, one header.
-        assert_eq!(capacity_pages(64 << 20), Some(16384 - 1 - 32));
+        assert_eq!(capacity_pages_v1(64 << 20), Some(16384 - 1 - 32));
+    }
+
+    #[test]
+    fn test_capacity_is_whole_pages_in_the_payload_room() {
+        assert_eq!(capacity_pages(4095), None);
+        assert_eq!(capacity_pages(4096), Some(0));
+        assert_eq!(payload_room(4096), Some(0));
+        assert_eq!(payload_room(3 * 4096 + 100), Some(2 * 4096));
+        assert_eq!(capacity_pages(3 * 4096), Some(1));
+        for n in 0..2000u64 {
+            let mut p = Payload::default();
+            let page = vec![7u8; PAGE as usize];
+            for i in 0..n.min(3) {
+                p.push_full(i, &page);
+            }
+            assert_eq!(p.bytes().len() as u64, n.min(3) * FULL_ENTRY);
+            let half = BLOCK + n * FULL_ENTRY;
+            assert!(capacity_pages(half).unwrap() <= n, "{n}");
+        }
+        // 64 MiB half: one header block, then entries of 4110 bytes.
+        assert_eq!(capacity_pages(64 << 20), Some(((64 << 20) - 4096) / 4110));
     }
 
     #[test]
@@ -438,6 +825,7 @@ mod tests {
         };
         assert!(matches!(foreign.check(&h, 1), Err(RecordError::Foreign(_))));
         let big = RecordHeader {
+            version: RECORD_VERSION_1,
             pages: 100,
             ..r.clone()
         };
@@ -445,6 +833,31 @@ mod tests {
             big.check(&h, 1),
             Err(RecordError::TooManyPages { capacity: 8, .. })
         ));
+        // v2 is bounded by bytes: 10 blocks a half, one of them the header.
+        let fits = RecordHeader {
+            pages: 100,
+            payload_len: 9 * BLOCK,
+            ..r.clone()
+        };
+        assert_eq!(fits.check(&h, 1), Ok(()));
+        let long = RecordHeader {
+            payload_len: 9 * BLOCK + 1,
+            ..r.clone()
+        };
+        assert_eq!(
+            long.check(&h, 1),
+            Err(RecordError::PayloadTooLong {
+                len: 9 * BLOCK + 1,
+                room: 9 * BLOCK
+            })
+        );
+        // A v1 header round-trips too, its payload length implied.
+        let v1 = RecordHeader {
+            version: RECORD_VERSION_1,
+            payload_len: BLOCK + 3 * PAGE,
+            ..r.clone()
+        };
+        assert_eq!(RecordHeader::parse(&v1.encode()).unwrap(), v1);
         let long = RecordHeader {
             state_len: 1 << 30,
             ..r
@@ -510,11 +923,17 @@ mod tests {
             let mut b = [0u8; RECORD_HEADER_LEN];
             b.copy_from_slice(&rng.bytes(RECORD_HEADER_LEN));
             if i % 2 == 0 {
+                let version = [RECORD_VERSION_1, RECORD_VERSION][i / 2 % 2];
                 b[..8].copy_from_slice(&RECORD_MAGIC);
-                b[8..12].copy_from_slice(&1u32.to_le_bytes());
+                b[8..12].copy_from_slice(&version.to_le_bytes());
                 b[12..16].copy_from_slice(&128u32.to_le_bytes());
                 b[R_RESERVED0..R_RESERVED0 + 4].fill(0);
-                b[R_RESERVED1..].fill(0);
+                b[if version == 1 {
+                    R_RESERVED1_V1
+                } else {
+                    R_RESERVED1
+                }..]
+                    .fill(0);
                 let crc = crc_with_hole(&b, R_CRC);
                 b[R_CRC..R_CRC + 4].copy_from_slice(&crc.to_le_bytes());
             }
@@ -522,6 +941,176 @@ mod tests {
                 assert_eq!(r.encode(), b);
                 let _ = r.check(&h, i % 2);
             }
+        }
+    }
+
+    /// `old` with the writes of `payload` (entries for page 0 only) applied.
+    fn applied(old: &[u8], payload: &Payload) -> Vec<u8> {
+        let mut page = old.to_vec();
+        let writes = decode_writes(
+            RECORD_VERSION,
+            payload.bytes(),
+            payload.pfns().len() as u64,
+            1,
+        )
+        .unwrap();
+        for w in writes {
+            page[w.offset..w.offset + w.data.len()].copy_from_slice(w.data);
+        }
+        page
+    }
+
+    #[test]
+    fn test_delta_rebuilds_the_new_page_from_the_old() {
+        let mut rng = crate::nvram::test_rng::Rng(0x9e37_79b9_7f4a_7c15);
+        for case in 0..3000 {
+            let old = rng.bytes(PAGE as usize);
+            let mut new = old.clone();
+            // Few scattered words, a run, bytes at the page's ends, or all.
+            match case % 5 {
+                0 => {
+                    for _ in 0..=rng.below(8) {
+                        let at = rng.below(PAGE) as usize;
+                        new[at] ^= 1 + rng.below(255) as u8;
+                    }
+                }
+                1 => {
+                    let at = rng.below(PAGE - 300) as usize;
+                    new[at..at + 1 + rng.below(299) as usize].fill(0x5a);
+                }
+                2 => {
+                    new[0] ^= 1;
+                    new[PAGE as usize - 1] ^= 0x80;
+                }
+                3 => new = rng.bytes(PAGE as usize),
+                _ => {}
+            }
+            let mut p = Payload::default();
+            let logged = p.push_delta(case, &old, &new);
+            assert_eq!(logged, old != new, "case {case}");
+            if !logged {
+                assert!(p.is_empty() && p.bytes().is_empty());
+                continue;
+            }
+            assert_eq!(p.pfns(), [case]);
+            assert!(p.bytes().len() as u64 <= FULL_ENTRY, "case {case}");
+            let writes = decode_writes(RECORD_VERSION, p.bytes(), 1, case + 1).unwrap();
+            assert!(writes.iter().all(|w| w.pfn == case && w.entry == 0));
+            let mut rebuilt = old.clone();
+            for w in writes {
+                rebuilt[w.offset..w.offset + w.data.len()].copy_from_slice(w.data);
+            }
+            assert!(rebuilt == new, "case {case}");
+        }
+    }
+
+    #[test]
+    fn test_small_changes_log_small_and_large_ones_whole() {
+        let old = vec![0u8; PAGE as usize];
+        let mut new = old.clone();
+        new[100] = 1; // word 96..104
+        new[110] = 2; // word 104..112: adjacent, one range
+        new[2000] = 3; // word 2000..2008: another range
+        let mut p = Payload::default();
+        assert!(p.push_delta(0, &old, &new));
+        // Entry head, two ranges, 16 + 8 bytes.
+        assert_eq!(p.bytes().len(), ENTRY_HEAD + 2 * RANGE_HEAD + 24);
+        assert_eq!(applied(&old, &p), new);
+        // Words 16 bytes apart merge into one range (MERGE_GAP).
+        let mut near = old.clone();
+        near[0] = 1;
+        near[24] = 1;
+        let mut p = Payload::default();
+        assert!(p.push_delta(0, &old, &near));
+        assert_eq!(p.bytes().len(), ENTRY_HEAD + RANGE_HEAD + 32);
+        // One changed word in every four: a range each (24 unchanged bytes
+        // between them cost more than a descriptor).
+        let mut striped = old.clone();
+        for w in (0..PAGE as usize).step_by(32) {
+            striped[w] = 9;
+        }
+        let mut p = Payload::default();
+        assert!(p.push_delta(0, &old, &striped));
+        assert_eq!(p.bytes().len(), ENTRY_HEAD + 128 * (RANGE_HEAD + 8));
+        assert_eq!(applied(&old, &p), striped);
+        // Every word changed: the page whole, one range.
+        let mut p = Payload::default();
+        assert!(p.push_delta(0, &old, &vec![1u8; PAGE as usize]));
+        assert_eq!(p.bytes().len() as u64, FULL_ENTRY);
+        assert_eq!(&p.bytes()[8..14], &[1, 0, 0, 0, 0, 16]);
+    }
+
+    #[test]
+    fn test_payload_decode_refuses_malformed_entries() {
+        let page = vec![1u8; PAGE as usize];
+        let mut p = Payload::default();
+        p.push_full(3, &page);
+        let mut old = page.clone();
+        old[8] = 0;
+        p.push_delta(5, &old, &page);
+        let good = p.bytes().to_vec();
+        assert_eq!(decode_writes(RECORD_VERSION, &good, 2, 6).unwrap().len(), 2);
+        let refused = |b: &[u8], pages: u64, ram: u64| {
+            matches!(
+                decode_writes(RECORD_VERSION, b, pages, ram),
+                Err(RecordError::BadTable(_))
+            )
+        };
+        assert!(refused(&good, 2, 5), "page 5 outside 5 pages of RAM");
+        assert!(refused(&good, 1, 6), "bytes left over");
+        assert!(refused(&good, 3, 6), "an entry missing");
+        assert!(refused(&good[..good.len() - 1], 2, 6), "data cut off");
+        assert!(refused(&good[..9], 1, 6), "entry head cut off");
+        let second = FULL_ENTRY as usize; // where entry 1 starts
+        let mut zero_ranges = good.clone();
+        zero_ranges[second + 8..second + 10].fill(0);
+        assert!(refused(&zero_ranges, 2, 6), "no range");
+        let mut empty_range = good.clone();
+        empty_range[second + 12..second + 14].fill(0);
+        assert!(refused(&empty_range, 2, 6), "empty range");
+        let mut outside = good.clone();
+        outside[second + 10..second + 12].copy_from_slice(&4095u16.to_le_bytes());
+        assert!(refused(&outside, 2, 6), "range past the page");
+        // Ranges out of order.
+        let mut two = Payload::default();
+        let mut far = old.clone();
+        far[4000] = 7;
+        two.push_delta(0, &page, &far);
+        let mut b = two.bytes().to_vec();
+        assert_eq!(u16::from_le_bytes([b[8], b[9]]), 2);
+        let (r0, r1) = (b[10..14].to_vec(), b[14..18].to_vec());
+        b[10..14].copy_from_slice(&r1);
+        b[14..18].copy_from_slice(&r0);
+        assert!(refused(&b, 1, 1), "ranges out of order");
+    }
+
+    #[test]
+    fn test_v1_payload_decodes_to_whole_pages() {
+        let pfns = [4u64, 2];
+        let mut payload = encode_table(&pfns);
+        payload.extend(vec![0xaa; PAGE as usize]);
+        payload.extend(vec![0xbb; PAGE as usize]);
+        let w = decode_writes(RECORD_VERSION_1, &payload, 2, 8).unwrap();
+        assert_eq!(w.len(), 2);
+        assert_eq!((w[0].entry, w[0].pfn, w[0].offset), (0, 4, 0));
+        assert_eq!((w[1].entry, w[1].pfn, w[1].data[0]), (1, 2, 0xbb));
+        assert!(decode_writes(RECORD_VERSION_1, &payload[..payload.len() - 1], 2, 8).is_err());
+        assert!(decode_writes(RECORD_VERSION_1, &payload, 2, 4).is_err());
+    }
+
+    #[test]
+    fn test_payload_decode_never_panics_on_random_input() {
+        let mut rng = crate::nvram::test_rng::Rng(0x1234_5678_9abc_def1);
+        for i in 0..20_000u64 {
+            let len = rng.below(200) as usize;
+            let mut b = rng.bytes(len);
+            if len >= 10 && i % 2 == 0 {
+                // A plausible head: small pfn and range count.
+                b[..8].copy_from_slice(&(i % 4).to_le_bytes());
+                b[8..10].copy_from_slice(&(1 + (i % 3) as u16).to_le_bytes());
+            }
+            let _ = decode_writes(RECORD_VERSION, &b, 1 + i % 3, 4);
+            let _ = decode_writes(RECORD_VERSION_1, &b, i % 3, 4);
         }
     }
 }

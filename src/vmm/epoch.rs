@@ -100,7 +100,7 @@ pub struct EpochStats {
     pub persist_us: Histogram<u64>,
     /// Dirty pages per epoch.
     pub pages: Histogram<u64>,
-    /// Bytes of pages logged in total.
+    /// Bytes of changes logged in total (redo-log payloads).
     pub bytes_logged: u64,
     /// Output bytes released after commits.
     pub output_released: u64,
@@ -134,6 +134,7 @@ impl EpochStats {
         &mut self,
         pause: Duration,
         pages: usize,
+        bytes: usize,
         times: &CommitTimes,
         commit: Duration,
         released: u64,
@@ -146,7 +147,7 @@ impl EpochStats {
             .persist_us
             .record(us(times.state_persist + times.meta_persist));
         let _ = self.pages.record(pages as u64 + 1);
-        self.bytes_logged += pages as u64 * 4096;
+        self.bytes_logged += bytes as u64;
         self.output_released += released;
     }
 
@@ -161,13 +162,13 @@ impl EpochStats {
             )
         };
         format!(
-            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {} MiB logged; {} bytes of output released; {} idle epochs without a capture; {} epochs ended by the dirty budget",
+            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {:.1} MiB logged; {} bytes of output released; {} idle epochs without a capture; {} epochs ended by the dirty budget",
             self.epochs,
             q(&self.pause_us),
             q(&self.commit_us),
             q(&self.persist_us),
             q(&self.pages),
-            self.bytes_logged >> 20,
+            self.bytes_logged as f64 / (1 << 20) as f64,
             self.output_released,
             self.idle_skips,
             self.budget_ends
@@ -240,6 +241,7 @@ mod tests {
         s.record(
             Duration::from_micros(300),
             7,
+            7 * 4096,
             &times,
             Duration::from_micros(900),
             55,

@@ -122,13 +122,15 @@ pub enum VmmError {
     /// Writing back guest RAM on a DAX image failed.
     #[error("cannot write back guest RAM to the image")]
     RamSync(#[source] std::io::Error),
-    /// An epoch dirtied more pages than a redo-log record holds.
-    #[error("an epoch dirtied {pages} pages, more than the redo log holds ({capacity}); use a larger --log-size or a smaller --dirty-budget")]
+    /// An epoch changed more than a redo-log record holds.
+    #[error("an epoch changed {bytes} bytes in {pages} pages, more than a redo-log record holds ({room} bytes); use a larger --log-size or a smaller --dirty-budget")]
     DirtyOverflow {
         /// Dirty pages.
         pages: usize,
-        /// Capacity.
-        capacity: usize,
+        /// Bytes of changes.
+        bytes: usize,
+        /// What a record holds.
+        room: usize,
     },
 }
 
@@ -1037,8 +1039,8 @@ impl Machine {
         if let Some(t) = self.dirty.as_mut() {
             t.capture(&self.vm.fd, &self.mem, &mut cap)?;
         }
-        self.image.commit_epoch(&cap.pfns, &cap.pages, &state)?;
-        self.image.apply_committed(&cap.pfns, &cap.pages)?;
+        self.image.commit_epoch(&cap, &state)?;
+        self.image.apply_committed(&cap)?;
         Ok(())
     }
 
@@ -1094,7 +1096,8 @@ impl Machine {
         let cap = self.capture(handles, rx, deferred, true)?;
         self.unpause(handles);
         let paused = t0.elapsed();
-        let Captured { pfns, pages } = &cap.pages;
+        let changes = &cap.pages;
+        let (payload, pfns) = (&changes.payload, changes.pfns());
         let no_output = self.vsock.as_ref().is_none_or(|v| v.held_output() == 0);
         if pfns.is_empty() && cap.unchanged && no_output && !final_epoch {
             // Nothing happened since the last epoch (the guest stayed parked,
@@ -1102,13 +1105,14 @@ impl Machine {
             // VM costs a capture per epoch, no write.
             return Ok(cap.state);
         }
-        if pfns.len() > self.image.log_capacity_pages() {
+        if payload.bytes().len() > self.image.log_room_bytes() {
             return Err(VmmError::DirtyOverflow {
                 pages: pfns.len(),
-                capacity: self.image.log_capacity_pages(),
+                bytes: payload.bytes().len(),
+                room: self.image.log_room_bytes(),
             });
         }
-        let times = self.image.commit_epoch(pfns, pages, &cap.state)?;
+        let times = self.image.commit_epoch(changes, &cap.state)?;
         let durable = t0.elapsed();
         // ORDER: output of this epoch goes out only after its commit is durable.
         let held = match (&self.vsock, cap.cut) {
@@ -1127,11 +1131,19 @@ impl Machine {
             }
         }
         // ORDER: apply after the commit; the next commit's persist makes it durable.
-        self.image.apply_committed(pfns, pages)?;
-        stats.record(paused, pfns.len(), &times, t0.elapsed(), held);
+        self.image.apply_committed(changes)?;
+        stats.record(
+            paused,
+            pfns.len(),
+            payload.bytes().len(),
+            &times,
+            t0.elapsed(),
+            held,
+        );
         tracing::debug!(
             epoch = times.epoch,
             pages = pfns.len(),
+            bytes = payload.bytes().len(),
             hot = self.dirty.as_ref().map_or(0, |d| d.hot_pages()),
             faulted = self.dirty.as_ref().map_or(0, |d| d.faulted()),
             pause_us = paused.as_micros() as u64,

@@ -11,11 +11,14 @@
 //!   reports every page written since its last `KVM_CLEAR_DIRTY_LOG` without
 //!   re-protecting anything, so a hot page keeps being reported.
 //! - Each epoch (guest paused) compares every reported hot page with the
-//!   copy kept from the last epoch it changed in (its shadow) and copies out
-//!   only the pages whose bytes changed, refreshing their shadows; so the
-//!   log carries only changed pages, and nothing is left to sort out after
-//!   the guest resumes (the commit, and the replies it releases, wait for
-//!   nothing but the write).
+//!   copy kept from the last epoch it changed in (its shadow) and logs only
+//!   the pages whose bytes changed, and of those only the changed bytes
+//!   (a delta against the shadow, which is what the RAM image holds for the
+//!   page once the last epoch is applied), refreshing their shadows; a page
+//!   that faulted has no shadow and is logged whole. So the log carries
+//!   only changes, and nothing is left to sort out after the guest resumes
+//!   (the commit, and the replies it releases, wait for nothing but the
+//!   write).
 //! - A page unchanged for its hold ([`HOT_EPOCHS`] epochs, doubled each
 //!   time it is written again soon after going cold, see
 //!   [`MAX_HOLD_SHIFT`]), or beyond the hot budget, is re-protected with
@@ -36,6 +39,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
 use crate::devices::GuestMemory;
+use crate::nvram::redo::Changes;
 
 /// Page size.
 pub const PAGE: usize = 4096;
@@ -109,22 +113,17 @@ enum Kind {
     Fresh,
 }
 
-/// One reported page of a capture and, after the compare, whether it changed.
+/// One reported page of a capture.
 #[derive(Clone, Copy, Debug)]
 struct Job {
     pfn: u64,
     kind: Kind,
-    changed: bool,
 }
 
-/// Pages captured in one pause: every reported page with its bytes.
-#[derive(Debug, Default)]
-pub struct Captured {
-    /// Page frame numbers, ascending.
-    pub pfns: Vec<u64>,
-    /// Their bytes, 4 KiB each, in `pfns` order.
-    pub pages: Vec<u8>,
-}
+/// Pages captured in one pause: every page that changed, as a redo-log
+/// payload (the changed bytes of a page with a shadow, a page without one
+/// whole; page numbers ascending) and whole.
+pub type Captured = Changes;
 
 /// Tracks which guest pages changed, epoch by epoch.
 pub struct DirtyTracker {
@@ -148,8 +147,8 @@ pub struct DirtyTracker {
     /// KVM's dirty bitmap, read into the same buffer every time (a
     /// capture then adds the pages the VMM wrote).
     kvm_bits: Vec<u64>,
-    /// A page buffer handed back by [`recycle`](Self::recycle) for the next capture.
-    spare: Vec<u8>,
+    /// Buffers handed back by [`recycle`](Self::recycle) for the next capture.
+    spare: Changes,
     /// Pages of the last capture that were write-protected when written
     /// (each cost the guest a ~20 µs fault).
     faulted: usize,
@@ -186,7 +185,7 @@ impl DirtyTracker {
             budget: hot_budget,
             jobs: Vec::new(),
             kvm_bits: Vec::new(),
-            spare: Vec::new(),
+            spare: Changes::default(),
             faulted: 0,
         }
     }
@@ -202,15 +201,18 @@ impl DirtyTracker {
             self.shadow.resize(WARM_PAGES * PAGE, 0);
             self.free = (0..WARM_PAGES as u32).rev().collect();
         }
-        if self.spare.capacity() == 0 {
-            self.spare = vec![1; WARM_PAGES * PAGE];
+        if self.spare.pages.capacity() == 0 {
+            self.spare.pages = vec![1; WARM_PAGES * PAGE];
         }
     }
 
-    /// Hand back a committed capture's page buffer, to be reused.
+    /// Hand back a committed capture's buffers, to be reused.
     pub fn recycle(&mut self, cap: Captured) {
-        if cap.pages.capacity() > self.spare.capacity() {
-            self.spare = cap.pages;
+        if cap.pages.capacity() > self.spare.pages.capacity() {
+            self.spare.pages = cap.pages;
+        }
+        if cap.payload.capacity() > self.spare.payload.capacity() {
+            self.spare.payload = cap.payload;
         }
     }
 
@@ -340,19 +342,23 @@ impl DirtyTracker {
     }
 
     /// The rest of a capture, after the re-protection: compare every page
-    /// set in `dirty` (KVM's bits and the VMM's) with its shadow, log the
-    /// changed ones of `guest` into `out` in ascending pfn order, and update
-    /// the hot set.
+    /// set in `dirty` (KVM's bits and the VMM's) with its shadow, log what
+    /// changed in `guest` into `out` in ascending pfn order, and update the
+    /// hot set. (Splitting the compares between two threads did not pay
+    /// here: they are bound by memory bandwidth, and the second core of a
+    /// shared host is often not free; measured 535 µs serial vs 607 µs split
+    /// for 2 000 pages.)
     fn take(&mut self, guest: &[u8], dirty: &[u64], out: &mut Captured) -> Result<(), DirtyError> {
         let npages = guest.len() / PAGE;
-        out.pfns.clear();
-        out.pages.clear();
         if out.pages.capacity() == 0 {
-            // Reuse the buffer of an earlier epoch: a fresh 8 MiB allocation
+            // Reuse the buffers of an earlier epoch: a fresh 8 MiB allocation
             // costs thousands of page faults, slow under nested paging.
-            out.pages = std::mem::take(&mut self.spare);
-            out.pages.clear();
+            let spare = std::mem::take(&mut self.spare);
+            out.pages = spare.pages;
+            out.payload = spare.payload;
         }
+        out.pages.clear();
+        out.payload.clear();
         self.faulted = 0;
         let mut jobs = std::mem::take(&mut self.jobs);
         jobs.clear();
@@ -370,33 +376,38 @@ impl DirtyTracker {
                     a if a & RETIRING != 0 => Kind::Retiring(a & !RETIRING),
                     a => Kind::Hot(a - 1),
                 };
-                jobs.push(Job {
-                    pfn,
-                    kind,
-                    changed: true,
-                });
+                jobs.push(Job { pfn, kind });
             }
         }
-        self.compare(guest, &mut jobs);
         for j in &jobs {
             let page = &guest[j.pfn as usize * PAGE..][..PAGE];
-            match j.kind {
+            let changed = match j.kind {
                 Kind::Hot(i) => {
                     let h = &mut self.hot[i as usize];
-                    h.unchanged = if j.changed {
-                        0
+                    let shadow = &mut self.shadow[h.slot as usize * PAGE..][..PAGE];
+                    let changed = out.payload.push_delta(j.pfn, shadow, page);
+                    if changed {
+                        shadow.copy_from_slice(page);
+                        h.unchanged = 0;
                     } else {
-                        h.unchanged.saturating_add(1)
-                    };
+                        h.unchanged = h.unchanged.saturating_add(1);
+                    }
+                    changed
                 }
                 Kind::Retiring(slot) => {
+                    let shadow = &self.shadow[slot as usize * PAGE..][..PAGE];
+                    let changed = out.payload.push_delta(j.pfn, shadow, page);
                     self.at[j.pfn as usize] = 0;
                     self.free.push(slot);
+                    changed
                 }
-                Kind::Fresh => self.make_hot(j.pfn, page),
-            }
-            if j.changed {
-                out.pfns.push(j.pfn);
+                Kind::Fresh => {
+                    out.payload.push_full(j.pfn, page);
+                    self.make_hot(j.pfn, page);
+                    true
+                }
+            };
+            if changed {
                 out.pages.extend_from_slice(page);
             }
         }
@@ -411,28 +422,6 @@ impl DirtyTracker {
         }
         self.jobs = jobs;
         Ok(())
-    }
-
-    /// Decide `changed` for every hot and retiring job by comparing the
-    /// guest page with its shadow, refreshing the shadow of changed hot
-    /// pages. (Splitting this between two threads did not pay here: the
-    /// compare is bound by memory bandwidth, and the second core of a shared
-    /// host is often not free; measured 535 µs serial vs 607 µs split for
-    /// 2 000 pages.)
-    fn compare(&mut self, guest: &[u8], jobs: &mut [Job]) {
-        for j in jobs.iter_mut() {
-            let (slot, refresh) = match j.kind {
-                Kind::Hot(i) => (self.hot[i as usize].slot, true),
-                Kind::Retiring(s) => (s, false),
-                Kind::Fresh => continue,
-            };
-            let page = &guest[j.pfn as usize * PAGE..][..PAGE];
-            let shadow = &mut self.shadow[slot as usize * PAGE..][..PAGE];
-            j.changed = *shadow != *page;
-            if j.changed && refresh {
-                shadow.copy_from_slice(page);
-            }
-        }
     }
 
     /// A page written while protected becomes hot, with a shadow of its
@@ -574,6 +563,70 @@ mod tests {
         }
     }
 
+    /// The invariant delta logging rests on: the payloads, applied in order
+    /// to what guest memory was at the start, rebuild guest memory after
+    /// every capture (a shadow is always what the RAM image holds for its
+    /// page). Random words of random pages are written between captures;
+    /// the small hot budget makes pages go cold and come back.
+    #[test]
+    fn payloads_replayed_in_order_rebuild_guest_memory() {
+        use crate::nvram::redo::{decode_writes, RECORD_VERSION};
+        let npages = 64;
+        let mut f = Fixture::new(npages, 8);
+        let mut rng = Rng(0xdead_beef_cafe_f00d);
+        let mut image = f.guest.clone();
+        let mut whole = 0usize;
+        let mut deltas = 0usize;
+        for step in 0..3000 {
+            let mut written = Vec::new();
+            for _ in 0..rng.below(6) {
+                let pfn = rng.below(npages as u64);
+                let page = &mut f.guest[pfn as usize * PAGE..][..PAGE];
+                for _ in 0..=rng.below(3) {
+                    // Toggling (a byte back to what it was two epochs ago)
+                    // catches a delta taken against a stale shadow.
+                    let at = rng.below(PAGE as u64 / 16) as usize;
+                    page[at] ^= 0x5a;
+                }
+                if step % 97 == 0 {
+                    page.copy_from_slice(&rng.bytes(PAGE));
+                }
+                if f.hot(pfn).is_none() && !written.contains(&pfn) {
+                    written.push(pfn);
+                }
+            }
+            let (_, c) = f.capture(&written);
+            let n = c.payload.pfns().len();
+            assert_eq!(c.pages.len(), n * PAGE);
+            let writes =
+                decode_writes(RECORD_VERSION, c.payload.bytes(), n as u64, npages as u64).unwrap();
+            for w in &writes {
+                let at = w.pfn as usize * PAGE + w.offset;
+                image[at..at + w.data.len()].copy_from_slice(w.data);
+                if w.data.len() == PAGE {
+                    whole += 1;
+                } else {
+                    deltas += 1;
+                }
+            }
+            for (i, &pfn) in c.payload.pfns().iter().enumerate() {
+                let page = &f.guest[pfn as usize * PAGE..][..PAGE];
+                assert!(
+                    c.pages[i * PAGE..][..PAGE] == *page,
+                    "step {step}: page {pfn}"
+                );
+            }
+            assert!(
+                image == f.guest,
+                "step {step}: the log no longer rebuilds memory"
+            );
+        }
+        assert!(
+            whole > 100 && deltas > 1000,
+            "{whole} whole pages, {deltas} deltas"
+        );
+    }
+
     #[test]
     fn unchanged_hot_pages_are_dropped_and_changed_ones_kept() {
         let mut f = Fixture::new(64, 100);
@@ -581,14 +634,14 @@ mod tests {
         f.fill(9, 2);
         let (_, c) = f.capture(&[3, 9]);
         assert_eq!(
-            c.pfns,
+            c.payload.pfns(),
             vec![3, 9],
             "pages written while protected are logged"
         );
         assert_eq!(f.t.faulted(), 2);
         f.fill(9, 7);
         let (_, c) = f.capture(&[]);
-        assert_eq!(c.pfns, vec![9]);
+        assert_eq!(c.payload.pfns(), vec![9]);
         assert_eq!(f.t.faulted(), 0, "hot pages do not fault");
         assert_eq!(c.pages.len(), PAGE);
         assert!(c.pages.iter().all(|&b| b == 7), "the new bytes are logged");
@@ -597,7 +650,7 @@ mod tests {
         // The shadow follows the logged bytes: 9 back to 2 is a change again.
         f.fill(9, 2);
         let (_, c) = f.capture(&[]);
-        assert_eq!(c.pfns, vec![9]);
+        assert_eq!(c.payload.pfns(), vec![9]);
         assert_eq!(f.hot(3).unwrap().unchanged, 2);
     }
 
@@ -609,7 +662,7 @@ mod tests {
         f.capture(&[8, 9]);
         for _ in 0..HOT_EPOCHS {
             let (retired, c) = f.capture(&[]);
-            assert!(retired.is_empty() && c.pfns.is_empty());
+            assert!(retired.is_empty() && c.payload.pfns().is_empty());
         }
         // Unchanged for HOT_EPOCHS captures: both are re-protected now and
         // compared one last time; 9 changed just before.
@@ -617,7 +670,7 @@ mod tests {
         let (retired, c) = f.capture(&[]);
         assert_eq!(retired, vec![8, 9]);
         assert_eq!(
-            c.pfns,
+            c.payload.pfns(),
             vec![9],
             "unchanged retiring page dropped, changed one logged"
         );
@@ -625,13 +678,13 @@ mod tests {
         assert_eq!(f.t.free.len(), 2, "both shadows freed");
         let (retired, c) = f.capture(&[]);
         assert!(
-            retired.is_empty() && c.pfns.is_empty(),
+            retired.is_empty() && c.payload.pfns().is_empty(),
             "cold pages are not reported"
         );
         // Written again after being re-protected: it faulted, it is logged,
         // and a freed shadow slot is reused.
         let (_, c) = f.capture(&[8]);
-        assert_eq!(c.pfns, vec![8]);
+        assert_eq!(c.payload.pfns(), vec![8]);
         assert_eq!(f.t.faulted(), 1);
         assert_eq!(f.t.free.len(), 1);
     }
@@ -713,8 +766,8 @@ mod tests {
                 f.guest[at] = f.guest[at].wrapping_add(round + 1);
             }
             let (_, c) = f.capture(&[]);
-            assert_eq!(c.pfns, changed, "round {round}");
-            for (i, &p) in c.pfns.iter().enumerate() {
+            assert_eq!(c.payload.pfns(), changed, "round {round}");
+            for (i, &p) in c.payload.pfns().iter().enumerate() {
                 assert_eq!(
                     &c.pages[i * PAGE..][..PAGE],
                     &f.guest[p as usize * PAGE..][..PAGE]
