@@ -20,7 +20,7 @@ use std::borrow::Cow;
 
 use super::layout::FORMAT_VERSION_1;
 use super::redo::{
-    capacity_pages, decode_writes, encode_table, half_region, payload_room, runs, Changes,
+    capacity_pages_for, decode_writes, encode_table, half_region, payload_room, runs, Changes,
     PageWrite, Payload, RecordError, RecordHeader, PAGE, RECORD_HEADER_LEN, RECORD_VERSION,
     RECORD_VERSION_1,
 };
@@ -372,7 +372,14 @@ impl<S: Storage> Image<S> {
             return 0;
         }
         let half = half_region(self.header.geometry.log, 0);
-        capacity_pages(half.size).map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
+        capacity_pages_for(self.header.format_version, half.size)
+            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// The bytes of payload `changes` take in this image's records (v1
+    /// records, in format-1 images, log whole pages behind a table).
+    pub fn log_bytes_for(&self, changes: &Changes) -> usize {
+        self.encoded(changes).1.len()
     }
 
     /// The most payload bytes one epoch may commit (0 in suspend-only mode
@@ -729,6 +736,9 @@ mod tests {
         let mut img = Image::format(MemStorage::new(len), h.clone()).unwrap();
         img.mark_running().unwrap();
         let a = pages(&[2, 3], 1);
+        // v1 capacity (a table block and 6 pages) and sizes.
+        assert_eq!(img.log_capacity_pages(), 6);
+        assert_eq!(img.log_bytes_for(&Changes::whole(&[2, 3], &a)), 3 * P);
         img.commit_epoch(&Changes::whole(&[2, 3], &a), b"one")
             .unwrap();
         img.apply_committed(&Changes::whole(&[2, 3], &a)).unwrap();

@@ -17,7 +17,7 @@ use super::image::{
     check_regular, lock, open_error, read_validated, resumability, unlock, ImageError,
 };
 use super::layout::{PersistMode, Status, Uuid};
-use super::redo::{capacity_pages, half_region};
+use super::redo::{capacity_pages_for, half_region};
 
 /// What `inspect` found. The JSON keys `format_version`, `ram_bytes`, `vcpus`,
 /// `epoch`, `resumable` and `reason` are a stable interface.
@@ -158,7 +158,9 @@ pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
         })
         .collect();
     let log_capacity_pages = match h.config.persist {
-        PersistMode::Epoch => capacity_pages(half_region(h.geometry.log, 0).size).unwrap_or(0),
+        PersistMode::Epoch => {
+            capacity_pages_for(h.format_version, half_region(h.geometry.log, 0).size).unwrap_or(0)
+        }
         PersistMode::SuspendOnly => 0,
     };
     let meta_blocks = v

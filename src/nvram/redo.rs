@@ -186,6 +186,17 @@ pub fn capacity_pages(half_bytes: u64) -> Option<u64> {
     payload_room(half_bytes).map(|room| room / FULL_ENTRY)
 }
 
+/// The most pages one record may carry in a half of `half_bytes` bytes
+/// whatever changed in them, for an image of format `format_version`
+/// (format 1 writes v1 records).
+pub fn capacity_pages_for(format_version: u32, half_bytes: u64) -> Option<u64> {
+    if format_version == super::layout::FORMAT_VERSION_1 {
+        capacity_pages_v1(half_bytes)
+    } else {
+        capacity_pages(half_bytes)
+    }
+}
+
 /// The most pages one v1 record may carry in a half of `half_bytes` bytes, or
 /// `None` when not even an empty record fits.
 pub fn capacity_pages_v1(half_bytes: u64) -> Option<u64> {
@@ -554,6 +565,16 @@ impl Payload {
     /// No page logged.
     pub fn is_empty(&self) -> bool {
         self.pfns.is_empty()
+    }
+
+    /// Allocate and touch room for `pages` whole pages (each first touch of
+    /// a page of memory costs microseconds under nested paging), leaving
+    /// the payload empty.
+    pub fn warm(&mut self, pages: usize) {
+        self.bytes.clear();
+        self.bytes.resize(pages * FULL_ENTRY as usize, 1);
+        self.bytes.clear();
+        self.pfns.reserve(pages);
     }
 
     /// Bytes the payload can hold without growing.

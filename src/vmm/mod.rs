@@ -552,6 +552,11 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     // opened and checked; its result is looked at only once the image is
     // known good, so image errors come first.
     let new_vm = std::thread::spawn(Vm::new);
+    // The listeners first: a client connecting while the VM resumes waits
+    // in the accept queue and is served as soon as the guest runs, instead
+    // of being refused (and backing off). Errors are reported after the
+    // image's, where the device is restored.
+    let listeners = cfg.runtime.vsock_config();
     let mut image = Image::open(&cfg.image)?;
     let epochs = image.header().config.persist == PersistMode::Epoch;
     if epochs {
@@ -618,16 +623,17 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     // 5. Devices. Host connections do not survive a VMM restart: the restored
     //    vsock device tells the guest (TRANSPORT_RESET) and re-polls its queues.
     let wake = Arc::new(GuestWake::new());
-    let vsock = match &state.devices.vsock {
-        Some(vs) => Some(Vsock::restore(
+    let vsock = match (&state.devices.vsock, listeners) {
+        (Some(vs), listeners) => Some(Vsock::restore(
             VsockArgs {
                 mem: mem.clone(),
                 wake: wake.clone(),
-                cfg: cfg.runtime.vsock_config()?,
+                cfg: listeners?,
             },
             vs,
         )?),
-        None => None,
+        // No vsock device: the listeners close here.
+        (None, _) => None,
     };
     tl.mark("devices restored");
     let layout = Layout::new(ram, vcpus_n)?;
@@ -1097,7 +1103,7 @@ impl Machine {
         self.unpause(handles);
         let paused = t0.elapsed();
         let changes = &cap.pages;
-        let (payload, pfns) = (&changes.payload, changes.pfns());
+        let pfns = changes.pfns();
         let no_output = self.vsock.as_ref().is_none_or(|v| v.held_output() == 0);
         if pfns.is_empty() && cap.unchanged && no_output && !final_epoch {
             // Nothing happened since the last epoch (the guest stayed parked,
@@ -1105,10 +1111,11 @@ impl Machine {
             // VM costs a capture per epoch, no write.
             return Ok(cap.state);
         }
-        if payload.bytes().len() > self.image.log_room_bytes() {
+        let log_bytes = self.image.log_bytes_for(changes);
+        if log_bytes > self.image.log_room_bytes() {
             return Err(VmmError::DirtyOverflow {
                 pages: pfns.len(),
-                bytes: payload.bytes().len(),
+                bytes: log_bytes,
                 room: self.image.log_room_bytes(),
             });
         }
@@ -1132,18 +1139,11 @@ impl Machine {
         }
         // ORDER: apply after the commit; the next commit's persist makes it durable.
         self.image.apply_committed(changes)?;
-        stats.record(
-            paused,
-            pfns.len(),
-            payload.bytes().len(),
-            &times,
-            t0.elapsed(),
-            held,
-        );
+        stats.record(paused, pfns.len(), log_bytes, &times, t0.elapsed(), held);
         tracing::debug!(
             epoch = times.epoch,
             pages = pfns.len(),
-            bytes = payload.bytes().len(),
+            bytes = log_bytes,
             hot = self.dirty.as_ref().map_or(0, |d| d.hot_pages()),
             faulted = self.dirty.as_ref().map_or(0, |d| d.faulted()),
             pause_us = paused.as_micros() as u64,

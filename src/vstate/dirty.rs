@@ -203,6 +203,9 @@ impl DirtyTracker {
         }
         if self.spare.pages.capacity() == 0 {
             self.spare.pages = vec![1; WARM_PAGES * PAGE];
+            // The first epoch after a resume logs every page whole (no
+            // page has a shadow yet).
+            self.spare.payload.warm(WARM_PAGES);
         }
     }
 
