@@ -39,7 +39,10 @@ impl Args {
 
 /// The `nvhv` binary cargo built for this bench.
 pub fn nvhv() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_nvhv"))
+    // NVHV_BIN=path measures another build (an A/B of two builds in one sitting).
+    std::env::var_os("NVHV_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_nvhv")))
 }
 
 /// A loopback port that was free a moment ago.

@@ -496,6 +496,19 @@ impl Payload {
         let word =
             |b: &[u8], i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         self.ranges.clear();
+        // A page rewritten all over (a new value, a refilled buffer) is
+        // cheaper logged whole than scanned: when most words of 8 sampled
+        // blocks changed, it is logged whole at once.
+        let changed_words = (0..PAGE as usize)
+            .step_by(PAGE as usize / 8)
+            .flat_map(|at| (at..at + BLOCK64).step_by(8))
+            .filter(|&i| word(old, i) != word(new, i))
+            .count();
+        if changed_words >= 48 {
+            self.ranges.push((0, PAGE as usize));
+            self.push_ranges(pfn, new);
+            return true;
+        }
         let mut cur: Option<(usize, usize)> = None;
         for (b, (o, n)) in old
             .chunks_exact(BLOCK64)
@@ -1054,6 +1067,13 @@ mod tests {
         assert!(p.push_delta(0, &old, &striped));
         assert_eq!(p.bytes().len(), ENTRY_HEAD + 128 * (RANGE_HEAD + 8));
         assert_eq!(applied(&old, &p), striped);
+        // Most words changed (a page rewritten), one kept: whole at once.
+        let mut rewritten: Vec<u8> = (0..PAGE).map(|i| (i % 251) as u8 + 1).collect();
+        rewritten[..8].fill(0);
+        let mut p = Payload::default();
+        assert!(p.push_delta(0, &old, &rewritten));
+        assert_eq!(p.bytes().len() as u64, FULL_ENTRY);
+        assert_eq!(applied(&old, &p), rewritten);
         // Every word changed: the page whole, one range.
         let mut p = Payload::default();
         assert!(p.push_delta(0, &old, &vec![1u8; PAGE as usize]));

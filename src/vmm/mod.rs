@@ -23,9 +23,10 @@ use crate::devices::virtio::vsock::{
     OutputCommit, OutputCut, OutputGate, Vsock, VsockArgs, VsockConfig,
 };
 use crate::devices::{GuestMemory, MmioDevice};
+use crate::nvram::redo::Changes;
 use crate::nvram::{Image, ImageConfig, PersistMode, Status};
 use crate::persist::{DeviceStates, MachineState, Persist};
-use crate::vstate::dirty::{Captured, DirtyTracker};
+use crate::vstate::dirty::DirtyTracker;
 use crate::vstate::memory;
 use crate::vstate::memory::AdviceWord;
 use crate::vstate::vcpu::{
@@ -978,11 +979,11 @@ impl Machine {
         let vcpus = states.into_iter().map(|s| s.expect("all paused")).collect();
         let state = self.machine_state(vcpus, vsock)?;
         let t_vm = t0.elapsed();
-        let mut pages = Captured::default();
+        let mut changes = Changes::default();
         if let (true, Some(t)) = (dirty, self.dirty.as_mut()) {
             // ORDER: harvest with vCPUs and devices paused (nothing writes
             //        guest memory), copy before anything resumes.
-            t.capture(&self.vm.fd, &self.mem, &mut pages)?;
+            t.capture(&self.vm.fd, &self.mem, &mut changes)?;
         }
         let t_pages = t0.elapsed();
         // The machine state without the clock: equal to the last epoch's
@@ -1007,7 +1008,7 @@ impl Machine {
         );
         Ok(Capture {
             state,
-            pages,
+            changes,
             cut,
             unchanged,
         })
@@ -1041,7 +1042,7 @@ impl Machine {
         }
         let vsock = self.vsock.as_ref().map(|v| v.save());
         let state = self.machine_state(vcpus, vsock)?.encode()?;
-        let mut cap = Captured::default();
+        let mut cap = Changes::default();
         if let Some(t) = self.dirty.as_mut() {
             t.capture(&self.vm.fd, &self.mem, &mut cap)?;
         }
@@ -1102,7 +1103,7 @@ impl Machine {
         let cap = self.capture(handles, rx, deferred, true)?;
         self.unpause(handles);
         let paused = t0.elapsed();
-        let changes = &cap.pages;
+        let changes = &cap.changes;
         let pfns = changes.pfns();
         let no_output = self.vsock.as_ref().is_none_or(|v| v.held_output() == 0);
         if pfns.is_empty() && cap.unchanged && no_output && !final_epoch {
@@ -1156,7 +1157,7 @@ impl Machine {
             "epoch committed"
         );
         if let Some(t) = self.dirty.as_mut() {
-            t.recycle(cap.pages);
+            t.recycle(cap.changes);
         }
         Ok(cap.state)
     }
@@ -1189,8 +1190,9 @@ impl Machine {
 struct Capture {
     /// Encoded [`MachineState`].
     state: Vec<u8>,
-    /// Candidate dirty pages and their bytes (epoch mode).
-    pages: Captured,
+    /// What changed in guest RAM since the last capture (epoch mode): the
+    /// redo-log payload and the whole pages.
+    changes: Changes,
     /// The vsock output produced up to the pause (epoch mode).
     cut: Option<OutputCut>,
     /// vCPU and device state equal the previous capture's (clock aside).

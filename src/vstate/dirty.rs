@@ -120,11 +120,6 @@ struct Job {
     kind: Kind,
 }
 
-/// Pages captured in one pause: every page that changed, as a redo-log
-/// payload (the changed bytes of a page with a shadow, a page without one
-/// whole; page numbers ascending) and whole.
-pub type Captured = Changes;
-
 /// Tracks which guest pages changed, epoch by epoch.
 pub struct DirtyTracker {
     /// Pages left writable, in no order.
@@ -210,7 +205,7 @@ impl DirtyTracker {
     }
 
     /// Hand back a committed capture's buffers, to be reused.
-    pub fn recycle(&mut self, cap: Captured) {
+    pub fn recycle(&mut self, cap: Changes) {
         if cap.pages.capacity() > self.spare.pages.capacity() {
             self.spare.pages = cap.pages;
         }
@@ -245,7 +240,7 @@ impl DirtyTracker {
         &mut self,
         vm: &VmFd,
         mem: &GuestMemory,
-        out: &mut Captured,
+        out: &mut Changes,
     ) -> Result<(), DirtyError> {
         let mut regions = mem.iter();
         let region = regions.next().ok_or(DirtyError::Regions)?;
@@ -351,7 +346,7 @@ impl DirtyTracker {
     /// here: they are bound by memory bandwidth, and the second core of a
     /// shared host is often not free; measured 535 µs serial vs 607 µs split
     /// for 2 000 pages.)
-    fn take(&mut self, guest: &[u8], dirty: &[u64], out: &mut Captured) -> Result<(), DirtyError> {
+    fn take(&mut self, guest: &[u8], dirty: &[u64], out: &mut Changes) -> Result<(), DirtyError> {
         let npages = guest.len() / PAGE;
         if out.pages.capacity() == 0 {
             // Reuse the buffers of an earlier epoch: a fresh 8 MiB allocation
@@ -537,7 +532,7 @@ mod tests {
         /// One capture as `capture` does it: retire (returning the pages
         /// re-protected), then take the pages KVM reports: every hot page
         /// plus `written` (pages written while protected).
-        fn capture(&mut self, written: &[u64]) -> (Vec<u64>, Captured) {
+        fn capture(&mut self, written: &[u64]) -> (Vec<u64>, Changes) {
             let npages = self.guest.len() / PAGE;
             let mut kvm = vec![0u64; npages.div_ceil(64)];
             for h in &self.t.hot {
@@ -552,7 +547,7 @@ mod tests {
             for &p in written {
                 kvm[p as usize / 64] |= 1 << (p % 64);
             }
-            let mut out = Captured::default();
+            let mut out = Changes::default();
             self.t.take(&self.guest, &kvm, &mut out).unwrap();
             (retired, out)
         }
