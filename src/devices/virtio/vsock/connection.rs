@@ -32,6 +32,12 @@ use super::packet::{Header, Op, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STRE
 pub const STAGE_CAP: usize = 64 * 1024;
 /// Minimum time between two credit requests to a guest that did not grant credit.
 pub const CREDIT_RETRY: Duration = Duration::from_micros(200);
+/// How long a host connection keeps being offered to a guest that refuses
+/// it (RST to our REQUEST: nothing listens on the port yet, e.g. while the
+/// guest boots) before the host socket is closed.
+pub const GUEST_LISTEN_WAIT: Duration = Duration::from_secs(2);
+/// Time between two offers of such a connection.
+pub const REQUEST_RETRY: Duration = Duration::from_millis(10);
 
 /// A host-side socket.
 #[derive(Debug)]
@@ -226,6 +232,10 @@ pub struct Connection {
     send_credit_update: bool,
     send_rst: bool,
     credit_requested_at: Option<Instant>,
+    /// When the connection was first offered to the guest.
+    created: Instant,
+    /// The guest refused our REQUEST: offer it again then.
+    request_retry_at: Option<Instant>,
     shutdown_sent: bool,
     host_eof: bool,
     host_error: bool,
@@ -270,6 +280,8 @@ impl Connection {
             send_credit_update: false,
             send_rst: false,
             credit_requested_at: None,
+            created: Instant::now(),
+            request_retry_at: None,
             shutdown_sent: false,
             host_eof: false,
             host_error: false,
@@ -391,6 +403,15 @@ impl Connection {
                 if self.guest_shut_send && (self.guest_shut_rcv || self.shutdown_sent) {
                     self.reset_to_guest();
                 }
+            }
+            Op::Rst
+                if self.state == VsockState::Requesting
+                    && !self.send_request
+                    && self.created.elapsed() < GUEST_LISTEN_WAIT =>
+            {
+                // Nothing listens on the guest port yet (a guest still
+                // booting): the host client waits, and is offered again.
+                self.request_retry_at = Some(Instant::now() + REQUEST_RETRY);
             }
             Op::Rst => {
                 tracing::debug!(
@@ -536,7 +557,9 @@ impl Connection {
             return true;
         }
         match self.state {
-            VsockState::Requesting => self.send_request,
+            VsockState::Requesting => {
+                self.send_request || self.request_retry_at.is_some_and(|t| now >= t)
+            }
             VsockState::Closed => false,
             VsockState::Established => {
                 (!self.staged.is_empty() && self.peer_credit() > 0)
@@ -545,6 +568,24 @@ impl Connection {
                     || self.credit_request_due(now)
             }
         }
+    }
+
+    /// The guest driver was reset before it took this connection (still
+    /// `Requesting`): offer it again, from the start, once the driver is back
+    /// (the host client keeps waiting). Not for connections the guest knew.
+    pub fn reoffer(&mut self) {
+        debug_assert_eq!(self.state, VsockState::Requesting);
+        self.send_request = true;
+        self.request_retry_at = None;
+        self.created = Instant::now();
+        self.queued_rx = false;
+        self.queued_io = false;
+    }
+
+    /// When a refused connection is offered to the guest again, if it waits.
+    pub fn request_retry_at(&self) -> Option<Instant> {
+        self.request_retry_at
+            .filter(|_| self.state == VsockState::Requesting)
     }
 
     /// When a throttled credit request becomes due, if one is waiting.
@@ -569,8 +610,11 @@ impl Connection {
             self.send_rst = false;
             self.close_vsock();
             (Op::Rst, 0)
-        } else if self.state == VsockState::Requesting && self.send_request {
+        } else if self.state == VsockState::Requesting
+            && (self.send_request || self.request_retry_at.is_some_and(|t| now >= t))
+        {
             self.send_request = false;
+            self.request_retry_at = None;
             (Op::Request, 0)
         } else if self.state != VsockState::Established {
             return None;

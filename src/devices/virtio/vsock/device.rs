@@ -85,6 +85,8 @@ pub struct VsockCore {
     output_gate: Option<OutputGate>,
     /// The gate was told about output waiting in this epoch.
     output_signalled: bool,
+    /// The earliest time a connection the guest refused is offered again.
+    request_retry: Option<Instant>,
 }
 
 /// Output commit's hook into the device: while set, guest output is held
@@ -157,6 +159,7 @@ impl VsockCore {
             output_epoch: 0,
             output_gate: None,
             output_signalled: false,
+            request_retry: None,
         }
     }
 
@@ -244,18 +247,32 @@ impl VsockCore {
         Ok(())
     }
 
-    /// Driver reset: forget queues and every connection (host sockets close).
+    /// Driver reset: forget queues and every connection the guest knew (their
+    /// host sockets close). Host connections the guest never took (a client
+    /// that connected while the guest booted: its driver starts with a reset)
+    /// wait, and are offered again once the driver is back.
     pub fn reset(&mut self) {
         self.queues.clear();
         self.active = false;
         self.failed = false;
-        self.conns.clear();
+        self.conns
+            .retain(|_, c| c.state() == VsockState::Requesting);
+        for c in self.conns.values_mut() {
+            c.reoffer();
+        }
         self.orphan_rst.clear();
         self.io_queue.clear();
         self.rx_queue.clear();
         self.reset_event_pending = false;
         self.reset_gate = None;
+        self.request_retry = None;
         self.kick = false;
+    }
+
+    /// The device stops: forget queues and close every host connection.
+    pub fn close(&mut self) {
+        self.reset();
+        self.conns.clear();
     }
 
     /// After a restore: the guest must drop its connections (the event is
@@ -435,6 +452,7 @@ impl VsockCore {
     }
 
     fn run_inner(&mut self, now: Instant) -> Result<bool, QueueError> {
+        self.schedule_request_retries(now);
         let mut progress = self.process_event()?;
         progress |= self.process_tx()?;
         progress |= self.process_io(now);
@@ -558,6 +576,9 @@ impl VsockCore {
                 let (epoch, hold) = (self.output_epoch, self.output_gate.is_some());
                 if let Some(c) = self.conns.get_mut(&port) {
                     let held = c.on_guest_packet(hdr, op, payload, epoch, hold);
+                    if let Some(t) = c.request_retry_at() {
+                        self.request_retry = Some(self.request_retry.map_or(t, |r| r.min(t)));
+                    }
                     if c.finished() {
                         self.conns.remove(&port);
                         return;
@@ -748,12 +769,37 @@ impl VsockCore {
         })
     }
 
-    /// Earliest time a throttled credit request becomes due.
+    /// Earliest time a throttled credit request or a refused connection's
+    /// next offer becomes due.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.conns
             .values()
             .filter_map(Connection::credit_retry_at)
+            .chain(self.request_retry)
             .min()
+    }
+
+    /// Put the connections whose next offer to the guest is due on the RX
+    /// work list.
+    fn schedule_request_retries(&mut self, now: Instant) {
+        if self.request_retry.is_none_or(|t| t > now) {
+            return;
+        }
+        let due: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.request_retry_at().is_some_and(|t| t <= now))
+            .map(|(&p, _)| p)
+            .collect();
+        for p in due {
+            self.schedule_rx(p);
+        }
+        self.request_retry = self
+            .conns
+            .values()
+            .filter_map(Connection::request_retry_at)
+            .filter(|&t| t > now)
+            .min();
     }
 
     /// The connections the guest may know about, as (host port, guest port):

@@ -296,7 +296,7 @@ impl Vsock {
         if t.join().is_err() {
             tracing::warn!("vsock: device thread panicked");
         }
-        self.shared.lock().reset();
+        self.shared.lock().close();
     }
 }
 

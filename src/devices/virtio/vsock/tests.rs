@@ -153,15 +153,63 @@ fn loopback_both_ways_with_credit_limits_then_shutdown() {
     wait_for(|| vsock.connection_count() == 0, "connection removed");
 }
 
+/// A client that connects before the guest driver starts (it starts with a
+/// device reset) is offered to the guest once the driver is up; a
+/// connection the guest knew does not survive a driver reset.
 #[test]
-fn guest_rst_to_request_closes_the_host_socket() {
+fn connections_the_guest_never_took_survive_its_driver_reset() {
+    let mem = memory(MEM_SIZE);
+    let wake = Arc::new(GuestWake::new());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let vsock = Vsock::new(mem.clone(), Arc::clone(&wake), VsockConfig::new(listener)).unwrap();
+    let mut early = client(addr);
+    wait_for(
+        || vsock.connection_count() == 1,
+        "the early client accepted",
+    );
+    let mut g = GuestDriver::new(mem, vsock.transport(), wake);
+    g.init(FEATURES);
+    let mut gc = accept(&mut g, 1024);
+    early.write_all(b"hi").unwrap();
+    let (h, data) = g.expect(Op::Rw);
+    assert_eq!(data, b"hi");
+    gc.update_peer(&h);
+    // The guest knew this one: a second driver reset closes it.
+    g.init(FEATURES);
+    expect_eof(&mut early);
+    wait_for(
+        || vsock.connection_count() == 0,
+        "the known connection closed",
+    );
+}
+
+/// A guest that refuses a connection (RST to our REQUEST: nothing listens
+/// yet, as while it boots) is offered it again; the host client waits, and
+/// is served once the guest listens. (After `GUEST_LISTEN_WAIT` of refusals
+/// the host socket is closed: the connection tests check that.)
+#[test]
+fn a_connection_the_guest_refuses_is_offered_again_until_it_listens() {
     let Rig { vsock, mut g, addr } = rig();
     let mut cl = client(addr);
-    let (h, _) = g.expect(Op::Request);
-    let gc = GuestConn::new(h.src_port, 1024);
-    g.send(&gc.hdr(Op::Rst, 0), &[]);
-    expect_eof(&mut cl);
-    wait_for(|| vsock.connection_count() == 0, "connection removed");
+    let mut port = None;
+    for _ in 0..3 {
+        let (h, _) = g.expect(Op::Request);
+        assert!(port.is_none_or(|p| p == h.src_port), "the same connection");
+        port = Some(h.src_port);
+        g.send(&GuestConn::new(h.src_port, 1024).hdr(Op::Rst, 0), &[]);
+    }
+    let mut gc = accept(&mut g, 1024);
+    assert_eq!(Some(gc.host_port), port);
+    cl.write_all(b"ping").unwrap();
+    let (h, data) = g.expect(Op::Rw);
+    assert_eq!(data, b"ping");
+    gc.update_peer(&h);
+    g.send(&gc.hdr(Op::Rw, 4), b"pong");
+    let mut b = [0u8; 4];
+    cl.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+    assert_eq!(vsock.connection_count(), 1);
 }
 
 #[test]

@@ -260,3 +260,32 @@ fn held_output_is_not_written_nor_credited_until_released() {
     assert!(c.finished());
     assert_eq!(read_all(&mut peer), b"abc");
 }
+
+#[test]
+fn a_refused_request_is_offered_again_and_given_up_after_the_listen_wait() {
+    let (mut c, mut peer) = pair(1024);
+    let (h, _) = next(&mut c, 1000).unwrap();
+    assert_eq!(h.operation(), Some(Op::Request));
+    let rst = guest_hdr(Op::Rst, 0, 1024, 0);
+    c.on_guest_packet(&rst, Op::Rst, &[], 0, false);
+    assert_eq!(c.state(), VsockState::Requesting, "the host client waits");
+    let due = c.request_retry_at().expect("an offer again");
+    assert!(
+        !c.has_rx_work(due - Duration::from_micros(1)),
+        "not before its time"
+    );
+    assert!(c.has_rx_work(due));
+    let mut p = Vec::new();
+    let h = c.next_rx_packet(due, 1000, &mut p).unwrap();
+    assert_eq!(h.operation(), Some(Op::Request));
+    assert_eq!(c.request_retry_at(), None);
+    // A guest that kept refusing for the whole wait: closed.
+    c.created = Instant::now()
+        .checked_sub(GUEST_LISTEN_WAIT)
+        .expect("the clock is past the wait");
+    c.on_guest_packet(&rst, Op::Rst, &[], 0, false);
+    assert_eq!(c.state(), VsockState::Closed);
+    assert_eq!(c.request_retry_at(), None);
+    let mut b = [0u8; 1];
+    assert!(peer.read(&mut b).is_err(), "the host side sees nothing yet");
+}
