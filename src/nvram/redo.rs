@@ -497,14 +497,11 @@ impl Payload {
             |b: &[u8], i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         self.ranges.clear();
         // A page rewritten all over (a new value, a refilled buffer) is
-        // cheaper logged whole than scanned: when most words of 8 sampled
-        // blocks changed, it is logged whole at once.
-        let changed_words = (0..PAGE as usize)
-            .step_by(PAGE as usize / 8)
-            .flat_map(|at| (at..at + BLOCK64).step_by(8))
-            .filter(|&i| word(old, i) != word(new, i))
-            .count();
-        if changed_words >= 48 {
+        // cheaper logged whole than scanned: when 8 probed words mostly
+        // changed, and so did most words of 8 sampled blocks, it is logged
+        // whole at once (measured: 1.5 -> 0.5 us a page; the probes cost a
+        // page with few changes ~nothing).
+        if rewritten(old, new) {
             self.ranges.push((0, PAGE as usize));
             self.push_ranges(pfn, new);
             return true;
@@ -634,6 +631,25 @@ impl Changes {
         self.payload.clear();
         self.pages.clear();
     }
+}
+
+/// Whether most of page `new` differs from `old`: 6 of 8 probed words
+/// changed, then 48 of the 64 words of 8 sampled blocks. Kept out of line:
+/// the probes should cost a page with few changes next to nothing.
+#[inline(never)]
+fn rewritten(old: &[u8], new: &[u8]) -> bool {
+    let word = |b: &[u8], i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    let stride = PAGE as usize / 8;
+    let probed = (0..8)
+        .filter(|k| word(old, k * stride + stride / 2) != word(new, k * stride + stride / 2))
+        .count();
+    probed >= 6
+        && (0..PAGE as usize)
+            .step_by(stride)
+            .flat_map(|at| (at..at + 64).step_by(8))
+            .filter(|&i| word(old, i) != word(new, i))
+            .count()
+            >= 48
 }
 
 /// One write a record makes to the RAM image: `data` at byte `offset` of
