@@ -18,6 +18,23 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// On drop (also when a panic unwinds): SIGKILL the VM if it still runs,
+/// and remove its image.
+struct Cleanup {
+    img: String,
+    pid: Option<u32>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid {
+            // SAFETY: kill(2) on our own child, which has not been reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_file(&self.img);
+    }
+}
+
 /// SET key to `len` bytes and read the +OK.
 fn set(s: &mut TcpStream, key: &str, len: usize) {
     let mut cmd = format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${len}\r\n", key.len()).into_bytes();
@@ -85,6 +102,10 @@ fn main() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut cleanup = Cleanup {
+        img: img.clone(),
+        pid: Some(child.id()),
+    };
     let stderr = child.stderr.take().unwrap();
     let lines = std::thread::spawn(move || {
         BufReader::new(stderr)
@@ -121,7 +142,8 @@ fn main() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap();
-    let _ = std::fs::remove_file(&img);
+    cleanup.pid = None;
+    drop(cleanup);
     let lines = lines.join().unwrap();
 
     let field = |l: &str, k: &str| -> Option<u64> {
