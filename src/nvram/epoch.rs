@@ -12,13 +12,12 @@
 
 use std::time::{Duration, Instant};
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 use super::image::{now_ns, read_err, CommitTimes, Image, ImageError};
-use super::layout::{Header, Meta, PersistMode, Region, Status, BLOCK};
-use std::borrow::Cow;
-
-use super::layout::FORMAT_VERSION_1;
+use super::layout::{Header, Meta, PersistMode, Region, Status, BLOCK, FORMAT_VERSION_1};
 use super::redo::{
     capacity_pages_for, decode_writes, encode_table, half_region, payload_room, runs, Changes,
     PageWrite, Payload, RecordError, RecordHeader, PAGE, RECORD_HEADER_LEN, RECORD_VERSION,
@@ -263,17 +262,25 @@ fn classify<S: Storage + ?Sized>(
     Ok(HalfState::Valid(rh))
 }
 
-/// Reads a record's payload (its length bounded by the half: `check` ran).
+/// Reads a record's payload (its length bounded by the half: `check` ran)
+/// and checks its CRC. `Ok(Err(_))`: the payload is not the one committed.
 fn read_payload<S: Storage + ?Sized>(
     s: &S,
     region: Region,
     rh: &RecordHeader,
-) -> Result<Vec<u8>, ImageError> {
+) -> Result<Result<Vec<u8>, RecordError>, ImageError> {
     let len = usize::try_from(rh.payload_len).unwrap_or(usize::MAX);
     let mut payload = vec![0u8; len];
     s.read_at(region.offset + BLOCK, &mut payload)
         .map_err(read_err("redo-log payload"))?;
-    Ok(payload)
+    let crc = crc32c::crc32c(&payload);
+    if crc != rh.payload_crc {
+        return Ok(Err(RecordError::PayloadCrc {
+            stored: rh.payload_crc,
+            computed: crc,
+        }));
+    }
+    Ok(Ok(payload))
 }
 
 /// Checks a record's payload: its CRC, then that it decodes (every page in
@@ -284,15 +291,9 @@ fn check_payload<S: Storage + ?Sized>(
     region: Region,
     rh: &RecordHeader,
 ) -> Result<Result<(), RecordError>, ImageError> {
-    let payload = read_payload(s, region, rh)?;
-    let crc = crc32c::crc32c(&payload);
-    if crc != rh.payload_crc {
-        return Ok(Err(RecordError::PayloadCrc {
-            stored: rh.payload_crc,
-            computed: crc,
-        }));
-    }
-    Ok(decode_writes(rh.version, &payload, rh.pages, header.ram_bytes() / PAGE).map(drop))
+    Ok(read_payload(s, region, rh)?.and_then(|payload| {
+        decode_writes(rh.version, &payload, rh.pages, header.ram_bytes() / PAGE).map(drop)
+    }))
 }
 
 /// Writes `writes` into the RAM region at `ram` (the region's offset), in
@@ -374,12 +375,6 @@ impl<S: Storage> Image<S> {
         let half = half_region(self.header.geometry.log, 0);
         capacity_pages_for(self.header.format_version, half.size)
             .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
-    }
-
-    /// The bytes of payload `changes` take in this image's records (v1
-    /// records, in format-1 images, log whole pages behind a table).
-    pub fn log_bytes_for(&self, changes: &Changes) -> usize {
-        self.encoded(changes).1.len()
     }
 
     /// The most payload bytes one epoch may commit (0 in suspend-only mode
@@ -517,6 +512,7 @@ impl<S: Storage> Image<S> {
         };
         Ok(CommitTimes {
             epoch,
+            log_bytes: bytes.len() as u64,
             state_bytes: state_len,
             state_write,
             state_persist,
@@ -626,10 +622,8 @@ impl<S: Storage> Image<S> {
     /// checking its payload CRC once more. Returns the pages written.
     fn replay(&mut self, half: usize, rh: &RecordHeader) -> Result<u64, ImageError> {
         let region = half_region(self.header.geometry.log, half);
-        let payload = read_payload(&self.storage, region, rh)?;
-        if crc32c::crc32c(&payload) != rh.payload_crc {
-            return Err(ImageError::LogChanged(rh.epoch));
-        }
+        let payload = read_payload(&self.storage, region, rh)?
+            .map_err(|_| ImageError::LogChanged(rh.epoch))?;
         let writes = decode_writes(
             rh.version,
             &payload,
@@ -738,9 +732,10 @@ mod tests {
         let a = pages(&[2, 3], 1);
         // v1 capacity (a table block and 6 pages) and sizes.
         assert_eq!(img.log_capacity_pages(), 6);
-        assert_eq!(img.log_bytes_for(&Changes::whole(&[2, 3], &a)), 3 * P);
-        img.commit_epoch(&Changes::whole(&[2, 3], &a), b"one")
+        let t = img
+            .commit_epoch(&Changes::whole(&[2, 3], &a), b"one")
             .unwrap();
+        assert_eq!(t.log_bytes, 3 * P as u64);
         img.apply_committed(&Changes::whole(&[2, 3], &a)).unwrap();
         // A delta payload is logged as the whole pages in a format-1 image.
         let mut b = a[..P].to_vec();

@@ -194,6 +194,8 @@ impl NotResumable {
 pub struct CommitTimes {
     /// The epoch just committed.
     pub epoch: u64,
+    /// Bytes of redo-log payload written (0 for a meta-record commit).
+    pub log_bytes: u64,
     /// Bytes of state written.
     pub state_bytes: u64,
     /// Writing the state slot (and, for an epoch, the log record).
@@ -511,6 +513,7 @@ impl<S: Storage> Image<S> {
         let (meta_write, meta_persist) = self.write_meta(meta)?;
         Ok(CommitTimes {
             epoch,
+            log_bytes: 0,
             state_bytes: len,
             state_write,
             state_persist,

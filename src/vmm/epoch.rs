@@ -134,7 +134,6 @@ impl EpochStats {
         &mut self,
         pause: Duration,
         pages: usize,
-        bytes: usize,
         times: &CommitTimes,
         commit: Duration,
         released: u64,
@@ -147,7 +146,7 @@ impl EpochStats {
             .persist_us
             .record(us(times.state_persist + times.meta_persist));
         let _ = self.pages.record(pages as u64 + 1);
-        self.bytes_logged += bytes as u64;
+        self.bytes_logged += times.log_bytes;
         self.output_released += released;
     }
 
@@ -231,6 +230,7 @@ mod tests {
         let mut s = EpochStats::default();
         let times = CommitTimes {
             epoch: 1,
+            log_bytes: 7 * 4096,
             state_bytes: 10,
             state_write: Duration::ZERO,
             state_persist: Duration::from_micros(100),
@@ -241,7 +241,6 @@ mod tests {
         s.record(
             Duration::from_micros(300),
             7,
-            7 * 4096,
             &times,
             Duration::from_micros(900),
             55,

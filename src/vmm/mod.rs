@@ -24,7 +24,7 @@ use crate::devices::virtio::vsock::{
 };
 use crate::devices::{GuestMemory, MmioDevice};
 use crate::nvram::redo::Changes;
-use crate::nvram::{Image, ImageConfig, PersistMode, Status};
+use crate::nvram::{Image, ImageConfig, ImageError, PersistMode, Status};
 use crate::persist::{DeviceStates, MachineState, Persist};
 use crate::vstate::dirty::DirtyTracker;
 use crate::vstate::memory;
@@ -1112,15 +1112,16 @@ impl Machine {
             // VM costs a capture per epoch, no write.
             return Ok(cap.state);
         }
-        let log_bytes = self.image.log_bytes_for(changes);
-        if log_bytes > self.image.log_room_bytes() {
-            return Err(VmmError::DirtyOverflow {
-                pages: pfns.len(),
-                bytes: log_bytes,
-                room: self.image.log_room_bytes(),
-            });
-        }
-        let times = self.image.commit_epoch(changes, &cap.state)?;
+        // A record too large is refused before anything is written.
+        let times = self
+            .image
+            .commit_epoch(changes, &cap.state)
+            .map_err(|e| match e {
+                ImageError::LogFull { pages, bytes, room } => {
+                    VmmError::DirtyOverflow { pages, bytes, room }
+                }
+                e => e.into(),
+            })?;
         let durable = t0.elapsed();
         // ORDER: output of this epoch goes out only after its commit is durable.
         let held = match (&self.vsock, cap.cut) {
@@ -1140,11 +1141,11 @@ impl Machine {
         }
         // ORDER: apply after the commit; the next commit's persist makes it durable.
         self.image.apply_committed(changes)?;
-        stats.record(paused, pfns.len(), log_bytes, &times, t0.elapsed(), held);
+        stats.record(paused, pfns.len(), &times, t0.elapsed(), held);
         tracing::debug!(
             epoch = times.epoch,
             pages = pfns.len(),
-            bytes = log_bytes,
+            bytes = times.log_bytes,
             hot = self.dirty.as_ref().map_or(0, |d| d.hot_pages()),
             faulted = self.dirty.as_ref().map_or(0, |d| d.faulted()),
             pause_us = paused.as_micros() as u64,

@@ -785,21 +785,19 @@ impl VsockCore {
         if self.request_retry.is_none_or(|t| t > now) {
             return;
         }
-        let due: Vec<u32> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.request_retry_at().is_some_and(|t| t <= now))
-            .map(|(&p, _)| p)
-            .collect();
+        let mut due = Vec::new();
+        let mut next = None;
+        for (&p, c) in &self.conns {
+            match c.request_retry_at() {
+                Some(t) if t <= now => due.push(p),
+                Some(t) => next = Some(next.map_or(t, |n: Instant| n.min(t))),
+                None => {}
+            }
+        }
+        self.request_retry = next;
         for p in due {
             self.schedule_rx(p);
         }
-        self.request_retry = self
-            .conns
-            .values()
-            .filter_map(Connection::request_retry_at)
-            .filter(|&t| t > now)
-            .min();
     }
 
     /// The connections the guest may know about, as (host port, guest port):
