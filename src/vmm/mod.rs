@@ -38,7 +38,7 @@ use crate::vstate::wait::GuestWake;
 pub mod control;
 mod epoch;
 
-pub use epoch::{EpochEnd, EpochPolicy, EpochStats};
+pub use epoch::{EpochEnd, EpochPolicy, EpochStats, DEFAULT_HOT_PAGES};
 
 /// Everything that can go wrong building, running or stopping a VM.
 #[derive(Debug, thiserror::Error)]
