@@ -63,9 +63,10 @@ pub const FIRST_HOLD: u32 = 2;
 /// twice `HOT_EPOCHS` after its first hold) gets its hold doubled, up to
 /// `HOT_EPOCHS << MAX_HOLD_SHIFT` (1024 epochs); one that stayed cold longer
 /// starts again at `HOT_EPOCHS`. The pages of a random-key working set thus
-/// stay hot, and pages written once leave after `FIRST_HOLD` epochs. Measured with `redis-benchmark -t set -c 16 -P 16
-/// -r 100000` on tmpfs: a fixed hold of 32 left ~40 faults per epoch (all
-/// pages coming back), a hold of 1000 left 2, for 112k → 141k SET/s.
+/// stay hot, and pages written once leave after `FIRST_HOLD` epochs.
+/// Measured with `redis-benchmark -t set -c 16 -P 16 -r 100000` on tmpfs: a
+/// fixed hold of 32 left ~40 faults per epoch (all pages coming back), a hold
+/// of 1000 left 2, for 112k → 141k SET/s.
 pub const MAX_HOLD_SHIFT: u8 = 5;
 
 const KVMIO: u32 = 0xAE;
