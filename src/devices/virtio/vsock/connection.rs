@@ -557,9 +557,7 @@ impl Connection {
             return true;
         }
         match self.state {
-            VsockState::Requesting => {
-                self.send_request || self.request_retry_at.is_some_and(|t| now >= t)
-            }
+            VsockState::Requesting => self.request_due(now),
             VsockState::Closed => false,
             VsockState::Established => {
                 (!self.staged.is_empty() && self.peer_credit() > 0)
@@ -580,6 +578,12 @@ impl Connection {
         self.created = Instant::now();
         self.queued_rx = false;
         self.queued_io = false;
+    }
+
+    /// Whether a REQUEST is to be sent now: the first offer, or the next one
+    /// of a connection the guest refused, once due.
+    fn request_due(&self, now: Instant) -> bool {
+        self.send_request || self.request_retry_at.is_some_and(|t| now >= t)
     }
 
     /// When a refused connection is offered to the guest again, if it waits.
@@ -610,9 +614,7 @@ impl Connection {
             self.send_rst = false;
             self.close_vsock();
             (Op::Rst, 0)
-        } else if self.state == VsockState::Requesting
-            && (self.send_request || self.request_retry_at.is_some_and(|t| now >= t))
-        {
+        } else if self.state == VsockState::Requesting && self.request_due(now) {
             self.send_request = false;
             self.request_retry_at = None;
             (Op::Request, 0)
