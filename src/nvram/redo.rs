@@ -493,8 +493,6 @@ impl Payload {
         if old == new {
             return false;
         }
-        let word =
-            |b: &[u8], i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         self.ranges.clear();
         // A page rewritten all over (a new value, a refilled buffer) is
         // cheaper logged whole than scanned: when 8 probed words mostly
@@ -633,12 +631,17 @@ impl Changes {
     }
 }
 
+/// The 8-byte word of `b` at byte `i` (as stored: only compared).
+#[inline]
+fn word(b: &[u8], i: usize) -> u64 {
+    u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+}
+
 /// Whether most of page `new` differs from `old`: 6 of 8 probed words
 /// changed, then 48 of the 64 words of 8 sampled blocks. Kept out of line:
 /// the probes should cost a page with few changes next to nothing.
 #[inline(never)]
 fn rewritten(old: &[u8], new: &[u8]) -> bool {
-    let word = |b: &[u8], i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
     let stride = PAGE as usize / 8;
     let probed = (0..8)
         .filter(|k| word(old, k * stride + stride / 2) != word(new, k * stride + stride / 2))

@@ -482,7 +482,6 @@ fn for_each_set_word(bits: &[u64], mut f: impl FnMut(usize, u64)) {
     const CHUNK: usize = 8;
     let chunks = bits.chunks_exact(CHUNK);
     let rest = chunks.remainder();
-    let full = bits.len() / CHUNK;
     for (c, chunk) in chunks.enumerate() {
         if chunk.iter().fold(0, |a, &w| a | w) == 0 {
             continue;
@@ -493,7 +492,7 @@ fn for_each_set_word(bits: &[u64], mut f: impl FnMut(usize, u64)) {
             }
         }
     }
-    let base = full * CHUNK;
+    let base = bits.len() - rest.len();
     for (i, &w) in rest.iter().enumerate() {
         if w != 0 {
             f(base + i, w);
