@@ -58,15 +58,7 @@ impl Kv {
         let dir = Scratch::new(&format!("kv-{tag}"));
         let img = dir.path("vm.img");
         let (vm, port) = launch(&dir, 0, None, |port| {
-            let mut a: Vec<String> = vec![
-                "run".into(),
-                "--image".into(),
-                img.to_str().unwrap().into(),
-                "--mem".into(),
-                mem.into(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-            ];
+            let mut a = run_args(&img, mem, port);
             a.extend(extra.iter().map(|s| s.to_string()));
             a
         });
@@ -136,6 +128,20 @@ impl Kv {
             panic!("nvhv exited ({st})\n{}", self.diag());
         }
     }
+}
+
+/// `nvhv run` of the kv guest in image `img` with `mem` of RAM, listening
+/// on `127.0.0.1:port`.
+fn run_args(img: &Path, mem: &str, port: u16) -> Vec<String> {
+    vec![
+        "run".into(),
+        "--image".into(),
+        img.to_str().unwrap().into(),
+        "--mem".into(),
+        mem.into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+    ]
 }
 
 /// Starts nvhv with the arguments `args(port)` (port: `fixed`, else a free
@@ -994,19 +1000,10 @@ fn a_client_connecting_while_the_guest_boots_is_served() {
     let dir = Scratch::new("kv-early");
     let img = dir.path("vm.img");
     let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut vm = Vmm::start(
-        &[
-            "run",
-            "--image",
-            img.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--listen",
-            &listen,
-        ],
-        dir.path("console.log"),
-    );
+    // Not `launch`: that waits for PING, and this client must come first.
+    let args = run_args(&img, "64M", port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Vmm::start(&args, dir.path("console.log"));
     let deadline = Instant::now() + T;
     // The first connection the port accepts (refused only until nvhv binds it).
     let mut s = loop {
