@@ -1,7 +1,7 @@
 //! Epoch pause against dirty pages, next to the memory-copy bound measured on
 //! the same machine in the same run.
 //!
-//! `cargo bench --bench epoch_pause [-- --dir /dev/shm]`
+//! `cargo bench --bench epoch_pause [-- --dir /dev/shm] [--hot-pages N]`
 //!
 //! Runs the kv guest in epoch mode with `NVHV_LOG=debug` (one line per
 //! epoch: pages logged, pause), writes values of 0–16 MiB so that epochs
@@ -74,9 +74,14 @@ fn main() {
         eprintln!("epoch_pause bench: /dev/kvm not available, nothing measured");
         return;
     }
-    let dir = Args::from_env()
-        .get("--dir")
-        .unwrap_or_else(|| "/dev/shm".into());
+    let args = Args::from_env();
+    let dir = args.get("--dir").unwrap_or_else(|| "/dev/shm".into());
+    // --hot-pages N: the budget of pages left writable (and compared every
+    // pause), passed on to nvhv; its default otherwise.
+    let hot: Vec<String> = args
+        .get("--hot-pages")
+        .map(|n| vec!["--hot-pages".into(), n])
+        .unwrap_or_default();
     let img = format!("{dir}/nvhv-bench-epoch-pause-{}.img", std::process::id());
     let _ = std::fs::remove_file(&img);
     let port = free_port();
@@ -96,6 +101,7 @@ fn main() {
             "--console",
             "/dev/null",
         ])
+        .args(&hot)
         .env("NVHV_LOG", "nvhv::vmm=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -167,7 +173,8 @@ fn main() {
         .collect();
     samples.sort();
     println!(
-        "nvhv epoch pause vs dirty pages (kv guest, image in {dir}; {} epochs)",
+        "nvhv epoch pause vs dirty pages (kv guest, image in {dir}; hot-page budget {}; {} epochs)",
+        hot.get(1).map_or("nvhv's default", String::as_str),
         samples.len()
     );
     println!("| pages logged | epochs | hot pages (copied and compared) p50 | pause p50 µs | pause max µs | copy bound for the logged pages µs |");
