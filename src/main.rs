@@ -119,7 +119,11 @@ struct RuntimeArgs {
     /// Epoch mode: longest epoch (checkpoint interval when no output waits).
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     epoch_max: Duration,
-    /// Epoch mode: most dirty pages (4 KiB) one epoch may log.
+    /// Epoch mode: most dirty pages (4 KiB) one epoch may log: at least 1, at
+    /// most three quarters of what a redo-log half holds (24 489 with the
+    /// default --log-size; the rest is room for what the guest writes between
+    /// a budget check and the capture). `resume` lowers a budget the image's
+    /// log cannot hold to that limit, and says so.
     #[arg(long, default_value_t = 16384)]
     dirty_budget: usize,
     /// Epoch mode: most pages left writable between epochs. A re-protected

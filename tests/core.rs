@@ -304,3 +304,58 @@ fn nvhv_suspend_commits_through_the_control_socket() {
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["resumable"], true, "{j}");
 }
+
+/// Epoch options that cannot work are refused with a reason before any file
+/// exists; an image whose redo log holds less than the default dirty budget
+/// resumes with the budget lowered to what the log holds, and says so.
+#[test]
+fn unworkable_epoch_options_are_refused_before_an_image_exists() {
+    require_kvm!();
+    let dir = Scratch::new("policy");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    for (opts, says) in [
+        (
+            &["--epoch-min", "20ms", "--epoch-max", "10ms"][..],
+            "--epoch-min",
+        ),
+        (&["--dirty-budget", "0"][..], "at least 1 page"),
+        (&["--log-size", "1K"][..], "--log-size is too small"),
+        (&["--log-size", "8M"][..], "--dirty-budget 1530 or less"),
+    ] {
+        let mut args = vec!["run", "--image", img_s, "--guest", "counter"];
+        args.extend_from_slice(opts);
+        let out = nvhv_output(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{opts:?}: {err}");
+        assert!(err.contains(says), "{opts:?}: {err}");
+        assert!(!img.exists(), "{opts:?} left an image behind");
+    }
+    let mut vm = Vmm::start(
+        &[
+            "run",
+            "--image",
+            img_s,
+            "--guest",
+            "counter",
+            "--log-size",
+            "8M",
+            "--dirty-budget",
+            "1000",
+        ],
+        dir.path("c.log"),
+    );
+    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+    assert!(vm.signal_and_wait(libc::SIGTERM).success());
+    let mut again = Vmm::start(&["resume", "--image", img_s], dir.path("c2.log"));
+    again.wait_console("counter output after resume", T, |t| {
+        !counters(t, 0).is_empty()
+    });
+    assert!(again.signal_and_wait(libc::SIGTERM).success());
+    let err = again.stderr_text();
+    assert!(
+        err.contains("--dirty-budget 16384 does not fit this image's redo log")
+            && err.contains("using 1530"),
+        "{err}"
+    );
+}

@@ -58,7 +58,76 @@ pub enum EpochEnd {
 /// How often the dirty count is checked against the budget between epochs.
 pub const BUDGET_CHECK: Duration = Duration::from_millis(2);
 
+/// An epoch policy that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    /// The group-commit window is longer than the longest epoch.
+    #[error("--epoch-min ({min:?}) is longer than --epoch-max ({max:?})")]
+    MinAboveMax {
+        /// `--epoch-min`.
+        min: Duration,
+        /// `--epoch-max`.
+        max: Duration,
+    },
+    /// A budget of no pages: every epoch would be over it.
+    #[error("--dirty-budget must be at least 1 page")]
+    ZeroBudget,
+    /// A redo-log half too small for any budget.
+    #[error("--log-size is too small: a redo-log half holds {capacity} pages (at least 4 are needed; the default, 128M, holds 32 655)")]
+    LogTooSmall {
+        /// Pages one record holds, each logged whole.
+        capacity: usize,
+    },
+    /// One epoch within the budget could overflow a redo-log half.
+    #[error(
+        "--dirty-budget {budget} does not fit the redo log: a half holds {capacity} pages, and the budget may use at most {limit} of them (the rest is room for what the guest writes between a budget check and the capture); use a larger --log-size or --dirty-budget {limit} or less"
+    )]
+    BudgetAboveLog {
+        /// `--dirty-budget`.
+        budget: usize,
+        /// Pages one record holds, each logged whole.
+        capacity: usize,
+        /// The largest budget allowed.
+        limit: usize,
+    },
+}
+
+/// The largest dirty budget a log half of `capacity` pages allows: three
+/// quarters of it. The budget is checked every [`BUDGET_CHECK`] while the
+/// guest runs on, and the pages written in between (and while an epoch
+/// commits) land in the same record; a record that does not fit stops the
+/// VM (`VmmError::DirtyOverflow`).
+pub fn budget_limit(capacity: usize) -> usize {
+    capacity / 4 * 3
+}
+
 impl EpochPolicy {
+    /// Checks the policy against itself and against a redo-log half of
+    /// `capacity` pages.
+    pub fn check(&self, capacity: usize) -> Result<(), PolicyError> {
+        if self.min > self.max {
+            return Err(PolicyError::MinAboveMax {
+                min: self.min,
+                max: self.max,
+            });
+        }
+        if self.dirty_budget == 0 {
+            return Err(PolicyError::ZeroBudget);
+        }
+        let limit = budget_limit(capacity);
+        if limit == 0 {
+            return Err(PolicyError::LogTooSmall { capacity });
+        }
+        if self.dirty_budget > limit {
+            return Err(PolicyError::BudgetAboveLog {
+                budget: self.dirty_budget,
+                capacity,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// When the current epoch (begun at `start`) should end, given since
     /// when output has been waiting (`pending`) and whether the guest is idle
     /// (every vCPU parked at the wait port, its state already saved).
@@ -187,6 +256,54 @@ impl EpochStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_policy_is_checked_against_itself_and_the_log() {
+        let p = EpochPolicy::default();
+        // A 128 MiB half (the default --log-size) holds 32 655 whole pages.
+        let default_log = crate::nvram::redo::capacity_pages(128 << 20).unwrap() as usize;
+        assert_eq!(default_log, 32_655);
+        assert_eq!(p.check(default_log), Ok(()));
+        assert_eq!(budget_limit(default_log), 24_489);
+        assert_eq!(
+            p.check(16_000),
+            Err(PolicyError::BudgetAboveLog {
+                budget: p.dirty_budget,
+                capacity: 16_000,
+                limit: 12_000
+            })
+        );
+        let exact = EpochPolicy {
+            dirty_budget: 12_000,
+            ..p
+        };
+        assert_eq!(exact.check(16_000), Ok(()));
+        assert_eq!(
+            exact.check(3),
+            Err(PolicyError::LogTooSmall { capacity: 3 }),
+            "a log too small for any budget"
+        );
+        let zero = EpochPolicy {
+            dirty_budget: 0,
+            ..p
+        };
+        assert_eq!(zero.check(default_log), Err(PolicyError::ZeroBudget));
+        let inverted = EpochPolicy {
+            min: Duration::from_millis(20),
+            max: Duration::from_millis(10),
+            ..p
+        };
+        assert!(matches!(
+            inverted.check(default_log),
+            Err(PolicyError::MinAboveMax { .. })
+        ));
+        let equal = EpochPolicy { min: p.max, ..p };
+        assert_eq!(
+            equal.check(default_log),
+            Ok(()),
+            "min = max is a fixed interval"
+        );
+    }
 
     #[test]
     fn output_shortens_the_epoch_to_min() {

@@ -123,6 +123,9 @@ pub enum VmmError {
     /// Writing back guest RAM on a DAX image failed.
     #[error("cannot write back guest RAM to the image")]
     RamSync(#[source] std::io::Error),
+    /// The epoch options cannot work (with this redo log).
+    #[error(transparent)]
+    Policy(#[from] epoch::PolicyError),
     /// An epoch changed more than a redo-log record holds.
     #[error("an epoch changed {bytes} bytes in {pages} pages, more than a redo-log record holds ({room} bytes); use a larger --log-size or a smaller --dirty-budget")]
     DirtyOverflow {
@@ -411,8 +414,17 @@ fn random_seed() -> u64 {
 
 /// `nvhv run`: create the image, load the guest, run until stopped.
 pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
-    // 1. Check the geometry before touching the file system.
+    // 1. Check the geometry and the epoch options before touching the file
+    //    system.
     let layout = Layout::new(cfg.mem, cfg.vcpus)?;
+    if cfg.persist == PersistMode::Epoch {
+        // The log half the image will get (`redo::half_region` of the log).
+        let half = cfg.log_half_bytes / crate::nvram::layout::BLOCK * crate::nvram::layout::BLOCK;
+        let capacity = crate::nvram::redo::capacity_pages(half).unwrap_or(0);
+        cfg.runtime
+            .epochs
+            .check(usize::try_from(capacity).unwrap_or(usize::MAX))?;
+    }
     let guest = cfg.guest.bytes()?;
     elf::entry_cpl(&guest)?;
     // 2. Create the image (refuses an existing file unless --force).
@@ -560,6 +572,22 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     let listeners = cfg.runtime.vsock_config();
     let mut image = Image::open(&cfg.image)?;
     let epochs = image.header().config.persist == PersistMode::Epoch;
+    let mut policy = cfg.runtime.epochs;
+    if epochs {
+        // The image's log was sized when it was made: a budget it cannot
+        // hold (the default one, say, with a small --log-size) is lowered
+        // to what it can, not refused.
+        let capacity = image.log_capacity_pages();
+        let limit = epoch::budget_limit(capacity);
+        if policy.dirty_budget > limit && limit > 0 {
+            eprintln!(
+                "nvhv: --dirty-budget {} does not fit this image's redo log (a half holds {capacity} pages); using {limit}",
+                policy.dirty_budget
+            );
+            policy.dirty_budget = limit;
+        }
+        policy.check(capacity)?;
+    }
     if epochs {
         // Replay the committed redo records the RAM image may lack (work
         // proportional to the un-applied log, never to RAM size).
@@ -648,7 +676,7 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
         wake,
         image,
         vsock,
-        policy: epochs.then_some(cfg.runtime.epochs),
+        policy: epochs.then_some(policy),
         dirty,
         last_state: None,
         parked_at_capture: None,
