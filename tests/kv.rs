@@ -1751,7 +1751,10 @@ fn idle_epochs_take_no_capture() {
 /// 356–674. An epoch carries more than the budget: the guest keeps writing
 /// while the previous epoch commits (~1.5 ms here, ~20 µs a page).
 /// In a build without optimisation a commit took up to ~250 ms and CI saw
-/// 2 095 pages: the dev profile is built with `opt-level = 1`.
+/// 2 095 pages: the dev profile is built with `opt-level = 1`. A release
+/// build beside the other tests of this file once carried 2 397 (a 39 ms
+/// commit); the bound asserted, 4 096, still fails the disabled watch by
+/// far.
 #[test]
 fn dirty_budget_bounds_epochs_that_begin_idle() {
     require_kvm!();
@@ -1786,7 +1789,7 @@ fn dirty_budget_bounds_epochs_that_begin_idle() {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no budget count in the summary: {err}"));
     assert!(
-        max < 2048 && ends >= 2,
+        max < 4096 && ends >= 2,
         "an epoch carried {max} pages, {ends} ended by the budget: {err}"
     );
     // The epochs the budget cut mid-SET still add up to the whole value.
