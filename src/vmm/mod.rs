@@ -587,8 +587,6 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
             policy.dirty_budget = limit;
         }
         policy.check(capacity)?;
-    }
-    if epochs {
         // Replay the committed redo records the RAM image may lack (work
         // proportional to the un-applied log, never to RAM size).
         let r = image.recover()?;
