@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_run, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    kvm_run, kvm_segment, kvm_sregs, kvm_sync_regs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
+    Msrs,
 };
 use kvm_ioctls::{Cap, SyncReg, VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -161,7 +162,7 @@ pub struct Vcpu {
     quick_saves: u64,
     /// `kvm_run`'s sync area holds the registers, system registers and
     /// events as the last `KVM_RUN` left them, and nothing changed them
-    /// since (see [`Vcpu::run_state`]).
+    /// since (see [`Vcpu::synced_regs`]).
     synced: Cell<bool>,
     /// KVM fills the sync area ([`SYNC_FIELDS`] are valid on this vCPU).
     sync: bool,
@@ -396,23 +397,40 @@ impl Vcpu {
         self.io_pending = false;
     }
 
-    /// General registers, system registers and pending events: from
-    /// `kvm_run`'s sync area when the last `KVM_RUN` left them there and
-    /// nothing set them since (KVM fills it at the end of every `KVM_RUN`,
-    /// also after completing a pending I/O with `immediate_exit`), else by
-    /// ioctl (events last, as in a full save).
-    pub fn run_state(&self) -> Result<(kvm_regs, kvm_sregs, kvm_vcpu_events), VcpuError> {
-        if self.synced.get() {
-            let s = self.fd.sync_regs();
-            return Ok((s.regs, s.sregs, s.events));
+    /// `kvm_run`'s sync area (general and system registers, pending
+    /// events) when the last `KVM_RUN` left it current and nothing set them
+    /// since: KVM fills it at the end of every `KVM_RUN`, also after
+    /// completing a pending I/O with `immediate_exit`. One snapshot, taken
+    /// as KVM_RUN returned. None: read them by ioctl ([`Self::regs_sregs`],
+    /// [`Self::events`]).
+    fn synced_regs(&self) -> Option<kvm_sync_regs> {
+        self.synced.get().then(|| self.fd.sync_regs())
+    }
+
+    /// General and system registers, from `synced` or by ioctl.
+    fn regs_sregs(
+        &self,
+        synced: Option<&kvm_sync_regs>,
+    ) -> Result<(kvm_regs, kvm_sregs), VcpuError> {
+        Ok(match synced {
+            Some(s) => (s.regs, s.sregs),
+            None => (
+                self.fd.get_regs().map_err(self.get_err("REGS"))?,
+                self.fd.get_sregs().map_err(self.get_err("SREGS"))?,
+            ),
+        })
+    }
+
+    /// Pending events, from `synced` or by ioctl. ORDER: a save reads them
+    /// last, so nothing read before changes what is pending.
+    fn events(&self, synced: Option<&kvm_sync_regs>) -> Result<kvm_vcpu_events, VcpuError> {
+        match synced {
+            Some(s) => Ok(s.events),
+            None => self
+                .fd
+                .get_vcpu_events()
+                .map_err(self.get_err("VCPU_EVENTS")),
         }
-        let regs = self.fd.get_regs().map_err(self.get_err("REGS"))?;
-        let sregs = self.fd.get_sregs().map_err(self.get_err("SREGS"))?;
-        let events = self
-            .fd
-            .get_vcpu_events()
-            .map_err(self.get_err("VCPU_EVENTS"))?;
-        Ok((regs, sregs, events))
     }
 
     /// The guest's page tables confine it to CPL3 (the VMM checked them with
@@ -470,7 +488,8 @@ impl Vcpu {
         let (true, Some(base)) = (self.confinable, self.full.as_deref()) else {
             return Ok(None);
         };
-        let (regs, sregs, events) = self.run_state()?;
+        let synced = self.synced_regs();
+        let (regs, sregs) = self.regs_sregs(synced.as_ref())?;
         let sysenter_off = base
             .msrs
             .iter()
@@ -499,6 +518,8 @@ impl Vcpu {
                 m.data = now;
             }
         }
+        // ORDER: events last, as in a full save.
+        let events = self.events(synced.as_ref())?;
         Ok(Some(VcpuState {
             cpuid: base.cpuid.clone(),
             mp_state: base.mp_state,
@@ -525,16 +546,8 @@ impl Vcpu {
                 .to_vec(),
         };
         let mp_state = self.fd.get_mp_state().map_err(self.get_err("MP_STATE"))?;
-        // From the sync area after a run (one snapshot, taken as KVM_RUN
-        // returned); by ioctl otherwise, events then read last below.
-        let synced = self.synced.get().then(|| self.fd.sync_regs());
-        let (regs, sregs) = match &synced {
-            Some(s) => (s.regs, s.sregs),
-            None => (
-                self.fd.get_regs().map_err(self.get_err("REGS"))?,
-                self.fd.get_sregs().map_err(self.get_err("SREGS"))?,
-            ),
-        };
+        let synced = self.synced_regs();
+        let (regs, sregs) = self.regs_sregs(synced.as_ref())?;
         let xsave = self.xsave_bytes()?;
         let xcrs = self.fd.get_xcrs().map_err(self.get_err("XCRS"))?;
         let debugregs = self
@@ -555,13 +568,7 @@ impl Vcpu {
         let n = self.fd.get_msrs(&mut msrs).map_err(self.get_err("MSRS"))?;
         let msrs = msrs.as_slice()[..n].to_vec();
         // ORDER: events last, so nothing above changes what is pending.
-        let events = match &synced {
-            Some(s) => s.events,
-            None => self
-                .fd
-                .get_vcpu_events()
-                .map_err(self.get_err("VCPU_EVENTS"))?,
-        };
+        let events = self.events(synced.as_ref())?;
         Ok(VcpuState {
             cpuid,
             mp_state,
@@ -1115,6 +1122,62 @@ mod tests {
         0xb8, 0x34, 0x12, 0xbb, 0x78, 0x56, 0xe6, 0x80, 0xb9, 0xbc, 0x9a, 0xe6, 0x81, 0xf4,
     ];
 
+    /// Whether /dev/kvm can be used; with NVHV_REQUIRE_KVM=1 a missing KVM
+    /// fails the test instead of skipping it.
+    fn kvm_available() -> bool {
+        let ok = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if !ok {
+            assert_ne!(
+                std::env::var("NVHV_REQUIRE_KVM").as_deref(),
+                Ok("1"),
+                "NVHV_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
+            );
+            eprintln!("SKIPPED: /dev/kvm not available");
+        }
+        ok
+    }
+
+    /// A vCPU of `vm` over 64 KiB of `CODE` in real mode, at 0x1000.
+    fn real_mode_vcpu(vm: &Vm) -> (GuestMemory, Vcpu) {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        mem.write_slice(CODE, GuestAddress(0x1000)).unwrap();
+        crate::vstate::memory::register(&vm.fd, &mem, false).unwrap();
+        let v = Vcpu::new(vm, 0).unwrap();
+        let mut sregs = v.fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        v.fd.set_sregs(&sregs).unwrap();
+        v.fd.set_regs(&kvm_regs {
+            rip: 0x1000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        (mem, v)
+    }
+
+    /// KVM_RUN to the `out` to port 0x80, noted as the run loop notes it.
+    fn run_to_first_out(v: &mut Vcpu) {
+        let r = v.fd.run();
+        assert!(
+            matches!(r, Ok(VcpuExit::IoOut(0x80, _))),
+            "expected the OUT to port 0x80, got {r:?}"
+        );
+        v.synced.set(v.sync && leaves_sync_fields(&r));
+        v.io_pending = true;
+    }
+
+    /// Registers, system registers and events as a save reads them.
+    fn as_saved(v: &Vcpu) -> (kvm_regs, kvm_sregs, kvm_vcpu_events) {
+        let synced = v.synced_regs();
+        let (regs, sregs) = v.regs_sregs(synced.as_ref()).unwrap();
+        (regs, sregs, v.events(synced.as_ref()).unwrap())
+    }
+
     /// What `KVM_GET_REGS`, `KVM_GET_SREGS` and `KVM_GET_VCPU_EVENTS` say.
     fn by_ioctl(v: &Vcpu) -> (kvm_regs, kvm_sregs, kvm_vcpu_events) {
         (
@@ -1128,56 +1191,26 @@ mod tests {
     /// the ioctls return: after an I/O exit, after completing it with
     /// `immediate_exit`, and never after the VMM set registers itself.
     #[test]
-    fn run_state_from_the_sync_area_equals_the_ioctls() {
-        if std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_err()
-        {
-            assert_ne!(
-                std::env::var("NVHV_REQUIRE_KVM").as_deref(),
-                Ok("1"),
-                "NVHV_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
-            );
-            eprintln!("SKIPPED: /dev/kvm not available");
+    fn the_sync_area_equals_the_ioctls() {
+        if !kvm_available() {
             return;
         }
         let vm = Vm::new().unwrap();
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        mem.write_slice(CODE, GuestAddress(0x1000)).unwrap();
-        crate::vstate::memory::register(&vm.fd, &mem, false).unwrap();
-        let mut v = Vcpu::new(&vm, 0).unwrap();
+        let (_mem, mut v) = real_mode_vcpu(&vm);
         let has_cap = vm.fd.check_extension_int(Cap::SyncRegs) as u32 & SYNC_FIELDS == SYNC_FIELDS;
         assert_eq!(v.sync, has_cap);
-        let mut sregs = v.fd.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        v.fd.set_sregs(&sregs).unwrap();
-        v.fd.set_regs(&kvm_regs {
-            rip: 0x1000,
-            rflags: 2,
-            ..Default::default()
-        })
-        .unwrap();
         assert!(!v.synced.get(), "nothing ran yet");
 
-        let r = v.fd.run();
-        assert!(
-            matches!(r, Ok(VcpuExit::IoOut(0x80, _))),
-            "expected the OUT to port 0x80, got {r:?}"
-        );
-        v.synced.set(v.sync && leaves_sync_fields(&r));
-        v.io_pending = true;
+        run_to_first_out(&mut v);
         assert_eq!(v.synced.get(), has_cap);
-        let at_exit = v.run_state().unwrap();
+        let at_exit = as_saved(&v);
         assert_eq!(at_exit, by_ioctl(&v));
         assert_eq!(at_exit.0.rax & 0xffff, 0x1234);
         assert_eq!(at_exit.0.rbx & 0xffff, 0x5678);
 
         v.complete_pending_io();
         assert_eq!(v.synced.get(), has_cap);
-        let done = v.run_state().unwrap();
+        let done = as_saved(&v);
         assert_eq!(done, by_ioctl(&v));
         assert_eq!(done.0.rip, 0x1008, "RIP past the completed OUT");
         assert_eq!(done.0.rcx & 0xffff, 0, "the next instruction has not run");
@@ -1187,7 +1220,7 @@ mod tests {
         entry.regs.rax = 0xfeed;
         v.set_state(&entry).unwrap();
         assert!(!v.synced.get());
-        assert_eq!(v.run_state().unwrap().0.rax, 0xfeed);
+        assert_eq!(as_saved(&v).0.rax, 0xfeed);
     }
 
     /// A state saved with the `out` still pending (as a park saves it) is
@@ -1197,25 +1230,9 @@ mod tests {
     /// reaches the same end as the original.
     #[test]
     fn a_state_saved_before_a_pending_out_continues_when_restored() {
-        if std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_err()
-        {
-            assert_ne!(
-                std::env::var("NVHV_REQUIRE_KVM").as_deref(),
-                Ok("1"),
-                "NVHV_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
-            );
-            eprintln!("SKIPPED: /dev/kvm not available");
+        if !kvm_available() {
             return;
         }
-        let start = |vm: &Vm, mem: &GuestMemory| {
-            mem.write_slice(CODE, GuestAddress(0x1000)).unwrap();
-            crate::vstate::memory::register(&vm.fd, mem, false).unwrap();
-            Vcpu::new(vm, 0).unwrap()
-        };
         // Runs `v` to the `out` to port 0x81, completing the ones to 0x80;
         // returns how many of those it executed and the registers at the end.
         let to_end = |v: &mut Vcpu| {
@@ -1230,22 +1247,8 @@ mod tests {
             (outs, v.fd.get_regs().unwrap())
         };
         let vm = Vm::new().unwrap();
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let mut v = start(&vm, &mem);
-        let mut sregs = v.fd.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        v.fd.set_sregs(&sregs).unwrap();
-        v.fd.set_regs(&kvm_regs {
-            rip: 0x1000,
-            rflags: 2,
-            ..Default::default()
-        })
-        .unwrap();
-        let r = v.fd.run();
-        assert!(matches!(r, Ok(VcpuExit::IoOut(0x80, _))), "{r:?}");
-        v.synced.set(v.sync && leaves_sync_fields(&r));
-        v.io_pending = true;
+        let (_mem, mut v) = real_mode_vcpu(&vm);
+        run_to_first_out(&mut v);
         let mut last = None;
         let st = save_or_reuse(&mut v, &mut last, true).unwrap();
         assert!(v.io_pending, "the park's save leaves the out pending");
@@ -1258,8 +1261,7 @@ mod tests {
         assert_eq!(st.regs.rcx & 0xffff, 0, "nothing after the out ran");
 
         let vm_b = Vm::new().unwrap();
-        let mem_b = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let mut w = start(&vm_b, &mem_b);
+        let (_mem_b, mut w) = real_mode_vcpu(&vm_b);
         w.set_state(&st).unwrap();
         let (outs, regs_w) = to_end(&mut w);
         assert_eq!(
