@@ -418,8 +418,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     //    system.
     let layout = Layout::new(cfg.mem, cfg.vcpus)?;
     if cfg.persist == PersistMode::Epoch {
-        // The log half the image will get (`redo::half_region` of the log).
-        let half = cfg.log_half_bytes / crate::nvram::layout::BLOCK * crate::nvram::layout::BLOCK;
+        // The log half the image will get.
+        let log = crate::nvram::layout::Region {
+            offset: 0,
+            size: 2 * cfg.log_half_bytes,
+        };
+        let half = crate::nvram::redo::half_region(log, 0).size;
         let capacity = crate::nvram::redo::capacity_pages(half).unwrap_or(0);
         cfg.runtime
             .epochs
