@@ -14,20 +14,27 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+use clap::Parser;
 
 const MIB: u64 = 1 << 20;
 
+/// The fdatasync floor of a file system.
+#[derive(Parser)]
+struct Args {
+    /// Directory for the scratch file (on the file system to measure).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Timed flushes per case.
+    #[arg(long, default_value_t = 400)]
+    rounds: usize,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let dir = get("--dir").unwrap_or_else(|| "/var/tmp".into());
-    let rounds: usize = get("--rounds").map_or(400, |r| r.parse().expect("--rounds N"));
+    let Args { dir, rounds } = Args::parse();
+    let dir = dir.display();
     let path = format!("{dir}/nvhv-flush-probe-{}.bin", std::process::id());
     let f = OpenOptions::new()
         .read(true)
