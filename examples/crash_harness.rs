@@ -70,13 +70,14 @@ fn main() {
     h.finish();
     let t = &h.totals;
     println!(
-        "crash harness (seed {seed}, {clients} clients): {} SIGKILL cycles in {:.0} s, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} violations",
+        "crash harness (seed {seed}, {clients} clients): {} SIGKILL cycles in {:.0} s, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} violations",
         t.cycles,
         t0.elapsed().as_secs_f64(),
         t.acked_writes,
         t.unacked_present,
         t.unacked_absent,
         t.checked_keys,
+        t.checked_reads,
         t.violations.len()
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -23,17 +23,19 @@ fn sigkill_under_load_loses_no_acknowledged_write() {
     h.finish();
     let t = &h.totals;
     println!(
-        "crash harness (seed {seed}): {} SIGKILL cycles, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} violations",
+        "crash harness (seed {seed}): {} SIGKILL cycles, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} violations",
         t.cycles,
         t.acked_writes,
         t.unacked_present,
         t.unacked_absent,
         t.checked_keys,
+        t.checked_reads,
         t.violations.len()
     );
     assert!(
         t.acked_writes > 100,
         "the load was too light to mean anything: {t:?}"
     );
+    assert!(t.checked_reads > 0, "no read returned a value: {t:?}");
     assert!(t.violations.is_empty(), "violations: {:#?}", t.violations);
 }

@@ -82,16 +82,23 @@ impl Kv {
     /// `nvhv resume --image … --listen 127.0.0.1:port` (the same port when
     /// given, else a new one) and wait until it answers PING.
     fn resume(&mut self, same_port: bool) {
+        self.resume_with(same_port, &[]);
+    }
+
+    /// [`Kv::resume`] with more `nvhv resume` arguments.
+    fn resume_with(&mut self, same_port: bool, extra: &[&str]) {
         let img = self.img.to_str().unwrap().to_string();
         let fixed = same_port.then_some(self.port);
         let (vm, port) = launch(&self.dir, self.starts, fixed, |port| {
-            vec![
+            let mut a: Vec<String> = vec![
                 "resume".into(),
                 "--image".into(),
                 img.clone(),
                 "--listen".into(),
                 format!("127.0.0.1:{port}"),
-            ]
+            ];
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
         });
         self.vm = vm;
         self.port = port;
@@ -1472,6 +1479,88 @@ fn data_survives_suspend_and_resume() {
     check(&mut c, &[("after-resume", "yes")]);
     assert_eq!(bulk(&mut c, &["GET", "counter"]).as_deref(), Some("101"));
     kv.suspend();
+}
+
+/// Output commit holds only what depends on uncommitted state (the kv guest
+/// publishes its state version, `nvhv_abi::OUTPUT_DEPS_PORT`). Resumed with
+/// epochs that end on their own only after 60 s, the VM answers PING and a
+/// GET of committed data at once; a SET's reply, and then a GET's on another
+/// connection (it may have read the SET), stay held. SIGTERM's final epoch
+/// releases both; after a kill -9 instead, the SET is gone and the held GET
+/// reply never reached its client.
+#[test]
+fn replies_to_reads_of_committed_data_are_not_held() {
+    require_kvm!();
+    let mut kv = Kv::start("deps", "64M");
+    ok(&mut kv.conn(), &["SET", "old", "1"]);
+    kv.suspend();
+    let slow = ["--epoch-min", "60s", "--epoch-max", "60s"];
+    for kill in [false, true] {
+        // Its PING (a pure read) must come back for the launch to succeed.
+        kv.resume_with(false, &slow);
+        let mut c = kv.conn();
+        assert_eq!(bulk(&mut c, &["GET", "old"]).as_deref(), Some("1"));
+        assert_eq!(
+            strings(&mut c, &["MGET", "old", "none"]),
+            vec![Some("1".to_string()), None]
+        );
+        let open = || {
+            let s = TcpStream::connect(("127.0.0.1", kv.port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            s
+        };
+        let (mut w, mut r) = (open(), open());
+        w.write_all(b"SET new 2\r\n").unwrap();
+        // The SET reached the guest once the version moved; a GET on its
+        // own connection is answered behind the SET's held reply only.
+        let held = |s: &mut TcpStream, what: &str| {
+            let mut b = [0u8; 64];
+            match s.read(&mut b) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                other => panic!(
+                    "{what} was not held: {other:?} {:?}",
+                    String::from_utf8_lossy(&b)
+                ),
+            }
+        };
+        held(&mut w, "the SET's reply");
+        r.write_all(b"GET old\r\n").unwrap();
+        held(&mut r, "a GET's reply after an uncommitted SET");
+        if kill {
+            kv.vm.signal_and_wait(libc::SIGKILL);
+            let mut b = [0u8; 64];
+            assert!(
+                !matches!(r.read(&mut b), Ok(n) if n > 0),
+                "the held GET reply escaped after the kill"
+            );
+            kv.resume(false);
+            let mut c = kv.conn();
+            assert_eq!(
+                bulk(&mut c, &["GET", "new"]),
+                None,
+                "an unacknowledged SET survived"
+            );
+            assert_eq!(bulk(&mut c, &["GET", "old"]).as_deref(), Some("1"));
+        } else {
+            kv.suspend();
+            for (s, want) in [(&mut w, "+OK\r\n"), (&mut r, "$1\r\n1\r\n")] {
+                s.set_read_timeout(Some(T)).unwrap();
+                let mut b = vec![0u8; want.len()];
+                s.read_exact(&mut b).unwrap();
+                assert_eq!(String::from_utf8_lossy(&b), want);
+            }
+            kv.resume(false);
+            let mut c = kv.conn();
+            assert_eq!(bulk(&mut c, &["GET", "new"]).as_deref(), Some("2"));
+            assert_eq!(int(&mut c, &["DEL", "new"]), 1);
+            kv.suspend();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -104,6 +104,18 @@ pub const EXIT_PORT: u16 = 0x514;
 /// Panic port: a 32-bit `out` reports a guest panic; the VMM stops the VM and reports it.
 pub const PANIC_PORT: u16 = 0x518;
 
+/// Output-dependency port (optional, epoch mode): a 32-bit `out` of the
+/// guest-physical address of the guest's **state version**, an 8-byte aligned
+/// `u64` in RAM below 4 GiB that the guest owns (0 unregisters). The guest
+/// promises to change the version (any new value) after every change of its
+/// state that later output may depend on and before sending that output; in
+/// return, virtio-vsock output sent while the version still equals its value
+/// at the last committed epoch is released at once instead of being held
+/// until the epoch that produced it commits (a read of committed data
+/// depends on nothing a crash can lose). A guest that never registers has
+/// all its output held. The registration is part of the VM's state.
+pub const OUTPUT_DEPS_PORT: u16 = 0x51c;
+
 /// vsock CID of the guest (the virtio-vsock device's `guest_cid`).
 pub const GUEST_CID: u64 = 3;
 /// vsock port on which the built-in key-value guest listens; host connections

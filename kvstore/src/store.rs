@@ -102,6 +102,8 @@ pub struct Store {
     used: usize,
     mem_limit: usize,
     pub(crate) stats: Stats,
+    /// See [`Store::version`].
+    pub(crate) version: u64,
 }
 
 #[inline]
@@ -146,7 +148,21 @@ impl Store {
             used: 0,
             mem_limit,
             stats: Stats::default(),
+            version: 0,
         }
+    }
+
+    /// The state version: it changes with every write command (SET, DEL,
+    /// INCR, FLUSHALL, … even one that fails), with CONFIG, and with every
+    /// key deleted by expiry, so a reply sent while it is unchanged depends
+    /// on no keyspace change newer than the last time it was looked at.
+    /// Reads, connection commands and INFO leave it: per-connection state
+    /// does not outlive a crash anyway, and INFO's counters are statistics,
+    /// not data. nvhv's
+    /// guest publishes it (`nvhv_abi::OUTPUT_DEPS_PORT`) so that replies to
+    /// reads of committed data are not held for an epoch.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Number of keys, including expired keys not yet reclaimed.
@@ -444,6 +460,7 @@ impl Store {
 
     /// Deletes the key in slot `i`.
     pub(crate) fn remove_idx(&mut self, i: u32) {
+        self.version += 1;
         let hash = self.entry(i).hash;
         if let Ok(found) = self.table.find_entry(hash, |&j| j == i) {
             found.remove();

@@ -344,3 +344,66 @@ fn scan_skips_and_reclaims_expired_keys() {
     assert_eq!(keys, vec!["b".to_string()]);
     assert_eq!(c.store.len(), 1);
 }
+
+#[test]
+fn the_state_version_moves_with_every_write_and_never_with_a_read() {
+    let mut c = Client::new();
+    c.q("MSET a 1 b 2");
+    c.q("SET t 1 PX 10");
+    let v = c.store.version();
+    for read in [
+        "GET a",
+        "MGET a b x",
+        "EXISTS a",
+        "STRLEN b",
+        "TTL a",
+        "PTTL t",
+        "TYPE a",
+        "DBSIZE",
+        "KEYS *",
+        "SCAN 0",
+        "PING",
+        "ECHO hi",
+        "GET missing",
+        "NOSUCHCOMMAND",
+        "GET",
+        "INFO",
+        "SELECT 0",
+        "CLIENT SETNAME me",
+        "HELLO 2",
+        "COMMAND COUNT",
+    ] {
+        c.q(read);
+        assert_eq!(c.store.version(), v, "{read} changed the version");
+    }
+    let mut last = v;
+    for change in [
+        "SET a 2",
+        "INCR n",
+        "DEL b",
+        "DEL nothing",
+        "APPEND a x",
+        "EXPIRE a 100",
+        "PERSIST a",
+        "GETDEL a",
+        "FLUSHALL",
+        "CONFIG GET maxmemory",
+        "SETNX s 1",
+    ] {
+        c.q(change);
+        assert_ne!(c.store.version(), last, "{change} left the version");
+        last = c.store.version();
+    }
+    // A read that finds its key expired deletes it: the version moves.
+    c.q("SET e 1 PX 10");
+    let before = c.store.version();
+    c.now += 20;
+    assert_eq!(c.q("GET e"), "$-1\r\n");
+    assert_ne!(c.store.version(), before, "a lazy expiry is a change");
+    // So does active expiry.
+    c.q("SET f 1 PX 10");
+    let before = c.store.version();
+    c.now += 20;
+    assert_eq!(c.store.expire_some(c.now, 16), 1);
+    assert_ne!(c.store.version(), before, "an active expiry is a change");
+}

@@ -42,6 +42,7 @@ const GUEST_PORTS: &[(u16, u16)] = &[
     (nvhv_abi::WAIT_PORT, 4),
     (nvhv_abi::EXIT_PORT, 4),
     (nvhv_abi::PANIC_PORT, 4),
+    (nvhv_abi::OUTPUT_DEPS_PORT, 4),
 ];
 
 /// GDT limit for `vcpus` TSS descriptors.
@@ -328,6 +329,8 @@ mod tests {
         };
         assert_eq!(bit(nvhv_abi::SERIAL_PORT), 0);
         assert_eq!(bit(nvhv_abi::WAIT_PORT), 0);
+        assert_eq!(bit(nvhv_abi::OUTPUT_DEPS_PORT), 0);
+        assert_eq!(bit(nvhv_abi::OUTPUT_DEPS_PORT + 4), 1);
         assert_eq!(bit(0x80), 1);
         assert_eq!(bit(0x3f7), 1);
         let end: u8 = m.read_obj(GuestAddress(base + TSS_LIMIT as u64)).unwrap();

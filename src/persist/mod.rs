@@ -19,8 +19,9 @@ use crate::vstate::vm::VmState;
 /// Magic at the start of an encoded machine state.
 pub const STATE_MAGIC: [u8; 8] = *b"NVHVSTAT";
 /// Version of the [`MachineState`] encoding this binary writes. It also
-/// reads version 1, whose serial state had no unfinished console line.
-pub const STATE_VERSION: u32 = 2;
+/// reads version 2, whose vsock state had no output-dependency word, and
+/// version 1, whose serial state had no unfinished console line either.
+pub const STATE_VERSION: u32 = 3;
 const HEADER_LEN: usize = 28;
 
 /// A component whose state is saved into and restored from NVRAM.
@@ -127,7 +128,9 @@ impl MachineState {
             return Err(StateError::Crc);
         }
         let s: MachineState = match version {
-            1 => postcard::from_bytes::<v1::MachineState>(payload).map(Into::into),
+            1 => postcard::from_bytes::<v1::MachineState>(payload)
+                .map(|s| v2::MachineState::from(s).into()),
+            2 => postcard::from_bytes::<v2::MachineState>(payload).map(Into::into),
             _ => postcard::from_bytes(payload),
         }
         .map_err(StateError::Decode)?;
@@ -142,11 +145,77 @@ impl MachineState {
     }
 }
 
+/// The version-2 encoding: no output-dependency word in the vsock state.
+mod v2 {
+    use serde::{Deserialize, Serialize};
+
+    use crate::devices::serial::SerialState;
+    use crate::devices::virtio::mmio::MmioTransportState;
+    use crate::vstate::vcpu::VcpuState;
+    use crate::vstate::vm::VmState;
+
+    #[derive(Serialize, Deserialize)]
+    pub struct VsockDeviceState {
+        pub guest_cid: u64,
+        pub next_port: u32,
+        pub reset_event_pending: bool,
+        pub connections: Vec<(u32, u32)>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct VsockState {
+        pub transport: MmioTransportState,
+        pub device: VsockDeviceState,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct DeviceStates {
+        pub serial: SerialState,
+        pub vsock: Option<VsockState>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct MachineState {
+        pub vm: VmState,
+        pub vcpus: Vec<VcpuState>,
+        pub devices: DeviceStates,
+    }
+
+    impl From<VsockState> for crate::devices::virtio::vsock::VsockState {
+        fn from(s: VsockState) -> Self {
+            let d = s.device;
+            crate::devices::virtio::vsock::VsockState {
+                transport: s.transport,
+                device: crate::devices::virtio::vsock::VsockDeviceState {
+                    guest_cid: d.guest_cid,
+                    next_port: d.next_port,
+                    reset_event_pending: d.reset_event_pending,
+                    connections: d.connections,
+                    output_deps: None,
+                },
+            }
+        }
+    }
+
+    impl From<MachineState> for super::MachineState {
+        fn from(s: MachineState) -> Self {
+            super::MachineState {
+                vm: s.vm,
+                vcpus: s.vcpus,
+                devices: super::DeviceStates {
+                    serial: s.devices.serial,
+                    vsock: s.devices.vsock.map(Into::into),
+                },
+            }
+        }
+    }
+}
+
 /// The version-1 encoding, read for images suspended by older builds.
 mod v1 {
     use serde::{Deserialize, Serialize};
 
-    use crate::devices::virtio::vsock::VsockState;
+    use super::v2::VsockState;
     use crate::vstate::vcpu::VcpuState;
     use crate::vstate::vm::VmState;
 
@@ -170,12 +239,12 @@ mod v1 {
         pub devices: DeviceStates,
     }
 
-    impl From<MachineState> for super::MachineState {
+    impl From<MachineState> for super::v2::MachineState {
         fn from(s: MachineState) -> Self {
-            super::MachineState {
+            super::v2::MachineState {
                 vm: s.vm,
                 vcpus: s.vcpus,
-                devices: super::DeviceStates {
+                devices: super::v2::DeviceStates {
                     serial: super::SerialState {
                         regs: s.devices.serial.regs,
                         in_buffer: s.devices.serial.in_buffer,
@@ -222,6 +291,58 @@ mod tests {
         // The same bytes labelled version 2 do not decode as version 2.
         b[8] = 2;
         assert!(MachineState::decode(&b, 2).is_err());
+    }
+
+    fn with_header(version: u32, payload: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&STATE_MAGIC);
+        b.extend_from_slice(&version.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        b.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+        b.extend_from_slice(payload);
+        b
+    }
+
+    #[test]
+    fn a_version_2_state_is_read_with_no_output_dependency_word() {
+        let mut s = sample();
+        let vsock = crate::devices::virtio::vsock::VsockState {
+            transport: Default::default(),
+            device: crate::devices::virtio::vsock::VsockDeviceState {
+                guest_cid: 3,
+                next_port: 2000,
+                reset_event_pending: true,
+                connections: vec![(1024, 7)],
+                output_deps: None,
+            },
+        };
+        s.devices.vsock = Some(vsock.clone());
+        let old = v2::MachineState {
+            vm: s.vm.clone(),
+            vcpus: s.vcpus.clone(),
+            devices: v2::DeviceStates {
+                serial: s.devices.serial.clone(),
+                vsock: Some(v2::VsockState {
+                    transport: vsock.transport.clone(),
+                    device: v2::VsockDeviceState {
+                        guest_cid: 3,
+                        next_port: 2000,
+                        reset_event_pending: true,
+                        connections: vec![(1024, 7)],
+                    },
+                }),
+            },
+        };
+        let mut b = with_header(2, &postcard::to_allocvec(&old).unwrap());
+        assert_eq!(MachineState::decode(&b, 2).unwrap(), s);
+        // The same bytes labelled version 3 lack the word: refused.
+        b[8] = 3;
+        assert!(MachineState::decode(&b, 2).is_err());
+        // And a version-3 state keeps a registered word.
+        s.devices.vsock.as_mut().unwrap().device.output_deps = Some(0x20_1000);
+        let d = MachineState::decode(&s.encode().unwrap(), 2).unwrap();
+        assert_eq!(d, s);
     }
 
     fn sample() -> MachineState {

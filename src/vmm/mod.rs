@@ -20,7 +20,7 @@ use crate::boot::elf;
 use crate::boot::guest_abi::{self, Layout};
 use crate::devices::serial::{Console, SerialState};
 use crate::devices::virtio::vsock::{
-    OutputCommit, OutputCut, OutputGate, Vsock, VsockArgs, VsockConfig,
+    DepsPort, OutputCommit, OutputCut, OutputGate, Vsock, VsockArgs, VsockConfig,
 };
 use crate::devices::{GuestMemory, MmioDevice};
 use crate::nvram::redo::Changes;
@@ -271,6 +271,8 @@ struct Bus {
     console: Mutex<Console>,
     /// MMIO devices: (base, size, device).
     mmio: Vec<(u64, u64, SharedMmio)>,
+    /// Where [`nvhv_abi::OUTPUT_DEPS_PORT`] writes go (the vsock device).
+    deps: Option<DepsPort>,
 }
 
 impl Bus {
@@ -283,6 +285,7 @@ impl Bus {
         Arc::new(Bus {
             console: Mutex::new(console),
             mmio,
+            deps: vsock.map(Vsock::deps_port),
         })
     }
 
@@ -332,6 +335,19 @@ impl ExitHandler for Bus {
             },
             nvhv_abi::EXIT_PORT => ExitAction::Stop(StopReason::GuestExit(word())),
             nvhv_abi::PANIC_PORT => ExitAction::Stop(StopReason::GuestPanic(word())),
+            nvhv_abi::OUTPUT_DEPS_PORT => {
+                let addr = word() as u64;
+                match &self.deps {
+                    Some(d) if d.register(addr) => {
+                        tracing::debug!("guest state version registered at {addr:#x}");
+                    }
+                    Some(_) => tracing::warn!(
+                        "guest state version at {addr:#x} refused (misaligned or outside RAM): all output is held"
+                    ),
+                    None => {}
+                }
+                ExitAction::Continue
+            }
             _ => ExitAction::Continue,
         }
     }

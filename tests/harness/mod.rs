@@ -1,8 +1,11 @@
 //! Crash harness: clients drive the kv guest in epoch mode while the harness
 //! kills nvhv with SIGKILL at random moments, resumes it, and checks that
 //! every acknowledged write survived, that nothing appears that was never
-//! written, and that counters lie between their acknowledged and sent
-//! increments. Shared by `tests/crash.rs` (CI, ≥ 20 cycles) and
+//! written, that counters lie between their acknowledged and sent
+//! increments, and that every value a read returned survived too (a GET of
+//! another client's newest SET, or of its counter, may see a write that is
+//! not acknowledged yet: nvhv must hold such a reply until that write is
+//! committed, while replies to reads of committed data go out at once). Shared by `tests/crash.rs` (CI, ≥ 20 cycles) and
 //! `examples/crash_harness.rs` (standalone, ≥ 500 cycles).
 #![allow(dead_code)]
 
@@ -108,6 +111,12 @@ pub struct ClientLog {
     pub counter_base: u64,
     /// Next sequence number.
     pub seq: u64,
+    /// The key of this client's newest SET (others read it).
+    pub last_set: Option<String>,
+    /// Values this client's reads returned since the last check: (key,
+    /// value) of other clients' SETs, and (client, value) of their counters.
+    pub seen_sets: Vec<(String, Vec<u8>)>,
+    pub seen_counters: Vec<(usize, u64)>,
 }
 
 /// Totals over a run.
@@ -121,6 +130,9 @@ pub struct Totals {
     /// Sent but unacknowledged writes found absent after a crash.
     pub unacked_absent: u64,
     pub checked_keys: u64,
+    /// Values returned by reads (of other clients' newest writes) and
+    /// checked after the next crash.
+    pub checked_reads: u64,
     pub violations: Vec<String>,
 }
 
@@ -144,12 +156,34 @@ impl Rng {
 }
 
 /// Drive the store until `stop` or a connection error, logging into `log`.
-fn drive(port: u16, c: usize, log: &Mutex<ClientLog>, stop: &AtomicBool, seed: u64) {
+fn drive(port: u16, c: usize, logs: &[Mutex<ClientLog>], stop: &AtomicBool, seed: u64) {
+    let log = &logs[c];
     let Ok(mut cl) = Client::connect(port) else {
         return;
     };
     let mut rng = Rng::new(seed);
     while !stop.load(Ordering::Relaxed) {
+        if rng.below(4) == 0 {
+            // A read of another client's newest write.
+            let o = rng.below(logs.len() as u64) as usize;
+            let key = logs[o].lock().unwrap().last_set.clone();
+            match (rng.below(2), key) {
+                (0, Some(k)) => match cl.cmd(&[b"GET", k.as_bytes()]) {
+                    Ok(Reply::Bulk(Some(v))) => log.lock().unwrap().seen_sets.push((k, v)),
+                    Ok(Reply::Bulk(None)) => {}
+                    _ => return,
+                },
+                _ => match cl.cmd(&[b"GET", format!("ctr:{o}").as_bytes()]) {
+                    Ok(Reply::Bulk(Some(v))) => {
+                        let n = String::from_utf8_lossy(&v).parse().unwrap_or(u64::MAX);
+                        log.lock().unwrap().seen_counters.push((o, n));
+                    }
+                    Ok(Reply::Bulk(None)) => {}
+                    _ => return,
+                },
+            }
+            continue;
+        }
         let seq = {
             let mut l = log.lock().unwrap();
             l.seq += 1;
@@ -159,10 +193,13 @@ fn drive(port: u16, c: usize, log: &Mutex<ClientLog>, stop: &AtomicBool, seed: u
             0 => {
                 let k = format!("k:{c}:{seq}");
                 let v = format!("v{seq}-{:x}", rng.next());
-                log.lock()
-                    .unwrap()
-                    .sets
-                    .insert(k.clone(), (v.clone(), false));
+                {
+                    let mut l = log.lock().unwrap();
+                    l.sets.insert(k.clone(), (v.clone(), false));
+                    // ORDER: published to readers before it is sent, so a
+                    //        read may race the SET.
+                    l.last_set = Some(k.clone());
+                }
                 match cl.cmd(&[b"SET", k.as_bytes(), v.as_bytes()]) {
                     Ok(Reply::Status(s)) if s == "OK" => {
                         log.lock().unwrap().sets.get_mut(&k).unwrap().1 = true;
@@ -233,6 +270,7 @@ fn mget(cl: &mut Client, keys: &[&str]) -> Vec<Option<Vec<u8>>> {
 fn verify(port: u16, logs: &[Mutex<ClientLog>], t: &mut Totals) {
     let mut cl = Client::connect(port).expect("connect after resume");
     let mut expected_keys: HashSet<String> = HashSet::new();
+    let mut counters = vec![0u64; logs.len()];
     for (c, log) in logs.iter().enumerate() {
         let mut l = log.lock().unwrap();
         // SETs.
@@ -309,11 +347,38 @@ fn verify(port: u16, logs: &[Mutex<ClientLog>], t: &mut Totals) {
                 "{ck} = {value}, outside [{lo} acknowledged, {hi} sent]"
             ));
         }
+        counters[c] = value;
         l.counter_base = value;
         l.incr_sent = 0;
         l.incr_acked = 0;
         if value > 0 {
             expected_keys.insert(ck);
+        }
+    }
+    // Every value a read returned is still there (SET keys are written
+    // once; counters only grow).
+    for log in logs {
+        let mut l = log.lock().unwrap();
+        let sets = std::mem::take(&mut l.seen_sets);
+        let refs: Vec<&str> = sets.iter().map(|(k, _)| k.as_str()).collect();
+        for ((k, seen), got) in sets.iter().zip(mget(&mut cl, &refs)) {
+            t.checked_reads += 1;
+            if got.as_deref() != Some(&seen[..]) {
+                t.violations.push(format!(
+                    "a GET of {k} returned {:?}, after the crash it is {:?}",
+                    String::from_utf8_lossy(seen),
+                    got.map(|g| String::from_utf8_lossy(&g).into_owned())
+                ));
+            }
+        }
+        for (o, seen) in std::mem::take(&mut l.seen_counters) {
+            t.checked_reads += 1;
+            if counters[o] < seen {
+                t.violations.push(format!(
+                    "a GET of ctr:{o} returned {seen}, after the crash it is {}",
+                    counters[o]
+                ));
+            }
         }
     }
     // Nothing that was never written.
@@ -460,11 +525,11 @@ impl Harness {
         let run_for = Duration::from_millis(30 + self.rng.below(300));
         std::thread::scope(|s| {
             for c in 0..self.clients {
-                let log = &self.logs[c];
+                let logs = &self.logs[..];
                 let stop = &stop;
                 let port = self.port;
                 let seed = self.rng.next();
-                s.spawn(move || drive(port, c, log, stop, seed));
+                s.spawn(move || drive(port, c, logs, stop, seed));
             }
             std::thread::sleep(run_for);
             // SIGKILL: no warning, no chance to flush anything.

@@ -29,6 +29,7 @@ use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 use nvhv_kvstore::{feed, Conn, Store};
 use nvhv_rt::abi::KV_VSOCK_PORT;
+use nvhv_rt::StateVersion;
 
 use crate::vsock::{
     Hdr, Vsock, MAX_TX_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
@@ -533,6 +534,11 @@ enum Close {
     Shutdown,
 }
 
+/// The store's state version as the VMM sees it (`nvhv_rt::StateVersion`):
+/// replies sent while it equals its committed value (reads of committed
+/// data) are not held for an epoch.
+pub static STATE_VERSION: StateVersion = StateVersion::new();
+
 /// Does what one connection can do now. Returns packets queued and whether
 /// the connection is closing.
 fn service<const Q: usize>(
@@ -564,6 +570,10 @@ fn service<const Q: usize>(
                 break;
             }
             let h = c.hdr(cid, OP_RW);
+            // ORDER: the reply's state version is published before the
+            //        reply enters the TX ring (nvhv releases it at once
+            //        only if that version is already committed).
+            STATE_VERSION.publish(store.version());
             if !dev.send(&h, &c.out[c.out_pos..c.out_pos + n]) {
                 return (sent, Close::No);
             }

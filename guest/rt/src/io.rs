@@ -4,7 +4,9 @@
 
 use core::arch::asm;
 
-use nvhv_abi::{EXIT_PORT, PANIC_PORT, WAIT_PORT};
+use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
+
+use nvhv_abi::{EXIT_PORT, OUTPUT_DEPS_PORT, PANIC_PORT, WAIT_PORT};
 
 /// Writes one byte to an I/O port.
 ///
@@ -76,6 +78,50 @@ pub fn output_held() -> bool {
     // SAFETY: HINTS_ADDR lies in the identity-mapped, always-readable first
     // 2 MiB; the VMM updates the word concurrently, hence the volatile read.
     unsafe { core::ptr::read_volatile(nvhv_abi::HINTS_ADDR as *const u32) != 0 }
+}
+
+/// The guest's state version ([`nvhv_abi::OUTPUT_DEPS_PORT`]): output sent
+/// while it equals its value at the last committed epoch is not held for
+/// output commit. [`register`](Self::register) it once; then
+/// [`publish`](Self::publish) a version that changes with every change of
+/// state that later output may depend on, before sending that output.
+pub struct StateVersion(AtomicU64);
+
+impl StateVersion {
+    /// Version 0, not registered.
+    pub const fn new() -> Self {
+        StateVersion(AtomicU64::new(0))
+    }
+
+    /// Tells the VMM where this word is (a static: identity-mapped, below
+    /// 4 GiB).
+    pub fn register(&'static self) {
+        let addr = &self.0 as *const AtomicU64 as u64;
+        assert!(addr < 1 << 32, "state version above 4 GiB");
+        // SAFETY: OUTPUT_DEPS_PORT is the ABI's port; the VMM only records
+        // the address (and reads the word from then on).
+        unsafe { outl(OUTPUT_DEPS_PORT, addr as u32) };
+    }
+
+    /// Sets the version to `v`. Call it after the changes `v` covers and
+    /// before sending output that depends on them. Stores only a new value,
+    /// so a read-only stretch does not dirty the page.
+    #[inline]
+    pub fn publish(&self, v: u64) {
+        if self.0.load(Ordering::Relaxed) != v {
+            // ORDER: after the state changes (release), before the packet
+            // is published in the TX ring (the fence keeps the compiler from
+            // moving that store above this one; x86 keeps stores in order).
+            self.0.store(v, Ordering::Release);
+            compiler_fence(Ordering::SeqCst);
+        }
+    }
+}
+
+impl Default for StateVersion {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Stops the VM (guest-requested power off) with status `code`.

@@ -206,6 +206,12 @@ pub(crate) fn execute(
     };
     let res = run(cmd, &mut c, args);
     c.store.stats.commands += 1;
+    // The state version moves with every write command (even one that
+    // failed) and CONFIG; connection state (SELECT, CLIENT SETNAME, …) and
+    // INFO's counters are not state a later reply must find after a crash.
+    if spec.flags.first() == Some(&"write") || matches!(cmd, Cmd::Config) {
+        c.store.version += 1;
+    }
     if res.is_err() || out.failed() {
         out.rollback(mark);
         out.raw(OOM);

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 
 use super::connection::{Connection, VsockState};
+use super::deps::{OutputDeps, VersionMark};
 use super::packet::{
     Header, Op, EVENT_LEN, EVENT_TRANSPORT_RESET, HDR_LEN, HOST_CID, MAX_PKT_PAYLOAD, TYPE_STREAM,
 };
@@ -85,6 +86,9 @@ pub struct VsockCore {
     output_gate: Option<OutputGate>,
     /// The gate was told about output waiting in this epoch.
     output_signalled: bool,
+    /// The guest's state version: output that depends on nothing
+    /// uncommitted is not held ([`super::deps`]).
+    pub(crate) deps: OutputDeps,
     /// The earliest time a connection the guest refused is offered again.
     request_retry: Option<Instant>,
 }
@@ -114,6 +118,8 @@ impl std::fmt::Debug for OutputGate {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutputCut {
     epoch: u64,
+    /// The guest's state version at the cut.
+    version: VersionMark,
 }
 
 /// Parameters of a core.
@@ -159,6 +165,7 @@ impl VsockCore {
             output_epoch: 0,
             output_gate: None,
             output_signalled: false,
+            deps: OutputDeps::default(),
             request_retry: None,
         }
     }
@@ -184,6 +191,7 @@ impl VsockCore {
     pub fn output_cut(&mut self) -> OutputCut {
         let cut = OutputCut {
             epoch: self.output_epoch,
+            version: self.deps.mark(&self.mem),
         };
         self.output_epoch += 1;
         self.output_signalled = false;
@@ -195,6 +203,7 @@ impl VsockCore {
     /// to the device thread costs tens of µs of wake-up on our hosts, and
     /// every acknowledged reply waits for it). Returns the bytes released.
     pub fn release_output(&mut self, cut: OutputCut) -> u64 {
+        self.deps.commit(cut.version);
         let mut total = 0;
         let ports: Vec<u32> = self.conns.keys().copied().collect();
         for p in ports {
@@ -212,6 +221,18 @@ impl VsockCore {
             self.process_io(Instant::now());
         }
         total
+    }
+
+    /// The guest registers its state-version word at `addr` (0: none);
+    /// false if the address is unusable.
+    pub fn register_output_deps(&mut self, addr: u64) -> bool {
+        self.deps.register(&self.mem, addr)
+    }
+
+    /// After a restore: the saved registration, whose version in RAM is
+    /// the committed one.
+    pub(crate) fn restore_output_deps(&mut self, addr: Option<u64>) {
+        self.deps = OutputDeps::restored(&self.mem, addr);
     }
 
     /// Bytes of guest output waiting for a release.
@@ -573,7 +594,10 @@ impl VsockCore {
             .is_some_and(|c| c.peer_port == hdr.src_port && c.vsock_open());
         match op {
             Some(op) if known && hdr.type_ == TYPE_STREAM => {
-                let (epoch, hold) = (self.output_epoch, self.output_gate.is_some());
+                // Output that depends on nothing uncommitted is not held.
+                let hold =
+                    self.output_gate.is_some() && !(op == Op::Rw && self.deps.settled(&self.mem));
+                let epoch = self.output_epoch;
                 if let Some(c) = self.conns.get_mut(&port) {
                     let held = c.on_guest_packet(hdr, op, payload, epoch, hold);
                     if let Some(t) = c.request_retry_at() {

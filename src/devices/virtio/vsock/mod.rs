@@ -34,13 +34,17 @@
 //! credit shrinks while bytes are held, so a guest never has more in flight
 //! than `buf_alloc` per connection. Without a gate output goes out at once.
 //!
+//! Output that depends on nothing uncommitted (the guest says so through its
+//! state-version word, [`deps`]) is not held.
+//!
 //! Layout: [`packet`] (wire format), [`connection`] (one bridged connection,
-//! credit, host I/O, the output hook), [`device`] (queues and connection
-//! table), [`backend`] (the device thread and its exit-free polling loop),
+//! credit, host I/O, the output hook), [`deps`] (which output need not wait),
+//! [`device`] (queues and connection table), [`backend`] (the device thread and its exit-free polling loop),
 //! [`persist`] (save/restore).
 
 pub mod backend;
 pub mod connection;
+pub mod deps;
 pub mod device;
 pub mod packet;
 pub mod persist;
@@ -64,6 +68,7 @@ use super::DeviceSignals;
 use crate::devices::GuestMemory;
 use crate::vstate::wait::GuestWake;
 
+pub use self::deps::OutputDeps;
 pub use self::device::{OutputCut, OutputGate};
 pub use self::persist::{VsockDeviceState, VsockState};
 
@@ -281,6 +286,12 @@ impl Vsock {
         self.shared.lock().held_output()
     }
 
+    /// The handle through which the guest's [`nvhv_abi::OUTPUT_DEPS_PORT`]
+    /// writes reach this device.
+    pub fn deps_port(&self) -> DepsPort {
+        DepsPort(Arc::clone(&self.shared))
+    }
+
     /// Stop the device thread and close every host connection.
     pub fn stop(mut self) {
         self.shutdown();
@@ -297,6 +308,19 @@ impl Vsock {
             tracing::warn!("vsock: device thread panicked");
         }
         self.shared.lock().close();
+    }
+}
+
+/// Where the guest registers its state-version word (see [`deps`]).
+#[derive(Clone)]
+pub struct DepsPort(Arc<Shared>);
+
+impl DepsPort {
+    /// The guest wrote `addr` to [`nvhv_abi::OUTPUT_DEPS_PORT`]: register
+    /// it (0: unregister). False if the address is unusable (misaligned or
+    /// outside RAM): then nothing is registered.
+    pub fn register(&self, addr: u64) -> bool {
+        self.0.lock().register_output_deps(addr)
     }
 }
 

@@ -32,6 +32,9 @@ pub struct VsockDeviceState {
     pub reset_event_pending: bool,
     /// Connections the guest may hold, as (host port, guest port).
     pub connections: Vec<(u32, u32)>,
+    /// Guest-physical address of the guest's state-version word, if it
+    /// registered one ([`super::deps`]).
+    pub output_deps: Option<u64>,
 }
 
 /// Everything saved for the vsock device.
@@ -65,6 +68,7 @@ impl Vsock {
                 next_port: core.next_port,
                 reset_event_pending: core.reset_event_pending,
                 connections: core.guest_visible_connections(),
+                output_deps: core.deps.addr(),
             }
         };
         if !was_paused {
@@ -100,6 +104,7 @@ impl Vsock {
             let mut core = shared.lock();
             core.next_port = d.next_port;
             core.restored(std::time::Instant::now());
+            core.restore_output_deps(d.output_deps);
             for &(local, peer) in &d.connections {
                 core.reset_guest_connection(local, peer);
             }
