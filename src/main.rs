@@ -74,8 +74,10 @@ struct RunArgs {
     /// Persistence mode. epoch (the default): continuous checkpoints (an
     /// epoch ends when a reply waits and --epoch-min has passed, at the dirty
     /// budget, or at --epoch-max); client output is held until the epoch
-    /// that produced it is durable, so a crash without warning (kill -9,
-    /// power loss) loses no acknowledged write. suspend-only: guest RAM lives
+    /// that produced it is durable (except replies a guest marks as
+    /// depending only on committed state, like the kv guest's reads of
+    /// committed data), so a crash without warning (kill -9, power loss)
+    /// loses no acknowledged write. suspend-only: guest RAM lives
     /// in the image in place, no runtime cost; state is durable only after
     /// an orderly or warned stop (SIGTERM, SIGPWR, `nvhv suspend`); after a
     /// crash the image is refused.
