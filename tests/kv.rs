@@ -1548,6 +1548,15 @@ fn replies_to_reads_of_committed_data_are_not_held() {
             assert_eq!(bulk(&mut c, &["GET", "old"]).as_deref(), Some("1"));
         } else {
             kv.suspend();
+            let err = kv.vm.stderr_text();
+            let unheld: u64 = err
+                .split("after commits, ")
+                .nth(1)
+                .and_then(|t| t.split(" sent at once").next())
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no unheld-output count in the summary: {err}"));
+            // PING, GET and MGET replies at least ("+PONG\r\n", "$1\r\n1\r\n", …).
+            assert!(unheld >= 20, "only {unheld} bytes went out unheld: {err}");
             for (s, want) in [(&mut w, "+OK\r\n"), (&mut r, "$1\r\n1\r\n")] {
                 s.set_read_timeout(Some(T)).unwrap();
                 let mut b = vec![0u8; want.len()];

@@ -182,6 +182,9 @@ pub struct EpochStats {
     pub bytes_logged: u64,
     /// Output bytes released after commits.
     pub output_released: u64,
+    /// Output bytes sent without waiting for a commit (they depended on
+    /// nothing uncommitted: `devices::virtio::vsock::deps`).
+    pub output_unheld: u64,
     /// Epochs that ended with every vCPU still parked since the last
     /// capture: nothing was captured.
     pub idle_skips: u64,
@@ -200,6 +203,7 @@ impl Default for EpochStats {
             pages: h(),
             bytes_logged: 0,
             output_released: 0,
+            output_unheld: 0,
             idle_skips: 0,
             budget_ends: 0,
         }
@@ -239,7 +243,7 @@ impl EpochStats {
             )
         };
         format!(
-            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {:.1} MiB logged; {} bytes of output released; {} idle epochs without a capture; {} epochs ended by the dirty budget",
+            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {:.1} MiB logged; {} bytes of output released after commits, {} sent at once (depending on nothing uncommitted); {} idle epochs without a capture; {} epochs ended by the dirty budget",
             self.epochs,
             q(&self.pause_us),
             q(&self.commit_us),
@@ -247,6 +251,7 @@ impl EpochStats {
             q(&self.pages),
             self.bytes_logged as f64 / (1 << 20) as f64,
             self.output_released,
+            self.output_unheld,
             self.idle_skips,
             self.budget_ends
         )

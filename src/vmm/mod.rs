@@ -940,6 +940,7 @@ impl Machine {
             h.stop(&self.wake);
         }
         if stats.epochs > 0 {
+            stats.output_unheld = self.vsock.as_ref().map_or(0, Vsock::unheld_output);
             eprintln!("nvhv: {}", stats.summary());
         }
         let latency = match result {

@@ -89,6 +89,9 @@ pub struct VsockCore {
     /// The guest's state version: output that depends on nothing
     /// uncommitted is not held ([`super::deps`]).
     pub(crate) deps: OutputDeps,
+    /// Guest output bytes not held because they depended on nothing
+    /// uncommitted (while a gate was set).
+    unheld_bytes: u64,
     /// The earliest time a connection the guest refused is offered again.
     request_retry: Option<Instant>,
 }
@@ -166,6 +169,7 @@ impl VsockCore {
             output_gate: None,
             output_signalled: false,
             deps: OutputDeps::default(),
+            unheld_bytes: 0,
             request_retry: None,
         }
     }
@@ -233,6 +237,12 @@ impl VsockCore {
     /// the committed one.
     pub(crate) fn restore_output_deps(&mut self, addr: Option<u64>) {
         self.deps = OutputDeps::restored(&self.mem, addr);
+    }
+
+    /// Bytes of guest output sent without being held (output commit on,
+    /// but they depended on nothing uncommitted), since the device started.
+    pub fn unheld_output(&self) -> u64 {
+        self.unheld_bytes
     }
 
     /// Bytes of guest output waiting for a release.
@@ -595,8 +605,11 @@ impl VsockCore {
         match op {
             Some(op) if known && hdr.type_ == TYPE_STREAM => {
                 // Output that depends on nothing uncommitted is not held.
-                let hold =
-                    self.output_gate.is_some() && !(op == Op::Rw && self.deps.settled(&self.mem));
+                let gated = self.output_gate.is_some();
+                let hold = gated && !(op == Op::Rw && self.deps.settled(&self.mem));
+                if gated && !hold {
+                    self.unheld_bytes += payload.len() as u64;
+                }
                 let epoch = self.output_epoch;
                 if let Some(c) = self.conns.get_mut(&port) {
                     let held = c.on_guest_packet(hdr, op, payload, epoch, hold);

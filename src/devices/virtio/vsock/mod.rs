@@ -286,6 +286,12 @@ impl Vsock {
         self.shared.lock().held_output()
     }
 
+    /// Bytes of guest output sent at once although output commit was on:
+    /// they depended on nothing uncommitted ([`deps`]).
+    pub fn unheld_output(&self) -> u64 {
+        self.shared.lock().unheld_output()
+    }
+
     /// The handle through which the guest's [`nvhv_abi::OUTPUT_DEPS_PORT`]
     /// writes reach this device.
     pub fn deps_port(&self) -> DepsPort {
