@@ -277,14 +277,7 @@ mod tests {
                 vsock: None,
             },
         };
-        let payload = postcard::to_allocvec(&old).unwrap();
-        let mut b = Vec::new();
-        b.extend_from_slice(&STATE_MAGIC);
-        b.extend_from_slice(&1u32.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        b.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-        b.extend_from_slice(&payload);
+        let mut b = with_header(1, &postcard::to_allocvec(&old).unwrap());
         let d = MachineState::decode(&b, 2).unwrap();
         assert_eq!(d, s);
         assert!(d.devices.serial.line.is_empty());
@@ -417,13 +410,7 @@ mod tests {
     #[test]
     fn garbage_payload_with_valid_crc_is_a_decode_error_not_a_panic() {
         let payload = vec![0xffu8; 64];
-        let mut b = Vec::new();
-        b.extend_from_slice(&STATE_MAGIC);
-        b.extend_from_slice(&STATE_VERSION.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        b.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-        b.extend_from_slice(&payload);
+        let b = with_header(STATE_VERSION, &payload);
         assert!(matches!(
             MachineState::decode(&b, 1),
             Err(StateError::Decode(_))
