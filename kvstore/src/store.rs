@@ -158,9 +158,8 @@ impl Store {
     /// on no keyspace change newer than the last time it was looked at.
     /// Reads, connection commands and INFO leave it: per-connection state
     /// does not outlive a crash anyway, and INFO's counters are statistics,
-    /// not data. nvhv's
-    /// guest publishes it (`nvhv_abi::OUTPUT_DEPS_PORT`) so that replies to
-    /// reads of committed data are not held for an epoch.
+    /// not data. nvhv's guest publishes it (`nvhv_abi::OUTPUT_DEPS_PORT`) so
+    /// that replies to reads of committed data are not held for an epoch.
     pub fn version(&self) -> u64 {
         self.version
     }
