@@ -137,6 +137,13 @@ struct RuntimeArgs {
     /// page). 0 re-protects everything every epoch.
     #[arg(long, default_value_t = nvhv::vmm::DEFAULT_HOT_PAGES)]
     hot_pages: usize,
+    /// Epoch mode: hold every reply until the epoch that produced it
+    /// commits. By default a reply the guest marks as depending only on
+    /// committed state (the kv guest: reads while no write is uncommitted)
+    /// goes out at once; either way no client sees anything a crash can
+    /// take back.
+    #[arg(long)]
+    hold_all_output: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -204,6 +211,7 @@ fn runtime(a: RuntimeArgs) -> RuntimeOptions {
             dirty_budget: a.dirty_budget,
             hot_pages: a.hot_pages,
         },
+        hold_all_output: a.hold_all_output,
     }
 }
 

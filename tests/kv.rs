@@ -1549,12 +1549,7 @@ fn replies_to_reads_of_committed_data_are_not_held() {
         } else {
             kv.suspend();
             let err = kv.vm.stderr_text();
-            let unheld: u64 = err
-                .split("after commits, ")
-                .nth(1)
-                .and_then(|t| t.split(" sent at once").next())
-                .and_then(|n| n.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no unheld-output count in the summary: {err}"));
+            let unheld = unheld_bytes(&err);
             // PING, GET and MGET replies at least ("+PONG\r\n", "$1\r\n1\r\n", …).
             assert!(unheld >= 20, "only {unheld} bytes went out unheld: {err}");
             for (s, want) in [(&mut w, "+OK\r\n"), (&mut r, "$1\r\n1\r\n")] {
@@ -1570,6 +1565,30 @@ fn replies_to_reads_of_committed_data_are_not_held() {
             kv.suspend();
         }
     }
+}
+
+/// Bytes sent without waiting for a commit, from the exit summary.
+fn unheld_bytes(err: &str) -> u64 {
+    err.split("after commits, ")
+        .nth(1)
+        .and_then(|t| t.split(" sent at once").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no unheld-output count in the summary: {err}"))
+}
+
+/// `--hold-all-output` holds even the replies to reads of committed data.
+#[test]
+fn hold_all_output_holds_every_reply() {
+    require_kvm!();
+    let mut kv = Kv::start_with("holdall", "64M", &["--hold-all-output"]);
+    let mut c = kv.conn();
+    ok(&mut c, &["SET", "k", "v"]);
+    for _ in 0..20 {
+        assert_eq!(bulk(&mut c, &["GET", "k"]).as_deref(), Some("v"));
+    }
+    kv.suspend();
+    let err = kv.vm.stderr_text();
+    assert_eq!(unheld_bytes(&err), 0, "{err}");
 }
 
 // ---------------------------------------------------------------------------

@@ -186,6 +186,9 @@ pub struct RuntimeOptions {
     pub unix: Option<PathBuf>,
     /// Epoch policy (used in epoch mode).
     pub epochs: EpochPolicy,
+    /// Epoch mode: hold every reply until its own epoch commits, also
+    /// those the guest says depend only on committed state.
+    pub hold_all_output: bool,
 }
 
 /// Where the vsock device listens unless told otherwise: loopback only.
@@ -200,6 +203,7 @@ impl RuntimeOptions {
             source,
         })?;
         let mut cfg = VsockConfig::new(tcp);
+        cfg.release_settled = !self.hold_all_output;
         if let Some(p) = &self.unix {
             let _ = std::fs::remove_file(p);
             cfg.unix = Some(std::os::unix::net::UnixListener::bind(p).map_err(|source| {

@@ -89,6 +89,8 @@ pub struct VsockCore {
     /// The guest's state version: output that depends on nothing
     /// uncommitted is not held ([`super::deps`]).
     pub(crate) deps: OutputDeps,
+    /// Whether settled output ([`super::deps`]) skips the hold.
+    pub(crate) release_settled: bool,
     /// Guest output bytes not held because they depended on nothing
     /// uncommitted (while a gate was set).
     unheld_bytes: u64,
@@ -169,6 +171,7 @@ impl VsockCore {
             output_gate: None,
             output_signalled: false,
             deps: OutputDeps::default(),
+            release_settled: true,
             unheld_bytes: 0,
             request_retry: None,
         }
@@ -606,7 +609,8 @@ impl VsockCore {
             Some(op) if known && hdr.type_ == TYPE_STREAM => {
                 // Output that depends on nothing uncommitted is not held.
                 let gated = self.output_gate.is_some();
-                let hold = gated && !(op == Op::Rw && self.deps.settled(&self.mem));
+                let hold = gated
+                    && !(op == Op::Rw && self.release_settled && self.deps.settled(&self.mem));
                 if gated && !hold {
                     self.unheld_bytes += payload.len() as u64;
                 }

@@ -122,6 +122,10 @@ pub struct VsockConfig {
     /// Output commit: hold guest output until [`OutputCommit::release_output`]
     /// (see [`OutputGate`]); None releases it as it comes.
     pub output_gate: Option<OutputGate>,
+    /// With a gate: release at once output that depends on nothing
+    /// uncommitted (the guest's state version, [`deps`]); false holds every
+    /// byte until the epoch that produced it commits.
+    pub release_settled: bool,
 }
 
 impl VsockConfig {
@@ -136,6 +140,7 @@ impl VsockConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_spin: backend::IDLE_SPIN,
             output_gate: None,
+            release_settled: true,
         }
     }
 
@@ -212,6 +217,7 @@ impl Vsock {
         };
         let mut core = VsockCore::new(mem, Arc::clone(&signals), params);
         core.set_output_gate(cfg.output_gate);
+        core.release_settled = cfg.release_settled;
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             cv: Condvar::new(),
