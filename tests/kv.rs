@@ -1482,12 +1482,13 @@ fn data_survives_suspend_and_resume() {
 }
 
 /// Output commit holds only what depends on uncommitted state (the kv guest
-/// publishes its state version, `nvhv_abi::OUTPUT_DEPS_PORT`). Resumed with
-/// epochs that end on their own only after 60 s, the VM answers PING and a
-/// GET of committed data at once; a SET's reply, and then a GET's on another
-/// connection (it may have read the SET), stay held. SIGTERM's final epoch
-/// releases both; after a kill -9 instead, the SET is gone and the held GET
-/// reply never reached its client.
+/// publishes its state version and per-connection dependencies,
+/// `nvhv_abi::OUTPUT_DEPS_PORT`). Resumed with epochs that end on their own
+/// only after 60 s, the VM answers PING and a GET of committed data at once;
+/// a SET's reply, and a GET of the key it wrote on another connection, stay
+/// held, while a GET of committed data on a third connection is answered.
+/// SIGTERM's final epoch releases the held replies; after a kill -9
+/// instead, the SET is gone and the held GET reply never reached its client.
 #[test]
 fn replies_to_reads_of_committed_data_are_not_held() {
     require_kvm!();
@@ -1529,8 +1530,13 @@ fn replies_to_reads_of_committed_data_are_not_held() {
             }
         };
         held(&mut w, "the SET's reply");
-        r.write_all(b"GET old\r\n").unwrap();
-        held(&mut r, "a GET's reply after an uncommitted SET");
+        r.write_all(b"GET new\r\n").unwrap();
+        held(&mut r, "a GET of an uncommitted SET");
+        assert_eq!(
+            bulk(&mut kv.conn(), &["GET", "old"]).as_deref(),
+            Some("1"),
+            "a GET of committed data waited for another client's SET"
+        );
         if kill {
             kv.vm.signal_and_wait(libc::SIGKILL);
             let mut b = [0u8; 64];
@@ -1552,7 +1558,7 @@ fn replies_to_reads_of_committed_data_are_not_held() {
             let unheld = unheld_bytes(&err);
             // PING, GET and MGET replies at least ("+PONG\r\n", "$1\r\n1\r\n", …).
             assert!(unheld >= 20, "only {unheld} bytes went out unheld: {err}");
-            for (s, want) in [(&mut w, "+OK\r\n"), (&mut r, "$1\r\n1\r\n")] {
+            for (s, want) in [(&mut w, "+OK\r\n"), (&mut r, "$1\r\n2\r\n")] {
                 s.set_read_timeout(Some(T)).unwrap();
                 let mut b = vec![0u8; want.len()];
                 s.read_exact(&mut b).unwrap();

@@ -105,16 +105,27 @@ pub const EXIT_PORT: u16 = 0x514;
 pub const PANIC_PORT: u16 = 0x518;
 
 /// Output-dependency port (optional, epoch mode): a 32-bit `out` of the
-/// guest-physical address of the guest's **state version**, an 8-byte aligned
-/// `u64` in RAM below 4 GiB that the guest owns (0 unregisters). The guest
-/// promises to change the version (any new value) after every change of its
-/// state that later output may depend on and before sending that output; in
-/// return, virtio-vsock output sent while the version still equals its value
+/// guest-physical address of the guest's output-dependency area (8-byte
+/// aligned, in RAM below 4 GiB, owned by the guest; 0 unregisters): a `u64`
+/// **state version** followed by [`DEPS_SLOTS`] `u64` **dependency slots**.
+/// The guest promises that
+/// - the version only grows, and grows after every change of its state
+///   that later output may depend on;
+/// - before it sends virtio-vsock data on the connection from host port
+///   `p`, slot `p % DEPS_SLOTS` is at least the version after the last
+///   change that data (or any earlier data on that connection) depends on,
+///   and slots only grow.
+///
+/// In return, data the device takes while that slot is at most the version
 /// at the last committed epoch is released at once instead of being held
-/// until the epoch that produced it commits (a read of committed data
-/// depends on nothing a crash can lose). A guest that never registers has
-/// all its output held. The registration is part of the VM's state.
+/// until the epoch that produced it commits (a reply showing only durable
+/// state depends on nothing a crash can lose). A guest that never
+/// registers has all its output held. The registration is part of the
+/// VM's state.
 pub const OUTPUT_DEPS_PORT: u16 = 0x51c;
+/// Number of per-connection slots after the state version (see
+/// [`OUTPUT_DEPS_PORT`]).
+pub const DEPS_SLOTS: usize = 1024;
 
 /// vsock CID of the guest (the virtio-vsock device's `guest_cid`).
 pub const GUEST_CID: u64 = 3;

@@ -118,6 +118,17 @@ impl Conn {
         self.client.closing
     }
 
+    /// The newest [`crate::Store::version`] that a reply appended so far on this
+    /// connection depends on (a running maximum): a GET, the version of
+    /// the key's last change (or of the last deletion, for a miss); a write,
+    /// the version after it; KEYS, SCAN, DBSIZE, INFO, CONFIG, the version
+    /// at the time; PING, ECHO and the connection commands, nothing. Once
+    /// the store's version at a durable checkpoint is at least this, every
+    /// reply on the connection so far shows only durable data.
+    pub fn dep(&self) -> u64 {
+        self.client.dep
+    }
+
     /// Bytes of unfinished input held for the next [`feed`].
     pub fn pending_bytes(&self) -> usize {
         self.buf.len()

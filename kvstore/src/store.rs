@@ -52,6 +52,8 @@ pub(crate) struct Entry {
     expire_at: u64,
     /// Position in `Store::expires`, or `NONE`.
     exp_pos: u32,
+    /// The state version of its last change ([`Store::version`]).
+    ver: u64,
 }
 
 enum Slot {
@@ -104,6 +106,11 @@ pub struct Store {
     pub(crate) stats: Stats,
     /// See [`Store::version`].
     pub(crate) version: u64,
+    /// The version of the last deletion (what a miss depends on).
+    del_ver: u64,
+    /// The newest version among the keys (and misses) looked up since the
+    /// caller last cleared it: what a read's reply depends on.
+    pub(crate) read_dep: u64,
 }
 
 #[inline]
@@ -149,17 +156,19 @@ impl Store {
             mem_limit,
             stats: Stats::default(),
             version: 0,
+            del_ver: 0,
+            read_dep: 0,
         }
     }
 
-    /// The state version: it changes with every write command (SET, DEL,
-    /// INCR, FLUSHALL, … even one that fails), with CONFIG, and with every
-    /// key deleted by expiry, so a reply sent while it is unchanged depends
-    /// on no keyspace change newer than the last time it was looked at.
-    /// Reads, connection commands and INFO leave it: per-connection state
-    /// does not outlive a crash anyway, and INFO's counters are statistics,
-    /// not data. nvhv's guest publishes it (`nvhv_abi::OUTPUT_DEPS_PORT`) so
-    /// that replies to reads of committed data are not held for an epoch.
+    /// The state version: a counter that grows with every change of the
+    /// keyspace (each key remembers the version of its last change, each
+    /// deletion, by command or expiry, is one), with every write command
+    /// (even one that fails) and with CONFIG. Reads, connection commands
+    /// and INFO leave it: per-connection state does not outlive a crash
+    /// anyway, and INFO's counters are statistics, not data. Together with
+    /// [`crate::Conn::dep`] it tells nvhv (`nvhv_abi::OUTPUT_DEPS_PORT`)
+    /// which replies depend only on committed data.
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -274,9 +283,22 @@ impl Store {
                 self.stats.expired += 1;
                 Lookup::Absent(hash)
             }
-            Some(i) => Lookup::Found(i),
-            None => Lookup::Absent(hash),
+            Some(i) => {
+                self.read_dep = self.read_dep.max(self.entry(i).ver);
+                Lookup::Found(i)
+            }
+            None => {
+                self.read_dep = self.read_dep.max(self.del_ver);
+                Lookup::Absent(hash)
+            }
         }
+    }
+
+    /// Slot `i` changed: a new version, remembered by the key.
+    fn stamp(&mut self, i: u32) {
+        self.version += 1;
+        let v = self.version;
+        self.entry_mut(i).ver = v;
     }
 
     /// Whether a write growing usage by `add` and shrinking it by `sub` fits.
@@ -354,6 +376,7 @@ impl Store {
             hash,
             expire_at: NO_EXPIRE,
             exp_pos: NONE,
+            ver: 0,
         };
         self.used += cost(&e);
         self.live += 1;
@@ -362,6 +385,7 @@ impl Store {
         self.table
             .insert_unique(hash, i, |&j| entry_in(chunks, j).hash);
         self.apply_ttl(i, ttl);
+        self.stamp(i);
         Ok(i)
     }
 
@@ -380,6 +404,7 @@ impl Store {
         let new = v.footprint();
         self.used = self.used - old + new;
         self.apply_ttl(i, ttl);
+        self.stamp(i);
         Ok(())
     }
 
@@ -407,6 +432,7 @@ impl Store {
         v.append(data, target)?;
         let (new, len) = (v.footprint(), v.len());
         self.used = self.used - old + new;
+        self.stamp(i);
         Ok(len)
     }
 
@@ -433,6 +459,7 @@ impl Store {
     pub(crate) fn set_expire(&mut self, i: u32, at: u64) -> Result<(), Oom> {
         self.expires.try_reserve(1).map_err(|_| Oom)?;
         self.apply_ttl(i, Ttl::At(at));
+        self.stamp(i);
         Ok(())
     }
 
@@ -446,6 +473,7 @@ impl Store {
         let e = self.entry_mut(i);
         e.exp_pos = NONE;
         e.expire_at = NO_EXPIRE;
+        self.stamp(i);
         true
     }
 
@@ -460,6 +488,7 @@ impl Store {
     /// Deletes the key in slot `i`.
     pub(crate) fn remove_idx(&mut self, i: u32) {
         self.version += 1;
+        self.del_ver = self.version;
         let hash = self.entry(i).hash;
         if let Ok(found) = self.table.find_entry(hash, |&j| j == i) {
             found.remove();
@@ -489,6 +518,8 @@ impl Store {
 
     /// Deletes every key and frees the structures.
     pub(crate) fn flush(&mut self) {
+        self.version += 1;
+        self.del_ver = self.version;
         self.table = HashTable::new();
         self.chunks = Vec::new();
         self.nslots = 0;

@@ -407,3 +407,59 @@ fn the_state_version_moves_with_every_write_and_never_with_a_read() {
     assert_eq!(c.store.expire_some(c.now, 16), 1);
     assert_ne!(c.store.version(), before, "an active expiry is a change");
 }
+
+#[test]
+fn a_reply_depends_on_the_keys_it_read_not_on_other_writes() {
+    use nvhv_kvstore::{feed, Conn, Store};
+    let mut store = Store::new(7, usize::MAX);
+    let mut run = |store: &mut Store, c: &mut Conn, line: &str| {
+        let mut out = Vec::new();
+        feed(
+            store,
+            c,
+            format!("{line}\r\n").as_bytes(),
+            1_000_000,
+            &mut out,
+        );
+        String::from_utf8(out).unwrap()
+    };
+    let (mut w, mut r, mut p) = (Conn::new(), Conn::new(), Conn::new());
+    run(&mut store, &mut w, "SET old 1");
+    let committed = store.version();
+    assert!(
+        w.dep() >= 1 && w.dep() <= committed,
+        "a write depends on itself"
+    );
+    assert_eq!(run(&mut store, &mut r, "GET old"), "$1\r\n1\r\n");
+    assert!(r.dep() <= committed);
+    // A write elsewhere leaves the reader's dependency alone …
+    run(&mut store, &mut w, "SET new 2");
+    assert!(w.dep() > committed);
+    assert_eq!(run(&mut store, &mut r, "MGET old"), "*1\r\n$1\r\n1\r\n");
+    assert!(
+        r.dep() <= committed,
+        "reading an old key after another write"
+    );
+    // … until it reads what was written.
+    assert_eq!(run(&mut store, &mut r, "GET new"), "$1\r\n2\r\n");
+    assert!(r.dep() > committed);
+    // A miss depends on the last deletion; PING on nothing.
+    let mut m = Conn::new();
+    assert_eq!(run(&mut store, &mut m, "GET nothing"), "$-1\r\n");
+    assert_eq!(m.dep(), 0, "no deletion yet");
+    run(&mut store, &mut w, "DEL old");
+    let after_del = store.version();
+    assert_eq!(run(&mut store, &mut m, "GET old"), "$-1\r\n");
+    assert!(m.dep() >= after_del - 1 && m.dep() <= after_del);
+    run(&mut store, &mut p, "PING");
+    assert_eq!(p.dep(), 0);
+    // A whole-keyspace reply depends on everything so far.
+    run(&mut store, &mut p, "DBSIZE");
+    assert_eq!(p.dep(), store.version());
+    // A TTL change is a change of the key.
+    let mut t = Conn::new();
+    let before = store.version();
+    run(&mut store, &mut w, "EXPIRE new 100");
+    run(&mut store, &mut t, "TTL new");
+    assert!(t.dep() > before);
+}

@@ -17,10 +17,11 @@
 //! [`HOUSEKEEPING_MS`], busy or idle. Nothing is printed per request (each
 //! serial byte is an exit).
 //!
-//! The one nvhv-specific step: the store's state version is registered with
-//! the VMM and published before each reply ([`server::STATE_VERSION`]), so
-//! that in epoch mode a reply to a read of committed data goes out at once
-//! instead of waiting for the next commit.
+//! The one nvhv-specific step: the store's state version and each
+//! connection's dependency are registered with the VMM and published before
+//! each reply ([`server::OUTPUT_DEPS`]), so that in epoch mode a reply that
+//! shows only committed data goes out at once instead of waiting for the
+//! next commit.
 #![no_std]
 #![no_main]
 
@@ -101,8 +102,8 @@ fn run<const Q: usize>(info: &'static BootInfo, transport: MmioTransport<'static
     let store = Store::new(info.seed, mem_limit(heap));
     let mut st = State::new(dev.cid(), store, info.seed);
     // Replies to reads of committed data need not wait for an epoch.
-    server::STATE_VERSION.publish(st.store.version());
-    server::STATE_VERSION.register();
+    server::OUTPUT_DEPS.publish(st.store.version());
+    server::OUTPUT_DEPS.register();
     println!(
         "kv: listening on vsock port {KV_VSOCK_PORT} (heap {} MiB)",
         heap >> 20

@@ -29,7 +29,7 @@ use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 use nvhv_kvstore::{feed, Conn, Store};
 use nvhv_rt::abi::KV_VSOCK_PORT;
-use nvhv_rt::StateVersion;
+use nvhv_rt::OutputDeps;
 
 use crate::vsock::{
     Hdr, Vsock, MAX_TX_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
@@ -534,10 +534,10 @@ enum Close {
     Shutdown,
 }
 
-/// The store's state version as the VMM sees it (`nvhv_rt::StateVersion`):
-/// replies sent while it equals its committed value (reads of committed
-/// data) are not held for an epoch.
-pub static STATE_VERSION: StateVersion = StateVersion::new();
+/// The store's state version and each connection's dependency as the VMM
+/// sees them (`nvhv_rt::OutputDeps`): replies that show only committed data
+/// are not held for an epoch.
+pub static OUTPUT_DEPS: OutputDeps = OutputDeps::new();
 
 /// Does what one connection can do now. Returns packets queued and whether
 /// the connection is closing.
@@ -570,10 +570,11 @@ fn service<const Q: usize>(
                 break;
             }
             let h = c.hdr(cid, OP_RW);
-            // ORDER: the reply's state version is published before the
-            //        reply enters the TX ring (nvhv releases it at once
-            //        only if that version is already committed).
-            STATE_VERSION.publish(store.version());
+            // ORDER: the version and what the replies depend on are
+            //        published before the data enters the TX ring (nvhv
+            //        releases it at once only if that is committed).
+            OUTPUT_DEPS.publish(store.version());
+            OUTPUT_DEPS.raise(c.key.peer_port, c.kv.dep());
             if !dev.send(&h, &c.out[c.out_pos..c.out_pos + n]) {
                 return (sent, Close::No);
             }

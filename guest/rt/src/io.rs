@@ -6,7 +6,7 @@ use core::arch::asm;
 
 use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
 
-use nvhv_abi::{EXIT_PORT, OUTPUT_DEPS_PORT, PANIC_PORT, WAIT_PORT};
+use nvhv_abi::{DEPS_SLOTS, EXIT_PORT, OUTPUT_DEPS_PORT, PANIC_PORT, WAIT_PORT};
 
 /// Writes one byte to an I/O port.
 ///
@@ -80,45 +80,71 @@ pub fn output_held() -> bool {
     unsafe { core::ptr::read_volatile(nvhv_abi::HINTS_ADDR as *const u32) != 0 }
 }
 
-/// The guest's state version ([`nvhv_abi::OUTPUT_DEPS_PORT`]): output sent
-/// while it equals its value at the last committed epoch is not held for
-/// output commit. [`register`](Self::register) it once; then
-/// [`publish`](Self::publish) a version that changes with every change of
-/// state that later output may depend on, before sending that output.
-pub struct StateVersion(AtomicU64);
+/// The guest's output-dependency area ([`nvhv_abi::OUTPUT_DEPS_PORT`]): a
+/// state version and one dependency slot per connection (by host port). Data
+/// sent on a connection whose slot is at most the version at the last
+/// committed epoch is not held for output commit. [`register`](Self::register)
+/// it once; then, before sending data on a connection,
+/// [`publish`](Self::publish) the current version (it must only grow, and
+/// grow with every change that later output may depend on) and
+/// [`raise`](Self::raise) the connection's slot to the newest version that
+/// data depends on.
+#[repr(C)]
+pub struct OutputDeps {
+    version: AtomicU64,
+    slots: [AtomicU64; DEPS_SLOTS],
+}
 
-impl StateVersion {
-    /// Version 0, not registered.
+#[allow(clippy::declare_interior_mutable_const)] // only an array initialiser
+const ZERO: AtomicU64 = AtomicU64::new(0);
+
+impl OutputDeps {
+    /// Everything 0, not registered.
     pub const fn new() -> Self {
-        StateVersion(AtomicU64::new(0))
+        OutputDeps {
+            version: AtomicU64::new(0),
+            slots: [ZERO; DEPS_SLOTS],
+        }
     }
 
-    /// Tells the VMM where this word is (a static: identity-mapped, below
+    /// Tells the VMM where the area is (a static: identity-mapped, below
     /// 4 GiB).
     pub fn register(&'static self) {
-        let addr = &self.0 as *const AtomicU64 as u64;
-        assert!(addr < 1 << 32, "state version above 4 GiB");
+        let addr = self as *const OutputDeps as u64;
+        assert!(addr < 1 << 32, "output-dependency area above 4 GiB");
         // SAFETY: OUTPUT_DEPS_PORT is the ABI's port; the VMM only records
-        // the address (and reads the word from then on).
+        // the address (and reads the area from then on).
         unsafe { outl(OUTPUT_DEPS_PORT, addr as u32) };
     }
 
-    /// Sets the version to `v`. Call it after the changes `v` covers and
-    /// before sending output that depends on them. Stores only a new value,
-    /// so a read-only stretch does not dirty the page.
+    /// Sets the state version to `v` (never lower than before). Stores only
+    /// a new value, so a read-only stretch does not dirty the page.
     #[inline]
     pub fn publish(&self, v: u64) {
-        if self.0.load(Ordering::Relaxed) != v {
-            // ORDER: after the state changes (release), before the packet
-            // is published in the TX ring (the fence keeps the compiler from
-            // moving that store above this one; x86 keeps stores in order).
-            self.0.store(v, Ordering::Release);
-            compiler_fence(Ordering::SeqCst);
-        }
+        store_max(&self.version, v);
+    }
+
+    /// Raises the slot of the connection from host port `host_port` to
+    /// `dep`: call it before sending data that depends on version `dep`.
+    #[inline]
+    pub fn raise(&self, host_port: u32, dep: u64) {
+        store_max(&self.slots[host_port as usize % DEPS_SLOTS], dep);
     }
 }
 
-impl Default for StateVersion {
+/// `w = max(w, v)`, written only when it grows.
+#[inline]
+fn store_max(w: &AtomicU64, v: u64) {
+    if w.load(Ordering::Relaxed) < v {
+        // ORDER: after the state changes (release), before the packet is
+        // published in the TX ring (the fence keeps the compiler from moving
+        // that store above this one; x86 keeps stores in order).
+        w.store(v, Ordering::Release);
+        compiler_fence(Ordering::SeqCst);
+    }
+}
+
+impl Default for OutputDeps {
     fn default() -> Self {
         Self::new()
     }

@@ -38,7 +38,7 @@ pub use nvhv_abi as abi;
 pub use nvhv_abi::BootInfo;
 
 pub use heap::{heap_free_bytes, heap_used_bytes};
-pub use io::{exit, output_held, wait, StateVersion};
+pub use io::{exit, output_held, wait, OutputDeps};
 pub use start::boot_info;
 pub use time::{now_ns, tsc, unix_time_ns};
 

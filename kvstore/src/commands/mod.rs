@@ -46,6 +46,9 @@ pub(crate) struct Client {
     pub(crate) name: Vec<u8>,
     /// CLIENT ID, assigned on first use.
     pub(crate) id: u64,
+    /// The newest state version a reply sent so far depends on (a running
+    /// maximum, [`crate::Conn::dep`]).
+    pub(crate) dep: u64,
 }
 
 /// What a command runs with.
@@ -204,14 +207,30 @@ pub(crate) fn execute(
         out,
         now,
     };
+    c.store.read_dep = 0;
     let res = run(cmd, &mut c, args);
     c.store.stats.commands += 1;
     // The state version moves with every write command (even one that
     // failed) and CONFIG; connection state (SELECT, CLIENT SETNAME, …) and
     // INFO's counters are not state a later reply must find after a crash.
-    if spec.flags.first() == Some(&"write") || matches!(cmd, Cmd::Config) {
+    let write = spec.flags.first() == Some(&"write");
+    if write || matches!(cmd, Cmd::Config) {
         c.store.version += 1;
     }
+    // What the reply depends on: a key read, the keys it looked up (or the
+    // last deletion, for a miss); a write, itself; a reply about no stored
+    // state, nothing; anything else (KEYS, SCAN, DBSIZE, INFO, CONFIG), the
+    // whole keyspace as it is now.
+    use Cmd::*;
+    let dep = match cmd {
+        _ if write => c.store.version,
+        Get | MGet | Exists | Touch | Strlen | Ttl | PTtl | ExpireTime | PExpireTime | Type => {
+            c.store.read_dep
+        }
+        Ping | Echo | Select | Hello | Auth | Quit | Client | Command => 0,
+        _ => c.store.version,
+    };
+    c.client.dep = c.client.dep.max(dep);
     if res.is_err() || out.failed() {
         out.rollback(mark);
         out.raw(OOM);

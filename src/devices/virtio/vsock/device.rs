@@ -610,7 +610,9 @@ impl VsockCore {
                 // Output that depends on nothing uncommitted is not held.
                 let gated = self.output_gate.is_some();
                 let hold = gated
-                    && !(op == Op::Rw && self.release_settled && self.deps.settled(&self.mem));
+                    && !(op == Op::Rw
+                        && self.release_settled
+                        && self.deps.settled(&self.mem, port));
                 if gated && !hold {
                     self.unheld_bytes += payload.len() as u64;
                 }
