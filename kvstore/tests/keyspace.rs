@@ -412,7 +412,7 @@ fn the_state_version_moves_with_every_write_and_never_with_a_read() {
 fn a_reply_depends_on_the_keys_it_read_not_on_other_writes() {
     use nvhv_kvstore::{feed, Conn, Store};
     let mut store = Store::new(7, usize::MAX);
-    let mut run = |store: &mut Store, c: &mut Conn, line: &str| {
+    let run = |store: &mut Store, c: &mut Conn, line: &str| {
         let mut out = Vec::new();
         feed(
             store,
