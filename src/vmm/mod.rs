@@ -343,10 +343,10 @@ impl ExitHandler for Bus {
                 let addr = word() as u64;
                 match &self.deps {
                     Some(d) if d.register(addr) => {
-                        tracing::debug!("guest state version registered at {addr:#x}");
+                        tracing::debug!("guest output-dependency area registered at {addr:#x}");
                     }
                     Some(_) => tracing::warn!(
-                        "guest state version at {addr:#x} refused (misaligned or outside RAM): all output is held"
+                        "guest output-dependency area at {addr:#x} refused (misaligned or not in RAM): all output is held"
                     ),
                     None => {}
                 }

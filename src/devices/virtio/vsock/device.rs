@@ -230,7 +230,7 @@ impl VsockCore {
         total
     }
 
-    /// The guest registers its state-version word at `addr` (0: none);
+    /// The guest registers its output-dependency area at `addr` (0: none);
     /// false if the address is unusable.
     pub fn register_output_deps(&mut self, addr: u64) -> bool {
         self.deps.register(&self.mem, addr)

@@ -35,7 +35,7 @@
 //! than `buf_alloc` per connection. Without a gate output goes out at once.
 //!
 //! Output that depends on nothing uncommitted (the guest says so through its
-//! state-version word, [`deps`]) is not held.
+//! output-dependency area, [`deps`]) is not held.
 //!
 //! Layout: [`packet`] (wire format), [`connection`] (one bridged connection,
 //! credit, host I/O, the output hook), [`deps`] (which output need not wait),
@@ -323,7 +323,7 @@ impl Vsock {
     }
 }
 
-/// Where the guest registers its state-version word (see [`deps`]).
+/// Where the guest registers its output-dependency area (see [`deps`]).
 #[derive(Clone)]
 pub struct DepsPort(Arc<Shared>);
 

@@ -32,7 +32,7 @@ pub struct VsockDeviceState {
     pub reset_event_pending: bool,
     /// Connections the guest may hold, as (host port, guest port).
     pub connections: Vec<(u32, u32)>,
-    /// Guest-physical address of the guest's state-version word, if it
+    /// Guest-physical address of the guest's output-dependency area, if it
     /// registered one ([`super::deps`]).
     pub output_deps: Option<u64>,
 }
