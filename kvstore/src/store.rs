@@ -399,12 +399,18 @@ impl Store {
             (v.footprint(), v.footprint_after_set(val.len()))
         };
         self.check(new, old)?;
+        // The same bytes again change nothing a reply could show: no new
+        // version, and the entry's page stays as it was (an epoch logs only
+        // pages whose bytes changed).
+        let same = self.entry(i).val.as_slice() == val;
         let v = &mut self.entry_mut(i).val;
         v.set(val)?;
         let new = v.footprint();
         self.used = self.used - old + new;
         self.apply_ttl(i, ttl);
-        self.stamp(i);
+        if !same {
+            self.stamp(i);
+        }
         Ok(())
     }
 
@@ -450,7 +456,10 @@ impl Store {
                     self.expires.push(i);
                     self.entry_mut(i).exp_pos = (self.expires.len() - 1) as u32;
                 }
-                self.entry_mut(i).expire_at = t;
+                if self.entry(i).expire_at != t {
+                    self.entry_mut(i).expire_at = t;
+                    self.stamp(i);
+                }
             }
         }
     }
@@ -459,7 +468,6 @@ impl Store {
     pub(crate) fn set_expire(&mut self, i: u32, at: u64) -> Result<(), Oom> {
         self.expires.try_reserve(1).map_err(|_| Oom)?;
         self.apply_ttl(i, Ttl::At(at));
-        self.stamp(i);
         Ok(())
     }
 

@@ -463,3 +463,46 @@ fn a_reply_depends_on_the_keys_it_read_not_on_other_writes() {
     run(&mut store, &mut t, "TTL new");
     assert!(t.dep() > before);
 }
+
+#[test]
+fn rewriting_the_same_value_is_not_a_change_a_reader_depends_on() {
+    use nvhv_kvstore::{feed, Conn, Store};
+    let mut store = Store::new(7, usize::MAX);
+    let run = |store: &mut Store, c: &mut Conn, line: &str| {
+        let mut out = Vec::new();
+        feed(
+            store,
+            c,
+            format!("{line}\r\n").as_bytes(),
+            1_000_000,
+            &mut out,
+        );
+        String::from_utf8(out).unwrap()
+    };
+    let (mut w, mut r) = (Conn::new(), Conn::new());
+    run(&mut store, &mut w, "SET k v");
+    let committed = store.version();
+    run(&mut store, &mut w, "SET k v");
+    run(&mut store, &mut r, "GET k");
+    assert!(
+        r.dep() <= committed,
+        "an identical SET is no change to depend on"
+    );
+    assert!(w.dep() > committed, "but the SET's own reply waits for it");
+    run(&mut store, &mut w, "SET k v2");
+    run(&mut store, &mut r, "GET k");
+    assert!(r.dep() > committed);
+    // The same TTL again is no change either; another one is.
+    run(&mut store, &mut w, "EXPIRE k 100");
+    let before = store.version();
+    let mut t = Conn::new();
+    run(&mut store, &mut t, "SET k v2 KEEPTTL");
+    run(&mut store, &mut t, "TTL k");
+    assert!(t.dep() > before, "t's own SET");
+    let mut u = Conn::new();
+    run(&mut store, &mut u, "TTL k");
+    assert!(
+        u.dep() <= before,
+        "KEEPTTL with the same value changed nothing"
+    );
+}
