@@ -2,6 +2,7 @@
 
 mod common;
 use common::{Client, Value};
+use nvhv_kvstore::{feed, Conn, Store};
 use std::collections::BTreeSet;
 
 fn texts(v: &Value) -> BTreeSet<String> {
@@ -408,21 +409,22 @@ fn the_state_version_moves_with_every_write_and_never_with_a_read() {
     assert_ne!(c.store.version(), before, "an active expiry is a change");
 }
 
+/// Feeds one inline command on `c`, returns the reply.
+fn run(store: &mut Store, c: &mut Conn, line: &str) -> String {
+    let mut out = Vec::new();
+    feed(
+        store,
+        c,
+        format!("{line}\r\n").as_bytes(),
+        1_000_000,
+        &mut out,
+    );
+    String::from_utf8(out).unwrap()
+}
+
 #[test]
 fn a_reply_depends_on_the_keys_it_read_not_on_other_writes() {
-    use nvhv_kvstore::{feed, Conn, Store};
     let mut store = Store::new(7, usize::MAX);
-    let run = |store: &mut Store, c: &mut Conn, line: &str| {
-        let mut out = Vec::new();
-        feed(
-            store,
-            c,
-            format!("{line}\r\n").as_bytes(),
-            1_000_000,
-            &mut out,
-        );
-        String::from_utf8(out).unwrap()
-    };
     let (mut w, mut r, mut p) = (Conn::new(), Conn::new(), Conn::new());
     run(&mut store, &mut w, "SET old 1");
     let committed = store.version();
@@ -466,19 +468,7 @@ fn a_reply_depends_on_the_keys_it_read_not_on_other_writes() {
 
 #[test]
 fn rewriting_the_same_value_is_not_a_change_a_reader_depends_on() {
-    use nvhv_kvstore::{feed, Conn, Store};
     let mut store = Store::new(7, usize::MAX);
-    let run = |store: &mut Store, c: &mut Conn, line: &str| {
-        let mut out = Vec::new();
-        feed(
-            store,
-            c,
-            format!("{line}\r\n").as_bytes(),
-            1_000_000,
-            &mut out,
-        );
-        String::from_utf8(out).unwrap()
-    };
     let (mut w, mut r) = (Conn::new(), Conn::new());
     run(&mut store, &mut w, "SET k v");
     let committed = store.version();
