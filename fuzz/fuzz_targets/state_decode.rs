@@ -5,19 +5,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nvhv::persist::{MachineState, STATE_MAGIC, STATE_VERSION};
+use nvhv::persist::{framed, MachineState, STATE_VERSION};
 
 fuzz_target!(|data: &[u8]| {
     let vcpus = u32::from(data.first().copied().unwrap_or(1) % 4);
     let _ = MachineState::decode(data, vcpus);
 
-    let mut wrapped = Vec::with_capacity(data.len() + 28);
-    wrapped.extend_from_slice(&STATE_MAGIC);
-    wrapped.extend_from_slice(&STATE_VERSION.to_le_bytes());
-    wrapped.extend_from_slice(&0u32.to_le_bytes());
-    wrapped.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    wrapped.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
-    wrapped.extend_from_slice(data);
+    let wrapped = framed(STATE_VERSION, data);
     if let Ok(s) = MachineState::decode(&wrapped, vcpus) {
         let again = s.encode().expect("a decoded state encodes");
         let s2 = MachineState::decode(&again, vcpus).expect("re-encoded state decodes");

@@ -96,14 +96,7 @@ impl MachineState {
     /// Encode with the state header.
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
         let payload = postcard::to_allocvec(self).map_err(StateError::Encode)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(&STATE_MAGIC);
-        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
-        Ok(out)
+        Ok(framed(STATE_VERSION, &payload))
     }
 
     /// Decode and check a state written by [`encode`](Self::encode), expecting `vcpus` vCPUs.
@@ -145,6 +138,20 @@ impl MachineState {
     }
 }
 
+/// The state header for `version` and `payload`, then the payload: what
+/// [`MachineState::encode`] writes (tests and the fuzz target frame their own
+/// payloads with it).
+pub fn framed(version: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&STATE_MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
 /// The version-2 encoding: no output-dependency word in the vsock state.
 mod v2 {
     use serde::{Deserialize, Serialize};
@@ -168,17 +175,19 @@ mod v2 {
         pub device: VsockDeviceState,
     }
 
+    /// Generic over the serial state, so version 1 is this layout with its
+    /// own serial state.
     #[derive(Serialize, Deserialize)]
-    pub struct DeviceStates {
-        pub serial: SerialState,
+    pub struct DeviceStates<S = SerialState> {
+        pub serial: S,
         pub vsock: Option<VsockState>,
     }
 
     #[derive(Serialize, Deserialize)]
-    pub struct MachineState {
+    pub struct MachineState<S = SerialState> {
         pub vm: VmState,
         pub vcpus: Vec<VcpuState>,
-        pub devices: DeviceStates,
+        pub devices: DeviceStates<S>,
     }
 
     impl From<VsockState> for crate::devices::virtio::vsock::VsockState {
@@ -211,13 +220,10 @@ mod v2 {
     }
 }
 
-/// The version-1 encoding, read for images suspended by older builds.
+/// The version-1 encoding, read for images suspended by older builds:
+/// version 2's layout with an older serial state.
 mod v1 {
     use serde::{Deserialize, Serialize};
-
-    use super::v2::VsockState;
-    use crate::vstate::vcpu::VcpuState;
-    use crate::vstate::vm::VmState;
 
     /// Version 1 of `SerialState`: no unfinished line.
     #[derive(Serialize, Deserialize)]
@@ -226,18 +232,9 @@ mod v1 {
         pub in_buffer: Vec<u8>,
     }
 
-    #[derive(Serialize, Deserialize)]
-    pub struct DeviceStates {
-        pub serial: SerialState,
-        pub vsock: Option<VsockState>,
-    }
-
-    #[derive(Serialize, Deserialize)]
-    pub struct MachineState {
-        pub vm: VmState,
-        pub vcpus: Vec<VcpuState>,
-        pub devices: DeviceStates,
-    }
+    #[cfg(test)] // the tests write version-1 states
+    pub type DeviceStates = super::v2::DeviceStates<SerialState>;
+    pub type MachineState = super::v2::MachineState<SerialState>;
 
     impl From<MachineState> for super::v2::MachineState {
         fn from(s: MachineState) -> Self {
@@ -277,24 +274,13 @@ mod tests {
                 vsock: None,
             },
         };
-        let mut b = with_header(1, &postcard::to_allocvec(&old).unwrap());
+        let mut b = framed(1, &postcard::to_allocvec(&old).unwrap());
         let d = MachineState::decode(&b, 2).unwrap();
         assert_eq!(d, s);
         assert!(d.devices.serial.line.is_empty());
         // The same bytes labelled version 2 do not decode as version 2.
         b[8] = 2;
         assert!(MachineState::decode(&b, 2).is_err());
-    }
-
-    fn with_header(version: u32, payload: &[u8]) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&STATE_MAGIC);
-        b.extend_from_slice(&version.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        b.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-        b.extend_from_slice(payload);
-        b
     }
 
     #[test]
@@ -327,7 +313,7 @@ mod tests {
                 }),
             },
         };
-        let mut b = with_header(2, &postcard::to_allocvec(&old).unwrap());
+        let mut b = framed(2, &postcard::to_allocvec(&old).unwrap());
         assert_eq!(MachineState::decode(&b, 2).unwrap(), s);
         // The same bytes labelled version 3 lack the word: refused.
         b[8] = 3;
@@ -410,7 +396,7 @@ mod tests {
     #[test]
     fn garbage_payload_with_valid_crc_is_a_decode_error_not_a_panic() {
         let payload = vec![0xffu8; 64];
-        let b = with_header(STATE_VERSION, &payload);
+        let b = framed(STATE_VERSION, &payload);
         assert!(matches!(
             MachineState::decode(&b, 1),
             Err(StateError::Decode(_))
