@@ -118,13 +118,15 @@ impl OutputDeps {
     /// `host_port` depends on nothing uncommitted.
     pub fn settled(&self, mem: &GuestMemory, host_port: u32) -> bool {
         match (self.addr, self.committed) {
-            (Some(a), Some(c)) => {
-                let slot = a + 8 + 8 * (host_port as u64 % nvhv_abi::DEPS_SLOTS as u64);
-                read(mem, slot).is_some_and(|d| d <= c)
-            }
+            (Some(a), Some(c)) => read(mem, slot_addr(a, host_port)).is_some_and(|d| d <= c),
             _ => false,
         }
     }
+}
+
+/// Where the slot of the connection from `host_port` lies in the area at `area`.
+fn slot_addr(area: u64, host_port: u32) -> u64 {
+    area + 8 + 8 * (host_port as u64 % nvhv_abi::DEPS_SLOTS as u64)
 }
 
 fn read(mem: &GuestMemory, addr: u64) -> Option<u64> {
@@ -148,6 +150,8 @@ mod tests {
         m.write_obj(v, GuestAddress(A)).unwrap();
     }
 
+    /// Writes a slot where the ABI says it is (spelled out here, not
+    /// through `slot_addr`, so the layout is checked).
     fn set_slot(m: &GuestMemory, port: u32, v: u64) {
         let at = A + 8 + 8 * (port as u64 % nvhv_abi::DEPS_SLOTS as u64);
         m.write_obj(v, GuestAddress(at)).unwrap();

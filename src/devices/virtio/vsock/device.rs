@@ -86,7 +86,7 @@ pub struct VsockCore {
     output_gate: Option<OutputGate>,
     /// The gate was told about output waiting in this epoch.
     output_signalled: bool,
-    /// The guest's state version: output that depends on nothing
+    /// The guest's output-dependency area: output that depends on nothing
     /// uncommitted is not held ([`super::deps`]).
     pub(crate) deps: OutputDeps,
     /// Whether settled output ([`super::deps`]) skips the hold.

@@ -68,7 +68,6 @@ use super::DeviceSignals;
 use crate::devices::GuestMemory;
 use crate::vstate::wait::GuestWake;
 
-pub use self::deps::OutputDeps;
 pub use self::device::{OutputCut, OutputGate};
 pub use self::persist::{VsockDeviceState, VsockState};
 
