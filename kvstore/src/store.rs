@@ -294,6 +294,12 @@ impl Store {
         }
     }
 
+    /// A deletion: a new version, which every miss from now on depends on.
+    fn deleted(&mut self) {
+        self.version += 1;
+        self.del_ver = self.version;
+    }
+
     /// Slot `i` changed: a new version, remembered by the key.
     fn stamp(&mut self, i: u32) {
         self.version += 1;
@@ -495,8 +501,7 @@ impl Store {
 
     /// Deletes the key in slot `i`.
     pub(crate) fn remove_idx(&mut self, i: u32) {
-        self.version += 1;
-        self.del_ver = self.version;
+        self.deleted();
         let hash = self.entry(i).hash;
         if let Ok(found) = self.table.find_entry(hash, |&j| j == i) {
             found.remove();
@@ -526,8 +531,7 @@ impl Store {
 
     /// Deletes every key and frees the structures.
     pub(crate) fn flush(&mut self) {
-        self.version += 1;
-        self.del_ver = self.version;
+        self.deleted();
         self.table = HashTable::new();
         self.chunks = Vec::new();
         self.nslots = 0;
