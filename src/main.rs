@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use nvhv::error_chain;
 use nvhv::nvram::PersistMode;
 use nvhv::vmm::{self, GuestChoice, ResumeConfig, RunConfig, RuntimeOptions};
+use nvhv::vstate::vcpu::StopReason;
 
 /// nvhv: a KVM hypervisor whose virtual machines survive power outages.
 ///
@@ -59,6 +61,15 @@ struct RunArgs {
     /// Replace the image if the file exists (its contents are lost).
     #[arg(long)]
     force: bool,
+    /// Allocate the image's whole RAM region now, so that its file system
+    /// can never fill under the running VM (a file system too small fails
+    /// here). Without it the RAM region is sparse and takes room as the
+    /// guest first touches its pages; if the file system fills, the guest
+    /// is stopped with its last committed state kept. On tmpfs this takes
+    /// the memory now; on ext4 it is quick, but the first write of each
+    /// reserved block costs the file system a little more.
+    #[arg(long)]
+    reserve: bool,
     /// Guest RAM, e.g. 64M, 1G (suffixes K, M, G; binary units).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     mem: u64,
@@ -139,9 +150,9 @@ struct RuntimeArgs {
     hot_pages: usize,
     /// Epoch mode: hold every reply until the epoch that produced it
     /// commits. By default a reply the guest marks as depending only on
-    /// committed state (the kv guest: reads while no write is uncommitted)
-    /// goes out at once; either way no client sees anything a crash can
-    /// take back.
+    /// committed state (the kv guest: a reply on a connection whose
+    /// replies so far read or wrote only committed keys) goes out at once;
+    /// either way no client sees anything a crash can take back.
     #[arg(long)]
     hold_all_output: bool,
 }
@@ -246,18 +257,17 @@ fn main() -> ExitCode {
                     Mode::Epoch => PersistMode::Epoch,
                 },
                 log_half_bytes: a.log_size,
+                reserve_ram: a.reserve,
                 runtime: runtime(a.runtime),
             };
-            vmm::run(&cfg).map(|_| ()).map_err(|e| error_chain(&e))
+            vmm::run(&cfg).and_then_stop()
         }
         Cmd::Resume(a) => {
             let cfg = ResumeConfig {
                 image: a.image,
                 runtime: runtime(a.runtime),
             };
-            vmm::resume(&cfg, started)
-                .map(|_| ())
-                .map_err(|e| error_chain(&e))
+            vmm::resume(&cfg, started).and_then_stop()
         }
         Cmd::Suspend { image } => vmm::control::request_suspend(&image, Duration::from_secs(30))
             .map(|reply| println!("{reply}"))
@@ -289,16 +299,28 @@ fn main() -> ExitCode {
     }
 }
 
-/// "outer: inner: innermost" on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
+/// How a VM run ends for the exit status: a guest that could not be run
+/// any more (`KVM_RUN` failed, say for a full file system) is a failure
+/// even though its state was committed; an orderly stop or the guest's own
+/// exit is not.
+trait StopStatus {
+    fn and_then_stop(self) -> Result<(), String>;
+}
+
+impl StopStatus for Result<vmm::RunOutcome, vmm::VmmError> {
+    fn and_then_stop(self) -> Result<(), String> {
+        match self {
+            Ok(vmm::RunOutcome {
+                reason: vmm::StopCause::Guest(r @ StopReason::RunFailed(_)),
+                ..
+            }) => Err(format!(
+                "the VM could not go on ({}); its state is committed",
+                vmm::describe(&r)
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(error_chain(&e)),
+        }
     }
-    s
 }
 
 #[cfg(test)]

@@ -1923,3 +1923,255 @@ fn dirty_budget_bounds_epochs_that_begin_idle() {
         .unwrap_or_else(|e| panic!("GET after resume: {e}\n{}", kv.diag()));
     assert!(got == big, "the 16 MiB value came back changed");
 }
+
+/// A small file system mounted in this test thread's own mount namespace
+/// (nothing outside the thread sees it, and it cannot outlive the test
+/// process) on a fresh directory, both removed again on drop: a tmpfs, or
+/// an ext4 on a loop device over a file in the temp dir.
+struct SmallFs {
+    dir: PathBuf,
+    /// The ext4 file system's backing file.
+    backing: Option<PathBuf>,
+}
+
+impl SmallFs {
+    /// A tmpfs of `size` (`mount -o size=…`). None when this process may
+    /// not mount (not root): the caller skips, unless `NVHV_REQUIRE_ROOT=1`
+    /// (CI runs as root), where that fails.
+    fn tmpfs(tag: &str, size: &str) -> Option<SmallFs> {
+        let fs = SmallFs::private_dir(tag)?;
+        fs.mount_tmpfs(0, size);
+        Some(fs)
+    }
+
+    /// An ext4 of `mib` MiB (`mkfs.ext4`, `mount -o loop`), or None as for
+    /// [`SmallFs::tmpfs`].
+    fn ext4(tag: &str, mib: u64) -> Option<SmallFs> {
+        let mut fs = SmallFs::private_dir(tag)?;
+        let file = fs.dir.with_extension("ext4");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        fs.backing = Some(file.clone());
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&file)
+            .arg(&fs.dir));
+        Some(fs)
+    }
+
+    /// This thread's own mount namespace, and the directory to mount on.
+    fn private_dir(tag: &str) -> Option<SmallFs> {
+        // SAFETY: unshare(2) and mount(2) with valid NUL-terminated strings;
+        // they change only this thread's (and its children's) mount table.
+        let private = unsafe {
+            libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+        };
+        if !private {
+            let e = std::io::Error::last_os_error();
+            if std::env::var("NVHV_REQUIRE_ROOT").as_deref() == Ok("1") {
+                panic!("NVHV_REQUIRE_ROOT=1 but a private file system cannot be mounted: {e}");
+            }
+            eprintln!("SKIPPED: mounting a small file system needs root ({e})");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("nvhv-smallfs-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Some(SmallFs { dir, backing: None })
+    }
+
+    /// `mount -t tmpfs -o size=…` (or, with `MS_REMOUNT`, a new size).
+    fn mount_tmpfs(&self, flags: libc::c_ulong, size: &str) {
+        let target = std::ffi::CString::new(self.dir.to_str().unwrap()).unwrap();
+        let data = std::ffi::CString::new(format!("size={size}")).unwrap();
+        // SAFETY: mount(2) with valid NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                flags,
+                data.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "mount tmpfs size={size}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.dir.to_str().unwrap()).unwrap();
+        // SAFETY: umount2(2) of the file system this value mounted, by its
+        // path (a loop device mounted with -o loop is freed with it).
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.dir);
+        if let Some(f) = &self.backing {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// An image whose file system fills under the running VM, on tmpfs in both
+/// modes and on ext4 in epoch mode: `run --reserve` refuses up front a RAM
+/// region the file system cannot hold (and leaves no file); a sparse image
+/// is warned about and runs until the file system is full; then nvhv exits
+/// 1 naming the full file system, with the image resumable (on tmpfs the
+/// guest's next page cannot be backed and its state is committed; on ext4
+/// applying an epoch to the RAM image fails, and that epoch stays in the
+/// redo log). With room made (the tmpfs grown, the ext4 image copied to a
+/// larger file system), `resume` brings back every acknowledged SET.
+#[test]
+fn a_full_file_system_stops_the_guest_and_keeps_every_acknowledged_write() {
+    require_kvm!();
+    for (fs_kind, mode, says) in [
+        ("tmpfs", "epoch", "whose file system is full"),
+        ("tmpfs", "suspend-only", "whose file system is full"),
+        ("ext4", "epoch", "is full; make room"),
+    ] {
+        let case = format!("{fs_kind}-{mode}");
+        // ORDER (drop): kv (the VM, its logs) before the file system under it.
+        let fs = match fs_kind {
+            "tmpfs" => SmallFs::tmpfs(&case, "40M"),
+            _ => SmallFs::ext4(&case, 48),
+        };
+        let Some(fs) = fs else {
+            return;
+        };
+        let dir = Scratch::new(&format!("full-{case}"));
+        let img = fs.dir.join("vm.img");
+        let img_s = img.to_str().unwrap().to_string();
+        let small_log = [
+            "--persist",
+            mode,
+            "--log-size",
+            "4M",
+            "--dirty-budget",
+            "512",
+        ];
+
+        let mut args = vec!["run", "--image", &img_s, "--mem", "256M", "--reserve"];
+        args.extend(small_log);
+        let out = common::nvhv_output(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{case}: {err}");
+        assert!(
+            err.contains("cannot reserve 256 MiB for guest RAM"),
+            "{case}: {err}"
+        );
+        assert!(!img.exists(), "{case}: a failed --reserve left {img:?}");
+
+        let (vm, port) = launch(&dir, 0, None, |port| {
+            let mut a = run_args(&img, "256M", port);
+            a.extend(small_log.iter().map(|s| s.to_string()));
+            a
+        });
+        let mut kv = Kv {
+            vm,
+            port,
+            img: img.clone(),
+            dir,
+            starts: 1,
+        };
+        let err = kv.vm.stderr_text();
+        assert!(
+            err.contains("warning: the image may still need"),
+            "{case}: {err}"
+        );
+
+        // 32 KiB values until the VM stops (~30 MiB of room).
+        let value = |i: usize| pseudo_random(32 << 10, i as u64);
+        let mut c = kv.conn();
+        let mut acked = 0;
+        loop {
+            let r: RedisResult<Value> = redis::cmd("SET")
+                .arg(format!("v{acked}"))
+                .arg(value(acked))
+                .query(&mut c);
+            match r {
+                Ok(v) => assert_eq!(v, Value::Okay, "{case}: SET v{acked}"),
+                Err(e) => {
+                    assert!(e.code().is_none(), "{case}: the guest refused a write: {e}");
+                    break;
+                }
+            }
+            acked += 1;
+            assert!(
+                acked < 4000,
+                "{case}: 125 MiB written into a 40 MiB file system"
+            );
+        }
+        let st = kv.vm.child.wait().unwrap();
+        let err = kv.vm.stderr_text();
+        assert_eq!(st.code(), Some(1), "{case}: {err}");
+        assert!(err.contains(says), "{case}: {err}");
+        assert!(
+            acked > 100,
+            "{case}: only {acked} SETs before the file system filled"
+        );
+        eprintln!("{case}: {acked} SETs acknowledged before the file system filled");
+        let out = common::nvhv_output(&["inspect", "--json", &img_s]);
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["resumable"], true, "{case}: {j}");
+
+        if fs_kind == "tmpfs" {
+            fs.mount_tmpfs(libc::MS_REMOUNT, "300M");
+        } else {
+            // Moved to a larger file system, as a user would.
+            kv.img = kv.dir.path("moved.img");
+            let out = Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&img)
+                .arg(&kv.img)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        kv.resume(false);
+        let err = kv.vm.stderr_text();
+        assert!(
+            !err.contains("warning"),
+            "{case}: room was made, yet: {err}"
+        );
+        let mut c = kv.conn();
+        for i in 0..acked {
+            let got: Vec<u8> = redis::cmd("GET")
+                .arg(format!("v{i}"))
+                .query(&mut c)
+                .unwrap();
+            assert!(
+                got == value(i),
+                "{case}: v{i} of {acked} acknowledged is not what was written"
+            );
+        }
+        ok(&mut c, &["SET", "after-room", "yes"]);
+        kv.suspend();
+        drop(kv);
+        drop(fs);
+    }
+}

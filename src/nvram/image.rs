@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::backing::{Backing, BackingError, BackingKind};
 use super::epoch::{plan_recovery, RecoveryPlan, Unapplied};
+use super::inspect::Bytes;
 use super::layout::{
     check_file_len, select_meta, FormatError, Header, ImageConfig, Meta, MetaSelection,
     PersistMode, Status, Uuid, HEADER_BLOCK, HEADER_LEN, META_LEN,
@@ -74,6 +75,20 @@ pub enum ImageError {
     /// Preallocating the metadata regions (`posix_fallocate`) failed.
     #[error("cannot preallocate the image's metadata regions")]
     Allocate(#[source] io::Error),
+    /// Reserving the RAM region (`create` with `reserve_ram`) failed.
+    #[error("cannot reserve {} for guest RAM in the image ({} free on its file system)", Bytes(*.bytes), Bytes(*.free))]
+    Reserve {
+        /// Bytes of the RAM region.
+        bytes: u64,
+        /// Bytes free on the file system before the attempt.
+        free: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `fstat` or `fstatvfs` of the image file failed.
+    #[error("cannot read how much room the image and its file system have")]
+    Space(#[source] io::Error),
     /// Reading random bytes for the image's UUID failed.
     #[error("cannot generate the image UUID")]
     Random(#[source] io::Error),
@@ -241,16 +256,83 @@ pub(super) struct Validated {
     pub(super) file_len: u64,
 }
 
+/// How [`Image::create_with`] makes a new image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Replace a file already at the path (never one another process holds).
+    pub overwrite: bool,
+    /// Allocate the whole RAM region now (`posix_fallocate`), so that the
+    /// file system can never fill under the running VM. Without it the RAM
+    /// region is sparse and takes room as the guest first touches its pages.
+    pub reserve_ram: bool,
+}
+
+/// The room an image may still take next to the room its file system has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes of the image file not yet allocated (holes in a sparse RAM
+    /// region), which the VM may still need.
+    pub unallocated: u64,
+    /// Bytes free on the file system for an unprivileged writer.
+    pub free: u64,
+}
+
+impl Space {
+    /// Whether the file system could fill before the image is whole.
+    pub fn short(&self) -> bool {
+        self.unallocated > self.free
+    }
+}
+
+/// Room left on the file system holding `file`.
+fn free_bytes(file: &File) -> io::Result<u64> {
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatvfs on an fd we own, writing only into `st`, which lives
+    // across the call.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// [`Space`] of `file`: its length less what it has allocated, and the
+/// file system's free bytes.
+pub(super) fn space_of(file: &File) -> Result<Space, ImageError> {
+    use std::os::unix::fs::MetadataExt;
+    let md = file.metadata().map_err(ImageError::Space)?;
+    let allocated = md.blocks().saturating_mul(512);
+    Ok(Space {
+        unallocated: md.len().saturating_sub(allocated),
+        free: free_bytes(file).map_err(ImageError::Space)?,
+    })
+}
+
 impl Image<FileStorage> {
+    /// [`Image::create_with`] without reserving the RAM region.
+    pub fn create(path: &Path, cfg: &ImageConfig, overwrite: bool) -> Result<Image, ImageError> {
+        let opts = CreateOptions {
+            overwrite,
+            reserve_ram: false,
+        };
+        Image::create_with(path, cfg, opts)
+    }
+
     /// Creates a new image at `path` for `cfg` and returns it open and locked.
     ///
-    /// Refuses an existing file unless `overwrite` (and never overwrites an
-    /// image another process holds). Every region before guest RAM is
+    /// Refuses an existing file unless `how.overwrite` (and never overwrites
+    /// an image another process holds). Every region before guest RAM is
     /// preallocated; the RAM region is sized with `ftruncate`, so it is sparse
-    /// and reads as zeros. Meta block 0 gets a `Created` record (epoch 0) and
-    /// is persisted before the header, so a file with a valid header always
-    /// has a valid meta record.
-    pub fn create(path: &Path, cfg: &ImageConfig, overwrite: bool) -> Result<Image, ImageError> {
+    /// and reads as zeros, unless `how.reserve_ram` allocates it too (a file
+    /// system too small for it fails here, and no file is left behind). Meta
+    /// block 0 gets a `Created` record (epoch 0) and is persisted before the
+    /// header, so a file with a valid header always has a valid meta record.
+    pub fn create_with(
+        path: &Path,
+        cfg: &ImageConfig,
+        how: CreateOptions,
+    ) -> Result<Image, ImageError> {
+        let overwrite = how.overwrite;
         let (secs, nanos) = now();
         let header = Header::new(cfg, random_uuid()?, secs, nanos)?;
         let mut opts = OpenOptions::new();
@@ -283,6 +365,17 @@ impl Image<FileStorage> {
         file.set_len(g.image_len())
             .map_err(|e| ImageError::Resize(g.image_len(), e))?;
         fallocate(&file, 0, g.ram.offset)?;
+        if how.reserve_ram {
+            let free = free_bytes(&file).map_err(ImageError::Space)?;
+            fallocate(&file, g.ram.offset, g.ram.size).map_err(|e| match e {
+                ImageError::Allocate(source) => ImageError::Reserve {
+                    bytes: g.ram.size,
+                    free,
+                    source,
+                },
+                e => e,
+            })?;
+        }
         let backing = Backing::detect(&file, g.ram.offset, true)?;
         let kind = backing.kind();
         let img = Image::format(FileStorage::new(path, file, backing), header)?;
@@ -324,6 +417,12 @@ impl Image<FileStorage> {
     /// What the image lives on.
     pub fn backing(&self) -> BackingKind {
         self.storage.kind()
+    }
+
+    /// How much the image may still grow and how much room its file system
+    /// has (a sparse RAM region takes room as the guest touches its pages).
+    pub fn space(&self) -> Result<Space, ImageError> {
+        space_of(self.file())
     }
 }
 
@@ -937,6 +1036,48 @@ pub(super) mod tests {
         assert_eq!(img.read_state().unwrap(), Vec::<u8>::new());
         let r = img.resumable().unwrap_err();
         assert!(r.reason.contains("created but never suspended"), "{r}");
+    }
+
+    #[test]
+    fn test_space_counts_the_sparse_ram_region_and_reserve_allocates_it() {
+        let (_p, img) = created("space");
+        let s = img.space().unwrap();
+        // The 4 MiB RAM region is a hole; the metadata is allocated.
+        assert!(
+            s.unallocated >= 4 << 20 && s.unallocated < (4 << 20) + (1 << 20),
+            "{s:?}"
+        );
+        assert!(s.free > 0, "{s:?}");
+        assert_eq!(s.short(), s.unallocated > s.free);
+
+        let p = TempPath::new("reserved");
+        let how = CreateOptions {
+            overwrite: false,
+            reserve_ram: true,
+        };
+        let img = Image::create_with(&p.0, &cfg(PersistMode::Epoch), how).unwrap();
+        assert_eq!(img.space().unwrap().unallocated, 0);
+        assert!(img.resumable().is_err(), "a new image is not resumable");
+        assert!(read_at(&p.0, img.ram_offset(), 8192)
+            .iter()
+            .all(|&b| b == 0));
+
+        // A RAM region larger than any file system can hold: refused, and
+        // no file is left behind.
+        let p = TempPath::new("too-big");
+        let huge = ImageConfig {
+            ram_bytes: 1 << 50,
+            ..cfg(PersistMode::Epoch)
+        };
+        match Image::create_with(&p.0, &huge, how) {
+            Err(e @ ImageError::Reserve { bytes, .. }) => {
+                assert_eq!(bytes, 1 << 50);
+                assert!(e.to_string().contains("cannot reserve 1 PiB"), "{e}");
+            }
+            Err(e) => panic!("expected a reserve error, got {e}"),
+            Ok(_) => panic!("reserved 1 PiB"),
+        }
+        assert!(!p.0.exists());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::backing::{Backing, BackingKind};
 use super::epoch::{plan_recovery, HalfState};
 use super::image::{
-    check_regular, lock, open_error, read_validated, resumability, unlock, ImageError,
+    check_regular, lock, open_error, read_validated, resumability, space_of, unlock, ImageError,
 };
 use super::layout::{PersistMode, Status, Uuid};
 use super::redo::{capacity_pages_for, half_region};
@@ -76,6 +76,11 @@ pub struct InspectReport {
     pub recovery_writes: bool,
     /// Length of the image file.
     pub image_bytes: u64,
+    /// Bytes of the image not yet allocated (holes in a sparse RAM region):
+    /// what it may still take from its file system.
+    pub unallocated_bytes: u64,
+    /// Bytes free on the image's file system.
+    pub free_bytes: u64,
     /// File offset of the guest RAM region.
     pub ram_offset: u64,
     /// Creation time, seconds since the Unix epoch.
@@ -140,6 +145,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
     let cur = &plan.current(h, &v.meta.current);
     let backing = Backing::detect(&file, h.geometry.ram.offset, false)?.kind();
     let verdict = resumability(&file, h, cur);
+    let space = space_of(&file)?;
     let log_records = plan
         .halves
         .iter()
@@ -201,6 +207,8 @@ pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
         replay_epochs: plan.replay_epochs(),
         recovery_writes: plan.needs_writes(),
         image_bytes: v.file_len,
+        unallocated_bytes: space.unallocated,
+        free_bytes: space.free,
         ram_offset: h.geometry.ram.offset,
         created_unix: h.created_secs,
         committed_unix_ns: cur.time_unix_ns,
@@ -311,6 +319,17 @@ impl fmt::Display for InspectReport {
             Bytes(self.image_bytes),
             self.ram_offset
         )?;
+        let short = if self.unallocated_bytes > self.free_bytes {
+            ": the VM stops if it fills"
+        } else {
+            ""
+        };
+        writeln!(
+            f,
+            "  room       {} of it not yet allocated, {} free on its file system{short}",
+            Bytes(self.unallocated_bytes),
+            Bytes(self.free_bytes)
+        )?;
         let in_use = if self.in_use {
             "yes: another process holds the image, so what is shown may be changing"
         } else {
@@ -324,8 +343,8 @@ impl fmt::Display for InspectReport {
     }
 }
 
-/// A byte count in binary units.
-struct Bytes(u64);
+/// A byte count in binary units ("4 MiB", "1.5 GiB").
+pub struct Bytes(pub u64);
 
 impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -336,12 +355,18 @@ impl fmt::Display for Bytes {
             v /= 1024;
             unit += 1;
         }
-        if v >= 1024 && unit + 1 < UNITS.len() {
-            // Not a whole number of the next unit: one decimal.
-            let x = v as f64 / 1024.0;
-            return write!(f, "{x:.1} {}", UNITS[unit + 1]);
+        if v < 1024 || unit + 1 == UNITS.len() {
+            return write!(f, "{v} {}", UNITS[unit]);
         }
-        write!(f, "{v} {}", UNITS[unit])
+        // Not a whole number of a larger unit: the largest it reaches, with
+        // one decimal.
+        let mut x = self.0 as f64;
+        let mut unit = 0;
+        while x >= 1024.0 && unit + 1 < UNITS.len() {
+            x /= 1024.0;
+            unit += 1;
+        }
+        write!(f, "{x:.1} {}", UNITS[unit])
     }
 }
 
@@ -516,6 +541,8 @@ mod tests {
     fn test_bytes_and_utc_formatting() {
         assert_eq!(Bytes(0).to_string(), "0 B");
         assert_eq!(Bytes(4 << 20).to_string(), "4 MiB");
+        assert_eq!(Bytes(23847 << 20).to_string(), "23.3 GiB");
+        assert_eq!(Bytes(1000).to_string(), "1000 B");
         assert_eq!(Bytes(1536).to_string(), "1.5 KiB");
         assert_eq!(Bytes(192 << 10).to_string(), "192 KiB");
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");

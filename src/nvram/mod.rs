@@ -31,8 +31,8 @@ pub(crate) mod test_rng;
 
 pub use backing::{BackingError, BackingKind};
 pub use epoch::{HalfState, RecoveryPlan, RecoveryReport};
-pub use image::{CommitTimes, Image, ImageError, NotResumable};
-pub use inspect::{inspect, InspectReport, LogRecordReport, MetaBlockReport};
+pub use image::{CommitTimes, CreateOptions, Image, ImageError, NotResumable, Space};
+pub use inspect::{inspect, Bytes, InspectReport, LogRecordReport, MetaBlockReport};
 pub use layout::{
     FormatError, Geometry, Header, ImageConfig, Meta, MetaSelection, PersistMode, Region, Status,
     Uuid, FORMAT_VERSION,

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use crate::devices::virtio::vsock::{
 };
 use crate::devices::{GuestMemory, MmioDevice};
 use crate::nvram::redo::Changes;
-use crate::nvram::{Image, ImageConfig, ImageError, PersistMode, Status};
+use crate::nvram::{Bytes, CreateOptions, Image, ImageConfig, ImageError, PersistMode, Status};
 use crate::persist::{DeviceStates, MachineState, Persist};
 use crate::vstate::dirty::DirtyTracker;
 use crate::vstate::memory;
@@ -234,6 +234,9 @@ pub struct RunConfig {
     pub persist: PersistMode,
     /// Bytes of each of the two redo-log halves (epoch mode).
     pub log_half_bytes: u64,
+    /// Allocate the image's RAM region up front (`run --reserve`) instead
+    /// of leaving it sparse.
+    pub reserve_ram: bool,
     /// Runtime options.
     pub runtime: RuntimeOptions,
 }
@@ -452,7 +455,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     let guest = cfg.guest.bytes()?;
     elf::entry_cpl(&guest)?;
     // 2. Create the image (refuses an existing file unless --force).
-    let image = Image::create(
+    let image = Image::create_with(
         &cfg.image,
         &ImageConfig {
             ram_bytes: cfg.mem,
@@ -464,8 +467,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
                 PersistMode::SuspendOnly => 0,
             },
         },
-        cfg.overwrite,
+        CreateOptions {
+            overwrite: cfg.overwrite,
+            reserve_ram: cfg.reserve_ram,
+        },
     )?;
+    warn_if_short(&image);
     let result = build_new(cfg, &layout, &guest, image).and_then(|mut m| {
         if m.policy.is_some() {
             // The first epoch holds the loaded guest, so the image is
@@ -474,13 +481,54 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
         }
         m.run()
     });
-    if result.is_err() {
-        tracing::error!(
-            "run failed; the image at {} is not resumable",
-            cfg.image.display()
-        );
+    if let Err(e) = &result {
+        report_image(&cfg.image, e);
     }
     result
+}
+
+/// After a failed run or resume: what the image holds now, in one line
+/// (whether it can be resumed, and from which epoch), so that the user
+/// knows what the failure cost, and a full file system named as the cause.
+fn report_image(path: &Path, e: &VmmError) {
+    if crate::is_out_of_space(e) {
+        eprintln!(
+            "nvhv: the file system holding {} is full; make room (or move the image to a larger one) and resume it",
+            path.display()
+        );
+    }
+    match crate::nvram::inspect(path) {
+        Ok(r) if r.resumable => eprintln!(
+            "nvhv: the image at {} is resumable from epoch {} (`nvhv resume --image {}` once the problem is fixed)",
+            path.display(),
+            r.epoch,
+            path.display()
+        ),
+        Ok(r) => eprintln!(
+            "nvhv: the image at {} is not resumable: {}",
+            path.display(),
+            r.reason.unwrap_or_default()
+        ),
+        // Never created, or removed again (a failed `run`).
+        Err(_) => {}
+    }
+}
+
+/// Warns when the image's file system has less room than the image may
+/// still take (a sparse RAM region fills as the guest touches its pages):
+/// if it fills, the guest stops.
+fn warn_if_short(image: &Image) {
+    match image.space() {
+        Ok(s) if s.short() => eprintln!(
+            "nvhv: warning: the image may still need {} (its RAM region is sparse) but its file system has {} free; \
+             if it fills, the guest is stopped with its last committed state kept, and `nvhv resume` continues it once there is room \
+             (`nvhv run --reserve` allocates the whole image up front)",
+            Bytes(s.unallocated),
+            Bytes(s.free)
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{}", crate::error_chain(&e)),
+    }
 }
 
 fn build_new(
@@ -584,6 +632,16 @@ fn output_hint(mem: &GuestMemory) -> Option<AdviceWord> {
 ///
 /// Guest RAM is mapped, never read or copied: the cost does not depend on RAM size.
 pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmError> {
+    let result = resume_image(cfg, started);
+    match &result {
+        // A replay or commit that found no room: say so, and what is kept.
+        Err(e) if crate::is_out_of_space(e) => report_image(&cfg.image, e),
+        _ => {}
+    }
+    result
+}
+
+fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmError> {
     // 1. Open (lock + validate header and meta records); never writes.
     // KVM_CREATE_VM (~0.6 ms here) on another thread while the image is
     // opened and checked; its result is looked at only once the image is
@@ -595,6 +653,7 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
     // image's, where the device is restored.
     let listeners = cfg.runtime.vsock_config();
     let mut image = Image::open(&cfg.image)?;
+    warn_if_short(&image);
     let epochs = image.header().config.persist == PersistMode::Epoch;
     let mut policy = cfg.runtime.epochs;
     if epochs {
@@ -741,6 +800,23 @@ impl Timeline {
 }
 
 impl Machine {
+    /// [`describe`], and for a `KVM_RUN` that could not get guest RAM, why:
+    /// a sparse image whose file system is full.
+    fn diagnose(&self, r: &StopReason) -> String {
+        let d = describe(r);
+        if *r != StopReason::RunFailed(libc::EFAULT) {
+            return d;
+        }
+        match self.image.space() {
+            Ok(s) if s.free < (1 << 20) && s.unallocated > 0 => format!(
+                "{d}: guest RAM could not be backed by the image, whose file system is full ({} free, the image sparse by {})",
+                Bytes(s.free),
+                Bytes(s.unallocated)
+            ),
+            _ => d,
+        }
+    }
+
     fn run(self) -> Result<RunOutcome, VmmError> {
         self.run_timed(None)
     }
@@ -871,7 +947,7 @@ impl Machine {
                 Ok(Event::Signal(s, t)) => break (StopCause::Signal(s), t, None),
                 Ok(Event::Suspend(t, r)) => break (StopCause::Request, t, Some(r)),
                 Ok(Event::Vcpu(VcpuEvent::Stopped(i, r))) => {
-                    eprintln!("nvhv: guest stopped on vCPU {i}: {}", describe(&r));
+                    eprintln!("nvhv: guest stopped on vCPU {i}: {}", self.diagnose(&r));
                     break (StopCause::Guest(r), Instant::now(), None);
                 }
                 // A park re-evaluates the due time at the loop top.
@@ -1269,5 +1345,11 @@ pub fn describe(r: &StopReason) -> String {
             format!("guest crashed (triple fault) at rip {rip:#x}, rsp {rsp:#x}")
         }
         StopReason::Internal(s) => s.clone(),
+        StopReason::RunFailed(errno) => {
+            format!(
+                "KVM_RUN failed: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            )
+        }
     }
 }

@@ -743,6 +743,10 @@ pub enum StopReason {
     },
     /// KVM could not run or emulate the guest.
     Internal(String),
+    /// `KVM_RUN` failed with this errno. `EFAULT` means KVM could not get
+    /// a host page behind guest RAM: with RAM mapped from a sparse image,
+    /// usually a full file system.
+    RunFailed(i32),
 }
 
 /// Commands from the VMM to a vCPU thread.
@@ -1056,7 +1060,7 @@ fn run_loop(vcpu: &mut Vcpu, handler: &dyn ExitHandler, ctl: &LoopControl) {
                 vcpu.fd.set_kvm_immediate_exit(0);
                 ExitAction::Continue
             }
-            Err(e) => ExitAction::Stop(StopReason::Internal(format!("KVM_RUN failed: {e}"))),
+            Err(e) => ExitAction::Stop(StopReason::RunFailed(e.errno())),
         };
         match action {
             ExitAction::Continue => {}
