@@ -142,7 +142,7 @@ struct RuntimeArgs {
     /// Epoch mode: most pages left writable between epochs. A re-protected
     /// page costs ~20 µs on its next write here; a hot page costs a ~0.25 µs
     /// compare per epoch. A page stays hot for 2 unchanged epochs the first
-    /// time, then 32, longer (up to 1 024) if it keeps coming back; beyond this budget the longest
+    /// time, then 32, or 64 if it keeps coming back; beyond this budget the longest
     /// unchanged go first. The budget bounds the compares of one pause
     /// (~2–4 ms with 8 192 pages all hot) and the shadow copies (4 KiB a
     /// page). 0 re-protects everything every epoch.
