@@ -111,6 +111,9 @@ pub struct Store {
     /// The newest version among the keys (and misses) looked up since the
     /// caller last cleared it: what a read's reply depends on.
     pub(crate) read_dep: u64,
+    /// Mutable borrows of slab slots (tests: which operations write entries).
+    #[cfg(test)]
+    slot_writes: usize,
 }
 
 #[inline]
@@ -158,6 +161,8 @@ impl Store {
             version: 0,
             del_ver: 0,
             read_dep: 0,
+            #[cfg(test)]
+            slot_writes: 0,
         }
     }
 
@@ -239,6 +244,10 @@ impl Store {
 
     #[inline]
     fn slot_mut(&mut self, i: u32) -> &mut Slot {
+        #[cfg(test)]
+        {
+            self.slot_writes += 1;
+        }
         &mut self.chunks[(i >> CHUNK_SHIFT) as usize][i as usize & (CHUNK - 1)]
     }
 
@@ -406,13 +415,17 @@ impl Store {
         };
         self.check(new, old)?;
         // The same bytes again change nothing a reply could show: no new
-        // version, and the entry's page stays as it was (an epoch logs only
-        // pages whose bytes changed).
+        // version, and nothing is written, so the entry's page is not even
+        // dirtied (under epochs a write to a page costs a write fault or
+        // keeps the page in the hot set, compared every epoch, even when
+        // the bytes it writes are those already there).
         let same = self.entry(i).val.as_slice() == val;
-        let v = &mut self.entry_mut(i).val;
-        v.set(val)?;
-        let new = v.footprint();
-        self.used = self.used - old + new;
+        if !same {
+            let v = &mut self.entry_mut(i).val;
+            v.set(val)?;
+            let new = v.footprint();
+            self.used = self.used - old + new;
+        }
         self.apply_ttl(i, ttl);
         if !same {
             self.stamp(i);
@@ -691,6 +704,28 @@ mod tests {
         assert_eq!(s.expire_some(2000, 1000), 50);
         assert_eq!(s.len(), 1);
         assert_eq!(s.get(b"forever", 5000), Some(&b"v"[..]));
+    }
+
+    /// Rewriting a key with the bytes and TTL it has takes no mutable
+    /// borrow of its slot, so the guest does not even dirty its page.
+    #[test]
+    fn an_identical_rewrite_writes_nothing_into_the_entry() {
+        let mut s = Store::new(3, usize::MAX);
+        let long = [7u8; 100];
+        put(&mut s, b"k", b"same", Ttl::Clear);
+        put(&mut s, b"long", &long, Ttl::Clear);
+        put(&mut s, b"t", b"v", Ttl::At(50));
+        let before = s.slot_writes;
+        put(&mut s, b"k", b"same", Ttl::Clear);
+        put(&mut s, b"k", b"same", Ttl::Keep);
+        put(&mut s, b"long", &long, Ttl::Clear);
+        put(&mut s, b"t", b"v", Ttl::At(50));
+        assert_eq!(s.slot_writes, before, "an identical rewrite wrote an entry");
+        put(&mut s, b"k", b"other", Ttl::Clear);
+        assert!(s.slot_writes > before);
+        let before = s.slot_writes;
+        put(&mut s, b"t", b"v", Ttl::At(60));
+        assert!(s.slot_writes > before, "a new TTL must be written");
     }
 
     #[test]
