@@ -260,14 +260,14 @@ fn main() -> ExitCode {
                 reserve_ram: a.reserve,
                 runtime: runtime(a.runtime),
             };
-            vmm::run(&cfg).and_then_stop()
+            stop_status(vmm::run(&cfg))
         }
         Cmd::Resume(a) => {
             let cfg = ResumeConfig {
                 image: a.image,
                 runtime: runtime(a.runtime),
             };
-            vmm::resume(&cfg, started).and_then_stop()
+            stop_status(vmm::resume(&cfg, started))
         }
         Cmd::Suspend { image } => vmm::control::request_suspend(&image, Duration::from_secs(30))
             .map(|reply| println!("{reply}"))
@@ -299,27 +299,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// How a VM run ends for the exit status: a guest that could not be run
-/// any more (`KVM_RUN` failed, say for a full file system) is a failure
-/// even though its state was committed; an orderly stop or the guest's own
-/// exit is not.
-trait StopStatus {
-    fn and_then_stop(self) -> Result<(), String>;
-}
-
-impl StopStatus for Result<vmm::RunOutcome, vmm::VmmError> {
-    fn and_then_stop(self) -> Result<(), String> {
-        match self {
-            Ok(vmm::RunOutcome {
-                reason: vmm::StopCause::Guest(r @ StopReason::RunFailed(_)),
-                ..
-            }) => Err(format!(
-                "the VM could not go on ({}); its state is committed",
-                vmm::describe(&r)
-            )),
-            Ok(_) => Ok(()),
-            Err(e) => Err(error_chain(&e)),
-        }
+/// The exit status of a run or resume: a guest that could not be run any
+/// more (`KVM_RUN` failed, say for a full file system) is a failure even
+/// though its state was committed; an orderly stop or the guest's own exit
+/// is not.
+fn stop_status(r: Result<vmm::RunOutcome, vmm::VmmError>) -> Result<(), String> {
+    match r {
+        Ok(vmm::RunOutcome {
+            reason: vmm::StopCause::Guest(r @ StopReason::RunFailed(_)),
+            ..
+        }) => Err(format!(
+            "the VM could not go on ({}); its state is committed",
+            vmm::describe(&r)
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(error_chain(&e)),
     }
 }
 

@@ -15,6 +15,7 @@ use super::backing::{Backing, BackingKind};
 use super::epoch::{plan_recovery, HalfState};
 use super::image::{
     check_regular, lock, open_error, read_validated, resumability, space_of, unlock, ImageError,
+    Space,
 };
 use super::layout::{PersistMode, Status, Uuid};
 use super::redo::{capacity_pages_for, half_region};
@@ -319,7 +320,11 @@ impl fmt::Display for InspectReport {
             Bytes(self.image_bytes),
             self.ram_offset
         )?;
-        let short = if self.unallocated_bytes > self.free_bytes {
+        let space = Space {
+            unallocated: self.unallocated_bytes,
+            free: self.free_bytes,
+        };
+        let short = if space.short() {
             ": the VM stops if it fills"
         } else {
             ""
@@ -347,26 +352,21 @@ impl fmt::Display for InspectReport {
 pub struct Bytes(pub u64);
 
 impl fmt::Display for Bytes {
+    /// In the largest unit it reaches: whole ("4 MiB"), or with one decimal
+    /// ("1.5 KiB", "23.3 GiB").
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-        let mut unit = 0;
-        let mut v = self.0;
-        while v >= 1024 && v % 1024 == 0 && unit + 1 < UNITS.len() {
-            v /= 1024;
-            unit += 1;
-        }
-        if v < 1024 || unit + 1 == UNITS.len() {
-            return write!(f, "{v} {}", UNITS[unit]);
-        }
-        // Not a whole number of a larger unit: the largest it reaches, with
-        // one decimal.
         let mut x = self.0 as f64;
         let mut unit = 0;
         while x >= 1024.0 && unit + 1 < UNITS.len() {
             x /= 1024.0;
             unit += 1;
         }
-        write!(f, "{x:.1} {}", UNITS[unit])
+        if self.0 % (1u64 << (10 * unit)) == 0 {
+            write!(f, "{} {}", self.0 >> (10 * unit), UNITS[unit])
+        } else {
+            write!(f, "{x:.1} {}", UNITS[unit])
+        }
     }
 }
 
