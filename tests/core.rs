@@ -282,6 +282,43 @@ fn run_refuses_to_overwrite_an_existing_file() {
     assert_eq!(std::fs::read(&img).unwrap(), b"precious");
 }
 
+/// A listen address that cannot be bound, or a console file that cannot be
+/// opened, fails `run` before the image is touched: no new file, and an
+/// existing image under `--force` is left as it was.
+#[test]
+fn run_fails_on_bad_listen_or_console_before_touching_the_image() {
+    require_kvm!();
+    let dir = Scratch::new("badrun");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let console = dir.path("no-such-dir/console.log");
+    let console_s = console.to_str().unwrap();
+    for (opts, says) in [
+        (&["--listen", taken_addr.as_str()][..], "cannot listen on"),
+        (&["--console", console_s][..], "cannot open console file"),
+    ] {
+        let mut args = vec!["run", "--image", img_s];
+        args.extend_from_slice(opts);
+        let out = nvhv_output(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{opts:?}: {err}");
+        assert!(err.contains(says), "{opts:?}: {err}");
+        assert!(!img.exists(), "{opts:?} left an image behind");
+        std::fs::write(&img, b"precious").unwrap();
+        args.push("--force");
+        let out = nvhv_output(&args);
+        assert_eq!(out.status.code(), Some(1), "{opts:?} --force");
+        assert_eq!(
+            std::fs::read(&img).unwrap(),
+            b"precious",
+            "{opts:?} --force"
+        );
+        std::fs::remove_file(&img).unwrap();
+    }
+}
+
 #[test]
 fn nvhv_suspend_commits_through_the_control_socket() {
     require_kvm!();

@@ -7,12 +7,13 @@ use nvhv_abi::{BootInfo, MmioWindow};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::GuestMemory;
+use crate::nvram::Bytes as ByteCount;
 
 /// Errors while laying out the boot structures.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestAbiError {
     /// Guest RAM is too small for the fixed structures, stacks and the guest.
-    #[error("guest RAM of {ram} bytes is too small (needs at least {need})")]
+    #[error("guest RAM of {} is too small: the built-in ABI needs at least {} for this many vCPUs", ByteCount(*ram), ByteCount(*need))]
     RamTooSmall {
         /// RAM size.
         ram: u64,
@@ -20,8 +21,13 @@ pub enum GuestAbiError {
         need: u64,
     },
     /// Guest RAM is too large for the page-directory area.
-    #[error("guest RAM of {0} bytes is too large for the built-in ABI")]
-    RamTooLarge(u64),
+    #[error("guest RAM of {} is too large: the built-in ABI maps at most {}", ByteCount(*ram), ByteCount(*max))]
+    RamTooLarge {
+        /// RAM size.
+        ram: u64,
+        /// Largest RAM the ABI's page directories map.
+        max: u64,
+    },
     /// Too many vCPUs.
     #[error("{0} vCPUs requested; the built-in ABI supports 1 to {max}", max = nvhv_abi::MAX_VCPUS)]
     Vcpus(u32),
@@ -79,9 +85,14 @@ impl Layout {
         }
         let mmio_base = ram_bytes.div_ceil(GIB).max(4) * GIB;
         let map_end = mmio_base + GIB;
-        // One page directory per GiB, between PD_ADDR and LOAD_MIN.
-        if map_end / GIB > (nvhv_abi::LOAD_MIN - nvhv_abi::PD_ADDR) / 4096 {
-            return Err(GuestAbiError::RamTooLarge(ram_bytes));
+        // One page directory per GiB, between PD_ADDR and LOAD_MIN; the
+        // MMIO GiB above RAM takes one of them.
+        let directories = (nvhv_abi::LOAD_MIN - nvhv_abi::PD_ADDR) / 4096;
+        if map_end / GIB > directories {
+            return Err(GuestAbiError::RamTooLarge {
+                ram: ram_bytes,
+                max: (directories - 1) * GIB,
+            });
         }
         Ok(Layout {
             ram_bytes,
@@ -274,7 +285,7 @@ mod tests {
         ));
         assert!(matches!(
             Layout::new(1 << 40, 1),
-            Err(GuestAbiError::RamTooLarge(_))
+            Err(GuestAbiError::RamTooLarge { .. })
         ));
     }
 

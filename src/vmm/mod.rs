@@ -454,6 +454,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     }
     let guest = cfg.guest.bytes()?;
     elf::entry_cpl(&guest)?;
+    // The listeners and the console file before the image: an address in
+    // use or a bad console path then fails the run without leaving an
+    // image behind.
+    let with_vsock = cfg.guest.name() == "kv" || cfg.runtime.listen.is_some();
+    let listeners = with_vsock.then(|| cfg.runtime.vsock_config()).transpose()?;
+    let console = console_out(&cfg.runtime)?;
     // 2. Create the image (refuses an existing file unless --force).
     let image = Image::create_with(
         &cfg.image,
@@ -473,14 +479,29 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
         },
     )?;
     warn_if_short(&image);
-    let result = build_new(cfg, &layout, &guest, image).and_then(|mut m| {
+    let built = build_new(cfg, &layout, &guest, image, listeners, console).and_then(|mut m| {
         if m.policy.is_some() {
             // The first epoch holds the loaded guest, so the image is
             // resumable before the guest runs a single instruction.
             m.initial_epoch()?;
         }
-        m.run()
+        Ok(m)
     });
+    let machine = match built {
+        Ok(m) => m,
+        Err(e) => {
+            // The guest never ran and the image holds no VM: the file
+            // (created or overwritten above) is of no use, so it goes.
+            if std::fs::remove_file(&cfg.image).is_ok() {
+                eprintln!(
+                    "nvhv: removed {}: the VM was never started, so it held nothing",
+                    cfg.image.display()
+                );
+            }
+            return Err(e);
+        }
+    };
+    let result = machine.run();
     if let Err(e) = &result {
         report_image(&cfg.image, e);
     }
@@ -536,6 +557,8 @@ fn build_new(
     layout: &Layout,
     guest: &[u8],
     image: Image,
+    listeners: Option<VsockConfig>,
+    console: Box<dyn Write + Send>,
 ) -> Result<Machine, VmmError> {
     // 3. KVM VM with the split irqchip; guest RAM mapped from the image:
     //    shared in suspend-only mode (writes land in the image), private
@@ -573,16 +596,9 @@ fn build_new(
     }
     // 6. Devices: the vsock device for guests that serve clients (kv, or --listen).
     let wake = Arc::new(GuestWake::new());
-    let with_vsock = cfg.guest.name() == "kv" || cfg.runtime.listen.is_some();
-    let vsock = if with_vsock {
-        Some(Vsock::new(
-            mem.clone(),
-            wake.clone(),
-            cfg.runtime.vsock_config()?,
-        )?)
-    } else {
-        None
-    };
+    let vsock = listeners
+        .map(|l| Vsock::new(mem.clone(), wake.clone(), l))
+        .transpose()?;
     let mut mmio = [Default::default(); nvhv_abi::MAX_MMIO];
     if vsock.is_some() {
         mmio[0] = layout.mmio_window(0);
@@ -604,7 +620,7 @@ fn build_new(
     };
     guest_abi::write_boot_info(&mem, &info)?;
     guest_abi::write_wall_clock(&mem, vm.unix_minus_kvmclock_ns()?)?;
-    let console = Console::new(console_out(&cfg.runtime)?);
+    let console = Console::new(console);
     let bus = Bus::new(console, layout, vsock.as_ref());
     Ok(Machine {
         output_hint: epochs.then(|| output_hint(&mem)).flatten(),
