@@ -7,8 +7,15 @@
 //! cargo bench --bench redis [-- --persist suspend-only|epoch|suspend-only,epoch]
 //!                              [--dir /dev/shm] [--seconds 1.5] [--mem 256M]
 //!                              [--keyspace 100000] [--configs 1,16,16x16,50x16]
-//!                              [--repeat 1]
+//!                              [--repeat 1] [--tests set,set-changing,get]
 //! ```
+//!
+//! Tests (`--tests`): `set` and `get` are `redis-benchmark -t set` / `-t
+//! get`, whose SETs all write one fixed value (`xxx`), so once a key exists
+//! most SETs rewrite the bytes already there; `set-changing` is `SET
+//! key:__rand_int__ v:__rand_int__`, a SET whose value differs from the
+//! key's last one (a 14-byte value): what a workload whose writes change
+//! data costs.
 //!
 //! Servers measured (all started by this program on free loopback ports, and
 //! stopped by their pids at the end):
@@ -209,6 +216,19 @@ struct Row {
     cpu: BTreeMap<String, f64>,
 }
 
+/// A test's table label and its `redis-benchmark` arguments.
+fn test_args(test: &str) -> (&'static str, Vec<&'static str>) {
+    match test {
+        "set" => ("SET", vec!["-t", "set"]),
+        "get" => ("GET", vec!["-t", "get"]),
+        "set-changing" => (
+            "SET (changing values)",
+            vec!["set", "key:__rand_int__", "v:__rand_int__"],
+        ),
+        other => panic!("unknown test {other} (set, set-changing, get)"),
+    }
+}
+
 /// One redis-benchmark run of one test; `Err` with the reason on failure.
 fn bench(
     port: u16,
@@ -224,9 +244,10 @@ fn bench(
     let t0 = Instant::now();
     let out = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-t", test, "-c", &clients.to_string()])
+        .args(["-c", &clients.to_string()])
         .args(["-P", &pipeline.to_string(), "-n", &n.to_string()])
         .args(["-r", &keyspace.to_string(), "--csv"])
+        .args(test_args(test).1)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("redis-benchmark: {e}"))?;
@@ -244,10 +265,11 @@ fn bench(
         ));
     }
     // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",
-    // "p95_latency_ms","p99_latency_ms","max_latency_ms"
+    // "p95_latency_ms","p99_latency_ms","max_latency_ms"; the first row
+    // after that header is the one test run.
     let line = stdout
         .lines()
-        .find(|l| l.starts_with(&format!("\"{}\"", test.to_uppercase())))
+        .find(|l| l.starts_with('"') && !l.starts_with("\"test\""))
         .ok_or_else(|| format!("no CSV row for {test}: {stdout}"))?;
     let f: Vec<f64> = line
         .split(',')
@@ -337,6 +359,14 @@ fn main() {
         .map(|c| match c.split_once('x') {
             Some((c, p)) => (c.parse().unwrap(), p.parse().unwrap()),
             None => (c.parse().unwrap(), 1),
+        })
+        .collect();
+    let tests: Vec<String> = get("--tests")
+        .unwrap_or_else(|| "set,set-changing,get".into())
+        .split(',')
+        .map(|t| {
+            test_args(t);
+            t.to_string()
         })
         .collect();
 
@@ -433,7 +463,7 @@ fn main() {
     println!("# redis-benchmark: nvhv kv guest vs redis-server\n");
     println!(
         "{}; {}; {} CPUs; load average at start {}; files in {}; nvhv --mem {mem}; \
-         -r {keyspace}, -d 3; ~{seconds} s per run, median of {repeat}",
+         -r {keyspace}, -d 3 (set-changing: 14-byte values); ~{seconds} s per run, median of {repeat}",
         version("redis-benchmark"),
         if redis_ok {
             version("redis-server")
@@ -456,9 +486,10 @@ fn main() {
     let mut results: BTreeMap<(usize, Key), BTreeMap<String, Row>> = BTreeMap::new();
     let mut order = 0;
     for &(c, p) in &configs {
-        for test in ["set", "get"] {
+        for test in &tests {
+            let test = test.as_str();
             order += 1;
-            let key = (order, (test.to_uppercase(), c, p));
+            let key = (order, (test_args(test).0.to_string(), c, p));
             for s in servers.iter_mut() {
                 if s.failed.is_some() {
                     continue;
