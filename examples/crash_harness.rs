@@ -70,7 +70,7 @@ fn main() {
     h.finish();
     let t = &h.totals;
     println!(
-        "crash harness (seed {seed}, {clients} clients): {} SIGKILL cycles in {:.0} s, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} violations",
+        "crash harness (seed {seed}, {clients} clients): {} SIGKILL cycles in {:.0} s, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} resumes killed before their guest ran and {} after (each resumed again), {} violations",
         t.cycles,
         t0.elapsed().as_secs_f64(),
         t.acked_writes,
@@ -78,6 +78,8 @@ fn main() {
         t.unacked_absent,
         t.checked_keys,
         t.checked_reads,
+        t.killed_resumes.0,
+        t.killed_resumes.1,
         t.violations.len()
     );
     let _ = std::fs::remove_dir_all(&dir);

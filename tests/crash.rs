@@ -23,13 +23,15 @@ fn sigkill_under_load_loses_no_acknowledged_write() {
     h.finish();
     let t = &h.totals;
     println!(
-        "crash harness (seed {seed}): {} SIGKILL cycles, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} violations",
+        "crash harness (seed {seed}): {} SIGKILL cycles, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} resumes killed before their guest ran and {} after (each resumed again), {} violations",
         t.cycles,
         t.acked_writes,
         t.unacked_present,
         t.unacked_absent,
         t.checked_keys,
         t.checked_reads,
+        t.killed_resumes.0,
+        t.killed_resumes.1,
         t.violations.len()
     );
     assert!(
@@ -37,5 +39,9 @@ fn sigkill_under_load_loses_no_acknowledged_write() {
         "the load was too light to mean anything: {t:?}"
     );
     assert!(t.checked_reads > 0, "no read returned a value: {t:?}");
+    assert!(
+        t.killed_resumes.0 + t.killed_resumes.1 > 0,
+        "no resume was killed: {t:?}"
+    );
     assert!(t.violations.is_empty(), "violations: {:#?}", t.violations);
 }

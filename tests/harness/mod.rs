@@ -133,6 +133,9 @@ pub struct Totals {
     /// Values returned by reads (of other clients' newest writes) and
     /// checked after the next crash.
     pub checked_reads: u64,
+    /// Resumes themselves SIGKILLed at a random moment (before their guest
+    /// ran / after), each followed by another resume.
+    pub killed_resumes: (u64, u64),
     pub violations: Vec<String>,
 }
 
@@ -512,9 +515,30 @@ impl Harness {
         (child, err)
     }
 
-    /// One cycle: (re)start, load, SIGKILL at a random moment, resume, verify.
+    /// A resume SIGKILLed at a random moment of its first 8 ms (opening
+    /// and locking the image, replaying the log, restoring the machine,
+    /// the guest's first instructions): the next resume must recover
+    /// from whatever it left.
+    fn killed_resume(&mut self, n: u64) {
+        let (mut child, err) = self.spawn(false, n);
+        std::thread::sleep(Duration::from_micros(self.rng.below(8_000)));
+        let _ = child.kill();
+        let _ = child.wait();
+        let said = std::fs::read_to_string(&err).unwrap_or_default();
+        if said.contains("nvhv: resumed") {
+            self.totals.killed_resumes.1 += 1;
+        } else {
+            self.totals.killed_resumes.0 += 1;
+        }
+    }
+
+    /// One cycle: (re)start (every other resume is first itself killed at
+    /// a random moment), load, SIGKILL at a random moment, resume, verify.
     pub fn cycle(&mut self) {
         let n = self.totals.cycles;
+        if n > 0 && self.rng.below(2) == 0 {
+            self.killed_resume(n);
+        }
         let (mut child, err) = self.spawn(n == 0, n);
         wait_ready(self.port, &mut child, "start", &err);
         if n > 0 {
