@@ -95,9 +95,11 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = Mode::Epoch)]
     persist: Mode,
     /// Epoch mode: size of each of the two redo-log halves (one epoch's dirty
-    /// pages must fit in one half).
-    #[arg(long, default_value = "128M", value_parser = parse_size)]
-    log_size: u64,
+    /// pages must fit in one half). Default 128M, or less for a guest whose
+    /// whole RAM, every page logged whole, fits in less (about 1.004 × --mem:
+    /// then any --dirty-budget fits).
+    #[arg(long, value_parser = parse_size)]
+    log_size: Option<u64>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -132,11 +134,12 @@ struct RuntimeArgs {
     /// Epoch mode: longest epoch (checkpoint interval when no output waits).
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     epoch_max: Duration,
-    /// Epoch mode: most dirty pages (4 KiB) one epoch may log: at least 1, at
-    /// most three quarters of what a redo-log half holds (24 489 with the
-    /// default --log-size; the rest is room for what the guest writes between
-    /// a budget check and the capture). `resume` lowers a budget the image's
-    /// log cannot hold to that limit, and says so.
+    /// Epoch mode: most dirty pages (4 KiB) one epoch may log: at least 1,
+    /// and, unless a redo-log half holds all of guest RAM, at most three
+    /// quarters of what a half holds (24 489 with a 128M --log-size; the rest
+    /// is room for what the guest writes between a budget check and the
+    /// capture). `resume` lowers a budget the image's log cannot hold to that
+    /// limit, and says so.
     #[arg(long, default_value_t = 16384)]
     dirty_budget: usize,
     /// Epoch mode: most pages left writable between epochs. A re-protected

@@ -186,6 +186,12 @@ pub fn capacity_pages(half_bytes: u64) -> Option<u64> {
     payload_room(half_bytes).map(|room| room / FULL_ENTRY)
 }
 
+/// The smallest half (whole 4 KiB blocks) whose record can carry `pages`
+/// pages whatever changed in them: the inverse of [`capacity_pages`].
+pub fn half_bytes_for(pages: u64) -> u64 {
+    BLOCK + (pages * FULL_ENTRY).div_ceil(BLOCK) * BLOCK
+}
+
 /// The most pages one record may carry in a half of `half_bytes` bytes
 /// whatever changed in them, for an image of format `format_version`
 /// (format 1 writes v1 records).
@@ -839,6 +845,19 @@ mod tests {
         }
         // 64 MiB half: one header block, then entries of 4110 bytes.
         assert_eq!(capacity_pages(64 << 20), Some(((64 << 20) - 4096) / 4110));
+    }
+
+    #[test]
+    fn half_bytes_for_is_the_smallest_half_that_holds_the_pages() {
+        for n in (0..3000u64).chain([16_384, 65_536, 262_144]) {
+            let half = half_bytes_for(n);
+            assert_eq!(half % BLOCK, 0, "{n}");
+            assert!(capacity_pages(half).unwrap() >= n, "{n}");
+            assert!(
+                half == BLOCK || capacity_pages(half - BLOCK).unwrap() < n,
+                "{n}: one block less would do"
+            );
+        }
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub enum PolicyError {
     #[error("--dirty-budget must be at least 1 page")]
     ZeroBudget,
     /// A redo-log half too small for any budget.
-    #[error("--log-size is too small: a redo-log half holds {capacity} pages (at least 4 are needed; the default, 128M, holds 32 655)")]
+    #[error("--log-size is too small: a redo-log half holds {capacity} pages (at least 4 are needed; 128M, the default for guests of 128 MiB or more, holds 32 655)")]
     LogTooSmall {
         /// Pages one record holds, each logged whole.
         capacity: usize,
@@ -92,19 +92,25 @@ pub enum PolicyError {
     },
 }
 
-/// The largest dirty budget a log half of `capacity` pages allows: three
-/// quarters of it. The budget is checked every [`BUDGET_CHECK`] while the
-/// guest runs on, and the pages written in between (and while an epoch
-/// commits) land in the same record; a record that does not fit stops the
-/// VM (`VmmError::DirtyOverflow`).
-pub fn budget_limit(capacity: usize) -> usize {
-    capacity / 4 * 3
+/// The largest dirty budget a log half of `capacity` pages allows for a
+/// guest of `ram_pages` pages of RAM. A half that holds every page of RAM
+/// logged whole can hold any epoch (a record carries each page at most once),
+/// so then any budget fits. Otherwise three quarters of the half: the budget
+/// is checked every [`BUDGET_CHECK`] while the guest runs on, and the pages
+/// written in between (and while an epoch commits) land in the same record; a
+/// record that does not fit stops the VM (`VmmError::DirtyOverflow`).
+pub fn budget_limit(capacity: usize, ram_pages: usize) -> usize {
+    if capacity >= ram_pages {
+        usize::MAX
+    } else {
+        capacity / 4 * 3
+    }
 }
 
 impl EpochPolicy {
     /// Checks the policy against itself and against a redo-log half of
-    /// `capacity` pages.
-    pub fn check(&self, capacity: usize) -> Result<(), PolicyError> {
+    /// `capacity` pages, for a guest of `ram_pages` pages of RAM.
+    pub fn check(&self, capacity: usize, ram_pages: usize) -> Result<(), PolicyError> {
         if self.min > self.max {
             return Err(PolicyError::MinAboveMax {
                 min: self.min,
@@ -114,7 +120,7 @@ impl EpochPolicy {
         if self.dirty_budget == 0 {
             return Err(PolicyError::ZeroBudget);
         }
-        let limit = budget_limit(capacity);
+        let limit = budget_limit(capacity, ram_pages);
         if limit == 0 {
             return Err(PolicyError::LogTooSmall { capacity });
         }
@@ -265,26 +271,40 @@ mod tests {
     #[test]
     fn the_policy_is_checked_against_itself_and_the_log() {
         let p = EpochPolicy::default();
-        // A 128 MiB half (the default --log-size) holds 32 655 whole pages.
+        // A 128 MiB half (the default --log-size from 128 MiB of RAM) holds
+        // 32 655 whole pages; a 1 GiB guest has 262 144.
         let default_log = crate::nvram::redo::capacity_pages(128 << 20).unwrap() as usize;
+        let ram = 262_144;
         assert_eq!(default_log, 32_655);
-        assert_eq!(p.check(default_log), Ok(()));
-        assert_eq!(budget_limit(default_log), 24_489);
+        assert_eq!(p.check(default_log, ram), Ok(()));
+        assert_eq!(budget_limit(default_log, ram), 24_489);
         assert_eq!(
-            p.check(16_000),
+            p.check(16_000, ram),
             Err(PolicyError::BudgetAboveLog {
                 budget: p.dirty_budget,
                 capacity: 16_000,
                 limit: 12_000
             })
         );
+        // The same half for a guest it holds whole: any budget fits.
+        assert_eq!(budget_limit(16_000, 16_000), usize::MAX);
+        assert_eq!(p.check(16_000, 16_000), Ok(()));
+        assert_eq!(
+            p.check(15_999, 16_000),
+            Err(PolicyError::BudgetAboveLog {
+                budget: p.dirty_budget,
+                capacity: 15_999,
+                limit: 11_997
+            }),
+            "one page short of the whole RAM"
+        );
         let exact = EpochPolicy {
             dirty_budget: 12_000,
             ..p
         };
-        assert_eq!(exact.check(16_000), Ok(()));
+        assert_eq!(exact.check(16_000, ram), Ok(()));
         assert_eq!(
-            exact.check(3),
+            exact.check(3, ram),
             Err(PolicyError::LogTooSmall { capacity: 3 }),
             "a log too small for any budget"
         );
@@ -292,19 +312,19 @@ mod tests {
             dirty_budget: 0,
             ..p
         };
-        assert_eq!(zero.check(default_log), Err(PolicyError::ZeroBudget));
+        assert_eq!(zero.check(default_log, ram), Err(PolicyError::ZeroBudget));
         let inverted = EpochPolicy {
             min: Duration::from_millis(20),
             max: Duration::from_millis(10),
             ..p
         };
         assert!(matches!(
-            inverted.check(default_log),
+            inverted.check(default_log, ram),
             Err(PolicyError::MinAboveMax { .. })
         ));
         let equal = EpochPolicy { min: p.max, ..p };
         assert_eq!(
-            equal.check(default_log),
+            equal.check(default_log, ram),
             Ok(()),
             "min = max is a fixed interval"
         );

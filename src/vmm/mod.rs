@@ -232,8 +232,9 @@ pub struct RunConfig {
     pub guest: GuestChoice,
     /// Persistence mode.
     pub persist: PersistMode,
-    /// Bytes of each of the two redo-log halves (epoch mode).
-    pub log_half_bytes: u64,
+    /// Bytes of each of the two redo-log halves (epoch mode); `None` for
+    /// the default ([`default_log_half`]).
+    pub log_half_bytes: Option<u64>,
     /// Allocate the image's RAM region up front (`run --reserve`) instead
     /// of leaving it sparse.
     pub reserve_ram: bool,
@@ -410,6 +411,21 @@ struct Machine {
     parked_at_capture: Option<Vec<u64>>,
 }
 
+/// The largest default redo-log half: 32 655 pages logged whole, twice the
+/// default dirty budget.
+pub const DEFAULT_LOG_HALF: u64 = 128 << 20;
+
+/// The default size of each redo-log half for a guest of `mem` bytes of RAM:
+/// [`DEFAULT_LOG_HALF`], or less when a smaller half holds every page of RAM
+/// logged whole (then no epoch can overflow it, whatever the dirty budget).
+pub fn default_log_half(mem: u64) -> u64 {
+    crate::nvram::redo::half_bytes_for(ram_pages(mem) as u64).min(DEFAULT_LOG_HALF)
+}
+
+fn ram_pages(mem: u64) -> usize {
+    usize::try_from(mem.div_ceil(crate::nvram::redo::PAGE)).unwrap_or(usize::MAX)
+}
+
 fn console_out(opts: &RuntimeOptions) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match &opts.console {
         None => Box::new(std::io::LineWriter::new(std::io::stdout())),
@@ -440,17 +456,21 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     // 1. Check the geometry and the epoch options before touching the file
     //    system.
     let layout = Layout::new(cfg.mem, cfg.vcpus)?;
+    let ram_pages = ram_pages(cfg.mem);
+    let log_half_bytes = cfg
+        .log_half_bytes
+        .unwrap_or_else(|| default_log_half(cfg.mem));
     if cfg.persist == PersistMode::Epoch {
         // The log half the image will get.
         let log = crate::nvram::layout::Region {
             offset: 0,
-            size: 2 * cfg.log_half_bytes,
+            size: 2 * log_half_bytes,
         };
         let half = crate::nvram::redo::half_region(log, 0).size;
         let capacity = crate::nvram::redo::capacity_pages(half).unwrap_or(0);
         cfg.runtime
             .epochs
-            .check(usize::try_from(capacity).unwrap_or(usize::MAX))?;
+            .check(usize::try_from(capacity).unwrap_or(usize::MAX), ram_pages)?;
     }
     let guest = cfg.guest.bytes()?;
     elf::entry_cpl(&guest)?;
@@ -469,7 +489,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
             guest: cfg.guest.name(),
             persist: cfg.persist,
             log_bytes: match cfg.persist {
-                PersistMode::Epoch => 2 * cfg.log_half_bytes,
+                PersistMode::Epoch => 2 * log_half_bytes,
                 PersistMode::SuspendOnly => 0,
             },
         },
@@ -677,7 +697,8 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
         // hold (the default one, say, with a small --log-size) is lowered
         // to what it can, not refused.
         let capacity = image.log_capacity_pages();
-        let limit = epoch::budget_limit(capacity);
+        let ram_pages = ram_pages(image.header().config.ram_bytes);
+        let limit = epoch::budget_limit(capacity, ram_pages);
         if policy.dirty_budget > limit && limit > 0 {
             eprintln!(
                 "nvhv: --dirty-budget {} does not fit this image's redo log (a half holds {capacity} pages); using {limit}",
@@ -685,7 +706,7 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
             );
             policy.dirty_budget = limit;
         }
-        policy.check(capacity)?;
+        policy.check(capacity, ram_pages)?;
         // Replay the committed redo records the RAM image may lack (work
         // proportional to the un-applied log, never to RAM size).
         let r = image.recover()?;
@@ -1366,6 +1387,28 @@ pub fn describe(r: &StopReason) -> String {
                 "KVM_RUN failed: {}",
                 std::io::Error::from_raw_os_error(*errno)
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvram::redo::capacity_pages;
+
+    #[test]
+    fn the_default_log_half_holds_a_small_guest_whole_and_stops_at_128_mib() {
+        for mem in [16u64 << 20, 64 << 20, (127 << 20) + 4096] {
+            let half = default_log_half(mem);
+            assert!(half < DEFAULT_LOG_HALF, "{mem}");
+            assert!(capacity_pages(half).unwrap() >= mem / 4096, "{mem}");
+            // Then any budget fits: the default one, even for 16 MiB.
+            let pages = ram_pages(mem);
+            let capacity = capacity_pages(half).unwrap() as usize;
+            assert_eq!(EpochPolicy::default().check(capacity, pages), Ok(()));
+        }
+        for mem in [128u64 << 20, 4 << 30] {
+            assert_eq!(default_log_half(mem), DEFAULT_LOG_HALF, "{mem}");
         }
     }
 }
