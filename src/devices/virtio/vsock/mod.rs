@@ -118,6 +118,9 @@ pub struct VsockConfig {
     /// How long the device keeps polling the rings without progress before
     /// it re-enables notifications and sleeps ([`backend::IDLE_SPIN`]).
     pub idle_spin: Duration,
+    /// The same while data went to the guest and no data came back yet
+    /// ([`backend::REPLY_SPIN`]).
+    pub reply_spin: Duration,
     /// Output commit: hold guest output until [`OutputCommit::release_output`]
     /// (see [`OutputGate`]); None releases it as it comes.
     pub output_gate: Option<OutputGate>,
@@ -138,6 +141,7 @@ impl VsockConfig {
             buf_alloc: DEFAULT_BUF_ALLOC,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_spin: backend::IDLE_SPIN,
+            reply_spin: backend::REPLY_SPIN,
             output_gate: None,
             release_settled: true,
         }
@@ -151,8 +155,10 @@ impl VsockConfig {
         if self.max_connections == 0 || self.max_connections > 65536 {
             return Err(VsockError::Config("max_connections must be in 1..=65536"));
         }
-        if self.idle_spin > Duration::from_secs(1) {
-            return Err(VsockError::Config("idle_spin must be at most 1 s"));
+        if self.idle_spin > Duration::from_secs(1) || self.reply_spin > Duration::from_secs(1) {
+            return Err(VsockError::Config(
+                "idle_spin and reply_spin must be at most 1 s",
+            ));
         }
         Ok(())
     }
@@ -196,9 +202,9 @@ impl Vsock {
         cfg: VsockConfig,
     ) -> Result<Self, VsockError> {
         cfg.validate()?;
-        let (shared, listeners, idle_spin) = Self::shared(mem, wake, cfg, None)?;
+        let (shared, listeners, spin) = Self::shared(mem, wake, cfg, None)?;
         let transport = MmioTransport::new(Box::new(VsockFrontend::new(Arc::clone(&shared))));
-        Self::start(transport, shared, listeners, idle_spin)
+        Self::start(transport, shared, listeners, spin)
     }
 
     fn shared(
@@ -206,7 +212,7 @@ impl Vsock {
         wake: Arc<GuestWake>,
         cfg: VsockConfig,
         guest_cid: Option<u64>,
-    ) -> Result<(Arc<Shared>, Listeners, Duration), VsockError> {
+    ) -> Result<(Arc<Shared>, Listeners, backend::Spin), VsockError> {
         let signals = Arc::new(DeviceSignals::new());
         let params = CoreParams {
             guest_cid: guest_cid.unwrap_or(cfg.guest_cid),
@@ -229,17 +235,21 @@ impl Vsock {
             tcp: cfg.listen,
             unix: cfg.unix,
         };
-        Ok((shared, listeners, cfg.idle_spin))
+        let spin = backend::Spin {
+            idle: cfg.idle_spin,
+            reply: cfg.reply_spin,
+        };
+        Ok((shared, listeners, spin))
     }
 
     fn start(
         transport: MmioTransport,
         shared: Arc<Shared>,
         listeners: Listeners,
-        idle_spin: Duration,
+        spin: backend::Spin,
     ) -> Result<Self, VsockError> {
-        let thread = backend::spawn(Arc::clone(&shared), listeners, idle_spin)
-            .map_err(VsockError::Thread)?;
+        let thread =
+            backend::spawn(Arc::clone(&shared), listeners, spin).map_err(VsockError::Thread)?;
         Ok(Self {
             transport: Arc::new(Mutex::new(transport)),
             shared,
