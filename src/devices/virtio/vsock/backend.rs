@@ -33,27 +33,6 @@ use super::device::{Shared, VsockCore};
 /// notifications and sleeping.
 pub const IDLE_SPIN: Duration = Duration::from_micros(100);
 
-/// Default time to keep polling without progress while data went to the
-/// guest and no data came back yet ([`VsockCore::awaiting_reply`]). A guest
-/// woken from its park takes ~150–250 µs here to answer a request (its
-/// re-entry, write faults on protected pages); a device asleep by then costs
-/// the guest an exit to notify it (~56 µs) and itself a wake-up. Measured
-/// side by side (`redis-benchmark -t set`, changing values, 2026-12-02):
-/// 1 ms against 100 µs, 16 clients on tmpfs 24–26k against 20–21k SET/s, 1
-/// client on ext4 1.83–1.86k against 1.51–1.60k; 16 clients on ext4 the same
-/// within noise. Bounded: it ends at the guest's reply or after this long
-/// without progress.
-pub const REPLY_SPIN: Duration = Duration::from_millis(1);
-
-/// How long the device thread polls without progress before it sleeps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Spin {
-    /// In general ([`IDLE_SPIN`]).
-    pub idle: Duration,
-    /// While a reply is awaited ([`REPLY_SPIN`]; never less than `idle`).
-    pub reply: Duration,
-}
-
 /// While asleep, look at the rings this often anyway. A driver that does not
 /// fence between publishing its available index and reading `avail_event`
 /// (`virtio-drivers` 0.13 has only a Release store there, and x86 may reorder
@@ -86,9 +65,13 @@ pub struct Listeners {
     pub unix: Option<UnixListener>,
 }
 
-/// Start the device thread for `shared`; it polls for `spin` without
+/// Start the device thread for `shared`; it polls for `idle_spin` without
 /// progress before it sleeps.
-pub fn spawn(shared: Arc<Shared>, listeners: Listeners, spin: Spin) -> io::Result<JoinHandle<()>> {
+pub fn spawn(
+    shared: Arc<Shared>,
+    listeners: Listeners,
+    idle_spin: Duration,
+) -> io::Result<JoinHandle<()>> {
     let epoll = Epoll::new()?;
     let add = |fd: i32, token: u64| {
         epoll.ctl(
@@ -111,7 +94,7 @@ pub fn spawn(shared: Arc<Shared>, listeners: Listeners, spin: Spin) -> io::Resul
         shared,
         epoll,
         listeners,
-        spin,
+        idle_spin,
         full_warned: false,
     };
     std::thread::Builder::new()
@@ -123,7 +106,7 @@ struct DeviceThread {
     shared: Arc<Shared>,
     epoll: Epoll,
     listeners: Listeners,
-    spin: Spin,
+    idle_spin: Duration,
     full_warned: bool,
 }
 
@@ -195,7 +178,7 @@ impl DeviceThread {
                 // Nothing to poll: wait for activation or sockets.
                 sleeping = true;
                 timeout_ms = -1;
-            } else if now.duration_since(last_progress) >= self.spin_for(&core) {
+            } else if now.duration_since(last_progress) >= self.idle_spin {
                 if core.arm_notifications() {
                     // Work arrived while arming: keep polling.
                     core.suppress_notifications();
@@ -220,22 +203,15 @@ impl DeviceThread {
                 // Polling without progress: let a runnable thread have the
                 // core. On a 2-core host the thread that will bring the next
                 // work (the vCPU answering, the client, the VMM committing)
-                // is often waiting for this one's core. Measured side by side
-                // against `spin_loop` (2026-12-02, `redis-benchmark`, changing
-                // values, 2 runs each): suspend-only 81–84k against 65–66k
-                // SET/s at 16 clients and 53–58k against 33–41k at 1; epoch
-                // mode on ext4 13.8–14.9k against 12.3–13.4k at 16 clients.
+                // is often waiting for this one's core. Measured against a
+                // pause instruction (2026-12-02, `redis-benchmark` SETs of
+                // changing values, 3 alternating runs each, ranges): epoch
+                // mode on ext4 13.1–13.3k → 13.9–14.4k SET/s at 16 clients,
+                // 1.55–1.64k → 1.77–1.89k at 1; on tmpfs 17.2–18.5k →
+                // 19.3–20.4k and 2.85–3.06k → 3.20–3.73k; suspend-only
+                // 55–69k → 73–88k at 16 clients, 44–55k → 63–68k at 1.
                 std::thread::yield_now();
             }
-        }
-    }
-
-    /// How long to poll without progress before sleeping, now.
-    fn spin_for(&self, core: &VsockCore) -> Duration {
-        if core.awaiting_reply() {
-            self.spin.reply.max(self.spin.idle)
-        } else {
-            self.spin.idle
         }
     }
 

@@ -80,9 +80,6 @@ pub struct VsockCore {
     wake_guest: bool,
     /// TX buffers were returned and the guest was not woken for them yet.
     tx_wake_pending: bool,
-    /// Data went to the guest and no data came back since: a reply is
-    /// probably on its way (the device thread polls longer for it).
-    awaiting_reply: bool,
     /// Output epoch that guest output is tagged with now.
     output_epoch: u64,
     /// Hold guest output until released (output commit); None: release at once.
@@ -170,7 +167,6 @@ impl VsockCore {
             kick: false,
             wake_guest: false,
             tx_wake_pending: false,
-            awaiting_reply: false,
             output_epoch: 0,
             output_gate: None,
             output_signalled: false,
@@ -340,13 +336,6 @@ impl VsockCore {
             return Ok(false);
         }
         Ok(true)
-    }
-
-    /// Whether data went to the guest since it last sent any: the guest
-    /// is then probably preparing a reply, which a polling device takes
-    /// without the guest exiting to notify it.
-    pub fn awaiting_reply(&self) -> bool {
-        self.awaiting_reply
     }
 
     /// Whether the device runs (activated, not failed).
@@ -557,9 +546,6 @@ impl VsockCore {
             let hdr = Header::from_bytes(&hb);
             let op = hdr.operation();
             let len = if op == Some(Op::Rw) { hdr.len } else { 0 };
-            if len > 0 {
-                self.awaiting_reply = false;
-            }
             let room = chain.len() - HDR_LEN as u32;
             if len > room || len > MAX_PKT_PAYLOAD {
                 return Err(QueueError::TooShort {
@@ -751,9 +737,6 @@ impl VsockCore {
             // ORDER: header and payload are in guest memory before add_used
             // publishes the used index.
             queue::add_used(&mut self.queues[RX], &self.mem, chain.head(), used)?;
-            if hdr.operation() == Some(Op::Rw) && !self.payload.is_empty() {
-                self.awaiting_reply = true;
-            }
             self.used_added();
             progress = true;
         }

@@ -118,9 +118,6 @@ pub struct VsockConfig {
     /// How long the device keeps polling the rings without progress before
     /// it re-enables notifications and sleeps ([`backend::IDLE_SPIN`]).
     pub idle_spin: Duration,
-    /// The same while data went to the guest and no data came back yet
-    /// ([`backend::REPLY_SPIN`]).
-    pub reply_spin: Duration,
     /// Output commit: hold guest output until [`OutputCommit::release_output`]
     /// (see [`OutputGate`]); None releases it as it comes.
     pub output_gate: Option<OutputGate>,
@@ -141,7 +138,6 @@ impl VsockConfig {
             buf_alloc: DEFAULT_BUF_ALLOC,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_spin: backend::IDLE_SPIN,
-            reply_spin: backend::REPLY_SPIN,
             output_gate: None,
             release_settled: true,
         }
@@ -155,10 +151,8 @@ impl VsockConfig {
         if self.max_connections == 0 || self.max_connections > 65536 {
             return Err(VsockError::Config("max_connections must be in 1..=65536"));
         }
-        if self.idle_spin > Duration::from_secs(1) || self.reply_spin > Duration::from_secs(1) {
-            return Err(VsockError::Config(
-                "idle_spin and reply_spin must be at most 1 s",
-            ));
+        if self.idle_spin > Duration::from_secs(1) {
+            return Err(VsockError::Config("idle_spin must be at most 1 s"));
         }
         Ok(())
     }
@@ -202,9 +196,9 @@ impl Vsock {
         cfg: VsockConfig,
     ) -> Result<Self, VsockError> {
         cfg.validate()?;
-        let (shared, listeners, spin) = Self::shared(mem, wake, cfg, None)?;
+        let (shared, listeners, idle_spin) = Self::shared(mem, wake, cfg, None)?;
         let transport = MmioTransport::new(Box::new(VsockFrontend::new(Arc::clone(&shared))));
-        Self::start(transport, shared, listeners, spin)
+        Self::start(transport, shared, listeners, idle_spin)
     }
 
     fn shared(
@@ -212,7 +206,7 @@ impl Vsock {
         wake: Arc<GuestWake>,
         cfg: VsockConfig,
         guest_cid: Option<u64>,
-    ) -> Result<(Arc<Shared>, Listeners, backend::Spin), VsockError> {
+    ) -> Result<(Arc<Shared>, Listeners, Duration), VsockError> {
         let signals = Arc::new(DeviceSignals::new());
         let params = CoreParams {
             guest_cid: guest_cid.unwrap_or(cfg.guest_cid),
@@ -235,21 +229,17 @@ impl Vsock {
             tcp: cfg.listen,
             unix: cfg.unix,
         };
-        let spin = backend::Spin {
-            idle: cfg.idle_spin,
-            reply: cfg.reply_spin,
-        };
-        Ok((shared, listeners, spin))
+        Ok((shared, listeners, cfg.idle_spin))
     }
 
     fn start(
         transport: MmioTransport,
         shared: Arc<Shared>,
         listeners: Listeners,
-        spin: backend::Spin,
+        idle_spin: Duration,
     ) -> Result<Self, VsockError> {
-        let thread =
-            backend::spawn(Arc::clone(&shared), listeners, spin).map_err(VsockError::Thread)?;
+        let thread = backend::spawn(Arc::clone(&shared), listeners, idle_spin)
+            .map_err(VsockError::Thread)?;
         Ok(Self {
             transport: Arc::new(Mutex::new(transport)),
             shared,

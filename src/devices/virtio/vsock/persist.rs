@@ -99,7 +99,7 @@ impl Vsock {
             cfg.guest_cid = d.guest_cid;
         }
         cfg.validate()?;
-        let (shared, listeners, spin) = Self::shared(mem, wake, cfg, Some(d.guest_cid))?;
+        let (shared, listeners, idle_spin) = Self::shared(mem, wake, cfg, Some(d.guest_cid))?;
         {
             let mut core = shared.lock();
             core.next_port = d.next_port;
@@ -112,7 +112,7 @@ impl Vsock {
         let frontend = Box::new(VsockFrontend::new(Arc::clone(&shared)));
         let transport =
             MmioTransport::restore(frontend, &state.transport).map_err(VsockError::Transport)?;
-        Self::start(transport, shared, listeners, spin)
+        Self::start(transport, shared, listeners, idle_spin)
     }
 }
 

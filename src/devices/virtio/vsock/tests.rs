@@ -32,25 +32,13 @@ fn rig_with(buf_alloc: u32, features: u64) -> Rig {
 }
 
 fn rig_spin(buf_alloc: u32, features: u64, idle_spin: Duration) -> Rig {
-    rig_spins(
-        buf_alloc,
-        features,
-        backend::Spin {
-            idle: idle_spin,
-            reply: backend::REPLY_SPIN,
-        },
-    )
-}
-
-fn rig_spins(buf_alloc: u32, features: u64, spin: backend::Spin) -> Rig {
     let mem = memory(MEM_SIZE);
     let wake = Arc::new(GuestWake::new());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let mut cfg = VsockConfig::new(listener);
     cfg.buf_alloc = buf_alloc;
-    cfg.idle_spin = spin.idle;
-    cfg.reply_spin = spin.reply;
+    cfg.idle_spin = idle_spin;
     let vsock = Vsock::new(mem.clone(), Arc::clone(&wake), cfg).unwrap();
     let mut g = GuestDriver::new(mem, vsock.transport(), wake);
     g.init(features);
@@ -304,60 +292,6 @@ fn polling_suppresses_notifications_and_idle_rearms_them() {
     let before = g.notifies[1];
     g.send(&gc.hdr(Op::CreditRequest, 0), &[]);
     assert_eq!(g.notifies[1], before + 1, "idle device must be notified");
-}
-
-/// Data delivered to the guest keeps the device polling for the reply (for
-/// up to its reply spin), so the answer needs no notification; once data came
-/// back, the device sleeps after its idle spin (zero here) as before.
-#[test]
-fn the_device_polls_for_the_reply_to_data_it_delivered() {
-    let reply = Duration::from_secs(1);
-    let Rig {
-        vsock: _vsock,
-        mut g,
-        addr,
-    } = rig_spins(
-        4096,
-        FEATURES,
-        backend::Spin {
-            idle: Duration::ZERO,
-            reply,
-        },
-    );
-    let mut cl = client(addr);
-    let mut gc = accept(&mut g, 1024);
-    let idle = |g: &GuestDriver| g.tx.avail_event(&g.mem) == g.tx.avail_idx;
-    wait_for(|| idle(&g), "device asleep after the handshake");
-    for round in 0..5 {
-        cl.write_all(b"ping").unwrap();
-        let (h, p) = g.expect(Op::Rw);
-        assert_eq!(p, b"ping");
-        gc.update_peer(&h);
-        gc.fwd_cnt += 4;
-        // Awaiting the reply, the device polls: the driver is asked not to
-        // notify, and the reply goes without a notification.
-        assert_eq!(
-            g.tx.avail_event(&g.mem),
-            AVAIL_EVENT_SUPPRESSED,
-            "round {round}: asleep while a reply is awaited"
-        );
-        let before = g.notifies[1];
-        g.send(&gc.hdr(Op::Rw, 4), b"pong");
-        gc.tx_cnt += 4;
-        assert_eq!(g.notifies[1], before, "round {round}: the reply notified");
-        let mut b = [0u8; 4];
-        cl.read_exact(&mut b).unwrap();
-        assert_eq!(&b, b"pong");
-        // The reply came: asleep again after the idle spin, well before the
-        // reply spin would have ended.
-        let t = Instant::now();
-        wait_for(|| idle(&g), "device asleep after the reply");
-        assert!(
-            t.elapsed() < reply / 2,
-            "round {round}: still polling {:?} after the reply",
-            t.elapsed()
-        );
-    }
 }
 
 /// TX completions wake a parked guest only when it has not consumed them by
