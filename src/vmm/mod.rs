@@ -411,8 +411,9 @@ struct Machine {
     parked_at_capture: Option<Vec<u64>>,
 }
 
-/// The largest default redo-log half: 32 655 pages logged whole, twice the
-/// default dirty budget.
+/// The largest default redo-log half: 32 655 pages logged whole, room for
+/// the default dirty budget (16 384) and what the guest writes past it
+/// before the capture.
 pub const DEFAULT_LOG_HALF: u64 = 128 << 20;
 
 /// The default size of each redo-log half for a guest of `mem` bytes of RAM:
