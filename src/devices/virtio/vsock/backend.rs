@@ -5,7 +5,9 @@
 //! Exit-free data path: while the core makes progress the thread polls the
 //! rings in guest memory (`epoll_wait` with a zero timeout for the sockets)
 //! with driver notifications suppressed, so a busy guest never exits to
-//! notify. After [`IDLE_SPIN`] (configurable) without progress it re-enables notifications,
+//! notify; a poll that found nothing yields the core (`sched_yield`) to
+//! whichever thread will bring the next work. After [`IDLE_SPIN`]
+//! (configurable) without progress it re-enables notifications,
 //! re-checks the rings (closing the race with a driver that published a
 //! buffer just before), and only then blocks in epoll. Anything that wakes it
 //! (a notification, a socket, a control request) puts it back into polling
