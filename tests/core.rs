@@ -396,3 +396,36 @@ fn unworkable_epoch_options_are_refused_before_an_image_exists() {
         "{err}"
     );
 }
+
+/// Without `--log-size`, a guest smaller than 128 MiB gets redo-log halves
+/// just large enough for all of its RAM logged whole (so its image is not
+/// dominated by a 256 MiB log), and a larger guest gets 128 MiB halves.
+#[test]
+fn the_default_redo_log_follows_a_small_guests_ram() {
+    require_kvm!();
+    let dir = Scratch::new("logsize");
+    for (mem, pages) in [("16M", 4096u64), ("256M", 65_536)] {
+        let img = dir.path(&format!("vm-{mem}.img"));
+        let img_s = img.to_str().unwrap();
+        let mut vm = Vmm::start(
+            &["run", "--image", img_s, "--guest", "counter", "--mem", mem],
+            dir.path(&format!("c-{mem}.log")),
+        );
+        vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+        assert!(vm.signal_and_wait(libc::SIGTERM).success());
+        let out = nvhv_output(&["inspect", "--json", img_s]);
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let capacity = j["log_capacity_pages"].as_u64().unwrap();
+        let len = std::fs::metadata(&img).unwrap().len();
+        if pages < 32_655 {
+            assert!(
+                (pages..pages + 2).contains(&capacity),
+                "{mem}: a half holds {capacity} pages, want just {pages}: {j}"
+            );
+            // RAM + two halves of ~1.004 × RAM + a few MiB of the rest.
+            assert!(len < 4 * (pages << 12), "{mem}: image of {len} bytes");
+        } else {
+            assert_eq!(capacity, 32_655, "{mem}: {j}");
+        }
+    }
+}
