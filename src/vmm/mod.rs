@@ -457,7 +457,6 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     // 1. Check the geometry and the epoch options before touching the file
     //    system.
     let layout = Layout::new(cfg.mem, cfg.vcpus)?;
-    let ram_pages = ram_pages(cfg.mem);
     let log_half_bytes = cfg
         .log_half_bytes
         .unwrap_or_else(|| default_log_half(cfg.mem));
@@ -469,9 +468,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
         };
         let half = crate::nvram::redo::half_region(log, 0).size;
         let capacity = crate::nvram::redo::capacity_pages(half).unwrap_or(0);
-        cfg.runtime
-            .epochs
-            .check(usize::try_from(capacity).unwrap_or(usize::MAX), ram_pages)?;
+        cfg.runtime.epochs.check(
+            usize::try_from(capacity).unwrap_or(usize::MAX),
+            ram_pages(cfg.mem),
+        )?;
     }
     let guest = cfg.guest.bytes()?;
     elf::entry_cpl(&guest)?;
@@ -698,7 +698,7 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
         // hold (the default one, say, with a small --log-size) is lowered
         // to what it can, not refused.
         let capacity = image.log_capacity_pages();
-        let ram_pages = ram_pages(image.header().config.ram_bytes);
+        let ram_pages = ram_pages(image.header().ram_bytes());
         let limit = epoch::budget_limit(capacity, ram_pages);
         if policy.dirty_budget > limit && limit > 0 {
             eprintln!(
