@@ -635,6 +635,36 @@ impl Changes {
         self.payload.clear();
         self.pages.clear();
     }
+
+    /// Where the next page logged will go (for [`extend_from`](Self::extend_from)).
+    pub fn mark(&self) -> Mark {
+        Mark {
+            pages: self.payload.pfns.len(),
+            bytes: self.payload.bytes.len(),
+        }
+    }
+
+    /// Append the pages `other` logged between its marks `from` and `to`.
+    pub fn extend_from(&mut self, other: &Changes, from: Mark, to: Mark) {
+        let p = &other.payload;
+        self.payload
+            .pfns
+            .extend_from_slice(&p.pfns[from.pages..to.pages]);
+        self.payload
+            .bytes
+            .extend_from_slice(&p.bytes[from.bytes..to.bytes]);
+        let page = PAGE as usize;
+        self.pages
+            .extend_from_slice(&other.pages[from.pages * page..to.pages * page]);
+    }
+}
+
+/// A position in a [`Changes`]: the pages logged before it and their
+/// payload bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pages: usize,
+    bytes: usize,
 }
 
 /// The 8-byte word of `b` at byte `i` (as stored: only compared).

@@ -1129,6 +1129,12 @@ impl Machine {
             }
         }
         let t_vcpus = t0.elapsed();
+        if let (true, Some(t)) = (dirty, self.dirty.as_ref()) {
+            // The compare helper's wake-up (tens of µs) overlaps the device
+            // pause and the state reads. Not before the vCPUs are paused: a
+            // vCPU thread leaving KVM_RUN may need the core it would spin on.
+            t.prepare();
+        }
         // ORDER: devices after the vCPUs, so no guest notification arrives
         //        after the device state is taken; the output cut at the same
         //        point, so exactly the output produced before it is released
@@ -1313,6 +1319,7 @@ impl Machine {
             bytes = times.log_bytes,
             hot = self.dirty.as_ref().map_or(0, |d| d.hot_pages()),
             faulted = self.dirty.as_ref().map_or(0, |d| d.faulted()),
+            helped = self.dirty.as_ref().map_or(0, |d| d.helped()),
             pause_us = paused.as_micros() as u64,
             write_us = times.state_write.as_micros() as u64,
             persist_us = times.state_persist.as_micros() as u64,

@@ -1,11 +1,15 @@
 //! KVM objects and their state: the VM ([`vm`]), guest memory ([`memory`]),
-//! the vCPUs and their threads ([`vcpu`]), and the wait port ([`wait`]).
+//! the vCPUs and their threads ([`vcpu`]), the wait port ([`wait`]), dirty
+//! tracking for epochs ([`dirty`]) and the helper thread that shares an
+//! epoch's page compares ([`split`]).
 //!
 //! This is one of the two places (with `nvram`) where `unsafe` code lives:
-//! KVM ioctls that kvm-ioctls marks unsafe and the vCPU kick signal handler.
+//! KVM ioctls that kvm-ioctls marks unsafe, the vCPU kick signal handler, and
+//! the shadow pages the compare helper writes.
 
 pub mod dirty;
 pub mod memory;
+pub mod split;
 pub mod vcpu;
 pub mod vm;
 pub mod wait;
