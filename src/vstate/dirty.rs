@@ -44,7 +44,7 @@ use std::sync::Mutex;
 
 use crate::devices::GuestMemory;
 use crate::nvram::redo::{Changes, Mark};
-use crate::vstate::split::{Side, SplitError, Splitter, MAX_CHUNKS};
+use crate::vstate::split::{Side, Splitter, MAX_CHUNKS};
 
 /// Page size.
 pub const PAGE: usize = 4096;
@@ -113,9 +113,6 @@ pub enum DirtyError {
     /// Guest memory has more than one region (not supported yet).
     #[error("dirty tracking supports one memory region")]
     Regions,
-    /// The page-compare helper thread could not be started.
-    #[error(transparent)]
-    Split(#[from] SplitError),
 }
 
 /// One hot page: where its shadow copy (its bytes as last logged) lives,
@@ -221,7 +218,13 @@ impl DirtyTracker {
         cap.args[0] = 1; // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, not INITIALLY_SET
         vm.enable_cap(&cap).map_err(DirtyError::EnableCap)?;
         let mut t = Self::new(hot_budget);
-        t.splitter = Some(Splitter::spawn()?);
+        // A helper only where there is a second core for it; without one
+        // (or if it cannot start) the compares all run on the pause thread.
+        if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+            t.splitter = Splitter::spawn()
+                .inspect_err(|e| tracing::warn!(error = ?e, "page compares on one thread"))
+                .ok();
+        }
         // Sized now, not in the first capture (where it would add to the
         // first reply's wait after a resume).
         t.size_for(usize::try_from(ram_bytes).unwrap_or(usize::MAX) / PAGE);

@@ -232,7 +232,9 @@ fn helper(sh: &Shared) {
             if Instant::now() >= until {
                 break;
             }
-            std::hint::spin_loop();
+            // Yield, not spin: should this thread share a core with the
+            // caller, the caller must run to open the round.
+            std::thread::yield_now();
         }
     }
 }
