@@ -44,7 +44,7 @@ use std::sync::Mutex;
 
 use crate::devices::GuestMemory;
 use crate::nvram::redo::{Changes, Mark};
-use crate::vstate::split::{Side, Splitter, MAX_CHUNKS};
+use crate::vstate::split::{second_core, Side, Splitter, MAX_CHUNKS};
 
 /// Page size.
 pub const PAGE: usize = 4096;
@@ -220,7 +220,7 @@ impl DirtyTracker {
         let mut t = Self::new(hot_budget);
         // A helper only where there is a second core for it; without one
         // (or if it cannot start) the compares all run on the pause thread.
-        if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+        if second_core() {
             t.splitter = Splitter::spawn()
                 .inspect_err(|e| tracing::warn!(error = ?e, "page compares on one thread"))
                 .ok();
@@ -790,7 +790,7 @@ mod tests {
     fn payloads_replayed_in_order_rebuild_guest_memory_with_the_helper() {
         replay_rebuilds(Fixture::with_helper(64, 8));
         let helped = replay_rebuilds(Fixture::with_helper(2048, 1024));
-        if std::thread::available_parallelism().map_or(1, |p| p.get()) > 1 {
+        if second_core() {
             assert!(helped > 0, "the helper never took a chunk");
         }
     }

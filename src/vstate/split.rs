@@ -36,6 +36,12 @@ const SPIN: Duration = Duration::from_micros(100);
 /// How long the caller spins for the helper's last chunks before it yields.
 const YIELD_AFTER: Duration = Duration::from_micros(50);
 
+/// Whether this process may run on more than one CPU. Without a second one
+/// a helper could only run on the caller's core, so there is none.
+pub fn second_core() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+}
+
 /// Errors of the splitter.
 #[derive(Debug, thiserror::Error)]
 pub enum SplitError {
@@ -314,7 +320,7 @@ mod tests {
         }
         // Whether the helper gets there in time depends on the scheduler;
         // on any machine with two cores it does in some of 2 000 rounds.
-        if std::thread::available_parallelism().map_or(1, |p| p.get()) > 1 {
+        if second_core() {
             assert!(helped > 0, "the helper never took a chunk");
         }
     }
