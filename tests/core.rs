@@ -172,7 +172,7 @@ fn inspect_reports_resumable_only_after_an_orderly_suspend() {
     assert_eq!(j["vcpus"], 1);
     assert_eq!(j["ram_bytes"], 64u64 << 20);
     assert!(j["epoch"].as_u64().unwrap() >= 1);
-    assert_eq!(j["format_version"], 2);
+    assert_eq!(j["format_version"], 3);
 
     // A reader that goes away (`nvhv inspect IMG | head -1`) is no error.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvhv"))

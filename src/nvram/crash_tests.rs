@@ -25,6 +25,7 @@ use std::sync::Arc;
 use super::backing::BackingError;
 use super::layout::{
     Header, ImageConfig, PersistMode, Status, Uuid, FORMAT_VERSION, FORMAT_VERSION_1,
+    FORMAT_VERSION_2,
 };
 use super::redo::{capacity_pages, half_region, Changes, Payload, PAGE};
 use super::storage::{MemStorage, Storage};
@@ -268,11 +269,36 @@ struct Driver {
     hot: Vec<u64>,
     last_state: Vec<u8>,
     epochs: usize,
+    /// Format 3: records per log half (small, so that the scenario moves
+    /// between the halves often and runs out of room).
+    per_half: Option<usize>,
+    /// Format 3, over every image opened: moves to the other half,
+    /// checkpoints, and pages written to the RAM image by applies.
+    switches: u64,
+    checkpoints: u64,
+    pages_applied: u64,
 }
 
 impl Driver {
     fn img(&mut self) -> &mut Image<Sim> {
         self.img.as_mut().expect("image open")
+    }
+
+    /// Closes the image (counting what it did) and returns its storage.
+    fn close(&mut self) -> Sim {
+        let img = self.img.take().unwrap();
+        self.switches += img.log.switches;
+        self.checkpoints += img.log.checkpoints;
+        self.pages_applied += img.pages_applied();
+        img.into_storage()
+    }
+
+    fn open(&mut self, sim: Sim) -> Image<Sim> {
+        let mut img = Image::open_storage(sim).unwrap();
+        if let Some(n) = self.per_half {
+            img.log.records_per_half = n;
+        }
+        img
     }
 
     fn last_op(&mut self) -> usize {
@@ -389,8 +415,8 @@ impl Driver {
     /// recover, and continue from there.
     fn power_cut(&mut self, attempted: Point) {
         let at = self.last_op();
-        let sim = self.img.take().unwrap().into_storage();
-        let img = Image::open_storage(sim).unwrap();
+        let sim = self.close();
+        let img = self.open(sim);
         let restored = img.recovery_plan().restored_epoch();
         let reset = if restored == attempted.epoch {
             attempted.clone()
@@ -426,8 +452,8 @@ impl Driver {
     /// The VMM process exits (or is killed) without a power loss: every
     /// write stays, nothing is lost; the next process opens and recovers.
     fn restart(&mut self) {
-        let sim = self.img.take().unwrap().into_storage();
-        self.img = Some(Image::open_storage(sim).unwrap());
+        let sim = self.close();
+        self.img = Some(self.open(sim));
         self.recover();
     }
 
@@ -449,10 +475,10 @@ fn in_state_slot(offset: u64, _len: usize) -> bool {
 }
 
 fn only_log_header(offset: u64, len: usize) -> bool {
-    // The header block at the start of either half; not its payload.
+    // A record's header block (format 3: anywhere in the log); not its
+    // payload, unless that is one whole block.
     let log = 12288 + 2 * (128 << 10);
-    let half = LOG_BLOCKS / 2 * 4096;
-    (offset == log || offset == log + half) && len == BLK
+    (log..log + LOG_BLOCKS * 4096).contains(&offset) && len == BLK
 }
 
 /// A scenario's recording: the image it started from, every operation, and
@@ -464,10 +490,83 @@ struct Recording {
     marks: BTreeMap<usize, Mark>,
     initial: Point,
     epochs: usize,
+    /// What the writer did (format 3): half moves, checkpoints, pages applied.
+    switches: u64,
+    checkpoints: u64,
+    pages_applied: u64,
 }
 
 /// Runs the scenario on an image of format `format`.
 fn scenario(seed: u64, format: u32) -> Recording {
+    record(seed, format, None, |d| {
+        d.mark_running();
+        d.epoch(5, None, false);
+        d.epoch(CAPACITY, None, false);
+        d.epoch(3, None, false);
+        d.restart();
+        d.mark_running();
+        d.epoch(0, None, false);
+        d.epoch(4, None, false);
+        // Torn commit: log record complete, its state write lost.
+        d.epoch(4, Some(in_state_slot), false);
+        // The next epoch saves the very same state bytes into that slot.
+        d.epoch(2, None, true);
+        d.epoch(6, None, false);
+        // Torn commit: only the record header made it.
+        d.epoch(5, Some(only_log_header), false);
+        d.mark_running();
+        d.epoch(7, None, false);
+        d.epoch(3, None, false);
+        d.suspend();
+        d.restart();
+        d.mark_running();
+        d.epoch(8, None, false);
+        d.epoch(2, None, false);
+    })
+}
+
+/// Format 3 with 3 records to a half: many small epochs, so that the writer
+/// moves between the halves, pages wait and are written while the other
+/// half is due, and a record too large for the room left forces a
+/// checkpoint; power cuts, restarts and a suspend among them.
+fn scenario_lazy(seed: u64) -> Recording {
+    record(seed, FORMAT_VERSION, Some(3), |d| {
+        d.mark_running();
+        for n in [2, 1, 3, 2, 2, 1, 4, 2, 1, 2, 3, 1, 2, 2] {
+            d.epoch(n, None, false);
+        }
+        // A whole half's worth while the other half is still needed.
+        d.epoch(CAPACITY, None, false);
+        d.epoch(2, None, false);
+        d.epoch(3, Some(in_state_slot), false);
+        d.epoch(2, None, true);
+        for n in [1, 2, 3, 1, 2] {
+            d.epoch(n, None, false);
+        }
+        d.epoch(2, Some(only_log_header), false);
+        for n in [3, 1, 2, 2] {
+            d.epoch(n, None, false);
+        }
+        d.restart();
+        for n in [2, 3, 1] {
+            d.epoch(n, None, false);
+        }
+        d.suspend();
+        d.restart();
+        d.mark_running();
+        for n in [2, 6, 1, 2] {
+            d.epoch(n, None, false);
+        }
+    })
+}
+
+/// Runs `steps` on a fresh image of format `format` and records the trace.
+fn record(
+    seed: u64,
+    format: u32,
+    per_half: Option<usize>,
+    steps: impl FnOnce(&mut Driver),
+) -> Recording {
     let (header, bytes) = formatted(&config(), format);
     assert_eq!(
         capacity_pages(half_region(header.geometry.log, 0).size),
@@ -483,7 +582,7 @@ fn scenario(seed: u64, format: u32) -> Recording {
         state: None,
     };
     let mut d = Driver {
-        img: Some(Image::open_storage(sim).unwrap()),
+        img: None,
         rng: Rng(seed),
         ram: vec![0; (RAM_PAGES * PAGE) as usize],
         point: initial.clone(),
@@ -491,31 +590,15 @@ fn scenario(seed: u64, format: u32) -> Recording {
         hot: Vec::new(),
         last_state: Vec::new(),
         epochs: 0,
+        per_half,
+        switches: 0,
+        checkpoints: 0,
+        pages_applied: 0,
     };
-    d.mark_running();
-    d.epoch(5, None, false);
-    d.epoch(CAPACITY, None, false);
-    d.epoch(3, None, false);
-    d.restart();
-    d.mark_running();
-    d.epoch(0, None, false);
-    d.epoch(4, None, false);
-    // Torn commit: log record complete, its state write lost.
-    d.epoch(4, Some(in_state_slot), false);
-    // The next epoch saves the very same state bytes into that slot.
-    d.epoch(2, None, true);
-    d.epoch(6, None, false);
-    // Torn commit: only the record header made it.
-    d.epoch(5, Some(only_log_header), false);
-    d.mark_running();
-    d.epoch(7, None, false);
-    d.epoch(3, None, false);
-    d.suspend();
-    d.restart();
-    d.mark_running();
-    d.epoch(8, None, false);
-    d.epoch(2, None, false);
+    d.img = Some(d.open(sim));
+    steps(&mut d);
     let trace = d.img().storage.trace.take().unwrap();
+    d.close();
     Recording {
         header,
         base,
@@ -523,6 +606,9 @@ fn scenario(seed: u64, format: u32) -> Recording {
         marks: d.marks,
         initial,
         epochs: d.epochs,
+        switches: d.switches,
+        checkpoints: d.checkpoints,
+        pages_applied: d.pages_applied,
     }
 }
 
@@ -927,6 +1013,28 @@ fn enumerate(
 
 #[test]
 fn test_every_crash_point_of_the_epoch_protocol_recovers_exactly() {
+    check_recording(scenario(0x0123_4567_89ab_cdef, FORMAT_VERSION), 10_000);
+}
+
+#[test]
+fn test_every_crash_point_of_the_format_2_protocol_recovers_exactly() {
+    check_recording(scenario(0x0123_4567_89ab_cdef, FORMAT_VERSION_2), 10_000);
+}
+
+#[test]
+fn test_every_crash_point_of_the_lazy_apply_recovers_exactly() {
+    let r = scenario_lazy(0x0bad_cafe_f00d_1234);
+    println!(
+        "lazy apply: {} moves to the other half, {} checkpoints, {} pages applied",
+        r.switches, r.checkpoints, r.pages_applied
+    );
+    assert!(r.switches >= 6, "{}", r.switches);
+    assert!(r.checkpoints >= 1, "{}", r.checkpoints);
+    check_recording(r, 10_000);
+}
+
+/// Enumerates every crash image of `r` and checks recovery on each.
+fn check_recording(r: Recording, min_images: usize) {
     let Recording {
         header,
         base,
@@ -934,7 +1042,8 @@ fn test_every_crash_point_of_the_epoch_protocol_recovers_exactly() {
         marks,
         initial,
         epochs,
-    } = scenario(0x0123_4567_89ab_cdef, FORMAT_VERSION);
+        ..
+    } = r;
     let persists = trace
         .iter()
         .filter(|o| matches!(o, Op::Persist { .. }))
@@ -963,7 +1072,7 @@ fn test_every_crash_point_of_the_epoch_protocol_recovers_exactly() {
         s.recovery_crash_images, s.by_epoch
     );
     assert_eq!(cuts, 2);
-    assert!(s.images() > 10_000, "{s:?}");
+    assert!(s.images() > min_images, "{s:?}");
     assert!(s.recovery_crash_images > 100, "{s:?}");
     // Every committed epoch was restored by some crash image.
     for m in marks.values() {
@@ -984,8 +1093,12 @@ fn test_crash_points_more_seeds() {
     let mut images = 0;
     for seed in 1..=8u64 {
         // Half of them on format-1 images (whole-page records).
-        let format = [FORMAT_VERSION, FORMAT_VERSION_1][seed as usize % 2];
-        let r = scenario(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), format);
+        let seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let r = match seed % 3 {
+            0 => scenario_lazy(seed),
+            1 => scenario(seed, FORMAT_VERSION_2),
+            _ => scenario(seed, FORMAT_VERSION_1),
+        };
         let s = enumerate(&r.header, r.base, &r.trace, &r.marks, r.initial);
         images += s.images() + s.recovery_crash_images;
     }

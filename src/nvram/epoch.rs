@@ -1,5 +1,5 @@
-//! Epoch mode: the redo-log commit ([`Image::commit_epoch`]), the apply of a
-//! committed epoch to the RAM image ([`Image::apply_committed`]), and
+//! Epoch mode: the redo-log commit ([`Image::commit_epoch`]), the apply of
+//! committed epochs to the RAM image ([`Image::apply_committed`]), and
 //! recovery ([`Image::recover`], planned by [`plan_recovery`] when the image
 //! is opened, and by `inspect` without writing).
 //!
@@ -7,9 +7,20 @@
 //! each page) and the machine state go out together and one persist makes
 //! them durable; the record is self-validating, so that persist's return is
 //! the commit point.
-//! The protocol, the recovery rule and the argument that they are sound are
-//! in `docs/nvram-format.md` ("Epoch commit protocol", "Recovery").
+//!
+//! In an image of format 3 the records of consecutive epochs follow each
+//! other in a log half ([`LogWriter`]), and the RAM image is applied lazily:
+//! the committed pages wait in memory ([`Pending`]) and each is written once
+//! for many epochs that changed it, early enough that the other half can be
+//! reused when this one is full. Each record says through which epoch the
+//! RAM image was durably applied when it was written, which is where
+//! recovery starts replaying. Images of formats 1 and 2 keep their protocol:
+//! one record per half, every epoch applied at once.
+//!
+//! The protocols, the recovery rules and the argument that they are sound
+//! are in `docs/nvram-format.md` ("Epoch commit protocol", "Recovery").
 
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use std::borrow::Cow;
@@ -17,11 +28,13 @@ use std::borrow::Cow;
 use serde::Serialize;
 
 use super::image::{now_ns, read_err, CommitTimes, Image, ImageError};
-use super::layout::{Header, Meta, PersistMode, Region, Status, BLOCK, FORMAT_VERSION_1};
+use super::layout::{
+    Header, Meta, PersistMode, Region, Status, BLOCK, FORMAT_VERSION, FORMAT_VERSION_1,
+};
 use super::redo::{
     capacity_pages_for, decode_writes, encode_table, half_region, payload_room, runs, Changes,
     PageWrite, Payload, RecordError, RecordHeader, PAGE, RECORD_HEADER_LEN, RECORD_VERSION,
-    RECORD_VERSION_1,
+    RECORD_VERSION_1, RECORD_VERSION_3,
 };
 use super::storage::Storage;
 
@@ -29,20 +42,33 @@ use super::storage::Storage;
 /// are coalesced (replay of pages logged whole).
 const COALESCE_BYTES: usize = 1 << 20;
 
-/// What one half of the redo log holds, as recovery classifies it.
+/// Format 3: records written into one log half before the writer moves to
+/// the other. It bounds what recovery replays (at most about this many
+/// records, and the pages they changed) and sets how often a page that
+/// keeps changing is written to the RAM image (about once per half).
+pub const RECORDS_PER_HALF: usize = 32;
+
+/// Format 3: committed pages kept waiting for the RAM image at most; beyond
+/// this the oldest are written at once (4 KiB of memory each).
+pub const MAX_PENDING_PAGES: usize = 8192;
+
+/// What a place in the redo log holds, as recovery classifies it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HalfState {
+pub enum RecordState {
     /// Nothing was ever written there (or the log is too small for a record).
     Blank,
     /// A record the current meta record covers (its epoch is not above the
     /// meta record's): applied to the RAM image before that record was
     /// written, so it is ignored and its payload is not read.
     Applied(RecordHeader),
-    /// A complete record newer than the current meta record: its header,
-    /// payload and state CRCs all match.
+    /// A complete record newer than the current meta record: its header and
+    /// payload CRCs match, and so does its state's if recovery restores it
+    /// (the state of an older record may since have been overwritten: a
+    /// later epoch reuses its slot).
     Valid(RecordHeader),
-    /// Not a valid record: torn, damaged, foreign, or its state slot has been
-    /// reused since. `epoch` when the header itself is intact and ours.
+    /// Not a valid record: torn, damaged, foreign, out of sequence, or (the
+    /// record recovery would restore) its state slot does not hold its
+    /// state. `epoch` when the header itself is intact and ours.
     Invalid {
         /// The record's epoch, if its header is intact and belongs to this image.
         epoch: Option<u64>,
@@ -51,11 +77,11 @@ pub enum HalfState {
     },
 }
 
-impl HalfState {
+impl RecordState {
     /// The record header, when it is intact and belongs to this image.
     pub fn record(&self) -> Option<&RecordHeader> {
         match self {
-            HalfState::Applied(r) | HalfState::Valid(r) => Some(r),
+            RecordState::Applied(r) | RecordState::Valid(r) => Some(r),
             _ => None,
         }
     }
@@ -63,32 +89,46 @@ impl HalfState {
     /// The epoch in an intact header of this image, if any.
     pub fn epoch(&self) -> Option<u64> {
         match self {
-            HalfState::Applied(r) | HalfState::Valid(r) => Some(r.epoch),
-            HalfState::Invalid { epoch, .. } => *epoch,
-            HalfState::Blank => None,
+            RecordState::Applied(r) | RecordState::Valid(r) => Some(r.epoch),
+            RecordState::Invalid { epoch, .. } => *epoch,
+            RecordState::Blank => None,
         }
     }
 
     /// A short word for the state: `blank`, `applied`, `valid` or `invalid`.
     pub fn word(&self) -> &'static str {
         match self {
-            HalfState::Blank => "blank",
-            HalfState::Applied(_) => "applied",
-            HalfState::Valid(_) => "valid",
-            HalfState::Invalid { .. } => "invalid",
+            RecordState::Blank => "blank",
+            RecordState::Applied(_) => "applied",
+            RecordState::Valid(_) => "valid",
+            RecordState::Invalid { .. } => "invalid",
         }
     }
+}
+
+/// One place of the redo log recovery looked at: the start of each half
+/// (formats 1 and 2), or each record of a half's sequence and the place
+/// where the sequence ends (format 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The log half (0 or 1).
+    pub half: usize,
+    /// Byte offset of the record in its half.
+    pub offset: u64,
+    /// What is there.
+    pub state: RecordState,
 }
 
 /// What recovery finds in an image and what it does about it. Computed when
 /// the image is opened (and by `inspect`), carried out by [`Image::recover`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveryPlan {
-    /// Each log half's record; `None` in suspend-only mode (no log is used).
-    pub halves: Option<[HalfState; 2]>,
-    /// The halves whose records are replayed into the RAM image, oldest first.
+    /// The log places looked at; `None` in suspend-only mode (no log is used).
+    pub log: Option<Vec<LogEntry>>,
+    /// The entries (indices into `log`) whose records are replayed into the
+    /// RAM image, oldest first.
     pub replay: Vec<usize>,
-    /// `Some(half)`: the VM continues from that record's epoch and state;
+    /// `Some(entry)`: the VM continues from that record's epoch and state;
     /// `None`: from the current meta record.
     pub restore: Option<usize>,
     /// Epoch of the current meta record.
@@ -103,8 +143,7 @@ impl RecoveryPlan {
     /// a fresh image).
     pub(super) fn nothing(header: &Header, meta: &Meta) -> RecoveryPlan {
         RecoveryPlan {
-            halves: (header.config.persist == PersistMode::Epoch)
-                .then_some([HalfState::Blank, HalfState::Blank]),
+            log: (header.config.persist == PersistMode::Epoch).then(Vec::new),
             replay: Vec::new(),
             restore: None,
             meta_epoch: meta.epoch,
@@ -112,23 +151,28 @@ impl RecoveryPlan {
         }
     }
 
-    fn record(&self, half: usize) -> Option<&RecordHeader> {
-        self.halves.as_ref()?.get(half)?.record()
+    fn entry(&self, i: usize) -> Option<&LogEntry> {
+        self.log.as_ref()?.get(i)
+    }
+
+    fn record(&self, i: usize) -> Option<&RecordHeader> {
+        self.entry(i)?.state.record()
     }
 
     /// Epochs replayed, oldest first.
     pub fn replay_epochs(&self) -> Vec<u64> {
         self.replay
             .iter()
-            .filter_map(|&h| self.record(h).map(|r| r.epoch))
+            .filter_map(|&i| self.record(i).map(|r| r.epoch))
             .collect()
     }
 
-    /// Pages replayed in all.
+    /// Page entries replayed in all (a page changed in several epochs counts
+    /// once for each).
     pub fn replay_pages(&self) -> u64 {
         self.replay
             .iter()
-            .filter_map(|&h| self.record(h).map(|r| r.pages))
+            .filter_map(|&i| self.record(i).map(|r| r.pages))
             .sum()
     }
 
@@ -136,14 +180,14 @@ impl RecoveryPlan {
     pub fn replay_bytes(&self) -> u64 {
         self.replay
             .iter()
-            .filter_map(|&h| self.record(h).map(|r| BLOCK + r.payload_len))
+            .filter_map(|&i| self.record(i).map(|r| BLOCK + r.payload_len))
             .sum()
     }
 
     /// The epoch whose RAM and state the VM continues from.
     pub fn restored_epoch(&self) -> u64 {
         self.restore
-            .and_then(|h| self.record(h))
+            .and_then(|i| self.record(i))
             .map_or(self.meta_epoch, |r| r.epoch)
     }
 
@@ -158,7 +202,7 @@ impl RecoveryPlan {
         let Some(epoch) = self.seal_epoch else {
             return meta.clone();
         };
-        let mut m = match self.restore.and_then(|h| self.record(h)) {
+        let mut m = match self.restore.and_then(|i| self.record(i)) {
             Some(r) => Meta {
                 epoch,
                 status: Status::Committed,
@@ -178,13 +222,235 @@ impl RecoveryPlan {
     }
 }
 
-/// The epoch `commit_epoch` committed and `apply_committed` has not applied yet.
+/// The epoch `commit_epoch` committed and `apply_committed` has not taken yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Unapplied {
     pub(super) epoch: u64,
     pub(super) pages: usize,
     pub(super) payload_len: usize,
     pub(super) payload_crc: u32,
+}
+
+/// Format 3: committed pages not yet written to the RAM image, each with the
+/// first epoch whose change to it the RAM image lacks. The queue holds the
+/// pages in the order they became pending (so by that epoch); an entry is
+/// stale once its page was written (and maybe became pending again later).
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    pages: HashMap<u64, (u64, Box<[u8]>)>,
+    queue: VecDeque<(u64, u64)>,
+    spare: Vec<Box<[u8]>>,
+}
+
+impl Pending {
+    /// Takes page `pfn`'s committed bytes as of `epoch`.
+    fn stage(&mut self, pfn: u64, page: &[u8], epoch: u64) {
+        if let Some((_, data)) = self.pages.get_mut(&pfn) {
+            data.copy_from_slice(page);
+            return;
+        }
+        let mut data = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| vec![0u8; PAGE as usize].into_boxed_slice());
+        data.copy_from_slice(page);
+        self.pages.insert(pfn, (epoch, data));
+        self.queue.push_back((pfn, epoch));
+    }
+
+    /// Drops stale entries from the front of the queue.
+    fn trim(&mut self) {
+        while let Some(&(pfn, since)) = self.queue.front() {
+            if self.pages.get(&pfn).is_some_and(|(s, _)| *s == since) {
+                break;
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    /// The first epoch whose change the RAM image lacks, if any.
+    fn oldest(&mut self) -> Option<u64> {
+        self.trim();
+        self.queue.front().map(|&(_, since)| since)
+    }
+
+    /// Pages pending since epoch `through` or earlier.
+    fn due(&self, through: u64) -> usize {
+        self.queue
+            .iter()
+            .take_while(|&&(_, since)| since <= through)
+            .filter(|&&(pfn, since)| self.pages.get(&pfn).is_some_and(|(s, _)| *s == since))
+            .count()
+    }
+
+    /// Takes up to `n` of the oldest pending pages, those pending since
+    /// epoch `through` or earlier, sorted by page number. Give the buffers
+    /// back with [`Pending::recycle`].
+    fn take_oldest(&mut self, n: usize, through: u64) -> Vec<(u64, Box<[u8]>)> {
+        let mut out = Vec::with_capacity(n.min(self.pages.len()));
+        while out.len() < n {
+            self.trim();
+            match self.queue.front() {
+                Some(&(_, since)) if since <= through => {}
+                _ => break,
+            }
+            let Some((pfn, _)) = self.queue.pop_front() else {
+                break;
+            };
+            if let Some((_, data)) = self.pages.remove(&pfn) {
+                out.push((pfn, data));
+            }
+        }
+        out.sort_unstable_by_key(|&(pfn, _)| pfn);
+        out
+    }
+
+    fn recycle(&mut self, pages: Vec<(u64, Box<[u8]>)>) {
+        self.spare.extend(pages.into_iter().map(|(_, d)| d));
+    }
+
+    /// Pages pending.
+    pub(super) fn len(&self) -> usize {
+        self.pages.len()
+    }
+}
+
+/// Format 3: where the next record goes, what the log holds that recovery
+/// may need, and how far the RAM image is applied.
+///
+/// Invariants (docs/nvram-format.md, "Format 3"): a half is written again
+/// from its start only after a record that says every epoch the half holds
+/// is durably applied (`last_applied_through >= live[half]`) has committed;
+/// `applied_through` of a record is what the last completed persist made
+/// durable, never what is merely issued.
+#[derive(Debug)]
+pub(super) struct LogWriter {
+    /// The half being written and the offset of the next record in it.
+    half: usize,
+    offset: u64,
+    /// Records written into `half` since the writer moved there.
+    records: usize,
+    /// The newest epoch each half holds that recovery may still need.
+    live: [Option<u64>; 2],
+    /// `applied_through` of the last record written.
+    last_applied_through: u64,
+    /// Every epoch up to this one is applied to the RAM image by writes the
+    /// last completed persist covered.
+    durable_through: u64,
+    /// ... by writes issued so far.
+    issued_through: u64,
+    /// Records per half (a test may lower it).
+    pub(super) records_per_half: usize,
+    /// Bytes of one log half.
+    half_bytes: u64,
+    /// Pages to write per epoch while the other half's are due (see
+    /// [`LogWriter::due_now`]).
+    rate: usize,
+    /// Committed pages waiting for the RAM image.
+    pub(super) pending: Pending,
+    /// Counts since the image was opened: moves to the other half, and
+    /// checkpoints (meta records written because no place was free).
+    pub(super) switches: u64,
+    pub(super) checkpoints: u64,
+}
+
+impl LogWriter {
+    /// The writer after a meta record of `epoch` (every record is applied).
+    pub(super) fn new(epoch: u64, half_bytes: u64) -> LogWriter {
+        LogWriter {
+            half: ((epoch + 1) % 2) as usize,
+            offset: 0,
+            records: 0,
+            live: [None; 2],
+            last_applied_through: epoch,
+            durable_through: epoch,
+            issued_through: epoch,
+            records_per_half: RECORDS_PER_HALF,
+            half_bytes,
+            rate: 0,
+            pending: Pending::default(),
+            switches: 0,
+            checkpoints: 0,
+        }
+    }
+
+    /// After a meta record of `epoch`, written once nothing is pending: no
+    /// record is needed any more.
+    pub(super) fn reset(&mut self, epoch: u64) {
+        debug_assert_eq!(self.pending.len(), 0);
+        let pending = std::mem::take(&mut self.pending);
+        *self = LogWriter {
+            records_per_half: self.records_per_half,
+            pending,
+            switches: self.switches,
+            checkpoints: self.checkpoints,
+            ..LogWriter::new(epoch, self.half_bytes)
+        };
+    }
+
+    /// A persist covering every write issued so far completed.
+    pub(super) fn persisted(&mut self) {
+        self.durable_through = self.issued_through;
+    }
+
+    /// Where a record of `len` bytes goes: after the last one, or at the
+    /// start of the other half if that half holds nothing recovery needs.
+    /// `None`: neither (the caller applies everything and writes a meta
+    /// record first).
+    fn place(&self, len: u64) -> Option<(usize, u64)> {
+        if self.records < self.records_per_half && self.offset + len <= self.half_bytes {
+            return Some((self.half, self.offset));
+        }
+        let other = 1 - self.half;
+        match self.live[other] {
+            Some(e) if self.last_applied_through < e => None,
+            _ => Some((other, 0)),
+        }
+    }
+
+    /// Record `epoch` of `len` bytes was written at `(half, offset)`, saying
+    /// `applied_through`.
+    fn wrote(&mut self, epoch: u64, half: usize, offset: u64, len: u64, applied_through: u64) {
+        if half != self.half || offset == 0 {
+            self.records = 0;
+            self.switches += u64::from(half != self.half);
+        }
+        self.half = half;
+        self.offset = offset + len;
+        self.records += 1;
+        self.live[half] = Some(epoch);
+        self.last_applied_through = applied_through;
+    }
+
+    /// Which pending pages to write after committing an epoch: up to `n`
+    /// of those pending since epoch `through` or earlier. The pages the
+    /// other half's epochs changed must all be written (and a persist must
+    /// follow, and a record saying so) before this half is full, so they
+    /// are spread over the records this half still takes, less two; the
+    /// rate is worked out again every 8 records (the room left may shrink
+    /// faster than the record count says).
+    fn due_now(&mut self) -> (usize, u64) {
+        let Some(through) = self.live[1 - self.half] else {
+            return (0, 0);
+        };
+        if self.records % 8 == 1 {
+            let due = self.pending.due(through);
+            let left = self.records_per_half.saturating_sub(self.records);
+            let left = match self.offset.checked_div(self.records as u64) {
+                // Records of this half so far, on average: how many more fit.
+                Some(avg) if avg > 0 => {
+                    left.min(usize::try_from(self.room_left() / avg).unwrap_or(0))
+                }
+                _ => left,
+            };
+            self.rate = due.div_ceil(left.saturating_sub(2).max(1));
+        }
+        (self.rate, through)
+    }
+
+    fn room_left(&self) -> u64 {
+        self.half_bytes.saturating_sub(self.offset)
+    }
 }
 
 /// What [`Image::recover`] did.
@@ -198,7 +464,7 @@ pub struct RecoveryReport {
     pub epoch: u64,
     /// Epochs whose log records were replayed into the RAM image, oldest first.
     pub replayed: Vec<u64>,
-    /// Pages written while replaying.
+    /// Page entries written while replaying.
     pub pages_replayed: u64,
     /// Whether a meta record was written (and persisted).
     pub meta_written: bool,
@@ -206,46 +472,72 @@ pub struct RecoveryReport {
     pub elapsed: Duration,
 }
 
-/// Reads the header of log half `half` and classifies the record, reading
-/// and checking its payload and state only when its epoch is above the
-/// current meta record's.
-fn classify<S: Storage + ?Sized>(
+/// Bytes a record with a payload of `payload_len` bytes takes in its half:
+/// its header block and its payload in whole blocks. The next record of
+/// the half (format 3) starts there.
+pub fn record_span(payload_len: u64) -> u64 {
+    BLOCK + payload_len.div_ceil(BLOCK) * BLOCK
+}
+
+/// Reads the record header at `offset` of log half `half` and classifies
+/// it, checking its payload only when its epoch is above the current meta
+/// record's. The state is not checked here (see [`check_state`]).
+/// `Err(Blank)` in the result's place: nothing was ever written there.
+fn read_record<S: Storage + ?Sized>(
     s: &S,
     header: &Header,
     meta: &Meta,
     half: usize,
-) -> Result<HalfState, ImageError> {
+    offset: u64,
+) -> Result<RecordState, ImageError> {
     let region = half_region(header.geometry.log, half);
-    if region.size < BLOCK {
-        return Ok(HalfState::Blank);
+    if region.size < offset + BLOCK {
+        return Ok(RecordState::Blank);
     }
     let mut b = [0u8; RECORD_HEADER_LEN];
-    s.read_at(region.offset, &mut b)
+    s.read_at(region.offset + offset, &mut b)
         .map_err(read_err("redo-log record header"))?;
     let rh = match RecordHeader::parse(&b) {
         Ok(rh) => rh,
-        Err(RecordError::Blank) => return Ok(HalfState::Blank),
+        Err(RecordError::Blank) => return Ok(RecordState::Blank),
         Err(problem) => {
-            return Ok(HalfState::Invalid {
+            return Ok(RecordState::Invalid {
                 epoch: None,
                 problem,
             })
         }
     };
     let ours = rh.image_uuid == header.uuid;
-    let invalid = |problem| HalfState::Invalid {
+    let invalid = |problem| RecordState::Invalid {
         epoch: ours.then_some(rh.epoch),
         problem,
     };
-    if let Err(problem) = rh.check(header, half) {
+    if let Err(problem) = rh.check(header, half, offset) {
         return Ok(invalid(problem));
     }
+    let v3 = header.format_version >= FORMAT_VERSION;
+    if v3 != (rh.version == RECORD_VERSION_3) {
+        return Ok(invalid(RecordError::Version(rh.version)));
+    }
     if rh.epoch <= meta.epoch {
-        return Ok(HalfState::Applied(rh));
+        return Ok(RecordState::Applied(rh));
     }
     if let Err(problem) = check_payload(s, header, region, &rh)? {
         return Ok(invalid(problem));
     }
+    Ok(RecordState::Valid(rh))
+}
+
+/// Checks that the state slot a valid record names holds its state; if not,
+/// the record becomes invalid.
+fn check_state<S: Storage + ?Sized>(
+    s: &S,
+    header: &Header,
+    st: &mut RecordState,
+) -> Result<(), ImageError> {
+    let RecordState::Valid(rh) = st else {
+        return Ok(());
+    };
     let slot = header.geometry.state[rh.state_slot];
     // Bounded: check() proved state_len <= the slot size (<= 64 MiB).
     let mut state = vec![0u8; rh.state_len as usize];
@@ -253,13 +545,16 @@ fn classify<S: Storage + ?Sized>(
         .map_err(read_err("state slot"))?;
     let computed = crc32c::crc32c(&state);
     if computed != rh.state_crc {
-        return Ok(invalid(RecordError::StateCrc {
-            slot: rh.state_slot,
-            stored: rh.state_crc,
-            computed,
-        }));
+        *st = RecordState::Invalid {
+            epoch: Some(rh.epoch),
+            problem: RecordError::StateCrc {
+                slot: rh.state_slot,
+                stored: rh.state_crc,
+                computed,
+            },
+        };
     }
-    Ok(HalfState::Valid(rh))
+    Ok(())
 }
 
 /// Reads a record's payload (its length bounded by the half: `check` ran)
@@ -271,7 +566,7 @@ fn read_payload<S: Storage + ?Sized>(
 ) -> Result<Result<Vec<u8>, RecordError>, ImageError> {
     let len = usize::try_from(rh.payload_len).unwrap_or(usize::MAX);
     let mut payload = vec![0u8; len];
-    s.read_at(region.offset + BLOCK, &mut payload)
+    s.read_at(region.offset + rh.offset + BLOCK, &mut payload)
         .map_err(read_err("redo-log payload"))?;
     let crc = crc32c::crc32c(&payload);
     if crc != rh.payload_crc {
@@ -323,10 +618,72 @@ fn write_pages<S: Storage + ?Sized>(
     Ok(())
 }
 
+/// Format 3: the records of log half `half` in sequence from its start (each
+/// valid, above the meta record, one epoch after the one before), then the
+/// place where the sequence ends if something of ours is there that is not
+/// older than the sequence (a torn or damaged record: its epoch must be
+/// sealed). Older records past the end are left over from an earlier round
+/// of the half and are not looked at.
+fn scan_half<S: Storage + ?Sized>(
+    s: &S,
+    header: &Header,
+    meta: &Meta,
+    half: usize,
+) -> Result<Vec<LogEntry>, ImageError> {
+    let mut out: Vec<LogEntry> = Vec::new();
+    let mut offset = 0;
+    let mut prev: Option<u64> = None;
+    loop {
+        let st = read_record(s, header, meta, half, offset)?;
+        let next = match (&st, prev) {
+            (RecordState::Valid(rh), None) => Some(record_span(rh.payload_len)),
+            (RecordState::Valid(rh), Some(p)) if rh.epoch == p + 1 => {
+                Some(record_span(rh.payload_len))
+            }
+            _ => None,
+        };
+        if let Some(span) = next {
+            prev = st.epoch();
+            out.push(LogEntry {
+                half,
+                offset,
+                state: st,
+            });
+            offset += span;
+            continue;
+        }
+        // The sequence ends here.
+        let st = match (prev, st.epoch()) {
+            // At the start of the half: whatever is there, for inspect.
+            (None, _) => Some(st),
+            // Newer than the sequence: torn (its epoch must be sealed) or
+            // out of sequence (damage).
+            (Some(p), Some(e)) if e > p => Some(match st {
+                RecordState::Valid(_) => RecordState::Invalid {
+                    epoch: Some(e),
+                    problem: RecordError::OutOfSequence {
+                        expected: p + 1,
+                        found: e,
+                    },
+                },
+                st => st,
+            }),
+            // Older: left over from an earlier round of this half.
+            _ => None,
+        };
+        out.extend(st.map(|state| LogEntry {
+            half,
+            offset,
+            state,
+        }));
+        return Ok(out);
+    }
+}
+
 /// Works out what recovery does with the image `s` whose current meta record
 /// is `meta`: which log records are valid, which are replayed, which epoch
 /// and state the VM continues from. Reads only; see docs/nvram-format.md
-/// ("Recovery") for the rule and why it is sound.
+/// ("Recovery") for the rules and why they are sound.
 pub(super) fn plan_recovery<S: Storage + ?Sized>(
     s: &S,
     header: &Header,
@@ -335,29 +692,109 @@ pub(super) fn plan_recovery<S: Storage + ?Sized>(
     if header.config.persist != PersistMode::Epoch {
         return Ok(RecoveryPlan::nothing(header, meta));
     }
-    let halves = [classify(s, header, meta, 0)?, classify(s, header, meta, 1)?];
-    let valid = |h: usize| match &halves[h] {
-        HalfState::Valid(r) => Some(r.epoch),
-        _ => None,
-    };
-    // R: the valid record with the highest epoch; Q: the other half's valid
-    // record, if older (always the record written just before R).
-    let (restore, replay) = match (valid(0), valid(1)) {
-        (Some(a), Some(b)) if a == b => return Err(ImageError::LogConflict(a)),
-        (Some(a), Some(b)) => {
-            let r = usize::from(b > a);
-            (Some(r), vec![1 - r, r])
+    let mut log = if header.format_version >= FORMAT_VERSION {
+        let mut log = scan_half(s, header, meta, 0)?;
+        log.extend(scan_half(s, header, meta, 1)?);
+        log
+    } else {
+        let mut log = Vec::new();
+        for half in 0..2 {
+            let mut state = read_record(s, header, meta, half, 0)?;
+            check_state(s, header, &mut state)?;
+            log.push(LogEntry {
+                half,
+                offset: 0,
+                state,
+            });
         }
-        (Some(_), None) => (Some(0), vec![0]),
-        (None, Some(_)) => (Some(1), vec![1]),
-        (None, None) => (None, vec![]),
+        log
+    };
+    let valid = |log: &[LogEntry], epoch: u64| -> Result<Option<usize>, ImageError> {
+        let mut found = log
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(&e.state, RecordState::Valid(r) if r.epoch == epoch))
+            .map(|(i, _)| i);
+        match (found.next(), found.next()) {
+            (Some(_), Some(_)) => Err(ImageError::LogConflict(epoch)),
+            (i, _) => Ok(i),
+        }
+    };
+    let newest = log
+        .iter()
+        .filter_map(|e| match &e.state {
+            RecordState::Valid(r) => Some(r.epoch),
+            _ => None,
+        })
+        .max();
+    let v3 = header.format_version >= FORMAT_VERSION;
+    // R: the newest valid record whose state is intact; a newest record
+    // whose state is torn never committed, and then its predecessor (whose
+    // slot it did not touch) is R.
+    let mut restore = None;
+    let mut top = newest;
+    while let Some(e) = top.filter(|&e| e > meta.epoch) {
+        let Some(i) = valid(&log, e)? else {
+            break;
+        };
+        if v3 {
+            check_state(s, header, &mut log[i].state)?;
+        }
+        if matches!(log[i].state, RecordState::Valid(_)) {
+            restore = Some(i);
+            break;
+        }
+        if newest != Some(e) {
+            break;
+        }
+        top = e.checked_sub(1);
+    }
+    let replay = match restore {
+        None => {
+            if let Some(n) = newest.filter(|&n| v3 && n > meta.epoch + 1) {
+                // Epoch n - 1 committed (record n was written after its
+                // commit point), yet no record of it can be restored.
+                return Err(ImageError::LogBroken {
+                    epoch: n - 1,
+                    why: "its record or its state is damaged".into(),
+                });
+            }
+            Vec::new()
+        }
+        Some(r) if v3 => {
+            let rh = log[r].state.record().cloned().expect("valid");
+            let from = rh.applied_through.max(meta.epoch) + 1;
+            let mut replay = Vec::new();
+            for e in from..=rh.epoch {
+                match valid(&log, e)? {
+                    Some(i) => replay.push(i),
+                    None => {
+                        return Err(ImageError::LogBroken {
+                            epoch: rh.epoch,
+                            why: format!(
+                                "it needs the record of epoch {e} (the RAM image is applied \
+                                 through epoch {}), which is missing or damaged",
+                                rh.applied_through
+                            ),
+                        })
+                    }
+                }
+            }
+            replay
+        }
+        // Formats 1 and 2: R, after Q, the other half's valid record, if
+        // older (always the record written just before R).
+        Some(r) => match (&log[1 - r].state, log[r].state.epoch()) {
+            (RecordState::Valid(q), Some(e)) if q.epoch < e => vec![1 - r, r],
+            _ => vec![r],
+        },
     };
     // Every intact header of ours must end up at or below the meta record's
     // epoch, so that no record recovery did not replay can ever count again.
-    let highest = halves.iter().filter_map(HalfState::epoch).max();
+    let highest = log.iter().filter_map(|e| e.state.epoch()).max();
     let seal_epoch = highest.filter(|&e| e > meta.epoch);
     Ok(RecoveryPlan {
-        halves: Some(halves),
+        log: Some(log),
         replay,
         restore,
         meta_epoch: meta.epoch,
@@ -392,12 +829,14 @@ impl<S: Storage> Image<S> {
     /// table and whole pages) in format-1 images, which builds before format
     /// 2 must still be able to read.
     fn encoded<'a>(&self, changes: &'a Changes) -> (u32, Cow<'a, [u8]>) {
-        if self.header.format_version == FORMAT_VERSION_1 {
-            let mut b = encode_table(changes.pfns());
-            b.extend_from_slice(&changes.pages);
-            (RECORD_VERSION_1, Cow::Owned(b))
-        } else {
-            (RECORD_VERSION, Cow::Borrowed(changes.payload.bytes()))
+        match self.header.format_version {
+            FORMAT_VERSION_1 => {
+                let mut b = encode_table(changes.pfns());
+                b.extend_from_slice(&changes.pages);
+                (RECORD_VERSION_1, Cow::Owned(b))
+            }
+            FORMAT_VERSION => (RECORD_VERSION_3, Cow::Borrowed(changes.payload.bytes())),
+            _ => (RECORD_VERSION, Cow::Borrowed(changes.payload.bytes())),
         }
     }
 
@@ -407,12 +846,20 @@ impl<S: Storage> Image<S> {
     /// applied, and its whole new bytes) and the machine `state` saved with
     /// it.
     ///
-    /// Writes the log record into log half `epoch % 2` and the state into
-    /// the state slot the current point does not name, then persists once. When
-    /// this returns, the epoch is durable: a crash from then on resumes it or
-    /// a later one. Then call [`Image::apply_committed`] with the same
-    /// changes (no other commit is accepted before). Entries are applied and
-    /// replayed in order (a page logged twice: the later entry's bytes win).
+    /// Writes the log record (format 3: after the last record, or at the
+    /// start of the other half; formats 1 and 2: into log half `epoch % 2`)
+    /// and the state into the state slot the current point does not name,
+    /// then persists once. When this returns, the epoch is durable: a crash
+    /// from then on resumes it or a later one. Then call
+    /// [`Image::apply_committed`] with the same changes (no other commit is
+    /// accepted before). Entries are applied and replayed in order (a page
+    /// logged twice: the later entry's bytes win).
+    ///
+    /// Format 3, when neither place is free (the other half still holds
+    /// records recovery needs: a record larger than the rest of this half,
+    /// or pages not written in time): first writes every pending page to the
+    /// RAM image, persists, and writes a meta record for the last epoch
+    /// (three persists instead of one).
     pub fn commit_epoch(
         &mut self,
         changes: &Changes,
@@ -435,26 +882,45 @@ impl<S: Storage> Image<S> {
             });
         }
         let epoch = self.next_epoch()?;
-        let half = (epoch % 2) as usize;
-        let region = half_region(self.header.geometry.log, half);
         let (version, bytes) = self.encoded(changes);
         let bytes = &bytes[..];
-        if payload_room(region.size).is_none() || bytes.len() > self.log_room_bytes() {
+        let half_size = half_region(self.header.geometry.log, 0).size;
+        if payload_room(half_size).is_none() || bytes.len() > self.log_room_bytes() {
             return Err(ImageError::LogFull {
                 pages: pfns.len(),
                 bytes: bytes.len(),
                 room: self.log_room_bytes(),
             });
         }
-        let slot = 1 - self.current.state_slot.min(1);
-        let slot_region = self.header.geometry.state[slot];
         let state_len = state.len() as u64;
-        if state_len > slot_region.size {
+        let slot_bytes = self.header.geometry.state[0].size;
+        if state_len > slot_bytes {
             return Err(ImageError::StateTooLarge {
                 len: state_len,
-                slot_bytes: slot_region.size,
+                slot_bytes,
             });
         }
+        let (half, offset) = if version == RECORD_VERSION_3 {
+            let span = record_span(bytes.len() as u64);
+            match self.log.place(span) {
+                Some(p) => p,
+                None => {
+                    self.checkpoint()?;
+                    self.log.place(span).ok_or(ImageError::Poisoned)?
+                }
+            }
+        } else {
+            ((epoch % 2) as usize, 0)
+        };
+        let applied_through = match version {
+            RECORD_VERSION_3 => self.log.durable_through,
+            _ => 0,
+        };
+        let region = half_region(self.header.geometry.log, half);
+        // After a checkpoint the current point is its meta record, which
+        // names the same slot.
+        let slot = 1 - self.current.state_slot.min(1);
+        let slot_region = self.header.geometry.state[slot];
         let payload_crc = crc32c::crc32c(bytes);
         let state_crc = crc32c::crc32c(state);
         let time_unix_ns = now_ns();
@@ -470,6 +936,8 @@ impl<S: Storage> Image<S> {
             state_crc,
             payload_crc,
             time_unix_ns,
+            applied_through,
+            offset,
         };
         let mut head = vec![0u8; BLOCK as usize];
         head[..RECORD_HEADER_LEN].copy_from_slice(&record.encode());
@@ -477,12 +945,15 @@ impl<S: Storage> Image<S> {
         self.poisoned = true;
         let t = Instant::now();
         // ORDER: these three writes may reach the medium in any order and in
-        // any part, together with the previous epoch's apply. None of them
-        // touches what the current point needs: the other log half and the
-        // state slot the current point names.
-        self.storage.write_at(region.offset + BLOCK, bytes)?;
+        // any part, together with the pages applied since the last persist.
+        // None of them touches what the current point needs: the records
+        // recovery may replay (format 3: those before `offset` in this half,
+        // and the other half's unless `place` found them all applied; formats
+        // 1 and 2: the other half) and the state slot the current point names.
+        let at = region.offset + offset;
+        self.storage.write_at(at + BLOCK, bytes)?;
         self.storage.write_at(slot_region.offset, state)?;
-        self.storage.write_at(region.offset, &head)?;
+        self.storage.write_at(at, &head)?;
         let state_write = t.elapsed();
         let t = Instant::now();
         // ORDER: the commit point. One persist makes the record, the state
@@ -493,6 +964,10 @@ impl<S: Storage> Image<S> {
         self.persist_all()?;
         let state_persist = t.elapsed();
         self.poisoned = false;
+        if version == RECORD_VERSION_3 {
+            let span = record_span(bytes.len() as u64);
+            self.log.wrote(epoch, half, offset, span, applied_through);
+        }
         self.unapplied = Some(Unapplied {
             epoch,
             pages: pfns.len(),
@@ -522,13 +997,16 @@ impl<S: Storage> Image<S> {
         })
     }
 
-    /// Writes the epoch just committed by [`Image::commit_epoch`] into the
-    /// RAM image: pass the same `changes`. Their whole pages are written
-    /// (one write per run of consecutive pages, where the payload's ranges
-    /// would take one each), after checking the payload against the record's
-    /// length and CRC and the pages against every range of the payload. Does
-    /// not persist: the next commit's persist covers these writes, and until
-    /// then the log record can redo them.
+    /// Takes the epoch just committed by [`Image::commit_epoch`] for the RAM
+    /// image: pass the same `changes`, which are first checked (the payload
+    /// against the record's length and CRC, the pages against every range of
+    /// the payload). Formats 1 and 2 write their whole pages now (one write
+    /// per run of consecutive pages). Format 3 keeps them pending and writes
+    /// as many of the oldest pending pages as keep the other log half
+    /// reusable in time ([`LogWriter`]): a page that changes every epoch is
+    /// written about once per half, not once per epoch. Does not persist:
+    /// the next commit's persist covers these writes, and until then the
+    /// log records can redo them.
     pub fn apply_committed(&mut self, changes: &Changes) -> Result<(), ImageError> {
         if self.poisoned {
             return Err(ImageError::Poisoned);
@@ -547,12 +1025,27 @@ impl<S: Storage> Image<S> {
             return Err(ImageError::ApplyMismatch(u.epoch));
         }
         self.poisoned = true;
+        if self.header.format_version == FORMAT_VERSION {
+            let e = u.epoch;
+            for (i, &pfn) in pfns.iter().enumerate() {
+                let page = &pages[i * PAGE as usize..(i + 1) * PAGE as usize];
+                self.log.pending.stage(pfn, page, e);
+            }
+            let (n, through) = self.log.due_now();
+            self.write_pending(n, through)?;
+            let over = self.log.pending.len().saturating_sub(MAX_PENDING_PAGES);
+            self.write_pending(over, u64::MAX)?;
+            self.poisoned = false;
+            self.unapplied = None;
+            return Ok(());
+        }
         let ram = self.header.geometry.ram.offset;
         // ORDER: no persist here. These writes must be issued after the
         // commit point of their epoch (commit_epoch returned) and before the
         // next persist, which makes them durable before anything that can
         // overwrite this epoch's log record or rely on the RAM image
         // (the next epoch's commit, a meta record).
+        self.pages_applied += pfns.len() as u64;
         for (i, n) in runs(pfns) {
             let data = &pages[i * PAGE as usize..(i + n) * PAGE as usize];
             self.storage.write_at(ram + pfns[i] * PAGE, data)?;
@@ -566,6 +1059,68 @@ impl<S: Storage> Image<S> {
         self.unpersisted = true;
         self.unapplied = None;
         Ok(())
+    }
+
+    /// Pages written to the RAM image by applies since the image was opened
+    /// (each page of each epoch in formats 1 and 2; format 3 writes a page
+    /// once for the epochs that changed it while it was pending).
+    pub fn pages_applied(&self) -> u64 {
+        self.pages_applied
+    }
+
+    /// Format 3: writes up to `n` of the oldest pending pages, those pending
+    /// since epoch `through` or earlier (`usize::MAX` and `u64::MAX`: all),
+    /// to the RAM image and starts their write-back; the RAM image is then
+    /// applied, once persisted, through the epoch before the oldest page
+    /// still pending. Does not persist.
+    ///
+    /// ORDER: only committed pages are pending (staged after their commit
+    /// point), so the RAM image never holds an uncommitted byte; and a page's
+    /// newest committed bytes stand for every earlier epoch's change to it.
+    pub(super) fn write_pending(&mut self, n: usize, through: u64) -> Result<(), ImageError> {
+        let taken = self.log.pending.take_oldest(n, through);
+        if !taken.is_empty() {
+            let writes: Vec<PageWrite<'_>> = taken
+                .iter()
+                .enumerate()
+                .map(|(entry, (pfn, data))| PageWrite {
+                    entry,
+                    pfn: *pfn,
+                    offset: 0,
+                    data,
+                })
+                .collect();
+            let ram = self.header.geometry.ram.offset;
+            write_pages(&mut self.storage, ram, &writes)?;
+            self.pages_applied += taken.len() as u64;
+            let (lo, hi) = (taken[0].0, taken[taken.len() - 1].0);
+            // Get the scattered pages on their way while the next epoch runs.
+            self.storage
+                .start_writeback(ram + lo * PAGE, (hi - lo + 1) * PAGE);
+            self.unpersisted = true;
+        }
+        self.log.pending.recycle(taken);
+        self.log.issued_through = match self.log.pending.oldest() {
+            Some(since) => since - 1,
+            None => self.current.epoch,
+        };
+        Ok(())
+    }
+
+    /// Format 3, when the log has no free place for the next record: writes
+    /// every pending page and a meta record for the last committed epoch
+    /// (persisting before and after it), after which no record is needed.
+    fn checkpoint(&mut self) -> Result<(), ImageError> {
+        self.log.checkpoints += 1;
+        self.poisoned = true;
+        self.write_pending(usize::MAX, u64::MAX)?;
+        self.poisoned = false;
+        // write_meta persists the pages first.
+        let meta = Meta {
+            time_unix_ns: now_ns(),
+            ..self.current.clone()
+        };
+        self.write_meta(meta).map(drop)
     }
 
     /// Carries out the recovery plan made when the image was opened: replays
@@ -595,11 +1150,11 @@ impl<S: Storage> Image<S> {
             return Err(ImageError::Poisoned);
         }
         self.poisoned = true;
-        for &half in &plan.replay {
-            let Some(rh) = plan.record(half) else {
+        for &i in &plan.replay {
+            let (Some(entry), Some(rh)) = (plan.entry(i), plan.record(i)) else {
                 continue;
             };
-            report.pages_replayed += self.replay(half, rh)?;
+            report.pages_replayed += self.replay(entry.half, rh)?;
             report.replayed.push(rh.epoch);
             self.unpersisted = true;
         }
@@ -662,7 +1217,7 @@ fn matches_pages(payload: &Payload, pages: &[u8], ram_pages: u64) -> bool {
 mod tests {
     use super::*;
     use crate::nvram::image::tests::{cfg, TempPath};
-    use crate::nvram::layout::{ImageConfig, Uuid};
+    use crate::nvram::layout::{ImageConfig, Uuid, FORMAT_VERSION_2};
     use crate::nvram::redo::{Changes, FULL_ENTRY};
     use crate::nvram::storage::MemStorage;
 
@@ -679,8 +1234,11 @@ mod tests {
         }
     }
 
+    /// A format-2 image (one record per half, every epoch applied at once):
+    /// the protocol these tests pin down. Format 3 has its own tests below.
     fn mem_image(c: &ImageConfig) -> Image<MemStorage> {
-        let h = Header::new(c, Uuid::from_random([1; 16]), 0, 0).unwrap();
+        let mut h = Header::new(c, Uuid::from_random([1; 16]), 0, 0).unwrap();
+        h.format_version = FORMAT_VERSION_2;
         let len = h.geometry.image_len() as usize;
         Image::format(MemStorage::new(len), h).unwrap()
     }
@@ -750,11 +1308,11 @@ mod tests {
         let mut img = Image::open_storage(s).unwrap();
         let plan = img.recovery_plan().clone();
         let versions: Vec<u32> = plan
-            .halves
+            .log
             .as_ref()
             .unwrap()
             .iter()
-            .filter_map(|st| st.record().map(|r| r.version))
+            .filter_map(|e| e.state.record().map(|r| r.version))
             .collect();
         assert_eq!(versions, [RECORD_VERSION_1, RECORD_VERSION_1]);
         assert_eq!(plan.replay_epochs(), [2, 3]);
@@ -799,7 +1357,7 @@ mod tests {
         let mut img = Image::open_storage(s).unwrap();
         assert!(!img.recovery_plan().needs_writes());
         assert_eq!(
-            img.recovery_plan().halves.as_ref().unwrap()[0].word(),
+            img.recovery_plan().log.as_ref().unwrap()[0].state.word(),
             "applied"
         );
         let before = img.storage.bytes().to_vec();
@@ -973,8 +1531,8 @@ mod tests {
         let invalid_then = |plan: &RecoveryPlan, bad: usize, restored: u64, replay: &[u64]| {
             assert!(
                 matches!(
-                    plan.halves.as_ref().unwrap()[bad],
-                    HalfState::Invalid { .. }
+                    plan.log.as_ref().unwrap()[bad].state,
+                    RecordState::Invalid { .. }
                 ),
                 "{plan:?}"
             );
@@ -1001,7 +1559,7 @@ mod tests {
             for bit in [0, 3, 7] {
                 let plan = plan_after_flip(&bytes, at, bit).unwrap();
                 invalid_then(&plan, 0, 3, &[3]);
-                let HalfState::Invalid { problem, epoch } = &plan.halves.as_ref().unwrap()[0]
+                let RecordState::Invalid { problem, epoch } = &plan.log.as_ref().unwrap()[0].state
                 else {
                     unreachable!()
                 };
@@ -1063,10 +1621,17 @@ mod tests {
         s.read_at(r4.offset, &mut rec).unwrap();
         s.write_at(r3.offset, &rec).unwrap();
         let img = Image::open_storage(s).unwrap();
-        let halves = img.plan.halves.clone().unwrap();
+        let halves: Vec<RecordState> = img
+            .plan
+            .log
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.state)
+            .collect();
         assert!(matches!(
             &halves[1],
-            HalfState::Invalid {
+            RecordState::Invalid {
                 problem: RecordError::WrongHalf { .. },
                 epoch: Some(4)
             }
@@ -1077,10 +1642,17 @@ mod tests {
         rh.image_uuid = Uuid([7; 16]);
         s.write_at(r4.offset, &rh.encode()).unwrap();
         let img = Image::open_storage(s).unwrap();
-        let halves = img.plan.halves.clone().unwrap();
+        let halves: Vec<RecordState> = img
+            .plan
+            .log
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.state)
+            .collect();
         assert!(matches!(
             &halves[0],
-            HalfState::Invalid {
+            RecordState::Invalid {
                 problem: RecordError::Foreign(_),
                 epoch: None
             }

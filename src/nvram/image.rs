@@ -19,12 +19,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::backing::{Backing, BackingError, BackingKind};
-use super::epoch::{plan_recovery, RecoveryPlan, Unapplied};
+use super::epoch::{plan_recovery, LogWriter, RecoveryPlan, Unapplied};
 use super::inspect::Bytes;
 use super::layout::{
     check_file_len, select_meta, FormatError, Header, ImageConfig, Meta, MetaSelection,
     PersistMode, Status, Uuid, HEADER_BLOCK, HEADER_LEN, META_LEN,
 };
+use super::redo::half_region;
 use super::storage::{FileStorage, Storage};
 
 /// A failure to create, open, read, commit or recover an image.
@@ -178,6 +179,15 @@ pub enum ImageError {
     /// Both log halves hold a valid record of the same epoch: the image contradicts itself.
     #[error("both redo-log halves hold a valid record for epoch {0}")]
     LogConflict(u64),
+    /// Format 3: the redo log lacks what restoring the newest committed
+    /// epoch needs (only media damage or a foreign write can do that).
+    #[error("the redo log cannot restore epoch {epoch}: {why}")]
+    LogBroken {
+        /// The epoch that would be restored.
+        epoch: u64,
+        /// What is missing.
+        why: String,
+    },
     /// A log record no longer matched its CRC while it was replayed.
     #[error("the redo-log record of epoch {0} changed while it was replayed")]
     LogChanged(u64),
@@ -247,6 +257,11 @@ pub struct Image<S: Storage = FileStorage> {
     /// Writes were issued (log apply, replay) that no persist covers yet.
     pub(super) unpersisted: bool,
     pub(super) poisoned: bool,
+    /// Epoch mode, format 3: where the next log record goes and the
+    /// committed pages not yet written to the RAM image.
+    pub(super) log: LogWriter,
+    /// Pages written to the RAM image by applies since the image was opened.
+    pub(super) pages_applied: u64,
 }
 
 /// What [`read_validated`] proved about an image.
@@ -457,13 +472,15 @@ impl<S: Storage> Image<S> {
         Ok(Image {
             storage,
             plan: RecoveryPlan::nothing(&header, &meta),
-            header,
             meta: selection,
-            current: meta,
             recovery_pending: false,
             unapplied: None,
             unpersisted: false,
             poisoned: false,
+            log: LogWriter::new(meta.epoch, half_region(header.geometry.log, 0).size),
+            pages_applied: 0,
+            current: meta,
+            header,
         })
     }
 
@@ -474,6 +491,8 @@ impl<S: Storage> Image<S> {
         let plan = plan_recovery(&storage, &v.header, &v.meta.current)?;
         let current = plan.current(&v.header, &v.meta.current);
         Ok(Image {
+            log: LogWriter::new(current.epoch, half_region(v.header.geometry.log, 0).size),
+            pages_applied: 0,
             recovery_pending: plan.needs_writes(),
             storage,
             header: v.header,
@@ -587,6 +606,8 @@ impl<S: Storage> Image<S> {
         // on leaves the current commit intact.
         self.poisoned = true;
         let t = Instant::now();
+        // Epoch mode, format 3: the meta record says every epoch is applied.
+        self.write_pending(usize::MAX, u64::MAX)?;
         self.storage.write_at(region.offset, state)?;
         let state_write = t.elapsed();
         let t = Instant::now();
@@ -648,6 +669,7 @@ impl<S: Storage> Image<S> {
     pub(super) fn persist_all(&mut self) -> Result<(), BackingError> {
         self.storage.persist(0, self.header.geometry.image_len())?;
         self.unpersisted = false;
+        self.log.persisted();
         Ok(())
     }
 
@@ -668,6 +690,8 @@ impl<S: Storage> Image<S> {
         let block = 1 - self.meta.current_block.min(1);
         let region = self.header.geometry.meta[block];
         self.poisoned = true;
+        // Format 3: pages still pending are written first (covered below).
+        self.write_pending(usize::MAX, u64::MAX)?;
         if self.unpersisted {
             // ORDER: a meta record in epoch mode says that every log record up
             // to its epoch is applied to the RAM image: those writes must be
@@ -688,6 +712,10 @@ impl<S: Storage> Image<S> {
         self.meta.blocks[block] = Ok(meta.clone());
         self.meta.current = meta.clone();
         self.meta.current_block = block;
+        if self.header.config.persist == PersistMode::Epoch {
+            // Every record is at or below this meta record now: applied.
+            self.log.reset(meta.epoch);
+        }
         self.current = meta;
         Ok((meta_write, meta_persist))
     }
@@ -1343,14 +1371,14 @@ pub(super) mod tests {
                 matches!(e, FormatError::HeaderCrc { .. } | FormatError::BadHeader(_))
             });
         }
-        // Version 3 with a correct CRC: the version check itself refuses it.
+        // Version 4 with a correct CRC: the version check itself refuses it.
         let mut b = good.clone();
-        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        b[8..12].copy_from_slice(&4u32.to_le_bytes());
         b[16..20].fill(0);
         let crc = crc32c::crc32c(&b[..HEADER_LEN]);
         b[16..20].copy_from_slice(&crc.to_le_bytes());
         assert_refused("version", &b, |e| {
-            e.to_string() == "image format 3, this nvhv reads 1 and 2"
+            e.to_string() == "image format 4, this nvhv reads 1 to 3"
         });
         // State slot 1 moved onto state slot 0, CRC re-computed: geometry.
         let mut b = good.clone();

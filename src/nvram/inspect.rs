@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::backing::{Backing, BackingKind};
-use super::epoch::{plan_recovery, HalfState};
+use super::epoch::{plan_recovery, LogEntry, RecordState};
 use super::image::{
     check_regular, lock, open_error, read_validated, resumability, space_of, unlock, ImageError,
     Space,
@@ -68,7 +68,7 @@ pub struct InspectReport {
     pub log_pending_bytes: u64,
     /// Most pages one epoch may commit (one log half); 0 without a usable log.
     pub log_capacity_pages: u64,
-    /// Both log halves (epoch mode only; empty in suspend-only mode).
+    /// The log's records (epoch mode only; empty in suspend-only mode).
     pub log_records: Vec<LogRecordReport>,
     /// Epochs whose log records recovery would replay, oldest first.
     pub replay_epochs: Vec<u64>,
@@ -107,11 +107,15 @@ pub struct MetaBlockReport {
     pub problem: Option<String>,
 }
 
-/// One half of the redo log as `inspect` read it.
+/// One place of the redo log as `inspect` read it: the start of each half
+/// (formats 1 and 2), or each record of a half's sequence and where the
+/// sequence ends (format 3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LogRecordReport {
     /// Log half (0 or 1).
     pub half: usize,
+    /// Byte offset in the half.
+    pub offset: u64,
     /// `blank`, `applied` (covered by the meta record), `valid` or `invalid`.
     pub state: &'static str,
     /// The record's epoch, when its header is intact.
@@ -148,21 +152,31 @@ pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
     let verdict = resumability(&file, h, cur);
     let space = space_of(&file)?;
     let log_records = plan
-        .halves
+        .log
         .iter()
         .flatten()
         .enumerate()
-        .map(|(half, st)| LogRecordReport {
-            half,
-            state: st.word(),
-            epoch: st.epoch(),
-            pages: st.record().map(|r| r.pages),
-            replay: plan.replay.contains(&half),
-            problem: match st {
-                HalfState::Invalid { problem, .. } => Some(problem.to_string()),
-                _ => None,
+        .map(
+            |(
+                i,
+                LogEntry {
+                    half,
+                    offset,
+                    state: st,
+                },
+            )| LogRecordReport {
+                half: *half,
+                offset: *offset,
+                state: st.word(),
+                epoch: st.epoch(),
+                pages: st.record().map(|r| r.pages),
+                replay: plan.replay.contains(&i),
+                problem: match st {
+                    RecordState::Invalid { problem, .. } => Some(problem.to_string()),
+                    _ => None,
+                },
             },
-        })
+        )
         .collect();
     let log_capacity_pages = match h.config.persist {
         PersistMode::Epoch => {
@@ -279,7 +293,11 @@ impl fmt::Display for InspectReport {
                     _ => r.state.to_string(),
                 };
                 let replay = if r.replay { " (replay)" } else { "" };
-                writeln!(f, "  log half {} {what}{replay}", r.half)?;
+                let at = match r.offset {
+                    0 => String::new(),
+                    o => format!(" +{}", Bytes(o)),
+                };
+                writeln!(f, "  log half {}{at} {what}{replay}", r.half)?;
             }
             let plan = match (self.replay_epochs.as_slice(), self.recovery_writes) {
                 ([], false) => "nothing to replay".to_string(),
@@ -418,7 +436,7 @@ mod tests {
             (r.epoch, r.status, r.state_bytes, r.vcpus),
             (1, Status::Suspended, 3000, 2)
         );
-        assert_eq!(r.format_version, 2);
+        assert_eq!(r.format_version, 3);
         assert_eq!(r.ram_bytes, 4 << 20);
         assert_eq!(r.meta_blocks[1].epoch, Some(1));
         assert!(r.meta_blocks[1].current);
@@ -479,12 +497,23 @@ mod tests {
         assert_eq!((r.epoch, r.status), (3, Status::Committed));
         assert_eq!(r.replay_epochs, [2, 3]);
         assert!(r.recovery_writes);
-        // Two records: a header block each, and entries of 4110 bytes.
+        // Two records: a header block each, and entries of 4110 bytes; both
+        // in half 0 (format 3), the second after the first's blocks; half 1
+        // blank.
         assert_eq!(r.log_pending_bytes, (4096 + 4110) + (4096 + 2 * 4110));
-        assert_eq!(r.log_records.len(), 2);
+        assert_eq!(r.log_records.len(), 3);
         assert_eq!(
-            (r.log_records[1].epoch, r.log_records[1].pages),
-            (Some(3), Some(2))
+            (
+                r.log_records[1].half,
+                r.log_records[1].offset,
+                r.log_records[1].epoch,
+                r.log_records[1].pages
+            ),
+            (0, 3 * 4096, Some(3), Some(2))
+        );
+        assert_eq!(
+            (r.log_records[2].half, r.log_records[2].state),
+            (1, "blank")
         );
         let v = serde_json::to_value(&r).unwrap();
         for key in [
@@ -504,7 +533,7 @@ mod tests {
         assert_eq!(v["log_records"][0]["replay"], true);
         let text = r.to_string();
         assert!(
-            text.contains("log half 1 epoch 3, 2 pages, valid (replay)"),
+            text.contains("log half 0 +12 KiB epoch 3, 2 pages, valid (replay)"),
             "{text}"
         );
         assert!(text.contains("recovery   replays epochs 2, 3"), "{text}");

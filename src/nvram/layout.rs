@@ -17,9 +17,16 @@ use serde::Serialize;
 pub const MAGIC: [u8; 8] = *b"NVHVIMG\0";
 /// Magic at offset 0 of every meta record.
 pub const META_MAGIC: [u8; 8] = *b"NVHVMETA";
-/// The format version this binary writes (redo-log records of version 2).
-/// It reads this one and [`FORMAT_VERSION_1`].
-pub const FORMAT_VERSION: u32 = 2;
+/// The format version this binary writes: redo-log records of version 3,
+/// several to a log half, the RAM image applied lazily (see
+/// docs/nvram-format.md, "Epoch commit protocol"). It reads and writes
+/// this one, [`FORMAT_VERSION_2`] and [`FORMAT_VERSION_1`], each with its
+/// own protocol.
+pub const FORMAT_VERSION: u32 = 3;
+/// The second format: the same layout, one redo-log record of version 2 to a
+/// half and every epoch applied at once (nvhv keeps to that protocol in
+/// images of this format, so that the builds before format 3 still read them).
+pub const FORMAT_VERSION_2: u32 = 2;
 /// The first format: the same layout, redo-log records of version 1 (which
 /// nvhv still writes into images of this format, so that the builds before
 /// format 2 still read them).
@@ -98,7 +105,7 @@ pub enum FormatError {
         looks_like: Option<&'static str>,
     },
     /// A format version this binary cannot read.
-    #[error("image format {found}, this nvhv reads {FORMAT_VERSION_1} and {FORMAT_VERSION}")]
+    #[error("image format {found}, this nvhv reads {FORMAT_VERSION_1} to {FORMAT_VERSION}")]
     UnsupportedVersion {
         /// The version in the image.
         found: u32,
@@ -657,7 +664,10 @@ impl Header {
             return Err(too_short);
         }
         let version = le_u32(bytes, H_VERSION);
-        if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
+        if !matches!(
+            version,
+            FORMAT_VERSION_1 | FORMAT_VERSION_2 | FORMAT_VERSION
+        ) {
             return Err(FormatError::UnsupportedVersion { found: version });
         }
         let header_len = le_u32(bytes, H_LEN);
@@ -1078,15 +1088,17 @@ mod tests {
     #[test]
     fn test_header_parse_wrong_version_resealed() {
         let mut b = header().encode();
-        b[H_VERSION..H_VERSION + 4].copy_from_slice(&3u32.to_le_bytes());
+        b[H_VERSION..H_VERSION + 4].copy_from_slice(&4u32.to_le_bytes());
         reseal_header(&mut b);
         let e = Header::parse(&b).unwrap_err();
-        assert_eq!(e, FormatError::UnsupportedVersion { found: 3 });
-        assert_eq!(e.to_string(), "image format 3, this nvhv reads 1 and 2");
-        // Format 1 (the same layout, version-1 log records) is read.
-        b[H_VERSION..H_VERSION + 4].copy_from_slice(&1u32.to_le_bytes());
-        reseal_header(&mut b);
-        assert_eq!(Header::parse(&b).unwrap().format_version, FORMAT_VERSION_1);
+        assert_eq!(e, FormatError::UnsupportedVersion { found: 4 });
+        assert_eq!(e.to_string(), "image format 4, this nvhv reads 1 to 3");
+        // Formats 1 and 2 (the same layout, older log protocols) are read.
+        for old in [FORMAT_VERSION_1, FORMAT_VERSION_2] {
+            b[H_VERSION..H_VERSION + 4].copy_from_slice(&old.to_le_bytes());
+            reseal_header(&mut b);
+            assert_eq!(Header::parse(&b).unwrap().format_version, old);
+        }
     }
 
     #[test]
@@ -1098,6 +1110,8 @@ mod tests {
             let e = Header::parse(&c).unwrap_err();
             let expected = match bit / 8 {
                 0..=7 => matches!(e, FormatError::BadMagic { .. }),
+                // 3 -> 2 or 1: another format this binary reads.
+                8 if bit % 8 < 2 => matches!(e, FormatError::HeaderCrc { .. }),
                 8..=11 => matches!(e, FormatError::UnsupportedVersion { .. }),
                 12..=15 => matches!(e, FormatError::BadHeader(_)),
                 _ => matches!(e, FormatError::HeaderCrc { .. }),

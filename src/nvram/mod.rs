@@ -30,7 +30,7 @@ mod storage;
 pub(crate) mod test_rng;
 
 pub use backing::{BackingError, BackingKind};
-pub use epoch::{HalfState, RecoveryPlan, RecoveryReport};
+pub use epoch::{RecordState, RecoveryPlan, RecoveryReport};
 pub use image::{CommitTimes, CreateOptions, Image, ImageError, NotResumable, Space};
 pub use inspect::{inspect, Bytes, InspectReport, LogRecordReport, MetaBlockReport};
 pub use layout::{

@@ -4,9 +4,12 @@
 //! tests and the fuzzer feed them anything).
 //!
 //! A record is one epoch's changes to guest RAM: a 4 KiB header block, then
-//! the payload. Version 2 (written now) has one entry per changed page: its
-//! page number and the byte ranges of the page that changed, with their new
-//! bytes ([`Payload`]; a page new to the log is one range covering it all).
+//! the payload. Version 3 (written into images of format 3) and version 2
+//! (format 2) have one entry per changed page: its page number and the byte
+//! ranges of the page that changed, with their new bytes ([`Payload`]; a page
+//! new to the log is one range covering it all). A version-3 header also says
+//! where in its half the record lies (records follow each other there) and
+//! through which epoch the RAM image was durably applied when it was written.
 //! Version 1 (still read) has a page-number table (one u64 per page,
 //! zero-padded to 4 KiB) and whole pages. A record is self-validating: the
 //! header carries CRCs of itself, of the payload, and of the machine state the
@@ -20,9 +23,13 @@ use super::layout::{all_zero, crc_with_hole, le_u32, le_u64, put, Header, Region
 
 /// Magic at offset 0 of every log record.
 pub const RECORD_MAGIC: [u8; 8] = *b"NVHVLOGR";
-/// The record format version this binary writes. It reads this one and
-/// [`RECORD_VERSION_1`].
+/// The record format of format-2 images: one record per log half, the delta
+/// payload. (Format-3 images get [`RECORD_VERSION_3`].)
 pub const RECORD_VERSION: u32 = 2;
+/// The record format of format-3 images: the version-2 payload; the header
+/// adds the record's offset in its half and the epoch through which the RAM
+/// image was durably applied (see docs/nvram-format.md, "Redo log").
+pub const RECORD_VERSION_3: u32 = 3;
 /// The first record format: whole pages behind a page-number table.
 pub const RECORD_VERSION_1: u32 = 1;
 /// Bytes of the record header covered by its CRC (the rest of the 4 KiB header block is zero).
@@ -60,7 +67,10 @@ const R_RESERVED0: usize = 76; // 4 bytes
 const R_TIME: usize = 80;
 const R_PAYLOAD_LEN: usize = 88; // v2; reserved (zero) in v1
 const R_RESERVED1_V1: usize = 88; // 40 bytes up to RECORD_HEADER_LEN
-const R_RESERVED1: usize = 96; // 32 bytes up to RECORD_HEADER_LEN
+const R_RESERVED1: usize = 96; // v2: 32 bytes up to RECORD_HEADER_LEN
+const R_APPLIED: usize = 96; // v3
+const R_OFFSET: usize = 104; // v3
+const R_RESERVED1_V3: usize = 112; // v3: 16 bytes up to RECORD_HEADER_LEN
 
 /// Why the bytes in a log half are not a valid record for this image. Pure:
 /// no I/O error lives here.
@@ -76,7 +86,7 @@ pub enum RecordError {
     #[error("bad magic")]
     Magic,
     /// A record format this binary cannot read.
-    #[error("record format {0}, this nvhv reads {RECORD_VERSION_1} and {RECORD_VERSION}")]
+    #[error("record format {0}, this nvhv reads {RECORD_VERSION_1} to {RECORD_VERSION_3}")]
     Version(u32),
     /// The header length is not the one both versions use.
     #[error("header length {0}, records use {RECORD_HEADER_LEN}")]
@@ -95,6 +105,24 @@ pub enum RecordError {
     /// The record carries another image's UUID.
     #[error("belongs to image {0}")]
     Foreign(Uuid),
+    /// A version-3 record found elsewhere in its half than it says it was
+    /// written (or a v1/v2 record not at the start of its half).
+    #[error("written at offset {written} of its half, found at {found}")]
+    WrongOffset {
+        /// Offset named in the header.
+        written: u64,
+        /// Offset it was read from.
+        found: u64,
+    },
+    /// Format 3: a record after a half's sequence with an epoch that does
+    /// not follow it (damage: records of a half are written in order).
+    #[error("epoch {found} where the half's sequence continues with {expected}")]
+    OutOfSequence {
+        /// The epoch that would continue the sequence.
+        expected: u64,
+        /// The epoch found.
+        found: u64,
+    },
     /// The record says it was written to the other half.
     #[error("written for log half {written}, found in half {found}")]
     WrongHalf {
@@ -249,6 +277,12 @@ pub struct RecordHeader {
     pub payload_crc: u32,
     /// Wall-clock time of the commit, nanoseconds since the Unix epoch (informational).
     pub time_unix_ns: u64,
+    /// v3: every epoch up to this one was applied to the RAM image, durably,
+    /// before this record was written, so recovery needs no older record.
+    /// 0 in v1 and v2 (where it is implied: the epoch two before).
+    pub applied_through: u64,
+    /// v3: the byte offset of the record in its half. 0 in v1 and v2.
+    pub offset: u64,
 }
 
 impl RecordHeader {
@@ -274,6 +308,10 @@ impl RecordHeader {
         if self.version != RECORD_VERSION_1 {
             put(&mut b, R_PAYLOAD_LEN, &self.payload_len.to_le_bytes());
         }
+        if self.version == RECORD_VERSION_3 {
+            put(&mut b, R_APPLIED, &self.applied_through.to_le_bytes());
+            put(&mut b, R_OFFSET, &self.offset.to_le_bytes());
+        }
         let crc = crc_with_hole(&b, R_CRC);
         put(&mut b, R_CRC, &crc.to_le_bytes());
         b
@@ -293,7 +331,10 @@ impl RecordHeader {
             return Err(RecordError::Magic);
         }
         let version = le_u32(b, R_VERSION);
-        if version != RECORD_VERSION && version != RECORD_VERSION_1 {
+        if !matches!(
+            version,
+            RECORD_VERSION_1 | RECORD_VERSION | RECORD_VERSION_3
+        ) {
             return Err(RecordError::Version(version));
         }
         let len = le_u32(b, R_LEN);
@@ -308,6 +349,7 @@ impl RecordHeader {
         let bad = |m: String| Err(RecordError::BadHeader(m));
         let reserved1 = match version {
             RECORD_VERSION_1 => R_RESERVED1_V1,
+            RECORD_VERSION_3 => R_RESERVED1_V3,
             _ => R_RESERVED1,
         };
         if !all_zero(&b[R_RESERVED0..R_RESERVED0 + 4]) || !all_zero(&b[reserved1..]) {
@@ -334,6 +376,22 @@ impl RecordHeader {
         };
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[R_UUID..R_UUID + 16]);
+        let v3 = |at| {
+            if version == RECORD_VERSION_3 {
+                le_u64(b, at)
+            } else {
+                0
+            }
+        };
+        let (applied_through, offset) = (v3(R_APPLIED), v3(R_OFFSET));
+        if offset % BLOCK != 0 {
+            return bad(format!("offset {offset} is not block-aligned"));
+        }
+        if applied_through >= le_u64(b, R_EPOCH) && version == RECORD_VERSION_3 {
+            return bad(format!(
+                "applied through epoch {applied_through}, not below its own"
+            ));
+        }
         Ok(RecordHeader {
             version,
             half,
@@ -346,13 +404,21 @@ impl RecordHeader {
             state_crc: le_u32(b, R_STATE_CRC),
             payload_crc: le_u32(b, R_PAYLOAD_CRC),
             time_unix_ns: le_u64(b, R_TIME),
+            applied_through,
+            offset,
         })
     }
 
     /// Checks the header against the image it was found in, read from log
-    /// half `found_in`: same UUID, same half, page count (v1) or payload
-    /// length (v2) within the half, state within its slot.
-    pub fn check(&self, header: &Header, found_in: usize) -> Result<(), RecordError> {
+    /// half `found_in` at byte `found_at` of it: same UUID, same half and
+    /// offset, page count (v1) or payload length (v2, v3) within what the
+    /// half holds from there, state within its slot.
+    pub fn check(
+        &self,
+        header: &Header,
+        found_in: usize,
+        found_at: u64,
+    ) -> Result<(), RecordError> {
         if self.image_uuid != header.uuid {
             return Err(RecordError::Foreign(self.image_uuid));
         }
@@ -360,6 +426,12 @@ impl RecordHeader {
             return Err(RecordError::WrongHalf {
                 written: self.half,
                 found: found_in,
+            });
+        }
+        if self.offset != found_at {
+            return Err(RecordError::WrongOffset {
+                written: self.offset,
+                found: found_at,
             });
         }
         let half = half_region(header.geometry.log, found_in);
@@ -372,7 +444,7 @@ impl RecordHeader {
                 });
             }
         } else {
-            let room = payload_room(half.size).unwrap_or(0);
+            let room = payload_room(half.size.saturating_sub(found_at)).unwrap_or(0);
             if self.payload_len > room {
                 return Err(RecordError::PayloadTooLong {
                     len: self.payload_len,
@@ -836,6 +908,8 @@ mod tests {
             state_crc: 0x1234_5678,
             payload_crc: 0x9abc_def0,
             time_unix_ns: 5,
+            applied_through: 0,
+            offset: 0,
         }
     }
 
@@ -913,9 +987,9 @@ mod tests {
         let r = record(&h);
         let b = r.encode();
         assert_eq!(RecordHeader::parse(&b).unwrap(), r);
-        assert_eq!(r.check(&h, 1), Ok(()));
+        assert_eq!(r.check(&h, 1, 0), Ok(()));
         assert_eq!(
-            r.check(&h, 0),
+            r.check(&h, 0, 0),
             Err(RecordError::WrongHalf {
                 written: 1,
                 found: 0
@@ -925,14 +999,17 @@ mod tests {
             image_uuid: Uuid([9; 16]),
             ..r.clone()
         };
-        assert!(matches!(foreign.check(&h, 1), Err(RecordError::Foreign(_))));
+        assert!(matches!(
+            foreign.check(&h, 1, 0),
+            Err(RecordError::Foreign(_))
+        ));
         let big = RecordHeader {
             version: RECORD_VERSION_1,
             pages: 100,
             ..r.clone()
         };
         assert!(matches!(
-            big.check(&h, 1),
+            big.check(&h, 1, 0),
             Err(RecordError::TooManyPages { capacity: 8, .. })
         ));
         // v2 is bounded by bytes: 10 blocks a half, one of them the header.
@@ -941,13 +1018,13 @@ mod tests {
             payload_len: 9 * BLOCK,
             ..r.clone()
         };
-        assert_eq!(fits.check(&h, 1), Ok(()));
+        assert_eq!(fits.check(&h, 1, 0), Ok(()));
         let long = RecordHeader {
             payload_len: 9 * BLOCK + 1,
             ..r.clone()
         };
         assert_eq!(
-            long.check(&h, 1),
+            long.check(&h, 1, 0),
             Err(RecordError::PayloadTooLong {
                 len: 9 * BLOCK + 1,
                 room: 9 * BLOCK
@@ -960,12 +1037,51 @@ mod tests {
             ..r.clone()
         };
         assert_eq!(RecordHeader::parse(&v1.encode()).unwrap(), v1);
+        // A v3 header carries its place in the half and its applied epoch,
+        // and is checked against where it is found and what room is left.
+        let v3 = RecordHeader {
+            version: RECORD_VERSION_3,
+            applied_through: 75,
+            offset: 2 * BLOCK,
+            ..r.clone()
+        };
+        assert_eq!(RecordHeader::parse(&v3.encode()).unwrap(), v3);
+        assert_eq!(v3.check(&h, 1, 2 * BLOCK), Ok(()));
+        assert_eq!(
+            v3.check(&h, 1, 0),
+            Err(RecordError::WrongOffset {
+                written: 2 * BLOCK,
+                found: 0
+            })
+        );
+        let v3_long = RecordHeader {
+            payload_len: 7 * BLOCK + 1,
+            ..v3.clone()
+        };
+        assert!(matches!(
+            v3_long.check(&h, 1, 2 * BLOCK),
+            Err(RecordError::PayloadTooLong { room, .. }) if room == 7 * BLOCK
+        ));
+        for (applied, offset) in [(77, 0), (78, 0), (0, 100)] {
+            let bad = RecordHeader {
+                applied_through: applied,
+                offset,
+                ..v3.clone()
+            };
+            assert!(
+                matches!(
+                    RecordHeader::parse(&bad.encode()),
+                    Err(RecordError::BadHeader(_))
+                ),
+                "applied {applied}, offset {offset}"
+            );
+        }
         let long = RecordHeader {
             state_len: 1 << 30,
             ..r
         };
         assert!(matches!(
-            long.check(&h, 1),
+            long.check(&h, 1, 0),
             Err(RecordError::StateTooLong { .. })
         ));
         assert_eq!(RecordHeader::parse(&[0; 4096]), Err(RecordError::Blank));
@@ -981,6 +1097,8 @@ mod tests {
             let e = RecordHeader::parse(&c).unwrap_err();
             let ok = match bit / 8 {
                 0..=7 => e == RecordError::Magic,
+                // 2 -> 3: another version this binary reads.
+                8 if bit % 8 == 0 => matches!(e, RecordError::HeaderCrc { .. }),
                 8..=11 => matches!(e, RecordError::Version(_)),
                 12..=15 => matches!(e, RecordError::Length(_)),
                 _ => matches!(e, RecordError::HeaderCrc { .. }),
@@ -1025,15 +1143,15 @@ mod tests {
             let mut b = [0u8; RECORD_HEADER_LEN];
             b.copy_from_slice(&rng.bytes(RECORD_HEADER_LEN));
             if i % 2 == 0 {
-                let version = [RECORD_VERSION_1, RECORD_VERSION][i / 2 % 2];
+                let version = [RECORD_VERSION_1, RECORD_VERSION, RECORD_VERSION_3][i / 2 % 3];
                 b[..8].copy_from_slice(&RECORD_MAGIC);
                 b[8..12].copy_from_slice(&version.to_le_bytes());
                 b[12..16].copy_from_slice(&128u32.to_le_bytes());
                 b[R_RESERVED0..R_RESERVED0 + 4].fill(0);
-                b[if version == 1 {
-                    R_RESERVED1_V1
-                } else {
-                    R_RESERVED1
+                b[match version {
+                    RECORD_VERSION_1 => R_RESERVED1_V1,
+                    RECORD_VERSION_3 => R_RESERVED1_V3,
+                    _ => R_RESERVED1,
                 }..]
                     .fill(0);
                 let crc = crc_with_hole(&b, R_CRC);
@@ -1041,7 +1159,7 @@ mod tests {
             }
             if let Ok(r) = RecordHeader::parse(&b) {
                 assert_eq!(r.encode(), b);
-                let _ = r.check(&h, i % 2);
+                let _ = r.check(&h, i % 2, r.offset);
             }
         }
     }

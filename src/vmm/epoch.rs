@@ -196,6 +196,9 @@ pub struct EpochStats {
     pub idle_skips: u64,
     /// Epochs ended early because the guest's dirty pages reached the budget.
     pub budget_ends: u64,
+    /// Pages written to the RAM image by the applies (format 3 writes a page
+    /// once for many epochs that changed it).
+    pub pages_applied: u64,
 }
 
 impl Default for EpochStats {
@@ -212,6 +215,7 @@ impl Default for EpochStats {
             output_unheld: 0,
             idle_skips: 0,
             budget_ends: 0,
+            pages_applied: 0,
         }
     }
 }
@@ -249,7 +253,7 @@ impl EpochStats {
             )
         };
         format!(
-            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {:.1} MiB logged; {} bytes of output released after commits, {} sent at once (depending on nothing uncommitted); {} idle epochs without a capture; {} epochs ended by the dirty budget",
+            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {:.1} MiB logged; {} bytes of output released after commits, {} sent at once (depending on nothing uncommitted); {} idle epochs without a capture; {} epochs ended by the dirty budget; {} pages written to the RAM image",
             self.epochs,
             q(&self.pause_us),
             q(&self.commit_us),
@@ -259,7 +263,8 @@ impl EpochStats {
             self.output_released,
             self.output_unheld,
             self.idle_skips,
-            self.budget_ends
+            self.budget_ends,
+            self.pages_applied
         )
     }
 }
@@ -406,7 +411,7 @@ mod tests {
         s.budget_ends = 2;
         assert!(
             s.summary()
-                .ends_with("; 4 idle epochs without a capture; 2 epochs ended by the dirty budget"),
+                .ends_with("; 4 idle epochs without a capture; 2 epochs ended by the dirty budget; 0 pages written to the RAM image"),
             "{line}"
         );
     }

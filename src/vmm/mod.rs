@@ -1313,6 +1313,7 @@ impl Machine {
         // ORDER: apply after the commit; the next commit's persist makes it durable.
         self.image.apply_committed(changes)?;
         stats.record(paused, pfns.len(), &times, t0.elapsed(), held);
+        stats.pages_applied = self.image.pages_applied();
         tracing::debug!(
             epoch = times.epoch,
             pages = pfns.len(),
