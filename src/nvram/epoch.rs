@@ -48,6 +48,18 @@ const COALESCE_BYTES: usize = 1 << 20;
 /// keeps changing is written to the RAM image (about once per half).
 pub const RECORDS_PER_HALF: usize = 32;
 
+/// Format 3: bytes of log records newer than the RAM image's applied epoch
+/// at most, after each apply: beyond it the oldest pending pages are
+/// written until it holds (or nothing is pending). It bounds what recovery
+/// replays (this much, or one record if that is larger).
+pub const REPLAY_BUDGET_BYTES: u64 = 1 << 20;
+
+/// Format 3: records over which the pages due before the writer may move
+/// on are spread (fewer if the half fills sooner), so that the RAM image's
+/// applied epoch soon passes the other half's and recovery replays little
+/// of it.
+const DUE_SPREAD: usize = 8;
+
 /// Format 3: committed pages kept waiting for the RAM image at most; beyond
 /// this the oldest are written at once (4 KiB of memory each).
 pub const MAX_PENDING_PAGES: usize = 8192;
@@ -58,8 +70,9 @@ pub enum RecordState {
     /// Nothing was ever written there (or the log is too small for a record).
     Blank,
     /// A record the current meta record covers (its epoch is not above the
-    /// meta record's): applied to the RAM image before that record was
-    /// written, so it is ignored and its payload is not read.
+    /// meta record's), or (format 3) one at or below the epoch through which
+    /// the restored record says the RAM image was applied: applied to the
+    /// RAM image durably, so it is ignored and its payload is not read.
     Applied(RecordHeader),
     /// A complete record newer than the current meta record: its header and
     /// payload CRCs match, and so does its state's if recovery restores it
@@ -339,13 +352,17 @@ pub(super) struct LogWriter {
     durable_through: u64,
     /// ... by writes issued so far.
     issued_through: u64,
-    /// Records per half (a test may lower it).
+    /// Records per half, and the replay budget (a test may lower them).
     pub(super) records_per_half: usize,
+    pub(super) replay_budget: u64,
     /// Bytes of one log half.
     half_bytes: u64,
     /// Pages to write per epoch while the other half's are due (see
     /// [`LogWriter::due_now`]).
     rate: usize,
+    /// Epoch and bytes of each record written that is not yet known to be
+    /// durably applied.
+    written: VecDeque<(u64, u64)>,
     /// Committed pages waiting for the RAM image.
     pub(super) pending: Pending,
     /// Counts since the image was opened: moves to the other half, and
@@ -366,8 +383,10 @@ impl LogWriter {
             durable_through: epoch,
             issued_through: epoch,
             records_per_half: RECORDS_PER_HALF,
+            replay_budget: REPLAY_BUDGET_BYTES,
             half_bytes,
             rate: 0,
+            written: VecDeque::new(),
             pending: Pending::default(),
             switches: 0,
             checkpoints: 0,
@@ -381,6 +400,7 @@ impl LogWriter {
         let pending = std::mem::take(&mut self.pending);
         *self = LogWriter {
             records_per_half: self.records_per_half,
+            replay_budget: self.replay_budget,
             pending,
             switches: self.switches,
             checkpoints: self.checkpoints,
@@ -391,6 +411,13 @@ impl LogWriter {
     /// A persist covering every write issued so far completed.
     pub(super) fn persisted(&mut self) {
         self.durable_through = self.issued_through;
+        while self
+            .written
+            .front()
+            .is_some_and(|&(e, _)| e <= self.durable_through)
+        {
+            self.written.pop_front();
+        }
     }
 
     /// Where a record of `len` bytes goes: after the last one, or at the
@@ -420,36 +447,48 @@ impl LogWriter {
         self.records += 1;
         self.live[half] = Some(epoch);
         self.last_applied_through = applied_through;
+        self.written.push_back((epoch, len));
     }
 
     /// Which pending pages to write after committing an epoch: up to `n`
     /// of those pending since epoch `through` or earlier. The pages the
     /// other half's epochs changed must all be written (and a persist must
-    /// follow, and a record saying so) before this half is full, so they
-    /// are spread over the records this half still takes, less two; the
-    /// rate is worked out again every 8 records (the room left may shrink
-    /// faster than the record count says).
+    /// follow, and a record saying so) before this half is full; they are
+    /// spread over [`DUE_SPREAD`] records, or over the records this half
+    /// still takes less two if that is fewer. The rate is worked out again
+    /// every [`DUE_SPREAD`] records (the room left may shrink faster than
+    /// the record count says).
     fn due_now(&mut self) -> (usize, u64) {
         let Some(through) = self.live[1 - self.half] else {
             return (0, 0);
         };
-        if self.records % 8 == 1 {
+        if self.records % DUE_SPREAD == 1 {
             let due = self.pending.due(through);
             let left = self.records_per_half.saturating_sub(self.records);
             let left = match self.offset.checked_div(self.records as u64) {
                 // Records of this half so far, on average: how many more fit.
                 Some(avg) if avg > 0 => {
-                    left.min(usize::try_from(self.room_left() / avg).unwrap_or(0))
+                    let room = self.half_bytes.saturating_sub(self.offset);
+                    left.min(usize::try_from(room / avg).unwrap_or(0))
                 }
                 _ => left,
             };
-            self.rate = due.div_ceil(left.saturating_sub(2).max(1));
+            let over = left.saturating_sub(2).clamp(1, DUE_SPREAD);
+            self.rate = due.div_ceil(over);
         }
         (self.rate, through)
     }
 
-    fn room_left(&self) -> u64 {
-        self.half_bytes.saturating_sub(self.offset)
+    /// Bytes of the records written since the last meta record with an
+    /// epoch above `through`: what recovery would replay were the RAM image
+    /// applied through `through`.
+    fn log_after(&self, through: u64) -> u64 {
+        self.written
+            .iter()
+            .rev()
+            .take_while(|&&(e, _)| e > through)
+            .map(|&(_, len)| len)
+            .sum()
     }
 }
 
@@ -480,8 +519,9 @@ pub fn record_span(payload_len: u64) -> u64 {
 }
 
 /// Reads the record header at `offset` of log half `half` and classifies
-/// it, checking its payload only when its epoch is above the current meta
-/// record's. The state is not checked here (see [`check_state`]).
+/// it, checking its payload (if `payload`) only when its epoch is above the
+/// current meta record's. The state is not checked here (see
+/// [`check_state`]).
 /// `Err(Blank)` in the result's place: nothing was ever written there.
 fn read_record<S: Storage + ?Sized>(
     s: &S,
@@ -489,6 +529,7 @@ fn read_record<S: Storage + ?Sized>(
     meta: &Meta,
     half: usize,
     offset: u64,
+    payload: bool,
 ) -> Result<RecordState, ImageError> {
     let region = half_region(header.geometry.log, half);
     if region.size < offset + BLOCK {
@@ -522,10 +563,32 @@ fn read_record<S: Storage + ?Sized>(
     if rh.epoch <= meta.epoch {
         return Ok(RecordState::Applied(rh));
     }
-    if let Err(problem) = check_payload(s, header, region, &rh)? {
-        return Ok(invalid(problem));
+    if payload {
+        if let Err(problem) = check_payload(s, header, region, &rh)? {
+            return Ok(invalid(problem));
+        }
     }
     Ok(RecordState::Valid(rh))
+}
+
+/// Format 3: checks the payload of a record the scan took on its header;
+/// if it does not match, the record becomes invalid.
+fn verify_payload<S: Storage + ?Sized>(
+    s: &S,
+    header: &Header,
+    entry: &mut LogEntry,
+) -> Result<(), ImageError> {
+    let RecordState::Valid(rh) = &entry.state else {
+        return Ok(());
+    };
+    let region = half_region(header.geometry.log, entry.half);
+    if let Err(problem) = check_payload(s, header, region, rh)? {
+        entry.state = RecordState::Invalid {
+            epoch: Some(rh.epoch),
+            problem,
+        };
+    }
+    Ok(())
 }
 
 /// Checks that the state slot a valid record names holds its state; if not,
@@ -634,7 +697,7 @@ fn scan_half<S: Storage + ?Sized>(
     let mut offset = 0;
     let mut prev: Option<u64> = None;
     loop {
-        let st = read_record(s, header, meta, half, offset)?;
+        let st = read_record(s, header, meta, half, offset, false)?;
         let next = match (&st, prev) {
             (RecordState::Valid(rh), None) => Some(record_span(rh.payload_len)),
             (RecordState::Valid(rh), Some(p)) if rh.epoch == p + 1 => {
@@ -699,7 +762,7 @@ pub(super) fn plan_recovery<S: Storage + ?Sized>(
     } else {
         let mut log = Vec::new();
         for half in 0..2 {
-            let mut state = read_record(s, header, meta, half, 0)?;
+            let mut state = read_record(s, header, meta, half, 0, true)?;
             check_state(s, header, &mut state)?;
             log.push(LogEntry {
                 half,
@@ -738,6 +801,7 @@ pub(super) fn plan_recovery<S: Storage + ?Sized>(
             break;
         };
         if v3 {
+            verify_payload(s, header, &mut log[i])?;
             check_state(s, header, &mut log[i].state)?;
         }
         if matches!(log[i].state, RecordState::Valid(_)) {
@@ -766,7 +830,11 @@ pub(super) fn plan_recovery<S: Storage + ?Sized>(
             let from = rh.applied_through.max(meta.epoch) + 1;
             let mut replay = Vec::new();
             for e in from..=rh.epoch {
-                match valid(&log, e)? {
+                let i = valid(&log, e)?;
+                if let Some(i) = i {
+                    verify_payload(s, header, &mut log[i])?;
+                }
+                match i.filter(|&i| matches!(log[i].state, RecordState::Valid(_))) {
                     Some(i) => replay.push(i),
                     None => {
                         return Err(ImageError::LogBroken {
@@ -777,6 +845,14 @@ pub(super) fn plan_recovery<S: Storage + ?Sized>(
                                 rh.applied_through
                             ),
                         })
+                    }
+                }
+            }
+            // The older records are applied (their payloads are not read).
+            for entry in log.iter_mut() {
+                if let RecordState::Valid(r) = &entry.state {
+                    if r.epoch < from {
+                        entry.state = RecordState::Applied(r.clone());
                     }
                 }
             }
@@ -1033,6 +1109,15 @@ impl<S: Storage> Image<S> {
             }
             let (n, through) = self.log.due_now();
             self.write_pending(n, through)?;
+            // Keep what recovery replays within the budget: write the pages
+            // pending since the oldest epoch until the log after the applied
+            // epoch fits (a record larger than the budget: everything).
+            while self.log.log_after(self.log.issued_through) > self.log.replay_budget {
+                let Some(oldest) = self.log.pending.oldest() else {
+                    break;
+                };
+                self.write_pending(usize::MAX, oldest)?;
+            }
             let over = self.log.pending.len().saturating_sub(MAX_PENDING_PAGES);
             self.write_pending(over, u64::MAX)?;
             self.poisoned = false;
@@ -1217,7 +1302,7 @@ fn matches_pages(payload: &Payload, pages: &[u8], ram_pages: u64) -> bool {
 mod tests {
     use super::*;
     use crate::nvram::image::tests::{cfg, TempPath};
-    use crate::nvram::layout::{ImageConfig, Uuid, FORMAT_VERSION_2};
+    use crate::nvram::layout::{ImageConfig, Uuid, FORMAT_VERSION, FORMAT_VERSION_2};
     use crate::nvram::redo::{Changes, FULL_ENTRY};
     use crate::nvram::storage::MemStorage;
 
@@ -1657,6 +1742,91 @@ mod tests {
                 epoch: None
             }
         ));
+    }
+
+    /// Format 3: epochs 2..=7 in sequence in half 0, the RAM image applied
+    /// a little behind (a replay budget of one block). Returns the image's
+    /// bytes, its header and each epoch's page 1.
+    fn lazy_epochs() -> (Vec<u8>, Header, Vec<Vec<u8>>) {
+        let c = epoch_cfg();
+        let c = ImageConfig {
+            log_bytes: 64 * BLOCK,
+            ..c
+        };
+        let h = Header::new(&c, Uuid::from_random([1; 16]), 0, 0).unwrap();
+        assert_eq!(h.format_version, FORMAT_VERSION);
+        let len = h.geometry.image_len() as usize;
+        let mut img = Image::format(MemStorage::new(len), h.clone()).unwrap();
+        img.log.replay_budget = BLOCK;
+        img.mark_running().unwrap();
+        let mut ones = Vec::new();
+        for e in 2..=7u8 {
+            let pfns = [1u64, u64::from(e) + 4];
+            let data = pages(&pfns, e);
+            let ch = Changes::whole(&pfns, &data);
+            img.commit_epoch(&ch, &[e; 64]).unwrap();
+            img.apply_committed(&ch).unwrap();
+            ones.push(data[..P].to_vec());
+        }
+        (img.into_storage().into_bytes(), h, ones)
+    }
+
+    #[test]
+    fn test_format_3_replays_from_the_applied_epoch_and_checks_what_it_needs() {
+        let (bytes, h, ones) = lazy_epochs();
+        let img = Image::open_storage(MemStorage::from_bytes(bytes.clone())).unwrap();
+        let plan = img.recovery_plan().clone();
+        let log = plan.log.clone().unwrap();
+        // Six records in sequence in half 0, then half 1's blank start.
+        let epochs: Vec<_> = log.iter().map(|e| (e.half, e.state.epoch())).collect();
+        assert_eq!(
+            epochs,
+            [
+                (0, Some(2)),
+                (0, Some(3)),
+                (0, Some(4)),
+                (0, Some(5)),
+                (0, Some(6)),
+                (0, Some(7)),
+                (1, None)
+            ]
+        );
+        let r = log[5].state.record().unwrap();
+        assert!(r.applied_through >= 2 && r.applied_through < 7, "{r:?}");
+        let needed: Vec<u64> = (r.applied_through + 1..=7).collect();
+        assert_eq!(plan.replay_epochs(), needed);
+        for e in &log[..(r.applied_through - 1) as usize] {
+            assert_eq!(e.state.word(), "applied", "{e:?}");
+        }
+        // Recovery gives epoch 7: the RAM image's newer pages come from the log.
+        let mut img = img;
+        img.recover().unwrap();
+        assert_eq!(img.read_state().unwrap(), vec![7u8; 64]);
+        assert_eq!(ram_page(img.storage(), &h, 1), ones[5]);
+        // A needed record damaged: refused, never an older epoch.
+        let at = |i: usize| {
+            (half_region(h.geometry.log, 0).offset + log[i].offset + BLOCK + 20) as usize
+        };
+        let needed_at = at((r.applied_through - 1) as usize);
+        let mut b = bytes.clone();
+        b[needed_at] ^= 1;
+        let e = Image::open_storage(MemStorage::from_bytes(b)).unwrap_err();
+        assert!(matches!(e, ImageError::LogBroken { epoch: 7, .. }), "{e}");
+        assert!(e.to_string().contains("missing or damaged"), "{e}");
+        // An older one damaged: not read, not needed.
+        let mut b = bytes.clone();
+        b[at(0)] ^= 1;
+        let mut img = Image::open_storage(MemStorage::from_bytes(b)).unwrap();
+        assert_eq!(img.recovery_plan().replay_epochs(), needed);
+        img.recover().unwrap();
+        assert_eq!(img.read_state().unwrap(), vec![7u8; 64]);
+        // The newest record's payload damaged: it looks like a torn commit
+        // (see "Residual risk" in the format doc), and epoch 6 is restored.
+        let mut b = bytes;
+        b[at(5)] ^= 1;
+        let img = Image::open_storage(MemStorage::from_bytes(b)).unwrap();
+        assert_eq!(img.recovery_plan().restored_epoch(), 6);
+        assert_eq!(img.recovery_plan().seal_epoch, Some(7));
     }
 
     #[test]
