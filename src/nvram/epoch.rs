@@ -271,10 +271,15 @@ impl Pending {
         self.queue.push_back((pfn, epoch));
     }
 
+    /// Whether the queue entry `(pfn, since)` is not stale.
+    fn is_current(&self, pfn: u64, since: u64) -> bool {
+        self.pages.get(&pfn).is_some_and(|(s, _)| *s == since)
+    }
+
     /// Drops stale entries from the front of the queue.
     fn trim(&mut self) {
         while let Some(&(pfn, since)) = self.queue.front() {
-            if self.pages.get(&pfn).is_some_and(|(s, _)| *s == since) {
+            if self.is_current(pfn, since) {
                 break;
             }
             self.queue.pop_front();
@@ -292,7 +297,7 @@ impl Pending {
         self.queue
             .iter()
             .take_while(|&&(_, since)| since <= through)
-            .filter(|&&(pfn, since)| self.pages.get(&pfn).is_some_and(|(s, _)| *s == since))
+            .filter(|&&(pfn, since)| self.is_current(pfn, since))
             .count()
     }
 
@@ -698,9 +703,8 @@ fn scan_half<S: Storage + ?Sized>(
     let mut prev: Option<u64> = None;
     loop {
         let st = read_record(s, header, meta, half, offset, false)?;
-        let next = match (&st, prev) {
-            (RecordState::Valid(rh), None) => Some(record_span(rh.payload_len)),
-            (RecordState::Valid(rh), Some(p)) if rh.epoch == p + 1 => {
+        let next = match &st {
+            RecordState::Valid(rh) if prev.is_none_or(|p| rh.epoch == p + 1) => {
                 Some(record_span(rh.payload_len))
             }
             _ => None,
@@ -755,7 +759,8 @@ pub(super) fn plan_recovery<S: Storage + ?Sized>(
     if header.config.persist != PersistMode::Epoch {
         return Ok(RecoveryPlan::nothing(header, meta));
     }
-    let mut log = if header.format_version >= FORMAT_VERSION {
+    let v3 = header.format_version >= FORMAT_VERSION;
+    let mut log = if v3 {
         let mut log = scan_half(s, header, meta, 0)?;
         log.extend(scan_half(s, header, meta, 1)?);
         log
@@ -790,7 +795,6 @@ pub(super) fn plan_recovery<S: Storage + ?Sized>(
             _ => None,
         })
         .max();
-    let v3 = header.format_version >= FORMAT_VERSION;
     // R: the newest valid record whose state is intact; a newest record
     // whose state is torn never committed, and then its predecessor (whose
     // slot it did not touch) is R.
@@ -976,8 +980,8 @@ impl<S: Storage> Image<S> {
                 slot_bytes,
             });
         }
+        let span = record_span(bytes.len() as u64);
         let (half, offset) = if version == RECORD_VERSION_3 {
-            let span = record_span(bytes.len() as u64);
             match self.log.place(span) {
                 Some(p) => p,
                 None => {
@@ -1041,7 +1045,6 @@ impl<S: Storage> Image<S> {
         let state_persist = t.elapsed();
         self.poisoned = false;
         if version == RECORD_VERSION_3 {
-            let span = record_span(bytes.len() as u64);
             self.log.wrote(epoch, half, offset, span, applied_through);
         }
         self.unapplied = Some(Unapplied {
@@ -1706,16 +1709,8 @@ mod tests {
         s.read_at(r4.offset, &mut rec).unwrap();
         s.write_at(r3.offset, &rec).unwrap();
         let img = Image::open_storage(s).unwrap();
-        let halves: Vec<RecordState> = img
-            .plan
-            .log
-            .clone()
-            .unwrap()
-            .into_iter()
-            .map(|e| e.state)
-            .collect();
         assert!(matches!(
-            &halves[1],
+            &img.plan.log.as_ref().unwrap()[1].state,
             RecordState::Invalid {
                 problem: RecordError::WrongHalf { .. },
                 epoch: Some(4)
@@ -1727,16 +1722,8 @@ mod tests {
         rh.image_uuid = Uuid([7; 16]);
         s.write_at(r4.offset, &rh.encode()).unwrap();
         let img = Image::open_storage(s).unwrap();
-        let halves: Vec<RecordState> = img
-            .plan
-            .log
-            .clone()
-            .unwrap()
-            .into_iter()
-            .map(|e| e.state)
-            .collect();
         assert!(matches!(
-            &halves[0],
+            &img.plan.log.as_ref().unwrap()[0].state,
             RecordState::Invalid {
                 problem: RecordError::Foreign(_),
                 epoch: None
