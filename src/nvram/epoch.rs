@@ -36,6 +36,7 @@ use super::redo::{
     PageWrite, Payload, RecordError, RecordHeader, PAGE, RECORD_HEADER_LEN, RECORD_VERSION,
     RECORD_VERSION_1, RECORD_VERSION_3,
 };
+use super::replay::ReplayPages;
 use super::storage::Storage;
 
 /// Bytes gathered into one write when writes to consecutive RAM-image bytes
@@ -1238,12 +1239,39 @@ impl<S: Storage> Image<S> {
             return Err(ImageError::Poisoned);
         }
         self.poisoned = true;
+        // Every replayed record first (checked again: the log may have
+        // changed since the image was opened), then their writes per page.
+        let mut records = Vec::new();
         for &i in &plan.replay {
             let (Some(entry), Some(rh)) = (plan.entry(i), plan.record(i)) else {
                 continue;
             };
-            report.pages_replayed += self.replay(entry.half, rh)?;
+            let region = half_region(self.header.geometry.log, entry.half);
+            let payload = read_payload(&self.storage, region, rh)?
+                .map_err(|_| ImageError::LogChanged(rh.epoch))?;
+            records.push((rh, payload));
+        }
+        let ram_pages = self.header.ram_bytes() / PAGE;
+        let mut gathered = ReplayPages::default();
+        for (rh, payload) in &records {
+            let writes = decode_writes(rh.version, payload, rh.pages, ram_pages)
+                .map_err(|_| ImageError::LogChanged(rh.epoch))?;
+            gathered.add(&writes);
+            report.pages_replayed += rh.pages;
             report.replayed.push(rh.epoch);
+        }
+        if !records.is_empty() {
+            let t = Instant::now();
+            // ORDER: after every record is read: each byte ends up as the
+            // last record that wrote it says (see `nvram::replay`).
+            let out = gathered.write_out(&mut self.storage, self.header.geometry.ram.offset)?;
+            tracing::debug!(
+                pages = out.pages,
+                read = out.read,
+                writes = out.writes,
+                write_us = t.elapsed().as_micros() as u64,
+                "replayed pages written"
+            );
             self.unpersisted = true;
         }
         self.poisoned = false;
@@ -1259,23 +1287,6 @@ impl<S: Storage> Image<S> {
         report.epoch = self.current.epoch;
         report.elapsed = start.elapsed();
         Ok(report)
-    }
-
-    /// Writes the record in `half` into the RAM image, in entry order, after
-    /// checking its payload CRC once more. Returns the pages written.
-    fn replay(&mut self, half: usize, rh: &RecordHeader) -> Result<u64, ImageError> {
-        let region = half_region(self.header.geometry.log, half);
-        let payload = read_payload(&self.storage, region, rh)?
-            .map_err(|_| ImageError::LogChanged(rh.epoch))?;
-        let writes = decode_writes(
-            rh.version,
-            &payload,
-            rh.pages,
-            self.header.ram_bytes() / PAGE,
-        )
-        .map_err(|_| ImageError::LogChanged(rh.epoch))?;
-        write_pages(&mut self.storage, self.header.geometry.ram.offset, &writes)?;
-        Ok(rh.pages)
     }
 }
 

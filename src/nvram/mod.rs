@@ -13,6 +13,7 @@
 //! - `storage`: the read/write/persist interface every image byte goes through;
 //! - `image`: create, open, suspend commit, read state, resumability;
 //! - `epoch`: epoch commit through the redo log, apply, recovery;
+//! - `replay`: recovery's writes gathered per page, each page written once;
 //! - `inspect`: the read-only report;
 //! - `crash_tests` (tests only): every crash point of the epoch protocol;
 //! - `test_rng` (tests only): the deterministic generator the tests share.
@@ -25,6 +26,7 @@ mod image;
 mod inspect;
 pub mod layout;
 pub mod redo;
+mod replay;
 mod storage;
 #[cfg(test)]
 pub(crate) mod test_rng;
