@@ -1276,12 +1276,22 @@ impl<S: Storage> Image<S> {
         }
         self.poisoned = false;
         let meta = plan.current(&self.header, &self.meta.current);
-        // ORDER: write_meta persists the replayed pages first, then writes
-        // the meta record that says they are applied, then persists it.
-        self.write_meta(Meta {
+        // ORDER: the replayed pages are persisted first, then the meta
+        // record that says they are applied is written and persisted.
+        let t = Instant::now();
+        if self.unpersisted {
+            self.persist_all()?;
+        }
+        let pages_persist = t.elapsed();
+        let (_, meta_persist) = self.write_meta(Meta {
             time_unix_ns: now_ns(),
             ..meta
         })?;
+        tracing::debug!(
+            pages_persist_us = pages_persist.as_micros() as u64,
+            meta_persist_us = meta_persist.as_micros() as u64,
+            "recovery sealed"
+        );
         self.recovery_pending = false;
         report.meta_written = true;
         report.epoch = self.current.epoch;
