@@ -5,8 +5,9 @@
 //! decoded cost one `pwrite` per range: after a SIGKILL under `redis-benchmark
 //! -c 16 -P 16` SETs (tmpfs), 15 782 writes for 5 652 page entries of 20
 //! records, 12–19 ms of recovery. [`ReplayPages`] collects every range per
-//! page (borrowing the records' payloads, all read first: at most the
-//! replay budget plus one record), then, page by page in page order,
+//! page (borrowing the records' payloads, all read first: format 3
+//! replays about the replay budget plus one record, formats 1 and 2 at most
+//! two records), then, page by page in page order,
 //! applies a page's ranges to a scratch copy (later records over earlier
 //! ones, as replaying them in order would) and writes the page once:
 //!
