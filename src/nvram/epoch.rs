@@ -414,6 +414,58 @@ impl LogWriter {
         };
     }
 
+    /// Format 3, after recovery replayed the records of `plan` without
+    /// sealing them: the writer as it stood when the restored record was
+    /// written. It goes on after that record in its half; every replayed
+    /// epoch counts as issued (recovery wrote its pages) but not durable
+    /// (nothing persisted them yet), so the records stay needed until a
+    /// persist covers the replay (W1). `None` if the plan restores no record.
+    pub(super) fn continue_after(&self, plan: &RecoveryPlan) -> Option<LogWriter> {
+        let log = plan.log.as_ref()?;
+        let restore = plan.restore?;
+        let r = plan.record(restore)?.clone();
+        let half = log[restore].half;
+        let in_sequence =
+            |e: &LogEntry| matches!(e.state, RecordState::Valid(_) | RecordState::Applied(_));
+        let records = log
+            .iter()
+            .filter(|e| e.half == half && in_sequence(e) && e.offset <= r.offset)
+            .count();
+        let other = log
+            .iter()
+            .filter(|e| e.half == 1 - half && in_sequence(e))
+            .filter_map(|e| e.state.epoch())
+            .max();
+        let durable = r.applied_through.max(plan.meta_epoch);
+        let written = plan
+            .replay
+            .iter()
+            .filter_map(|&i| plan.record(i))
+            .filter(|h| h.epoch > durable)
+            .map(|h| (h.epoch, record_span(h.payload_len)))
+            .collect();
+        let mut live = [None; 2];
+        live[half] = Some(r.epoch);
+        live[1 - half] = other;
+        Some(LogWriter {
+            half,
+            offset: r.offset + record_span(r.payload_len),
+            records,
+            live,
+            last_applied_through: r.applied_through,
+            durable_through: durable,
+            issued_through: r.epoch,
+            records_per_half: self.records_per_half,
+            replay_budget: self.replay_budget,
+            half_bytes: self.half_bytes,
+            rate: 0,
+            written,
+            pending: Pending::default(),
+            switches: self.switches,
+            checkpoints: self.checkpoints,
+        })
+    }
+
     /// A persist covering every write issued so far completed.
     pub(super) fn persisted(&mut self) {
         self.durable_through = self.issued_through;
@@ -1215,7 +1267,9 @@ impl<S: Storage> Image<S> {
     /// Carries out the recovery plan made when the image was opened: replays
     /// the valid log records newer than the current meta record into the RAM
     /// image (idempotent), persists, then writes and persists a meta record
-    /// for the restored epoch. Call after opening an epoch-mode image and
+    /// for the restored epoch; format 3, when no intact record header lies
+    /// above the restored record, neither: the log continues after it and
+    /// the next commit's persist covers the replay. Call after opening an epoch-mode image and
     /// before reading its state or mapping its RAM. Does nothing (and writes
     /// nothing) when there is nothing to do, e.g. after a suspend or in
     /// suspend-only mode. Safe to interrupt by a crash and run again.
@@ -1275,6 +1329,27 @@ impl<S: Storage> Image<S> {
             self.unpersisted = true;
         }
         self.poisoned = false;
+        // Format 3, when no intact record header of this image lies above
+        // the restored record (the seal would name that record's epoch, so
+        // nothing needs covering): no seal, no persist here. The writer goes
+        // on where the log stopped, and the first epoch's persist makes the
+        // replayed pages durable, as it does for applied pages (see the doc,
+        // "Format 3", "Continuing the log").
+        let continues = self.header.format_version == FORMAT_VERSION
+            && plan
+                .restore
+                .and_then(|i| plan.record(i))
+                .is_some_and(|r| plan.seal_epoch == Some(r.epoch));
+        if continues {
+            if let Some(w) = self.log.continue_after(&plan) {
+                self.log = w;
+                self.log_continued = true;
+                self.recovery_pending = false;
+                report.epoch = self.current.epoch;
+                report.elapsed = start.elapsed();
+                return Ok(report);
+            }
+        }
         let meta = plan.current(&self.header, &self.meta.current);
         // ORDER: the replayed pages are persisted first, then the meta
         // record that says they are applied is written and persisted.
@@ -1871,8 +1946,18 @@ mod tests {
         let page = |pfn: u64| &bytes[(off + pfn * PAGE) as usize..][..P];
         assert_eq!(page(1023), &pages(&[1023], 5)[..]);
         assert_eq!(page(7), &d2[..]);
+        // Recovery continued the log: until a persist covers the replay,
+        // the same records are needed, and replaying them again is exact.
+        let mut img = Image::open(&p.0).unwrap();
+        assert_eq!(img.recovery_plan().replay_epochs(), [2, 3]);
+        assert_eq!(img.resumable(), Ok(()));
+        img.recover().unwrap();
+        assert_eq!(img.read_state().unwrap(), b"second");
+        img.commit(Status::Suspended, b"third").unwrap();
+        drop(img);
         let img = Image::open(&p.0).unwrap();
         assert!(!img.recovery_plan().needs_writes());
         assert_eq!(img.resumable(), Ok(()));
+        assert_eq!(img.read_state().unwrap(), b"third");
     }
 }

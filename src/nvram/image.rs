@@ -262,6 +262,9 @@ pub struct Image<S: Storage = FileStorage> {
     pub(super) log: LogWriter,
     /// Pages written to the RAM image by applies since the image was opened.
     pub(super) pages_applied: u64,
+    /// Format 3: recovery continued the log instead of sealing it, so the
+    /// next `mark_running` writes no meta record (see there).
+    pub(super) log_continued: bool,
 }
 
 /// What [`read_validated`] proved about an image.
@@ -479,6 +482,7 @@ impl<S: Storage> Image<S> {
             poisoned: false,
             log: LogWriter::new(meta.epoch, half_region(header.geometry.log, 0).size),
             pages_applied: 0,
+            log_continued: false,
             current: meta,
             header,
         })
@@ -493,6 +497,7 @@ impl<S: Storage> Image<S> {
         Ok(Image {
             log: LogWriter::new(current.epoch, half_region(v.header.geometry.log, 0).size),
             pages_applied: 0,
+            log_continued: false,
             recovery_pending: plan.needs_writes(),
             storage,
             header: v.header,
@@ -567,6 +572,13 @@ impl<S: Storage> Image<S> {
     /// the image resumable.
     pub fn mark_running(&mut self) -> Result<(), ImageError> {
         self.ready_to_commit()?;
+        if std::mem::take(&mut self.log_continued) {
+            // Recovery continued the log (epoch mode, private RAM mapping):
+            // the current meta record stays, the log's records say what the
+            // VM continues from, and a meta record now would first have to
+            // persist the replayed pages, the wait continuing saves.
+            return Ok(());
+        }
         let meta = Meta {
             epoch: self.next_epoch()?,
             status: Status::Running,
