@@ -165,6 +165,16 @@ impl RecoveryPlan {
         }
     }
 
+    /// Format 3: recovery continues the log after the restored record
+    /// instead of sealing it (no intact record header lies above it, so
+    /// the seal would name the restored epoch itself; see the doc, "Epoch
+    /// mode, format 3", step 6).
+    pub fn continues_log(&self) -> bool {
+        self.restore
+            .and_then(|i| self.record(i))
+            .is_some_and(|r| r.version == RECORD_VERSION_3 && self.seal_epoch == Some(r.epoch))
+    }
+
     fn entry(&self, i: usize) -> Option<&LogEntry> {
         self.log.as_ref()?.get(i)
     }
@@ -1335,12 +1345,7 @@ impl<S: Storage> Image<S> {
         // on where the log stopped, and the first epoch's persist makes the
         // replayed pages durable, as it does for applied pages (see the doc,
         // "Format 3", "Continuing the log").
-        let continues = self.header.format_version == FORMAT_VERSION
-            && plan
-                .restore
-                .and_then(|i| plan.record(i))
-                .is_some_and(|r| plan.seal_epoch == Some(r.epoch));
-        if continues {
+        if plan.continues_log() {
             if let Some(w) = self.log.continue_after(&plan) {
                 self.log = w;
                 self.log_continued = true;

@@ -75,6 +75,9 @@ pub struct InspectReport {
     /// Whether opening the image to resume it would write to it (replay
     /// and/or a meta record; `Image::recover`).
     pub recovery_writes: bool,
+    /// Format 3: recovery will continue the log after the restored record
+    /// rather than write a meta record.
+    pub continues_log: bool,
     /// Length of the image file.
     pub image_bytes: u64,
     /// Bytes of the image not yet allocated (holes in a sparse RAM region):
@@ -221,6 +224,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
         log_records,
         replay_epochs: plan.replay_epochs(),
         recovery_writes: plan.needs_writes(),
+        continues_log: plan.continues_log(),
         image_bytes: v.file_len,
         unallocated_bytes: space.unallocated,
         free_bytes: space.free,
@@ -301,18 +305,26 @@ impl fmt::Display for InspectReport {
             }
             let plan = match (self.replay_epochs.as_slice(), self.recovery_writes) {
                 ([], false) => "nothing to replay".to_string(),
+                ([], true) if self.continues_log => {
+                    "nothing to replay; continues the log after the restored record".into()
+                }
                 ([], true) => {
                     "nothing to replay; writes a meta record sealing a torn record".into()
                 }
                 (epochs, _) => format!(
-                    "replays epoch{} {} ({}), then writes a meta record",
+                    "replays epoch{} {} ({}), then {}",
                     if epochs.len() == 1 { "" } else { "s" },
                     epochs
                         .iter()
                         .map(ToString::to_string)
                         .collect::<Vec<_>>()
                         .join(", "),
-                    Bytes(self.log_pending_bytes)
+                    Bytes(self.log_pending_bytes),
+                    if self.continues_log {
+                        "continues the log after the restored record (no persist, no meta record)"
+                    } else {
+                        "writes a meta record"
+                    }
                 ),
             };
             writeln!(f, "  recovery   {plan}")?;
@@ -537,6 +549,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("recovery   replays epochs 2, 3"), "{text}");
+        // Nothing torn lies above epoch 3: recovery continues the log.
+        assert!(r.continues_log);
+        assert!(text.contains("then continues the log"), "{text}");
         // What inspect predicted is what recovery does; afterwards nothing is pending.
         let mut img = Image::open(&p.0).unwrap();
         assert_eq!(img.recover().unwrap().replayed, [2, 3]);
