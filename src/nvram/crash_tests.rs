@@ -665,7 +665,8 @@ fn tear_points(new: &[u8], old: &[u8], rng: &mut Rng) -> Vec<usize> {
 
 /// Checks one crash image: recovery restores exactly one of `allowed`
 /// (matched by the restored epoch; with `any_label`, `allowed[0]` whatever
-/// epoch number names it); a second open needs no recovery. Returns the
+/// epoch number names it); a second open needs no recovery, or (format 3
+/// continued the log) recovers the same point again. Returns the
 /// restored epoch, the epoch counter after recovery, and whether the epoch
 /// came from the log.
 fn check_image(
