@@ -667,8 +667,8 @@ fn tear_points(new: &[u8], old: &[u8], rng: &mut Rng) -> Vec<usize> {
 /// (matched by the restored epoch; with `any_label`, `allowed[0]` whatever
 /// epoch number names it); a second open needs no recovery, or (format 3
 /// continued the log) recovers the same point again. Returns the
-/// restored epoch, the epoch counter after recovery, and whether the epoch
-/// came from the log.
+/// restored epoch, the epoch counter after recovery, whether the epoch came
+/// from the log, and whether recovery wrote anything.
 fn check_image(
     sim: Sim,
     header: &Header,

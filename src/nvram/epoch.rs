@@ -429,8 +429,12 @@ impl LogWriter {
     /// written. It goes on after that record in its half; every replayed
     /// epoch counts as issued (recovery wrote its pages) but not durable
     /// (nothing persisted them yet), so the records stay needed until a
-    /// persist covers the replay (W1). `None` if the plan restores no record.
+    /// persist covers the replay (W1). `None` unless the plan continues the
+    /// log ([`RecoveryPlan::continues_log`]).
     pub(super) fn continue_after(&self, plan: &RecoveryPlan) -> Option<LogWriter> {
+        if !plan.continues_log() {
+            return None;
+        }
         let log = plan.log.as_ref()?;
         let restore = plan.restore?;
         let r = plan.record(restore)?.clone();
@@ -1345,35 +1349,30 @@ impl<S: Storage> Image<S> {
         // on where the log stopped, and the first epoch's persist makes the
         // replayed pages durable, as it does for applied pages (see the doc,
         // "Format 3", "Continuing the log").
-        if plan.continues_log() {
-            if let Some(w) = self.log.continue_after(&plan) {
-                self.log = w;
-                self.log_continued = true;
-                self.recovery_pending = false;
-                report.epoch = self.current.epoch;
-                report.elapsed = start.elapsed();
-                return Ok(report);
+        if let Some(w) = self.log.continue_after(&plan) {
+            self.log = w;
+            self.log_continued = true;
+        } else {
+            let meta = plan.current(&self.header, &self.meta.current);
+            // ORDER: the replayed pages are persisted first, then the meta
+            // record that says they are applied is written and persisted.
+            let t = Instant::now();
+            if self.unpersisted {
+                self.persist_all()?;
             }
+            let pages_persist = t.elapsed();
+            let (_, meta_persist) = self.write_meta(Meta {
+                time_unix_ns: now_ns(),
+                ..meta
+            })?;
+            tracing::debug!(
+                pages_persist_us = pages_persist.as_micros() as u64,
+                meta_persist_us = meta_persist.as_micros() as u64,
+                "recovery sealed"
+            );
+            report.meta_written = true;
         }
-        let meta = plan.current(&self.header, &self.meta.current);
-        // ORDER: the replayed pages are persisted first, then the meta
-        // record that says they are applied is written and persisted.
-        let t = Instant::now();
-        if self.unpersisted {
-            self.persist_all()?;
-        }
-        let pages_persist = t.elapsed();
-        let (_, meta_persist) = self.write_meta(Meta {
-            time_unix_ns: now_ns(),
-            ..meta
-        })?;
-        tracing::debug!(
-            pages_persist_us = pages_persist.as_micros() as u64,
-            meta_persist_us = meta_persist.as_micros() as u64,
-            "recovery sealed"
-        );
         self.recovery_pending = false;
-        report.meta_written = true;
         report.epoch = self.current.epoch;
         report.elapsed = start.elapsed();
         Ok(report)

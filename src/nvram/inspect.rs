@@ -552,7 +552,8 @@ mod tests {
         // Nothing torn lies above epoch 3: recovery continues the log.
         assert!(r.continues_log);
         assert!(text.contains("then continues the log"), "{text}");
-        // What inspect predicted is what recovery does; afterwards nothing is pending.
+        // What inspect predicted is what recovery does; after a suspend
+        // nothing is pending.
         let mut img = Image::open(&p.0).unwrap();
         assert_eq!(img.recover().unwrap().replayed, [2, 3]);
         drop(img);

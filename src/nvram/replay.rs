@@ -94,30 +94,29 @@ impl PageImage {
         for (w, &word) in self.mask.iter().enumerate() {
             let mut bit = 0usize;
             while bit < 64 {
+                // The bits from `bit` on (zeros shifted in above them).
                 let rest = word >> bit;
                 let i = w * 64 + bit;
-                if open.is_none() {
-                    if rest == 0 {
-                        break;
+                match open {
+                    None if rest == 0 => break,
+                    None => {
+                        let skip = rest.trailing_zeros() as usize;
+                        open = Some(i + skip);
+                        bit += skip;
                     }
-                    let skip = rest.trailing_zeros() as usize;
-                    open = Some(i + skip);
-                    bit += skip;
-                } else {
-                    let ones = if bit == 0 && word == u64::MAX {
-                        64
-                    } else {
-                        rest.trailing_ones() as usize
-                    };
-                    let ones = ones.min(64 - bit);
-                    if ones == 64 - bit {
-                        break;
+                    Some(start) => {
+                        let ones = rest.trailing_ones() as usize;
+                        if bit + ones == 64 {
+                            // The range goes on into the next word.
+                            break;
+                        }
+                        if out.len() == max {
+                            return None;
+                        }
+                        out.push((start, i + ones));
+                        open = None;
+                        bit += ones;
                     }
-                    if out.len() == max {
-                        return None;
-                    }
-                    out.push((open.take().unwrap_or(0), i + ones));
-                    bit += ones;
                 }
             }
         }
