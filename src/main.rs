@@ -139,7 +139,9 @@ struct RuntimeArgs {
     /// quarters of what a half holds (24 489 with a 128M --log-size; the rest
     /// is room for what the guest writes between a budget check and the
     /// capture). `resume` lowers a budget the image's log cannot hold to that
-    /// limit, and says so.
+    /// limit, and says so. Checked every 2 ms between epochs and every 1 ms
+    /// while an epoch commits; a guest that reaches it during a commit is
+    /// held back until the next epoch. Hot pages count toward it.
     #[arg(long, default_value_t = 16384)]
     dirty_budget: usize,
     /// Epoch mode: most pages left writable between epochs. A re-protected

@@ -29,6 +29,7 @@ use crate::persist::{DeviceStates, MachineState, Persist};
 use crate::vstate::dirty::DirtyTracker;
 use crate::vstate::memory;
 use crate::vstate::memory::AdviceWord;
+use crate::vstate::throttle::{Brake, Throttle, ThrottleError};
 use crate::vstate::vcpu::{
     self, EntryPoint, ExitAction, ExitHandler, StopReason, Vcpu, VcpuArgs, VcpuEvent, VcpuHandle,
 };
@@ -64,6 +65,9 @@ pub enum VmmError {
     /// Dirty tracking problem.
     #[error(transparent)]
     Dirty(#[from] crate::vstate::dirty::DirtyError),
+    /// The throttle thread could not be started.
+    #[error(transparent)]
+    Throttle(#[from] ThrottleError),
     /// Boot structures problem.
     #[error(transparent)]
     GuestAbi(#[from] crate::boot::guest_abi::GuestAbiError),
@@ -409,6 +413,13 @@ struct Machine {
     /// Every vCPU's park generation at the last capture, if all were parked:
     /// while they still are, nothing ran, and an idle epoch is skipped.
     parked_at_capture: Option<Vec<u64>>,
+    /// Epoch mode: holds the vCPUs back when the guest reaches the dirty
+    /// budget while an epoch commits (engaged by `throttle`, released as the
+    /// next epoch resumes the vCPUs).
+    brake: Arc<Brake>,
+    /// Epoch mode: the thread that watches the budget during commits (with
+    /// its own duplicate of the VM fd).
+    throttle: Option<Throttle>,
 }
 
 /// The largest default redo-log half: 32 655 pages logged whole, room for
@@ -656,6 +667,8 @@ fn build_new(
         dirty,
         last_state: None,
         parked_at_capture: None,
+        brake: Arc::default(),
+        throttle: None,
     })
 }
 
@@ -799,6 +812,8 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
         dirty,
         last_state: None,
         parked_at_capture: None,
+        brake: Arc::default(),
+        throttle: None,
     };
     m.run_timed(Some(tl))
 }
@@ -919,8 +934,19 @@ impl Machine {
             t.mark("image marked running");
         }
 
-        // 7. Start the vCPUs.
+        // 7. Start the vCPUs (and, in epoch mode, the throttle that brakes
+        //    them when they outrun a commit).
         vcpu::install_kick_handler()?;
+        if let Some(p) = &self.policy {
+            let npages = crate::vstate::dirty::slot_pages(&self.mem)?;
+            self.throttle = Some(Throttle::start(
+                &self.vm.fd,
+                npages,
+                p.dirty_budget,
+                self.brake.clone(),
+                vcpu::kick_signal(),
+            )?);
+        }
         // Armed while the main thread sleeps with every vCPU parked: the
         // first vCPU to leave its park says so (Unparked), and the dirty
         // budget is watched again.
@@ -934,6 +960,7 @@ impl Machine {
                 self.wake.clone(),
                 self.policy.is_some(),
                 unpark_watch.clone(),
+                self.brake.clone(),
                 Box::new(move |e| {
                     let _ = tx.send(Event::Vcpu(e));
                 }),
@@ -956,12 +983,26 @@ impl Machine {
         let mut stats = EpochStats::default();
         let mut epoch_start = Instant::now();
         let mut output_pending: Option<Instant> = None;
+        // When the dirty budget was last checked (or the epoch began): the
+        // next check is due BUDGET_CHECK after it, however often events
+        // wake the loop meanwhile.
+        let mut checked = Instant::now();
+        // A vCPU left its park since that check: the guest may have written
+        // pages and be parked again already (a guest waiting for the rest of
+        // a large request parks and unparks all the time), so the VMM does
+        // not sleep past the next check.
+        let mut unparked = false;
         let idle = |hs: &[VcpuHandle]| hs.iter().all(|h| h.park_generation().is_some());
         let (cause, t0, reply) = loop {
             let ev = match deferred.pop_front() {
                 Some(e) => Ok(e),
                 None => match &self.policy {
                     None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    Some(_) if self.brake.is_engaged() => {
+                        // The guest reached the budget while the last epoch
+                        // committed and is held: the next epoch begins now.
+                        rx.recv_timeout(Duration::ZERO)
+                    }
                     Some(p) => {
                         let now = Instant::now();
                         // Only once the epoch has been quiet for a budget
@@ -969,14 +1010,15 @@ impl Machine {
                         // requests, and a wake-up per request costs ~5% at
                         // one client on tmpfs).
                         let quiet = now >= epoch_start + epoch::BUDGET_CHECK;
-                        let parked = output_pending.is_none() && quiet && idle(&handles) && {
-                            // ORDER: arm the watch, then look again: a vCPU
-                            //        leaving its park after this look sees it.
-                            unpark_watch.store(true, std::sync::atomic::Ordering::SeqCst);
-                            idle(&handles)
-                        };
+                        let parked =
+                            !unparked && output_pending.is_none() && quiet && idle(&handles) && {
+                                // ORDER: arm the watch, then look again: a vCPU
+                                //        leaving its park after this look sees it.
+                                unpark_watch.store(true, std::sync::atomic::Ordering::SeqCst);
+                                idle(&handles)
+                            };
                         let idle = output_pending.is_some() && idle(&handles);
-                        let wake = p.next_wake(epoch_start, output_pending, idle, parked, now);
+                        let wake = p.next_wake(epoch_start, output_pending, idle, parked, checked);
                         rx.recv_timeout(wake.saturating_duration_since(now))
                     }
                 },
@@ -989,13 +1031,15 @@ impl Machine {
                     break (StopCause::Guest(r), Instant::now(), None);
                 }
                 // A park re-evaluates the due time at the loop top.
-                Ok(Event::Vcpu(
-                    VcpuEvent::Paused(..) | VcpuEvent::Parked(_) | VcpuEvent::Unparked(_),
-                )) => {}
+                Ok(Event::Vcpu(VcpuEvent::Paused(..) | VcpuEvent::Parked(_))) => {}
+                Ok(Event::Vcpu(VcpuEvent::Unparked(_))) => unparked = true,
                 Ok(Event::OutputPending) => {
                     output_pending.get_or_insert_with(Instant::now);
                 }
                 Err(RecvTimeoutError::Timeout) => {
+                    // The budget is checked now (unless the epoch ends anyway).
+                    unparked = false;
+                    checked = Instant::now();
                     let idle = output_pending.is_some() && idle(&handles);
                     let nothing_ran = self.nothing_ran(&handles);
                     let Some(end) =
@@ -1009,6 +1053,10 @@ impl Machine {
                         // an idle VM costs no capture at all.
                         stats.idle_skips += 1;
                         epoch_start = Instant::now();
+                        // Braked by hot pages alone (counted by the budget
+                        // check) while the guest did not run: nothing to
+                        // capture, nothing to hold back.
+                        self.brake.release();
                         continue;
                     }
                     if end == EpochEnd::Budget {
@@ -1022,6 +1070,7 @@ impl Machine {
                         for h in handles {
                             h.stop(&self.wake);
                         }
+                        stats.brakes = self.brake.engagements();
                         eprintln!("nvhv: {}", stats.summary());
                         return Err(e);
                     }
@@ -1059,6 +1108,7 @@ impl Machine {
         }
         if stats.epochs > 0 {
             stats.output_unheld = self.vsock.as_ref().map_or(0, Vsock::unheld_output);
+            stats.brakes = self.brake.engagements();
             eprintln!("nvhv: {}", stats.summary());
         }
         let latency = match result {
@@ -1254,6 +1304,9 @@ impl Machine {
         if let Some(v) = &self.vsock {
             v.resume();
         }
+        // ORDER: with every vCPU paused (its pages just taken), before they
+        //        resume.
+        self.brake.release();
         for h in handles {
             h.resume();
         }
@@ -1274,6 +1327,27 @@ impl Machine {
         let cap = self.capture(handles, rx, deferred, true)?;
         self.unpause(handles);
         let paused = t0.elapsed();
+        // The guest runs while this epoch commits: the throttle watches it.
+        if let Some(t) = self.throttle.as_mut() {
+            t.arm()?;
+        }
+        let r = self.commit_captured(cap, t0, paused, stats, final_epoch);
+        let d = self.throttle.as_mut().map_or(Ok(()), Throttle::disarm);
+        let state = r?;
+        d?;
+        Ok(state)
+    }
+
+    /// The rest of [`epoch`](Self::epoch) after the capture: commit, release
+    /// the output, apply. Returns the captured machine state.
+    fn commit_captured(
+        &mut self,
+        cap: Capture,
+        t0: Instant,
+        paused: Duration,
+        stats: &mut EpochStats,
+        final_epoch: bool,
+    ) -> Result<Vec<u8>, VmmError> {
         let changes = &cap.changes;
         let pfns = changes.pfns();
         let no_output = self.vsock.as_ref().is_none_or(|v| v.held_output() == 0);

@@ -39,6 +39,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -305,8 +306,7 @@ impl DirtyTracker {
         let region = mem.iter().next().ok_or(DirtyError::Regions)?;
         let npages = region.len() as usize / PAGE;
         self.size_for(npages);
-        get_dirty_log(vm, npages, &mut self.kvm_bits)?;
-        Ok(self.kvm_bits.iter().map(|w| w.count_ones() as usize).sum())
+        count_dirty(vm, npages, &mut self.kvm_bits)
     }
 
     /// With every vCPU and device paused: re-protect the pages gone cold,
@@ -656,8 +656,27 @@ fn for_each_set_word(bits: &[u64], mut f: impl FnMut(usize, u64)) {
     }
 }
 
+/// The pages of guest memory's one region (slot 0), as KVM's dirty bitmap
+/// of it counts them.
+pub fn slot_pages(mem: &GuestMemory) -> Result<usize, DirtyError> {
+    let region = mem.iter().next().ok_or(DirtyError::Regions)?;
+    Ok(region.len() as usize / PAGE)
+}
+
+/// How many pages of slot 0 (`npages` pages) KVM reports written right now
+/// (see [`DirtyTracker::peek_count`]), for the throttle thread, which holds
+/// its own duplicate of the VM fd and its own `bits` (one bit per page).
+pub fn count_dirty(
+    vm: &impl AsRawFd,
+    npages: usize,
+    bits: &mut [u64],
+) -> Result<usize, DirtyError> {
+    get_dirty_log(vm, npages, bits)?;
+    Ok(bits.iter().map(|w| w.count_ones() as usize).sum())
+}
+
 /// `KVM_GET_DIRTY_LOG` of slot 0 (`npages` pages) into `bits`.
-fn get_dirty_log(vm: &VmFd, npages: usize, bits: &mut [u64]) -> Result<(), DirtyError> {
+fn get_dirty_log(vm: &impl AsRawFd, npages: usize, bits: &mut [u64]) -> Result<(), DirtyError> {
     if bits.len() != npages.div_ceil(64) {
         return Err(DirtyError::BitmapSize);
     }
@@ -668,7 +687,7 @@ fn get_dirty_log(vm: &VmFd, npages: usize, bits: &mut [u64]) -> Result<(), Dirty
             dirty_bitmap: bits.as_mut_ptr().cast(),
         },
     };
-    // SAFETY: `vm` is a VM fd; `bits` holds one bit per page of slot 0
+    // SAFETY: `vm` is a VM fd (or a duplicate of one); `bits` holds one bit per page of slot 0
     // (checked above) and outlives the call; KVM writes at most that many
     // bits.
     let ret = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) };

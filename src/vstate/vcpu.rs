@@ -27,6 +27,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, SyncReg, VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 
+use super::throttle::Brake;
 use super::vm::Vm;
 use super::wait::{GuestWake, Waiter, Wake};
 
@@ -782,6 +783,7 @@ pub struct VcpuHandle {
     /// The thread is parked at the wait port (not in KVM_RUN).
     parked: Arc<AtomicBool>,
     park: Arc<ParkSlot>,
+    brake: Arc<Brake>,
 }
 
 /// Where a vCPU that parks at the wait port leaves the state it saved on
@@ -836,6 +838,8 @@ impl VcpuHandle {
         }
         self.pause.store(true, Ordering::SeqCst);
         let _ = self.cmd.send(VcpuCmd::Pause);
+        // ORDER: after `pause` is set, so a thread held by the brake sees it.
+        self.brake.poke();
         // ORDER: `pause` is stored before `parked` is read; the thread clears
         // `parked` before it checks `pause`, so one of the two sees the other.
         if self.parked.load(Ordering::SeqCst) {
@@ -877,6 +881,7 @@ impl VcpuHandle {
     pub fn stop(self, wake: &GuestWake) {
         self.pause.store(true, Ordering::SeqCst);
         let _ = self.cmd.send(VcpuCmd::Stop);
+        self.brake.poke();
         self.park.lock().held = false;
         self.park.cv.notify_all();
         use vmm_sys_util::signal::Killable;
@@ -891,12 +896,16 @@ impl VcpuHandle {
 /// the wait port, so that an epoch finds it ready (see [`VcpuHandle::pause`]).
 /// A vCPU leaving a park while `unpark_watch` is set clears it and sends
 /// [`VcpuEvent::Unparked`] (the VMM sleeps long while every vCPU is parked).
+/// While `brake` is engaged the thread stays out of KVM_RUN (see
+/// [`Brake`]); pauses and stops are still served.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     mut vcpu: Vcpu,
     handler: Arc<dyn ExitHandler>,
     wake: Arc<GuestWake>,
     presave: bool,
     unpark_watch: Arc<AtomicBool>,
+    brake: Arc<Brake>,
     events: Box<dyn Fn(VcpuEvent) + Send>,
 ) -> Result<VcpuHandle, VcpuError> {
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
@@ -906,17 +915,21 @@ pub fn spawn(
     let parked2 = parked.clone();
     let park = Arc::new(ParkSlot::default());
     let park2 = park.clone();
+    let brake2 = brake.clone();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{}", vcpu.index))
         .spawn(move || {
             let run: *mut kvm_run = vcpu.fd.get_kvm_run();
             KVM_RUN_PTR.with(|c| c.set(run));
+            // ORDER: after the kick handler can find this thread's kvm_run.
+            let _registered = brake2.register();
             let ctl = LoopControl {
                 wake: &wake,
                 pause: &pause2,
                 parked: &parked2,
                 park: presave.then_some(&*park2),
                 unpark_watch: &unpark_watch,
+                brake: &brake2,
                 cmds: &cmd_rx,
                 events: &*events,
             };
@@ -930,6 +943,7 @@ pub fn spawn(
         pause,
         parked,
         park,
+        brake,
     })
 }
 
@@ -941,6 +955,7 @@ struct LoopControl<'a> {
     /// With `presave`: where the state saved at a park is left.
     park: Option<&'a ParkSlot>,
     unpark_watch: &'a AtomicBool,
+    brake: &'a Brake,
     cmds: &'a Receiver<VcpuCmd>,
     events: &'a dyn Fn(VcpuEvent),
 }
@@ -1012,6 +1027,12 @@ fn run_loop(vcpu: &mut Vcpu, handler: &dyn ExitHandler, ctl: &LoopControl) {
             if !paused(vcpu, ctl, &mut last) {
                 return;
             }
+            continue;
+        }
+        if ctl.brake.is_engaged() {
+            // Held back until the next epoch has taken the guest's pages;
+            // a pause (that epoch's capture) or a stop still gets through.
+            ctl.brake.hold(&|| ctl.pause.load(Ordering::SeqCst));
             continue;
         }
         vcpu.ran_since_save = true;
