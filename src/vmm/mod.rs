@@ -1053,9 +1053,11 @@ impl Machine {
                         // an idle VM costs no capture at all.
                         stats.idle_skips += 1;
                         epoch_start = Instant::now();
-                        // Braked by hot pages alone (counted by the budget
-                        // check) while the guest did not run: nothing to
-                        // capture, nothing to hold back.
+                        // Braked (by hot pages alone, which the budget
+                        // counts) while the guest did not run: nothing to
+                        // capture, nothing to hold back. ORDER: released
+                        // here or by the next epoch's unpause, so the loop
+                        // never waits with the brake engaged.
                         self.brake.release();
                         continue;
                     }
@@ -1288,8 +1290,11 @@ impl Machine {
         if Instant::now() >= p.due(start, output_pending, idle) {
             return Ok(Some(EpochEnd::Due));
         }
-        // Parked vCPUs dirty nothing: no need to ask KVM.
-        let over = !nothing_ran && d.peek_count(&self.vm.fd, &self.mem)? >= p.dirty_budget;
+        // Braked: the throttle saw the budget reached during the last commit
+        // (the count falls only at a capture). Parked vCPUs dirty nothing: no
+        // need to ask KVM.
+        let over = self.brake.is_engaged()
+            || (!nothing_ran && d.peek_count(&self.vm.fd, &self.mem)? >= p.dirty_budget);
         Ok(over.then_some(EpochEnd::Budget))
     }
 
