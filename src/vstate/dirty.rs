@@ -303,8 +303,7 @@ impl DirtyTracker {
     /// neither clears nor re-protects. For the dirty-budget check between
     /// epochs; safe while the guest runs.
     pub fn peek_count(&mut self, vm: &VmFd, mem: &GuestMemory) -> Result<usize, DirtyError> {
-        let region = mem.iter().next().ok_or(DirtyError::Regions)?;
-        let npages = region.len() as usize / PAGE;
+        let npages = slot_pages(mem)?;
         self.size_for(npages);
         count_dirty(vm, npages, &mut self.kvm_bits)
     }

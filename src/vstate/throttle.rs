@@ -178,6 +178,10 @@ struct Watch {
     stop: bool,
 }
 
+fn timer_error(e: vmm_sys_util::errno::Error) -> ThrottleError {
+    ThrottleError::Timer(e.into())
+}
+
 fn lock(w: &Mutex<Watch>) -> MutexGuard<'_, Watch> {
     w.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -199,7 +203,7 @@ impl Throttle {
         let fd: OwnedFd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) }
             .try_clone_to_owned()
             .map_err(ThrottleError::Dup)?;
-        let timer = TimerFd::new().map_err(|e| ThrottleError::Timer(e.into()))?;
+        let timer = TimerFd::new().map_err(timer_error)?;
         // SAFETY: as above, for the timer's fd.
         let waiting: OwnedFd = unsafe { BorrowedFd::borrow_raw(timer.as_raw_fd()) }
             .try_clone_to_owned()
@@ -235,9 +239,7 @@ impl Throttle {
             w.commits += 1;
             w.armed = w.commits;
         }
-        self.timer
-            .reset(CHECK, Some(CHECK))
-            .map_err(|e| ThrottleError::Timer(e.into()))
+        self.timer.reset(CHECK, Some(CHECK)).map_err(timer_error)
     }
 
     /// The commit has ended. ORDER: once this returns the thread engages the
@@ -245,9 +247,7 @@ impl Throttle {
     /// still armed).
     pub fn disarm(&mut self) -> Result<(), ThrottleError> {
         lock(&self.shared).armed = 0;
-        self.timer
-            .clear()
-            .map_err(|e| ThrottleError::Timer(e.into()))
+        self.timer.clear().map_err(timer_error)
     }
 }
 
@@ -277,7 +277,7 @@ fn watch(
 ) -> Result<(), ThrottleError> {
     let mut bits = vec![0u64; npages.div_ceil(64)];
     loop {
-        timer.wait().map_err(|e| ThrottleError::Timer(e.into()))?;
+        timer.wait().map_err(timer_error)?;
         let commit = {
             let w = lock(shared);
             if w.stop {
