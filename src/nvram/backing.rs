@@ -395,6 +395,29 @@ pub fn store_fence() {
     unsafe { std::arch::x86_64::_mm_sfence() };
 }
 
+/// Turns the kernel's readahead for `file` on (the default) or off
+/// (`posix_fadvise` `POSIX_FADV_NORMAL` / `POSIX_FADV_RANDOM`, which apply to
+/// the whole open file). Off while recovery reads the RAM image's replayed
+/// pages: ascending reads of scattered spans looked sequential to the
+/// kernel, which read ahead far past them, filling the page cache with the
+/// sparse RAM region's holes (ext4 zero-fills each). Replay of 2 303 pages
+/// after a SIGKILL under pipelined SETs, ext4: its write-out 3.1–4.0 ms
+/// against 7.3–8.3 ms with readahead (`nvram::replay`). An error is
+/// ignored: this is a hint.
+pub(crate) fn advise_readahead(file: &File, on: bool) {
+    use std::os::fd::AsRawFd;
+    let advice = if on {
+        libc::POSIX_FADV_NORMAL
+    } else {
+        libc::POSIX_FADV_RANDOM
+    };
+    // SAFETY: posix_fadvise only reads its integer arguments; the fd is open
+    // for the duration of the call (borrowed `file`).
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1310,6 +1310,7 @@ impl<S: Storage> Image<S> {
         // Every replayed record first (checked again: the log may have
         // changed since the image was opened), then their writes per page.
         let mut records = Vec::new();
+        let t = Instant::now();
         for &i in &plan.replay {
             let (Some(entry), Some(rh)) = (plan.entry(i), plan.record(i)) else {
                 continue;
@@ -1319,6 +1320,8 @@ impl<S: Storage> Image<S> {
                 .map_err(|_| ImageError::LogChanged(rh.epoch))?;
             records.push((rh, payload));
         }
+        let read_us = t.elapsed().as_micros() as u64;
+        let t = Instant::now();
         let ram_pages = self.header.ram_bytes() / PAGE;
         let mut gathered = ReplayPages::default();
         for (rh, payload) in &records {
@@ -1329,14 +1332,21 @@ impl<S: Storage> Image<S> {
             report.replayed.push(rh.epoch);
         }
         if !records.is_empty() {
+            let gather_us = t.elapsed().as_micros() as u64;
             let t = Instant::now();
             // ORDER: after every record is read: each byte ends up as the
             // last record that wrote it says (see `nvram::replay`).
-            let out = gathered.write_out(&mut self.storage, self.header.geometry.ram.offset)?;
+            self.storage.scattered_reads(true);
+            let out = gathered.write_out(&mut self.storage, self.header.geometry.ram.offset);
+            self.storage.scattered_reads(false);
+            let out = out?;
             tracing::debug!(
                 pages = out.pages,
                 read = out.read,
+                reads = out.reads,
                 writes = out.writes,
+                read_us,
+                gather_us,
                 write_us = t.elapsed().as_micros() as u64,
                 "replayed pages written"
             );

@@ -492,7 +492,13 @@ impl<S: Storage> Image<S> {
     /// redo log) and works out what recovery must do. Never writes.
     pub fn open_storage(storage: S) -> Result<Image<S>, ImageError> {
         let v = read_validated(&storage)?;
+        let t = std::time::Instant::now();
         let plan = plan_recovery(&storage, &v.header, &v.meta.current)?;
+        tracing::debug!(
+            plan_us = t.elapsed().as_micros() as u64,
+            replay = plan.replay.len(),
+            "recovery planned"
+        );
         let current = plan.current(&v.header, &v.meta.current);
         Ok(Image {
             log: LogWriter::new(current.epoch, half_region(v.header.geometry.log, 0).size),

@@ -43,6 +43,10 @@ pub trait Storage {
     /// medium now, so that a later persist has less left to wait for. Only a
     /// persist makes anything durable.
     fn start_writeback(&mut self, _offset: u64, _len: u64) {}
+
+    /// A hint, no guarantee: the reads that follow, until the next call
+    /// with `false`, are scattered; read no more than each asks for.
+    fn scattered_reads(&self, _on: bool) {}
 }
 
 /// A bare file: reads and `pwrite`s, persisted with `fdatasync`. Used to
@@ -125,6 +129,10 @@ impl Storage for FileStorage {
 
     fn start_writeback(&mut self, offset: u64, len: u64) {
         self.backing.start_writeback(&self.file, offset, len);
+    }
+
+    fn scattered_reads(&self, on: bool) {
+        super::backing::advise_readahead(&self.file, !on);
     }
 }
 
