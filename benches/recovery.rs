@@ -7,7 +7,7 @@
 //!                                 [--rounds 5] [--value-size 32K] [--conns 4]
 //!                                 [--window 64] [--log-size 256M]
 //!                                 [--fill-timeout 240] [--no-redis]
-//!                                 [--no-full-read]
+//!                                 [--no-full-read] [--churn SECS]
 //! ```
 //!
 //! For each size S (sequentially; each size's files are deleted before the
@@ -29,7 +29,14 @@
 //!   polled in a tight loop (connect, GET, read; retry on refusal or reset);
 //!
 //! then `DBSIZE` is checked again (not timed) and nvhv is SIGKILLed for the
-//! next round. The key of round 0 is the last one acknowledged; the others are
+//! next round. With `--churn SECS` that SIGKILL comes under load instead:
+//! `--conns` connections send pipelined SETs of small changing values
+//! (`SET churn:<random below 100 000> v:<n>`, as `redis-benchmark -r 100000`
+//! does) for SECS, and nvhv is killed while they are in flight, so the next
+//! round's resume replays what a write-heavy load of small values leaves in
+//! the log (many deltas over scattered pages) rather than the quiet end of
+//! a bulk fill; `DBSIZE` is then checked to lie between the dataset's keys
+//! and those plus 100 000. The key of round 0 is the last one acknowledged; the others are
 //! spread over the dataset. A last resume reads every key back (pipelined
 //! GETs, all verified): spawn → all verified ("cold": every page of the
 //! dataset is faulted in on first touch), then a second full read ("warm").
@@ -742,6 +749,7 @@ struct Opts {
     fill_timeout: Duration,
     redis: bool,
     full_read: bool,
+    churn: Option<Duration>,
     seed: u64,
 }
 
@@ -776,6 +784,12 @@ fn opts() -> Opts {
         ),
         redis: !has("--no-redis"),
         full_read: !has("--no-full-read"),
+        churn: get("--churn").map(|s| {
+            let secs: f64 = s
+                .parse()
+                .unwrap_or_else(|_| panic!("--churn takes seconds, not {s:?}"));
+            Duration::from_secs_f64(secs)
+        }),
         seed: get("--seed")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0x5eed_0000 ^ std::process::id() as u64),
@@ -798,6 +812,8 @@ struct NvhvResult {
     line_ms: Vec<f64>,
     get_ms: Vec<f64>,
     attempts: Vec<u32>,
+    /// `--churn`: SETs acknowledged before each SIGKILL under load.
+    churn_acked: Vec<u64>,
     /// Failed polling attempts before the first correct GET, by error.
     errors: BTreeMap<String, u32>,
     full_cold: Option<Duration>,
@@ -958,11 +974,33 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
                     *res.errors.entry(e).or_insert(0) += k;
                 }
                 let n = dbsize(port)?;
-                if n != ds.n() {
+                let churned = if res.churn_acked.is_empty() {
+                    0
+                } else {
+                    CHURN_KEYS
+                };
+                if n < ds.n() || n > ds.n() + churned {
                     return Err(format!(
-                        "round {round}: DBSIZE {n} after resume, expected {}",
-                        ds.n()
+                        "round {round}: DBSIZE {n} after resume, expected {}{}",
+                        ds.n(),
+                        if churned > 0 {
+                            format!(" to {}", ds.n() + churned)
+                        } else {
+                            String::new()
+                        }
                     ));
+                }
+                if let Some(secs) = o
+                    .churn
+                    .filter(|_| round + 1 < o.rounds + o.full_read as usize)
+                {
+                    let acked = churn_until_killed(port, o, round, secs, &mut p);
+                    res.churn_acked.push(acked);
+                    eprintln!(
+                        "  churn: {acked} SETs acknowledged in {:.1} s, then SIGKILL; {}",
+                        secs.as_secs_f64(),
+                        inspect_brief(&img)
+                    );
                 }
             }
             p.kill9();
@@ -979,6 +1017,70 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
             (res, None)
         }
     }
+}
+
+/// `--churn`: the keys the churn load writes (`churn:0` … `churn:99999`).
+const CHURN_KEYS: u64 = 100_000;
+
+/// Sends pipelined SETs of small changing values to random churn keys over
+/// `--conns` connections for `secs`, SIGKILLs `p` while they are in flight,
+/// and returns how many were acknowledged (the writers' errors after the
+/// kill are expected and dropped).
+fn churn_until_killed(port: u16, o: &Opts, round: usize, secs: Duration, p: &mut Proc) -> u64 {
+    let seed = o.seed ^ (round as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+    let make = |i: u64, buf: &mut Vec<u8>| {
+        let key = format!("churn:{}", splitmix(seed ^ i) % CHURN_KEYS);
+        let value = format!("v:{}", splitmix(!seed ^ i) % 1_000_000);
+        push_cmd(buf, &[b"SET", key.as_bytes(), value.as_bytes()]);
+    };
+    let check = |i: u64, r: Reply| match r {
+        Reply::Simple(s) if s == "OK" => Ok(()),
+        r => Err(format!("churn SET {i}: {r:?}")),
+    };
+    let ranges: Vec<Range<u64>> = (0..o.conns as u64)
+        .map(|c| c << 40..(c + 1) << 40)
+        .collect();
+    let acked = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let writers = s.spawn(|| {
+            let deadline = Instant::now() + secs + Duration::from_secs(30);
+            pipeline(
+                port,
+                &ranges,
+                o.window,
+                Some(deadline),
+                &make,
+                &check,
+                &acked,
+            )
+        });
+        // The load's length, not a synchronisation: the kill is meant to
+        // land at an arbitrary point of it.
+        std::thread::sleep(secs);
+        p.kill9();
+        let _ = writers.join();
+    });
+    acked.load(Ordering::Relaxed)
+}
+
+/// The log records a resume of `img` would replay, from `nvhv inspect`.
+fn inspect_brief(img: &Path) -> String {
+    let out = Command::new(nvhv())
+        .args(["inspect", img.to_str().unwrap(), "--json"])
+        .output();
+    let Some(j) = out
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+    else {
+        return "inspect failed".into();
+    };
+    let epochs = j["replay_epochs"].as_array().map_or(0, Vec::len);
+    format!(
+        "resumable {}, {} records to replay ({})",
+        j["resumable"],
+        epochs,
+        human(j["log_pending_bytes"].as_u64().unwrap_or(0))
+    )
 }
 
 fn inspect_summary(img: &Path) -> String {
