@@ -158,7 +158,13 @@ fn write_span<S: Storage + ?Sized>(
         }
         return Ok(());
     }
-    buf.resize(n * PAGE_BYTES, 0);
+    // Grown, never shrunk: zeroing it again for every span cost more than
+    // the reads. Bytes left from an earlier span are read over or, in a
+    // span read from nowhere (all pages whole), lie only in pages not written.
+    if buf.len() < n * PAGE_BYTES {
+        buf.resize(n * PAGE_BYTES, 0);
+    }
+    let buf = &mut buf[..n * PAGE_BYTES];
     if partial {
         s.read_at(ram + first * PAGE, buf)
             .map_err(read_err("pages of the RAM image"))?;
