@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::backing::{Backing, BackingError, BackingKind};
-use super::epoch::{plan_recovery, LogWriter, RecoveryPlan, Unapplied};
+use super::epoch::{plan_recovery_keeping, LogWriter, RecoveryPlan, Unapplied};
 use super::inspect::Bytes;
 use super::layout::{
     check_file_len, select_meta, FormatError, Header, ImageConfig, Meta, MetaSelection,
@@ -252,6 +252,8 @@ pub struct Image<S: Storage = FileStorage> {
     pub(super) plan: RecoveryPlan,
     /// `plan` still has writes to do (`recover` not called yet).
     pub(super) recovery_pending: bool,
+    /// The payloads of the records `plan` replays, read when it was made.
+    pub(super) replay_payloads: super::epoch::Payloads,
     /// The epoch committed by `commit_epoch` whose pages are not applied yet.
     pub(super) unapplied: Option<Unapplied>,
     /// Writes were issued (log apply, replay) that no persist covers yet.
@@ -477,6 +479,7 @@ impl<S: Storage> Image<S> {
             plan: RecoveryPlan::nothing(&header, &meta),
             meta: selection,
             recovery_pending: false,
+            replay_payloads: Default::default(),
             unapplied: None,
             unpersisted: false,
             poisoned: false,
@@ -493,7 +496,7 @@ impl<S: Storage> Image<S> {
     pub fn open_storage(storage: S) -> Result<Image<S>, ImageError> {
         let v = read_validated(&storage)?;
         let t = std::time::Instant::now();
-        let plan = plan_recovery(&storage, &v.header, &v.meta.current)?;
+        let (plan, replay_payloads) = plan_recovery_keeping(&storage, &v.header, &v.meta.current)?;
         tracing::debug!(
             plan_us = t.elapsed().as_micros() as u64,
             replay = plan.replay.len(),
@@ -505,6 +508,7 @@ impl<S: Storage> Image<S> {
             pages_applied: 0,
             log_continued: false,
             recovery_pending: plan.needs_writes(),
+            replay_payloads,
             storage,
             header: v.header,
             meta: v.meta,
