@@ -1937,9 +1937,20 @@ mod tests {
         for e in &log[..(r.applied_through - 1) as usize] {
             assert_eq!(e.state.word(), "applied", "{e:?}");
         }
+        // The payloads to replay were kept when the image was opened (and
+        // only those), and recovery uses them up.
+        let mut kept: Vec<_> = img.replay_payloads.keys().copied().collect();
+        kept.sort_unstable();
+        let replayed: Vec<_> = plan
+            .replay
+            .iter()
+            .map(|&i| (log[i].half, log[i].offset))
+            .collect();
+        assert_eq!(kept, replayed);
         // Recovery gives epoch 7: the RAM image's newer pages come from the log.
         let mut img = img;
         img.recover().unwrap();
+        assert!(img.replay_payloads.is_empty());
         assert_eq!(img.read_state().unwrap(), vec![7u8; 64]);
         assert_eq!(ram_page(img.storage(), &h, 1), ones[5]);
         // A needed record damaged: refused, never an older epoch.
