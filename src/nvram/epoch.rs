@@ -1366,6 +1366,7 @@ impl<S: Storage> Image<S> {
         let t = Instant::now();
         let ram_pages = self.header.ram_bytes() / PAGE;
         let mut gathered = ReplayPages::default();
+        let mut replayed_span = None;
         for (rh, payload) in &records {
             let writes = decode_writes(rh.version, payload, rh.pages, ram_pages)
                 .map_err(|_| ImageError::LogChanged(rh.epoch))?;
@@ -1393,6 +1394,7 @@ impl<S: Storage> Image<S> {
                 "replayed pages written"
             );
             self.unpersisted = true;
+            replayed_span = out.span;
         }
         self.poisoned = false;
         // Format 3, when no intact record header of this image lies above
@@ -1404,6 +1406,13 @@ impl<S: Storage> Image<S> {
         if let Some(w) = self.log.continue_after(&plan) {
             self.log = w;
             self.log_continued = true;
+            if let Some((lo, hi)) = replayed_span {
+                // Nothing waits on these writes until the first epoch's
+                // persist: get them on their way without delaying the resume.
+                let ram = self.header.geometry.ram.offset;
+                self.storage
+                    .start_writeback_idle(ram + lo * PAGE, (hi - lo + 1) * PAGE);
+            }
         } else {
             let meta = plan.current(&self.header, &self.meta.current);
             // ORDER: the replayed pages are persisted first, then the meta

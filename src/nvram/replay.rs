@@ -85,6 +85,8 @@ pub(super) struct WriteOut {
     /// Reads and writes issued.
     pub(super) reads: u64,
     pub(super) writes: u64,
+    /// The lowest and highest page written.
+    pub(super) span: Option<(u64, u64)>,
 }
 
 impl<'a> ReplayPages<'a> {
@@ -120,6 +122,11 @@ impl<'a> ReplayPages<'a> {
             last = pfn;
         }
         write_span(s, ram, &self.writes[from..], &mut buf, &mut done)?;
+        done.span = self
+            .writes
+            .first()
+            .zip(self.writes.last())
+            .map(|(a, b)| (a.0, b.0));
         Ok(done)
     }
 }

@@ -44,6 +44,12 @@ pub trait Storage {
     /// persist makes anything durable.
     fn start_writeback(&mut self, _offset: u64, _len: u64) {}
 
+    /// [`Storage::start_writeback`] in the background, at the lowest
+    /// priority: for writes no persist waits on yet.
+    fn start_writeback_idle(&mut self, offset: u64, len: u64) {
+        self.start_writeback(offset, len);
+    }
+
     /// A hint, no guarantee: the reads that follow, until the next call
     /// with `false`, are scattered; read no more than each asks for.
     fn scattered_reads(&self, _on: bool) {}
@@ -129,6 +135,10 @@ impl Storage for FileStorage {
 
     fn start_writeback(&mut self, offset: u64, len: u64) {
         self.backing.start_writeback(&self.file, offset, len);
+    }
+
+    fn start_writeback_idle(&mut self, offset: u64, len: u64) {
+        self.backing.start_writeback_idle(&self.file, offset, len);
     }
 
     fn scattered_reads(&self, on: bool) {
