@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::OnceLock;
@@ -209,13 +210,16 @@ impl Backing {
     /// it seems, on write-back the idle thread had begun and could not
     /// finish); with normal priority it delayed the first GET by 2–6 ms,
     /// done inline by 1.5–7 ms.
-    pub(crate) fn start_writeback_idle(&self, file: &File, offset: u64, len: u64) {
+    ///
+    /// The thread opens the image again by `path` rather than duplicating
+    /// the descriptor: a duplicate would share the open file that holds the
+    /// image's lock, and keep it locked after the image is closed for as
+    /// long as the thread waits for a core.
+    pub(crate) fn start_writeback_idle(&self, path: &Path, offset: u64, len: u64) {
         if self.kind != BackingKind::File {
             return;
         }
-        let Ok(file) = file.try_clone() else {
-            return;
-        };
+        let path = path.to_path_buf();
         let spawned = std::thread::Builder::new()
             .name("nvhv-writeback".into())
             .spawn(move || {
@@ -223,7 +227,9 @@ impl Backing {
                 // Linux a thread id names just this thread. A failure leaves
                 // the normal priority: this is a hint.
                 unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
-                start_writeback(&file, offset, len);
+                if let Ok(file) = File::open(&path) {
+                    start_writeback(&file, offset, len);
+                }
             });
         // Without a thread the write-back waits for the next persist.
         drop(spawned);

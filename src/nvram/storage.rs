@@ -138,7 +138,7 @@ impl Storage for FileStorage {
     }
 
     fn start_writeback_idle(&mut self, offset: u64, len: u64) {
-        self.backing.start_writeback_idle(&self.file, offset, len);
+        self.backing.start_writeback_idle(&self.path, offset, len);
     }
 
     fn scattered_reads(&self, on: bool) {
