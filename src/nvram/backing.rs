@@ -425,7 +425,6 @@ pub fn store_fence() {
 /// `sync_file_range(SYNC_FILE_RANGE_WRITE)` of `[offset, offset + len)`:
 /// starts the write-back, does not wait for it.
 fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
     // SAFETY: sync_file_range only reads its integer arguments; the fd is
     // open for the duration of the call (borrowed `file`). An error (e.g.
     // EINVAL on a file system without it) is ignored: this is a hint.
@@ -449,7 +448,6 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 /// against 7.3–8.3 ms with readahead (`nvram::replay`). An error is
 /// ignored: this is a hint.
 pub(crate) fn advise_readahead(file: &File, on: bool) {
-    use std::os::fd::AsRawFd;
     let advice = if on {
         libc::POSIX_FADV_NORMAL
     } else {
