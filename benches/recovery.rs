@@ -1063,16 +1063,21 @@ fn churn_until_killed(port: u16, o: &Opts, round: usize, secs: Duration, p: &mut
     acked.load(Ordering::Relaxed)
 }
 
-/// The log records a resume of `img` would replay, from `nvhv inspect`.
-fn inspect_brief(img: &Path) -> String {
+/// `nvhv inspect --json` of `img`, or what went wrong, in words.
+fn inspect_json(img: &Path) -> Result<serde_json::Value, String> {
     let out = Command::new(nvhv())
         .args(["inspect", img.to_str().unwrap(), "--json"])
-        .output();
-    let Some(j) = out
-        .ok()
-        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-    else {
-        return "inspect failed".into();
+        .output()
+        .map_err(|_| "inspect failed to run".to_string())?;
+    serde_json::from_slice(&out.stdout)
+        .map_err(|_| format!("inspect: {}", String::from_utf8_lossy(&out.stderr).trim()))
+}
+
+/// The log records a resume of `img` would replay, from `nvhv inspect`.
+fn inspect_brief(img: &Path) -> String {
+    let j = match inspect_json(img) {
+        Ok(j) => j,
+        Err(e) => return e,
     };
     let epochs = j["replay_epochs"].as_array().map_or(0, Vec::len);
     format!(
@@ -1084,14 +1089,9 @@ fn inspect_brief(img: &Path) -> String {
 }
 
 fn inspect_summary(img: &Path) -> String {
-    let out = Command::new(nvhv())
-        .args(["inspect", img.to_str().unwrap(), "--json"])
-        .output();
-    let Ok(out) = out else {
-        return "inspect failed to run".into();
-    };
-    let Ok(j) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-        return format!("inspect: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let j = match inspect_json(img) {
+        Ok(j) => j,
+        Err(e) => return e,
     };
     let recs: Vec<String> = j["log_records"]
         .as_array()
