@@ -25,6 +25,11 @@ impl Bytes {
         }
     }
 
+    /// The empty string.
+    pub(crate) fn empty() -> Self {
+        Self::inline(&[])
+    }
+
     /// A copy of `s`.
     pub(crate) fn new(s: &[u8]) -> Result<Self, Oom> {
         if s.len() <= INLINE_CAP {
