@@ -10,8 +10,9 @@
 //! (its value and version: [`Val`], 40 bytes). Under nvhv's epochs every
 //! page written recently is compared each epoch, so random SETs over a
 //! keyspace keep only the values' pages hot (100 000 keys: ~980 pages
-//! instead of ~2 400 with both halves in one 96-byte entry). Keys with a TTL are also listed in `expires`, which the incremental
-//! active expiry walks round-robin.
+//! instead of ~2 400 with both halves in one 96-byte entry). Keys with a
+//! TTL are also listed in `expires`, which the incremental active expiry
+//! walks round-robin.
 //!
 //! Memory: every key is charged its key and value bytes (heap capacity for
 //! strings too long to be stored inline) plus `ENTRY_OVERHEAD` against
@@ -140,22 +141,23 @@ pub struct Store {
     val_writes: usize,
 }
 
+/// Slab index `i` in chunked slab `chunks` (`Store::chunks` or `Store::vals`).
 #[inline]
-fn slot_in(chunks: &[Vec<Slot>], i: u32) -> &Slot {
+fn at<T>(chunks: &[Vec<T>], i: u32) -> &T {
     &chunks[(i >> CHUNK_SHIFT) as usize][i as usize & (CHUNK - 1)]
 }
 
 #[inline]
-fn entry_in(chunks: &[Vec<Slot>], i: u32) -> &Entry {
-    match slot_in(chunks, i) {
-        Slot::Used(e) => e,
-        Slot::Free(_) => unreachable!("kvstore: index {i} points at a free slot"),
-    }
+fn at_mut<T>(chunks: &mut [Vec<T>], i: u32) -> &mut T {
+    &mut chunks[(i >> CHUNK_SHIFT) as usize][i as usize & (CHUNK - 1)]
 }
 
 #[inline]
-fn val_in(vals: &[Vec<Val>], i: u32) -> &Val {
-    &vals[(i >> CHUNK_SHIFT) as usize][i as usize & (CHUNK - 1)]
+fn entry_in(chunks: &[Vec<Slot>], i: u32) -> &Entry {
+    match at(chunks, i) {
+        Slot::Used(e) => e,
+        Slot::Free(_) => unreachable!("kvstore: index {i} points at a free slot"),
+    }
 }
 
 #[inline]
@@ -280,7 +282,7 @@ impl Store {
         {
             self.slot_writes += 1;
         }
-        &mut self.chunks[(i >> CHUNK_SHIFT) as usize][i as usize & (CHUNK - 1)]
+        at_mut(&mut self.chunks, i)
     }
 
     #[inline]
@@ -289,12 +291,12 @@ impl Store {
         {
             self.val_writes += 1;
         }
-        &mut self.vals[(i >> CHUNK_SHIFT) as usize][i as usize & (CHUNK - 1)]
+        at_mut(&mut self.vals, i)
     }
 
     #[inline]
     fn val(&self, i: u32) -> &Val {
-        val_in(&self.vals, i)
+        at(&self.vals, i)
     }
 
     #[inline]
@@ -644,7 +646,7 @@ impl Store {
         let (mut seen, mut visited) = (0usize, 0usize);
         while i < self.nslots && seen < count && visited < max_visit {
             let idx = i as u32;
-            if let Slot::Used(e) = slot_in(&self.chunks, idx) {
+            if let Slot::Used(e) = at(&self.chunks, idx) {
                 if now > e.expire_at {
                     self.remove_idx(idx);
                     self.stats.expired += 1;
