@@ -211,15 +211,23 @@ impl Backing {
     /// finish); with normal priority it delayed the first GET by 2–6 ms,
     /// done inline by 1.5–7 ms.
     ///
-    /// The thread opens the image again by `path` rather than duplicating
-    /// the descriptor: a duplicate would share the open file that holds the
+    /// The image is opened again by `path` rather than the descriptor
+    /// duplicated: a duplicate would share the open file that holds the
     /// image's lock, and keep it locked after the image is closed for as
-    /// long as the thread waits for a core.
+    /// long as the thread waits for a core. It is opened here, before the
+    /// thread starts: at nice 19 the thread must take no lock the VM needs.
+    /// Its first allocation would map a malloc arena, holding the process's
+    /// `mmap_lock` for writing, and a vCPU's page fault waits for that lock:
+    /// one resume (`perf` of `sched_switch` with call chains) had its vCPU
+    /// blocked in `get_user_pages_unlocked` → `down_read_killable` for 4.4
+    /// ms before its first reply.
     pub(crate) fn start_writeback_idle(&self, path: &Path, offset: u64, len: u64) {
         if self.kind != BackingKind::File {
             return;
         }
-        let path = path.to_path_buf();
+        let Ok(file) = File::open(path) else {
+            return;
+        };
         let spawned = std::thread::Builder::new()
             .name("nvhv-writeback".into())
             .spawn(move || {
@@ -227,9 +235,7 @@ impl Backing {
                 // Linux a thread id names just this thread. A failure leaves
                 // the normal priority: this is a hint.
                 unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
-                if let Ok(file) = File::open(&path) {
-                    start_writeback(&file, offset, len);
-                }
+                start_writeback(&file, offset, len);
             });
         // Without a thread the write-back waits for the next persist.
         drop(spawned);

@@ -572,6 +572,15 @@ impl<S: Storage> Image<S> {
         if self.recovery_pending && !self.plan.replay.is_empty() {
             return Err(ImageError::RecoveryPending);
         }
+        self.restored_state()
+    }
+
+    /// The machine state of [`Image::current`] (checked against its CRC)
+    /// even before [`Image::recover`] has run: what recovery restores, so
+    /// that a resume can decode it and set up the VM while recovery replays
+    /// the log. Guest RAM matches it only once `recover` has returned.
+    /// Recovery writes no state slot, so the bytes stay valid.
+    pub fn restored_state(&self) -> Result<Vec<u8>, ImageError> {
         read_state(&self.storage, &self.header, &self.current)
     }
 

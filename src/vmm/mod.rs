@@ -124,6 +124,9 @@ pub enum VmmError {
     /// A vCPU did not pause in time.
     #[error("vCPU {0} did not pause within 10 s")]
     PauseTimeout(u32),
+    /// A thread of the VMM could not be started.
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
     /// Writing back guest RAM on a DAX image failed.
     #[error("cannot write back guest RAM to the image")]
     RamSync(#[source] std::io::Error),
@@ -721,10 +724,6 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
             policy.dirty_budget = limit;
         }
         policy.check(capacity, ram_pages)?;
-        // Replay the committed redo records the RAM image may lack (work
-        // proportional to the un-applied log, never to RAM size).
-        let r = image.recover()?;
-        tracing::info!("recovery: {r:?}");
     }
     image
         .resumable()
@@ -732,46 +731,33 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
     let hdr = image.header().clone();
     let vcpus_n = hdr.config.vcpus;
     let ram = hdr.config.ram_bytes;
-    // 2. The committed machine state (CRC-checked against its meta record).
-    let bytes = image.read_state()?;
+    // 2. The machine state recovery restores (CRC-checked against its
+    //    record), and guest RAM mapped (nothing is read through the mapping
+    //    yet: each page reads the RAM image at its first access).
+    let bytes = image.restored_state()?;
     let state = MachineState::decode(&bytes, vcpus_n)?;
-    let mut tl = Timeline::new(started);
-    tl.mark("image opened, state read");
-    // 3. KVM VM and RAM mapping.
-    let vm = new_vm
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-    let mut dirty = epochs
-        .then(|| DirtyTracker::enable(&vm.fd, cfg.runtime.epochs.hot_pages, ram))
-        .transpose()?;
-    tl.mark("VM created");
     let mem = memory::map_ram(image.file(), image.ram_offset(), ram, !epochs)?;
-    tl.mark("RAM mapped");
-    // 4. vCPUs, while another thread registers the memory slot: with shadow
-    //    paging KVM allocates per-page metadata for the slot (~0.7 ms per GiB
-    //    here, with or without dirty logging), the one cost of resume that
-    //    grows with RAM size. The two are
-    //    independent (restoring registers touches no guest memory).
-    let (slot, vcpus) = std::thread::scope(|s| {
-        let slot = s.spawn(|| memory::register(&vm.fd, &mem, epochs));
-        // The dirty tracker faults in its buffers meanwhile (off the path of
-        // the first reply after this resume).
-        s.spawn(|| dirty.as_mut().map(DirtyTracker::warm));
-        let vcpus = (|| -> Result<Vec<Vcpu>, VmmError> {
-            let mut vcpus = Vec::new();
-            for (i, st) in state.vcpus.iter().enumerate() {
-                let args = VcpuArgs {
-                    vm: &vm,
-                    index: i as u32,
-                };
-                vcpus.push(<Vcpu as Persist>::restore(args, st)?);
-            }
-            Ok(vcpus)
-        })();
-        (slot.join(), vcpus)
-    });
-    slot.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-    let mut vcpus = vcpus?;
+    let mut tl = Timeline::new(started);
+    tl.mark("image opened, state read, RAM mapped");
+    // 3. Recovery, the VM, the vCPUs (see `restore_vm`).
+    let recover = epochs.then_some(|| image.recover());
+    let Restored {
+        report,
+        vm,
+        dirty,
+        mut vcpus,
+    } = restore_vm(
+        recover,
+        new_vm,
+        (&mem, ram),
+        &state,
+        cfg.runtime.epochs.hot_pages,
+        epochs,
+    )?;
+    if let Some(r) = report {
+        tracing::info!("recovery: {r:?}");
+    }
+    tl.mark("recovered, VM set up, vCPUs restored");
     let confined = guest_abi::is_confining(&mem);
     for v in &mut vcpus {
         v.set_confinable(confined);
@@ -816,6 +802,108 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
         throttle: None,
     };
     m.run_timed(Some(tl))
+}
+
+/// The middle of a resume: recovery (`recover`, epoch mode: the replay of
+/// the committed redo records the RAM image may lack, work proportional to
+/// the un-applied log, never to RAM size) on a thread of its own, while this
+/// one joins the KVM VM (`new_vm`, created since the start) and enables the
+/// dirty tracker, and a third registers the memory slot: with shadow paging
+/// KVM allocates per-page metadata for the slot (~0.7 ms per GiB here, with
+/// or without dirty logging), the one cost of resume that grows with RAM
+/// size. Then the vCPUs are restored from `state`, the slot registration
+/// still going on. Returns recovery's report, the VM, the tracker and the
+/// vCPUs; errors of the image (recovery's) before those of the VM.
+///
+/// ORDER: nothing reads or writes guest memory until recovery has
+/// returned: each page of the private mapping reads the RAM image at its
+/// first access. The vCPU restore is the first access (KVM maps the
+/// kvmclock page when its MSR is restored).
+fn restore_vm<R: Send>(
+    recover: Option<impl FnOnce() -> Result<R, ImageError> + Send>,
+    new_vm: std::thread::JoinHandle<Result<Vm, crate::vstate::vm::VmError>>,
+    (mem, ram): (&GuestMemory, u64),
+    state: &MachineState,
+    hot_pages: usize,
+    epochs: bool,
+) -> Result<Restored<R>, VmmError> {
+    std::thread::scope(|s| {
+        let recovery = recover.map(|f| {
+            std::thread::Builder::new()
+                .name("nvhv-recover".into())
+                .spawn_scoped(s, f)
+        });
+        let recovered = || match recovery {
+            None => Ok(None),
+            Some(Ok(h)) => h
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                .map(Some)
+                .map_err(VmmError::from),
+            Some(Err(e)) => Err(VmmError::Thread(e)),
+        };
+        let vm_side = new_vm
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            .map_err(VmmError::from)
+            .and_then(|vm| {
+                let dirty = epochs
+                    .then(|| DirtyTracker::enable(&vm.fd, hot_pages, ram))
+                    .transpose()?;
+                Ok((vm, dirty))
+            });
+        let (vm, mut dirty) = match vm_side {
+            Ok(v) => v,
+            Err(e) => {
+                // The image's errors first.
+                recovered()?;
+                return Err(e);
+            }
+        };
+        let (report, vcpus) = std::thread::scope(|inner| {
+            let slot = inner.spawn(|| memory::register(&vm.fd, mem, epochs));
+            if let Some(d) = dirty.as_mut() {
+                // Off the path of the first reply after this resume.
+                d.warm();
+            }
+            let report = recovered();
+            // ORDER: the vCPUs only once recovery has returned.
+            let vcpus = report.is_ok().then(|| restore_vcpus(&vm, state));
+            let slot = slot.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            let report = report?;
+            let vcpus = vcpus.unwrap_or_else(|| Ok(Vec::new()))?;
+            slot?;
+            Ok::<_, VmmError>((report, vcpus))
+        })?;
+        Ok(Restored {
+            report,
+            vm,
+            dirty,
+            vcpus,
+        })
+    })
+}
+
+/// What [`restore_vm`] returns.
+struct Restored<R> {
+    /// Recovery's report (epoch mode).
+    report: Option<R>,
+    vm: Vm,
+    dirty: Option<DirtyTracker>,
+    vcpus: Vec<Vcpu>,
+}
+
+/// The vCPUs of `vm`, restored from `state`.
+fn restore_vcpus(vm: &Vm, state: &MachineState) -> Result<Vec<Vcpu>, VmmError> {
+    let mut vcpus = Vec::new();
+    for (i, st) in state.vcpus.iter().enumerate() {
+        let args = VcpuArgs {
+            vm,
+            index: i as u32,
+        };
+        vcpus.push(<Vcpu as Persist>::restore(args, st)?);
+    }
+    Ok(vcpus)
 }
 
 /// Named instants since process start, for the resume and suspend breakdowns
