@@ -8,6 +8,7 @@
 //!                              [--dir /dev/shm] [--seconds 1.5] [--mem 256M]
 //!                              [--keyspace 100000] [--configs 1,16,16x16,50x16]
 //!                              [--repeat 1] [--tests set,set-changing,get]
+//!                              [--preload]
 //! ```
 //!
 //! Tests (`--tests`): `set` and `get` are `redis-benchmark -t set` / `-t
@@ -60,6 +61,40 @@ fn pong(port: u16) -> bool {
     }
     let mut buf = [0u8; 7];
     s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// Writes every key `redis-benchmark -r keyspace` can pick (`key:` and the
+/// 12 digits `__rand_int__` becomes) with the value `v:<n>`, pipelined 1 000
+/// at a time on one connection; every reply must be `+OK`.
+fn preload(port: u16, keyspace: u64) -> Result<Duration, String> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let mut done = 0;
+    while done < keyspace {
+        let n = (keyspace - done).min(1000);
+        let mut batch = Vec::new();
+        for k in done..done + n {
+            let (key, val) = (format!("key:{k:012}"), format!("v:{k}"));
+            write!(
+                batch,
+                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{val}\r\n",
+                key.len(),
+                val.len()
+            )
+            .expect("writes to a Vec do not fail");
+        }
+        s.write_all(&batch).map_err(|e| format!("send: {e}"))?;
+        let mut replies = vec![0u8; n as usize * 5];
+        s.read_exact(&mut replies)
+            .map_err(|e| format!("reply: {e}"))?;
+        if let Some(bad) = replies.chunks(5).find(|r| *r != b"+OK\r\n") {
+            return Err(format!("a SET got {:?}", String::from_utf8_lossy(bad)));
+        }
+        done += n;
+    }
+    Ok(t.elapsed())
 }
 
 /// A server process we started.
@@ -353,6 +388,7 @@ fn main() {
     let keyspace: u64 = get("--keyspace")
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
+    let preload_keys = args.has("--preload");
     let configs: Vec<(u32, u32)> = get("--configs")
         .unwrap_or_else(|| "1,16,16x16,50x16".into())
         .split(',')
@@ -463,7 +499,7 @@ fn main() {
     println!("# redis-benchmark: nvhv kv guest vs redis-server\n");
     println!(
         "{}; {}; {} CPUs; load average at start {}; files in {}; nvhv --mem {mem}; \
-         -r {keyspace}, -d 3 (set-changing: 14-byte values); ~{seconds} s per run, median of {repeat}",
+         -r {keyspace}{}, -d 3 (set-changing: 14-byte values); ~{seconds} s per run, median of {repeat}",
         version("redis-benchmark"),
         if redis_ok {
             version("redis-server")
@@ -477,9 +513,30 @@ fn main() {
             .take(3)
             .collect::<Vec<_>>()
             .join(" "),
-        dir.display()
+        dir.display(),
+        if preload_keys {
+            " (every key preloaded)"
+        } else {
+            ""
+        }
     );
     println!();
+
+    if preload_keys {
+        for s in servers.iter_mut() {
+            match preload(s.port, keyspace) {
+                Ok(t) => eprintln!(
+                    "{:>18} preloaded {keyspace} keys in {:.2} s",
+                    s.name,
+                    t.as_secs_f64()
+                ),
+                Err(e) => {
+                    notes.push(format!("{} FAILED: preload: {e}", s.name));
+                    s.failed = Some(e);
+                }
+            }
+        }
+    }
 
     // results[(test, c, p)][server] = Row
     type Key = (String, u32, u32);
