@@ -1393,6 +1393,7 @@ impl<S: Storage> Image<S> {
                 read = out.read,
                 reads = out.reads,
                 writes = out.writes,
+                threads = out.threads,
                 read_us,
                 gather_us,
                 write_us = t.elapsed().as_micros() as u64,

@@ -87,6 +87,8 @@ pub(super) struct WriteOut {
     pub(super) writes: u64,
     /// The lowest and highest page written.
     pub(super) span: Option<(u64, u64)>,
+    /// Threads that wrote (1, or 2 when the spans were split).
+    pub(super) threads: u8,
 }
 
 impl<'a> ReplayPages<'a> {
@@ -96,9 +98,14 @@ impl<'a> ReplayPages<'a> {
             .extend(writes.iter().map(|w| (w.pfn, w.offset, w.data)));
     }
 
-    /// Writes every page into the RAM region at `ram` of `s`, in page
-    /// order, span by span. Does not persist.
-    pub(super) fn write_out<S: Storage + ?Sized>(
+    /// Writes every page into the RAM region at `ram` of `s`, span by span.
+    /// Where the storage offers a second handle of its file
+    /// ([`Storage::second_handle`]) and there are at least
+    /// [`SPLIT_MIN_SPANS`] spans, a second thread writes the upper half of
+    /// the spans (by page) while this one writes the lower: the spans are
+    /// disjoint and each is read and written by one thread, so the result is
+    /// the same as in page order. Does not persist.
+    pub(super) fn write_out<S: Storage>(
         &mut self,
         s: &mut S,
         ram: u64,
@@ -106,29 +113,84 @@ impl<'a> ReplayPages<'a> {
         // ORDER: a stable sort keeps each page's writes in record order,
         // later records over earlier ones.
         self.writes.sort_by_key(|&(pfn, _, _)| pfn);
-        let mut done = WriteOut::default();
-        let mut buf = Vec::new();
-        // The span being gathered: pages `first..=last`, their writes
-        // `self.writes[from..to]`.
-        let (mut from, mut first, mut last) = (0, 0, 0);
-        for (to, &(pfn, _, _)) in self.writes.iter().enumerate() {
-            if to > from && (pfn - last > MAX_GAP || pfn - first >= SPAN_PAGES) {
-                write_span(s, ram, &self.writes[from..to], &mut buf, &mut done)?;
-                from = to;
-            }
-            if to == from {
-                first = pfn;
-            }
-            last = pfn;
-        }
-        write_span(s, ram, &self.writes[from..], &mut buf, &mut done)?;
-        done.span = self
+        let spans = spans(&self.writes);
+        let span = self
             .writes
             .first()
             .zip(self.writes.last())
             .map(|(a, b)| (a.0, b.0));
+        let half = spans.len() / 2;
+        let second = (spans.len() >= SPLIT_MIN_SPANS)
+            .then(|| s.second_handle())
+            .flatten();
+        let writes = &self.writes[..];
+        let run = |s: &mut dyn Storage, spans: &[std::ops::Range<usize>]| {
+            let mut done = WriteOut::default();
+            let mut buf = Vec::new();
+            for r in spans {
+                write_span(s, ram, &writes[r.clone()], &mut buf, &mut done)?;
+            }
+            Ok::<_, ImageError>(done)
+        };
+        let mut done = match second {
+            Some(mut file) => {
+                let (lower, upper) = spans.split_at(half);
+                let (a, b) = std::thread::scope(|sc| {
+                    let upper = std::thread::Builder::new()
+                        .name("nvhv-replay".into())
+                        .spawn_scoped(sc, || run(&mut file, upper));
+                    match upper {
+                        Ok(h) => {
+                            let a = run(s, lower);
+                            (a, h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                        }
+                        // No thread: all of it here.
+                        Err(_) => (run(s, &spans), Ok(WriteOut::default())),
+                    }
+                });
+                let (a, b) = (a?, b?);
+                WriteOut {
+                    pages: a.pages + b.pages,
+                    read: a.read + b.read,
+                    reads: a.reads + b.reads,
+                    writes: a.writes + b.writes,
+                    span: None,
+                    threads: if b == WriteOut::default() { 1 } else { 2 },
+                }
+            }
+            None => WriteOut {
+                threads: 1,
+                ..run(s, &spans)?
+            },
+        };
+        done.span = span;
         Ok(done)
     }
+}
+
+/// Spans at least this many are split between two threads (fewer are
+/// written faster than a thread starts: one span is tens of µs).
+const SPLIT_MIN_SPANS: usize = 16;
+
+/// The spans of `writes` (sorted by page): ranges of it whose pages lie at
+/// most [`MAX_GAP`] apart, within [`SPAN_PAGES`].
+fn spans(writes: &Writes<'_>) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut from, mut first, mut last) = (0, 0, 0);
+    for (to, &(pfn, _, _)) in writes.iter().enumerate() {
+        if to > from && (pfn - last > MAX_GAP || pfn - first >= SPAN_PAGES) {
+            out.push(from..to);
+            from = to;
+        }
+        if to == from {
+            first = pfn;
+        }
+        last = pfn;
+    }
+    if from < writes.len() {
+        out.push(from..writes.len());
+    }
+    out
 }
 
 /// Writes the pages of one span (its writes sorted by page, within
@@ -138,8 +200,8 @@ impl<'a> ReplayPages<'a> {
 /// each: the replayed pages, and between them the pages read that hold
 /// anything but zeros (they are written back unchanged; a page of zeros,
 /// maybe a hole of a sparse image, is left alone and splits the run).
-fn write_span<S: Storage + ?Sized>(
-    s: &mut S,
+fn write_span(
+    s: &mut dyn Storage,
     ram: u64,
     span: &Writes<'_>,
     buf: &mut Vec<u8>,
@@ -299,6 +361,60 @@ mod tests {
                 "round {round}"
             );
         }
+    }
+
+    /// Many spans on a file are split between two threads, and the file
+    /// then holds what writing every write in order leaves.
+    #[test]
+    fn test_replay_on_two_threads_equals_writes_in_order() {
+        let mut rng = Rng(0x5eed_0fba_5e00_0002);
+        let pages = 4000u64;
+        let ram = 2 * PAGE;
+        let len = (ram + pages * PAGE) as usize;
+        let mut before = vec![0u8; len];
+        for (i, b) in before.iter_mut().enumerate() {
+            if (i / PAGE_BYTES) % 4 != 0 {
+                *b = rng.next() as u8;
+            }
+        }
+        let mut one_by_one = MemStorage::from_bytes(before.clone());
+        let path = crate::nvram::image::tests::TempPath::new("replay-split");
+        std::fs::write(&path.0, &before).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path.0)
+            .unwrap();
+        let bufs: Vec<(u64, usize, Vec<u8>)> = (0..600)
+            .map(|_| {
+                let pfn = rng.next() % pages;
+                let offset = (rng.next() % PAGE) as usize;
+                let n = 1 + (rng.next() as usize % (PAGE_BYTES - offset).min(200));
+                (pfn, offset, (0..n).map(|_| rng.next() as u8).collect())
+            })
+            .collect();
+        let writes: Vec<PageWrite<'_>> = bufs
+            .iter()
+            .enumerate()
+            .map(|(entry, (pfn, offset, data))| PageWrite {
+                entry,
+                pfn: *pfn,
+                offset: *offset,
+                data,
+            })
+            .collect();
+        for w in &writes {
+            one_by_one
+                .write_at(ram + w.pfn * PAGE + w.offset as u64, w.data)
+                .unwrap();
+        }
+        let mut r = ReplayPages::default();
+        r.add(&writes);
+        let done = r.write_out(&mut file, ram).unwrap();
+        assert_eq!(done.threads, 2, "{done:?}");
+        let distinct: std::collections::BTreeSet<u64> = writes.iter().map(|w| w.pfn).collect();
+        assert_eq!(done.pages, distinct.len() as u64);
+        assert_eq!(std::fs::read(&path.0).unwrap(), one_by_one.bytes());
     }
 
     /// Close pages share one read and one write; a page of zeros between

@@ -53,6 +53,16 @@ pub trait Storage {
     /// A hint, no guarantee: the reads that follow, until the next call
     /// with `false`, are scattered; read no more than each asks for.
     fn scattered_reads(&self, _on: bool) {}
+
+    /// A second handle of the same file (a duplicated descriptor), through
+    /// which another thread may read and write the RAM region while this
+    /// storage is borrowed, for disjoint ranges; its writes are like this
+    /// storage's own and the next persist covers them. Drop it before the
+    /// image closes. `None` where there is no file (or the descriptor
+    /// cannot be duplicated): then one thread does it all.
+    fn second_handle(&self) -> Option<File> {
+        None
+    }
 }
 
 /// A bare file: reads and `pwrite`s, persisted with `fdatasync`. Used to
@@ -78,6 +88,10 @@ impl Storage for File {
 
     fn persist(&mut self, _offset: u64, _len: u64) -> Result<(), BackingError> {
         self.sync_data().map_err(BackingError::Sync)
+    }
+
+    fn second_handle(&self) -> Option<File> {
+        self.try_clone().ok()
     }
 }
 
@@ -143,6 +157,13 @@ impl Storage for FileStorage {
 
     fn scattered_reads(&self, on: bool) {
         super::backing::advise_readahead(&self.file, !on);
+    }
+
+    fn second_handle(&self) -> Option<File> {
+        // RAM-region bytes are written with pwrite on every backing (the DAX
+        // mapping covers the metadata only), so a plain file handle writes
+        // them as this storage would.
+        self.file.try_clone().ok()
     }
 }
 

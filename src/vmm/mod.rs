@@ -1160,8 +1160,7 @@ impl Machine {
                         for h in handles {
                             h.stop(&self.wake);
                         }
-                        stats.brakes = self.brake.engagements();
-                        eprintln!("nvhv: {}", stats.summary());
+                        self.print_summary(&mut stats);
                         return Err(e);
                     }
                 }
@@ -1197,9 +1196,7 @@ impl Machine {
             h.stop(&self.wake);
         }
         if stats.epochs > 0 {
-            stats.output_unheld = self.vsock.as_ref().map_or(0, Vsock::unheld_output);
-            stats.brakes = self.brake.engagements();
-            eprintln!("nvhv: {}", stats.summary());
+            self.print_summary(&mut stats);
         }
         let latency = match result {
             Ok(l) => {
@@ -1230,6 +1227,14 @@ impl Machine {
             reason: cause,
             commit_latency: latency,
         })
+    }
+
+    /// Completes `stats` with the counts kept elsewhere (the vsock device's
+    /// unheld output, the throttle's brakes) and prints the summary line.
+    fn print_summary(&self, stats: &mut EpochStats) {
+        stats.output_unheld = self.vsock.as_ref().map_or(0, Vsock::unheld_output);
+        stats.brakes = self.brake.engagements();
+        eprintln!("nvhv: {}", stats.summary());
     }
 
     fn image_path(&self) -> PathBuf {
