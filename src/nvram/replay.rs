@@ -23,6 +23,10 @@
 //!   RAM region stays a hole.
 //!
 //! While it reads, the kernel's readahead is off (`Storage::scattered_reads`).
+//! On a file, many spans are split between two threads (the upper half
+//! through a second descriptor, `Storage::second_handle`): after a SIGKILL
+//! under pipelined SETs of small values (1 479 pages over 111 spans, ext4)
+//! the write-out took 1.9–2.1 ms instead of 3.1–3.2 ms.
 //!
 //! Measured on ext4 (`/var/tmp`), one image saved after a SIGKILL under
 //! `-c 16 -P 16` SETs of changing values, resumed three times by each build,
