@@ -765,7 +765,7 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
     vm.restore(&state.vm)?;
     // kvmclock continues from its saved value; Unix time moved on.
     guest_abi::write_wall_clock(&mem, vm.unix_minus_kvmclock_ns()?)?;
-    tl.mark("vCPUs restored");
+    tl.mark("clocks restored");
     let console = Console::restore(console_out(&cfg.runtime)?, &state.devices.serial)?;
     // 5. Devices. Host connections do not survive a VMM restart: the restored
     //    vsock device tells the guest (TRANSPORT_RESET) and re-polls its queues.
@@ -842,6 +842,7 @@ fn restore_vm<R: Send>(
                 .map_err(VmmError::from),
             Some(Err(e)) => Err(VmmError::Thread(e)),
         };
+        let t = Instant::now();
         let vm_side = new_vm
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
@@ -860,16 +861,34 @@ fn restore_vm<R: Send>(
                 return Err(e);
             }
         };
+        let vm_us = t.elapsed().as_micros() as u64;
         let (report, vcpus) = std::thread::scope(|inner| {
-            let slot = inner.spawn(|| memory::register(&vm.fd, mem, epochs));
+            let slot = inner.spawn(|| {
+                let t = Instant::now();
+                let r = memory::register(&vm.fd, mem, epochs);
+                (r, t.elapsed().as_micros() as u64)
+            });
             if let Some(d) = dirty.as_mut() {
                 // Off the path of the first reply after this resume.
                 d.warm();
             }
+            let waited = Instant::now();
             let report = recovered();
+            let recovery_wait_us = waited.elapsed().as_micros() as u64;
             // ORDER: the vCPUs only once recovery has returned.
             let vcpus = report.is_ok().then(|| restore_vcpus(&vm, state));
-            let slot = slot.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            let waited = Instant::now();
+            let (slot, slot_us) = slot.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            // Where the resume waited: for the VM's creation and the dirty
+            // tracker, for recovery, for the slot after the vCPUs. At 6.4 GB
+            // of RAM (image on tmpfs): VM 0.2-1.4 ms, slot 1.8-2.7.
+            tracing::debug!(
+                vm_us,
+                recovery_wait_us,
+                slot_us,
+                slot_wait_us = waited.elapsed().as_micros() as u64,
+                "VM set up beside recovery"
+            );
             let report = report?;
             let vcpus = vcpus.unwrap_or_else(|| Ok(Vec::new()))?;
             slot?;
