@@ -139,17 +139,18 @@ impl<'a> ReplayPages<'a> {
         let mut done = match second {
             Some(mut file) => {
                 let (lower, upper) = spans.split_at(half);
-                let (a, b) = std::thread::scope(|sc| {
+                let (a, b, threads) = std::thread::scope(|sc| {
                     let upper = std::thread::Builder::new()
                         .name("nvhv-replay".into())
                         .spawn_scoped(sc, || run(&mut file, upper));
                     match upper {
                         Ok(h) => {
                             let a = run(s, lower);
-                            (a, h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                            let b = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                            (a, b, 2)
                         }
                         // No thread: all of it here.
-                        Err(_) => (run(s, &spans), Ok(WriteOut::default())),
+                        Err(_) => (run(s, &spans), Ok(WriteOut::default()), 1),
                     }
                 });
                 let (a, b) = (a?, b?);
@@ -159,7 +160,7 @@ impl<'a> ReplayPages<'a> {
                     reads: a.reads + b.reads,
                     writes: a.writes + b.writes,
                     span: None,
-                    threads: if b == WriteOut::default() { 1 } else { 2 },
+                    threads,
                 }
             }
             None => WriteOut {
