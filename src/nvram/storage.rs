@@ -8,7 +8,10 @@
 //! Every write of `Image` goes through [`Storage::write_at`] and every ordering
 //! point through [`Storage::persist`], so a test implementation that records
 //! them sees the whole write/persist order of the protocol (the crash-point
-//! enumeration in `crash_tests.rs` does exactly that).
+//! enumeration in `crash_tests.rs` does exactly that). The one exception is
+//! recovery's write-out, which also writes through [`Storage::second_handle`]
+//! where a storage offers one (files do; the recording test storages do not,
+//! so they still see every write).
 
 use std::fs::File;
 use std::io;
