@@ -1591,12 +1591,16 @@ mod tests {
         assert_eq!(plan.restored_epoch(), 4);
         assert_eq!(plan.replay_pages(), 6);
         assert!(matches!(img.read_state(), Err(ImageError::RecoveryPending)));
+        // What a resume decodes while recovery runs: the restored epoch's
+        // state, before the replay and unchanged by it.
+        assert_eq!(img.restored_state().unwrap(), states[2]);
         assert!(matches!(
             img.mark_running(),
             Err(ImageError::RecoveryPending)
         ));
         assert_eq!(img.resumable(), Ok(()));
         let r = img.recover().unwrap();
+        assert_eq!(img.restored_state().unwrap(), states[2]);
         assert_eq!((r.restored_epoch, r.epoch, r.from_log), (4, 4, true));
         assert_eq!((r.replayed.as_slice(), r.pages_replayed), (&[3, 4][..], 6));
         assert!(r.meta_written);
