@@ -58,7 +58,7 @@
 
 mod support;
 
-use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, Args};
+use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, push_cmd, Args};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -203,15 +203,6 @@ fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
         }
         _ => return Err(bad()),
     })
-}
-
-fn push_cmd(buf: &mut Vec<u8>, args: &[&[u8]]) {
-    buf.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        buf.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        buf.extend_from_slice(a);
-        buf.extend_from_slice(b"\r\n");
-    }
 }
 
 /// One command on a fresh connection.

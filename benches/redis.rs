@@ -39,7 +39,7 @@
 
 mod support;
 
-use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, which, Args};
+use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, push_cmd, which, Args};
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -77,13 +77,7 @@ fn preload(port: u16, keyspace: u64) -> Result<Duration, String> {
         let mut batch = Vec::new();
         for k in done..done + n {
             let (key, val) = (format!("key:{k:012}"), format!("v:{k}"));
-            write!(
-                batch,
-                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{val}\r\n",
-                key.len(),
-                val.len()
-            )
-            .expect("writes to a Vec do not fail");
+            push_cmd(&mut batch, &[b"SET", key.as_bytes(), val.as_bytes()]);
         }
         s.write_all(&batch).map_err(|e| format!("send: {e}"))?;
         let mut replies = vec![0u8; n as usize * 5];

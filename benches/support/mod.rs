@@ -37,6 +37,17 @@ impl Args {
     }
 }
 
+/// Appends the RESP encoding of the command `args` (an array of bulk
+/// strings) to `buf`.
+pub fn push_cmd(buf: &mut Vec<u8>, args: &[&[u8]]) {
+    buf.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        buf.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        buf.extend_from_slice(a);
+        buf.extend_from_slice(b"\r\n");
+    }
+}
+
 /// The `nvhv` binary cargo built for this bench.
 pub fn nvhv() -> PathBuf {
     // NVHV_BIN=path measures another build (an A/B of two builds in one sitting).
