@@ -300,6 +300,27 @@ mod tests {
         }
     }
 
+    /// The writes of a record made of `bufs` (page, offset, bytes), in order.
+    fn page_writes(bufs: &[(u64, usize, Vec<u8>)]) -> Vec<PageWrite<'_>> {
+        bufs.iter()
+            .enumerate()
+            .map(|(entry, (pfn, offset, data))| PageWrite {
+                entry,
+                pfn: *pfn,
+                offset: *offset,
+                data,
+            })
+            .collect()
+    }
+
+    /// What replaying `writes` one by one leaves: each written where it says.
+    fn write_in_order(s: &mut MemStorage, ram: u64, writes: &[PageWrite<'_>]) {
+        for w in writes {
+            s.write_at(ram + w.pfn * PAGE + w.offset as u64, w.data)
+                .unwrap();
+        }
+    }
+
     /// Replaying random overlapping writes through `ReplayPages` leaves the
     /// same bytes as writing them one by one, whatever the pages held, with
     /// pages close together (one span), spread out (isolated pages, spans
@@ -337,21 +358,8 @@ mod tests {
                 let data: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
                 bufs.push((pfn, offset, data));
             }
-            let writes: Vec<PageWrite<'_>> = bufs
-                .iter()
-                .enumerate()
-                .map(|(entry, (pfn, offset, data))| PageWrite {
-                    entry,
-                    pfn: *pfn,
-                    offset: *offset,
-                    data,
-                })
-                .collect();
-            for w in &writes {
-                one_by_one
-                    .write_at(ram + w.pfn * PAGE + w.offset as u64, w.data)
-                    .unwrap();
-            }
+            let writes = page_writes(&bufs);
+            write_in_order(&mut one_by_one, ram, &writes);
             let mut r = ReplayPages::default();
             // In two "records", to cover later records over earlier ones.
             let half = writes.len() / 2;
@@ -398,21 +406,8 @@ mod tests {
                 (pfn, offset, (0..n).map(|_| rng.next() as u8).collect())
             })
             .collect();
-        let writes: Vec<PageWrite<'_>> = bufs
-            .iter()
-            .enumerate()
-            .map(|(entry, (pfn, offset, data))| PageWrite {
-                entry,
-                pfn: *pfn,
-                offset: *offset,
-                data,
-            })
-            .collect();
-        for w in &writes {
-            one_by_one
-                .write_at(ram + w.pfn * PAGE + w.offset as u64, w.data)
-                .unwrap();
-        }
+        let writes = page_writes(&bufs);
+        write_in_order(&mut one_by_one, ram, &writes);
         let mut r = ReplayPages::default();
         r.add(&writes);
         let done = r.write_out(&mut file, ram).unwrap();
