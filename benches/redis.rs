@@ -8,7 +8,7 @@
 //!                              [--dir /dev/shm] [--seconds 1.5] [--mem 256M]
 //!                              [--keyspace 100000] [--configs 1,16,16x16,50x16]
 //!                              [--repeat 1] [--tests set,set-changing,get]
-//!                              [--preload]
+//!                              [--preload] [--native 1|1,4|none]
 //! ```
 //!
 //! Tests (`--tests`): `set` and `get` are `redis-benchmark -t set` / `-t
@@ -26,7 +26,14 @@
 //! - `redis` — `redis-server --save '' --appendonly no` (no persistence);
 //! - `redis-aof` — `redis-server --appendonly yes --appendfsync always` with
 //!   its AOF in `--dir`, the same file system as the nvhv image (on tmpfs
-//!   fsync costs nothing, so this is a lower bound of its persistence cost).
+//!   fsync costs nothing, so this is a lower bound of its persistence cost);
+//! - `native-durable` — the kv guest's own engine run natively by this
+//!   binary (`benches/native`), durable by a group-committed log of its
+//!   input in a preallocated file in `--dir` (`O_DSYNC` writes; `--native
+//!   1,4` adds one with up to 4 groups' writes in flight): the ceiling for
+//!   a durable server of this engine on this machine, which nvhv's epoch
+//!   mode (the same engine plus a VM, the same flush) can approach but not
+//!   pass. `--native none` leaves it out.
 //!
 //! `redis-server` is installed with apt-get when missing; if that fails,
 //! nvhv is measured alone. Configurations (`--configs`): `C` is `-c C`,
@@ -37,6 +44,7 @@
 //! with `-P` per pipelined batch). The runs of the servers are interleaved
 //! per configuration, so slow phases of a shared machine hit them alike.
 
+mod native;
 mod support;
 
 use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, push_cmd, which, Args};
@@ -371,6 +379,13 @@ fn measure(
 fn main() {
     let args = Args::from_env();
     let get = |k: &str| args.get(k);
+    if let Some(port) = get("--serve-native") {
+        // This binary, started by itself below as the native-durable server.
+        let (log, depth) = (get("--log").unwrap(), get("--depth").unwrap());
+        let err = native::serve(port.parse().unwrap(), log.as_ref(), depth.parse().unwrap());
+        eprintln!("native-durable: {err:?}");
+        std::process::exit(1);
+    }
     let persist = get("--persist").unwrap_or_else(|| "suspend-only".into());
     let dir = PathBuf::from(get("--dir").unwrap_or_else(|| "/dev/shm".into()));
     let seconds: f64 = get("--seconds").and_then(|s| s.parse().ok()).unwrap_or(1.5);
@@ -383,6 +398,11 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
     let preload_keys = args.has("--preload");
+    let native_depths: Vec<usize> = match get("--native").as_deref() {
+        None => vec![1],
+        Some("none") => vec![],
+        Some(d) => d.split(',').map(|x| x.parse().unwrap()).collect(),
+    };
     let configs: Vec<(u32, u32)> = get("--configs")
         .unwrap_or_else(|| "1,16,16x16,50x16".into())
         .split(',')
@@ -476,6 +496,26 @@ fn main() {
                 Ok(s) => servers.push(s),
                 Err(e) => notes.push(format!("{name} FAILED: {e}")),
             }
+        }
+    }
+    // The same engine as a native process with its own durable log: the
+    // ceiling for a durable server of it on this machine (benches/native).
+    for depth in &native_depths {
+        let port = free_port();
+        let name = if *depth == 1 {
+            "native-durable".to_string()
+        } else {
+            format!("native-durable x{depth}")
+        };
+        let log_file = dir.join(format!("{tag}-native-{depth}.aof"));
+        let log = dir.join(format!("{tag}-native-{depth}.log"));
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--serve-native", &port.to_string()])
+            .args(["--log", log_file.to_str().unwrap()])
+            .args(["--depth", &depth.to_string()]);
+        match Server::spawn(&name, cmd, port, log.clone(), vec![log_file, log], false) {
+            Ok(s) => servers.push(s),
+            Err(e) => notes.push(format!("{name} FAILED: {e}")),
         }
     }
     if servers.is_empty() {
