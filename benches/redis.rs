@@ -616,25 +616,32 @@ fn main() {
 
     // The table: one row per test and configuration, columns per server.
     let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
-    let nvhvs: Vec<String> = servers
-        .iter()
-        .filter(|s| s.is_nvhv)
-        .map(|s| s.name.clone())
-        .collect();
-    let redises: Vec<String> = servers
-        .iter()
-        .filter(|s| !s.is_nvhv)
-        .map(|s| s.name.clone())
-        .collect();
+    // Ratio columns: each nvhv mode against each durable reference
+    // (redis-aof, native-durable), nvhv's non-durable mode against redis
+    // without persistence, and epoch against suspend-only.
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for a in servers.iter().filter(|s| s.is_nvhv) {
+        for b in servers
+            .iter()
+            .filter(|s| s.name == "redis-aof" || s.name.starts_with("native-durable"))
+        {
+            pairs.push((a.name.clone(), b.name.clone()));
+        }
+    }
+    let has = |n: &str| names.iter().any(|x| x == n);
+    if has("nvhv suspend-only") && has("redis") {
+        pairs.push(("nvhv suspend-only".into(), "redis".into()));
+    }
+    if has("nvhv epoch") && has("nvhv suspend-only") {
+        pairs.push(("nvhv epoch".into(), "nvhv suspend-only".into()));
+    }
     let mut header = vec!["test".to_string(), "-c".into(), "-P".into()];
     for n in &names {
         header.push(format!("{n} req/s"));
         header.push(format!("{n} p50 / p99 ms"));
     }
-    for a in &nvhvs {
-        for b in &redises {
-            header.push(format!("{a} / {b}"));
-        }
+    for (a, b) in &pairs {
+        header.push(format!("{a} / {b}"));
     }
     println!("| {} |", header.join(" | "));
     println!("|{}", header.iter().map(|_| "---|").collect::<String>());
@@ -649,13 +656,11 @@ fn main() {
                 None => cells.extend(["failed".into(), "–".into()]),
             }
         }
-        for a in &nvhvs {
-            for b in &redises {
-                cells.push(match (row.get(a), row.get(b)) {
-                    (Some(x), Some(y)) if y.rps > 0.0 => format!("{:.2}", x.rps / y.rps),
-                    _ => "–".into(),
-                });
-            }
+        for (a, b) in &pairs {
+            cells.push(match (row.get(a), row.get(b)) {
+                (Some(x), Some(y)) if y.rps > 0.0 => format!("{:.2}", x.rps / y.rps),
+                _ => "–".into(),
+            });
         }
         println!("| {} |", cells.join(" | "));
     }
