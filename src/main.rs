@@ -121,7 +121,12 @@ struct RuntimeArgs {
     /// TCP address where clients reach the guest's service (each connection
     /// becomes a virtio-vsock connection to the guest). Default
     /// 127.0.0.1:6380 for the kv guest; loopback only unless you say otherwise.
-    /// Giving it attaches the vsock device to any guest.
+    /// Giving it attaches the vsock device to any guest. Under socket
+    /// activation (a service manager passing listening sockets with
+    /// LISTEN_FDS, e.g. a systemd .socket unit) nvhv serves those instead,
+    /// and --listen and --unix must not be given: such a socket outlives
+    /// nvhv, so clients connecting between a crash and the resume wait in
+    /// its queue instead of being refused.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
     /// Also accept client connections on this Unix socket.
@@ -216,7 +221,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is zero or too large"))
 }
 
-fn runtime(a: RuntimeArgs) -> RuntimeOptions {
+fn runtime(a: RuntimeArgs, inherited: vmm::listeners::Inherited) -> RuntimeOptions {
     RuntimeOptions {
         console: a.console,
         listen: a.listen,
@@ -228,11 +233,15 @@ fn runtime(a: RuntimeArgs) -> RuntimeOptions {
             hot_pages: a.hot_pages,
         },
         hold_all_output: a.hold_all_output,
+        inherited,
     }
 }
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    // Listening sockets a service manager passed (socket activation), taken
+    // before any thread starts: taking them changes the environment.
+    let inherited = vmm::listeners::Inherited::from_env().map_err(|e| error_chain(&e));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NVHV_LOG")
@@ -243,7 +252,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result: Result<(), String> = match cli.cmd {
-        Cmd::Run(a) => {
+        Cmd::Run(a) => inherited.and_then(|inherited| {
             let guest = if nvhv::guests::builtin(&a.guest).is_some() {
                 GuestChoice::Builtin(a.guest)
             } else if std::path::Path::new(&a.guest).exists() {
@@ -263,17 +272,17 @@ fn main() -> ExitCode {
                 },
                 log_half_bytes: a.log_size,
                 reserve_ram: a.reserve,
-                runtime: runtime(a.runtime),
+                runtime: runtime(a.runtime, inherited),
             };
             stop_status(vmm::run(&cfg))
-        }
-        Cmd::Resume(a) => {
+        }),
+        Cmd::Resume(a) => inherited.and_then(|inherited| {
             let cfg = ResumeConfig {
                 image: a.image,
-                runtime: runtime(a.runtime),
+                runtime: runtime(a.runtime, inherited),
             };
             stop_status(vmm::resume(&cfg, started))
-        }
+        }),
         Cmd::Suspend { image } => vmm::control::request_suspend(&image, Duration::from_secs(30))
             .map(|reply| println!("{reply}"))
             .map_err(|e| error_chain(&e)),

@@ -38,6 +38,7 @@ use crate::vstate::wait::GuestWake;
 
 pub mod control;
 mod epoch;
+pub mod listeners;
 
 pub use epoch::{EpochEnd, EpochPolicy, EpochStats, DEFAULT_HOT_PAGES};
 
@@ -106,15 +107,9 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    /// The vsock listener could not be bound.
-    #[error("cannot listen on {addr}")]
-    Listen {
-        /// Address or path.
-        addr: String,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The vsock device's listeners could not be had.
+    #[error(transparent)]
+    Listen(#[from] listeners::ListenError),
     /// vsock device problem.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
@@ -196,31 +191,33 @@ pub struct RuntimeOptions {
     /// Epoch mode: hold every reply until its own epoch commits, also
     /// those the guest says depend only on committed state.
     pub hold_all_output: bool,
+    /// Listening sockets a service manager passed (socket activation),
+    /// used instead of `listen` and `unix`.
+    pub inherited: listeners::Inherited,
 }
 
 /// Where the vsock device listens unless told otherwise: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6380";
 
 impl RuntimeOptions {
-    /// Bind the listeners for the vsock device.
+    /// The vsock device's configuration with its listeners: inherited from
+    /// a service manager, or bound from `listen` and `unix`.
     fn vsock_config(&self) -> Result<VsockConfig, VmmError> {
-        let addr = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let tcp = std::net::TcpListener::bind(addr).map_err(|source| VmmError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
-        let mut cfg = VsockConfig::new(tcp);
+        let l = listeners::listeners(
+            &self.inherited,
+            self.listen.as_deref(),
+            self.unix.as_deref(),
+            DEFAULT_LISTEN,
+        )?;
+        let mut cfg = VsockConfig::new(l.tcp, l.unix);
         cfg.release_settled = !self.hold_all_output;
-        if let Some(p) = &self.unix {
-            let _ = std::fs::remove_file(p);
-            cfg.unix = Some(std::os::unix::net::UnixListener::bind(p).map_err(|source| {
-                VmmError::Listen {
-                    addr: p.display().to_string(),
-                    source,
-                }
-            })?);
-        }
         Ok(cfg)
+    }
+
+    /// Whether the guest gets a vsock device although it is not the kv
+    /// guest: an address to serve was given or passed in.
+    fn serves_clients(&self) -> bool {
+        self.listen.is_some() || self.inherited.is_some()
     }
 }
 
@@ -492,7 +489,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     // The listeners and the console file before the image: an address in
     // use or a bad console path then fails the run without leaving an
     // image behind.
-    let with_vsock = cfg.guest.name() == "kv" || cfg.runtime.listen.is_some();
+    let with_vsock = cfg.guest.name() == "kv" || cfg.runtime.serves_clients();
     let listeners = with_vsock.then(|| cfg.runtime.vsock_config()).transpose()?;
     let console = console_out(&cfg.runtime)?;
     // 2. Create the image (refuses an existing file unless --force).

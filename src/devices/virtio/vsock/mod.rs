@@ -12,7 +12,7 @@
 //!
 //! Using it from the VMM:
 //! ```ignore
-//! let vsock = Vsock::new(mem.clone(), wake.clone(), VsockConfig::new(listener))?;
+//! let vsock = Vsock::new(mem.clone(), wake.clone(), VsockConfig::new(Some(listener), None))?;
 //! bus.insert(base, MMIO_WINDOW_SIZE, vsock.transport()); // Arc<Mutex<MmioTransport>>
 //! // checkpoint: vcpus paused, then
 //! vsock.pause();                      // device at a safe point, nothing moves
@@ -128,13 +128,14 @@ pub struct VsockConfig {
 }
 
 impl VsockConfig {
-    /// The defaults: [`nvhv_abi::GUEST_CID`], [`nvhv_abi::KV_VSOCK_PORT`], `listen`.
-    pub fn new(listen: TcpListener) -> Self {
+    /// The defaults: [`nvhv_abi::GUEST_CID`], [`nvhv_abi::KV_VSOCK_PORT`],
+    /// and the host listeners `listen` (TCP) and `unix`.
+    pub fn new(listen: Option<TcpListener>, unix: Option<UnixListener>) -> Self {
         Self {
             guest_cid: nvhv_abi::GUEST_CID,
             guest_port: nvhv_abi::KV_VSOCK_PORT,
-            listen: Some(listen),
-            unix: None,
+            listen,
+            unix,
             buf_alloc: DEFAULT_BUF_ALLOC,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_spin: backend::IDLE_SPIN,

@@ -36,7 +36,7 @@ fn rig_spin(buf_alloc: u32, features: u64, idle_spin: Duration) -> Rig {
     let wake = Arc::new(GuestWake::new());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut cfg = VsockConfig::new(listener);
+    let mut cfg = VsockConfig::new(Some(listener), None);
     cfg.buf_alloc = buf_alloc;
     cfg.idle_spin = idle_spin;
     let vsock = Vsock::new(mem.clone(), Arc::clone(&wake), cfg).unwrap();
@@ -162,7 +162,12 @@ fn connections_the_guest_never_took_survive_its_driver_reset() {
     let wake = Arc::new(GuestWake::new());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let vsock = Vsock::new(mem.clone(), Arc::clone(&wake), VsockConfig::new(listener)).unwrap();
+    let vsock = Vsock::new(
+        mem.clone(),
+        Arc::clone(&wake),
+        VsockConfig::new(Some(listener), None),
+    )
+    .unwrap();
     let mut early = client(addr);
     wait_for(
         || vsock.connection_count() == 1,
@@ -474,7 +479,7 @@ fn restore_on_a_new_listener(
     let args = VsockArgs {
         mem: g.mem.clone(),
         wake: Arc::clone(&g.wake),
-        cfg: VsockConfig::new(listener),
+        cfg: VsockConfig::new(Some(listener), None),
     };
     let vsock = Vsock::restore(args, state).unwrap();
     g.t = vsock.transport();
@@ -603,7 +608,7 @@ fn restore_refuses_invalid_device_state() {
         let args = VsockArgs {
             mem: g.mem.clone(),
             wake: Arc::clone(&g.wake),
-            cfg: VsockConfig::new(TcpListener::bind("127.0.0.1:0").unwrap()),
+            cfg: VsockConfig::new(Some(TcpListener::bind("127.0.0.1:0").unwrap()), None),
         };
         assert!(Vsock::restore(args, &s).is_err(), "bad state {i} accepted");
     }
@@ -658,7 +663,7 @@ fn unix_listener_connections_are_bridged_and_excess_connections_refused() {
     let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut cfg = VsockConfig::new(listener);
+    let mut cfg = VsockConfig::new(Some(listener), None);
     cfg.unix = Some(unix);
     cfg.max_connections = 2;
     let vsock = Vsock::new(mem.clone(), Arc::clone(&wake), cfg).unwrap();
@@ -719,7 +724,7 @@ fn output_gate_holds_guest_output_until_its_cut_is_released() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut cfg = VsockConfig::new(listener);
+    let mut cfg = VsockConfig::new(Some(listener), None);
     let p = Arc::clone(&pending);
     cfg.output_gate = Some(OutputGate::new(move || {
         p.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -1,0 +1,219 @@
+//! Socket activation: nvhv serving listening sockets that a service manager
+//! passed in (`LISTEN_FDS`, descriptors from 3 on), as systemd does with a
+//! `.socket` unit. The socket outlives nvhv, so a client that connects
+//! while nvhv is down (killed, not yet resumed) waits in its accept queue
+//! and is answered by the resumed guest.
+
+mod common;
+
+use common::Scratch;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Starts `nvhv args` as a service manager would under socket activation:
+/// `sock` as descriptor 3, `LISTEN_FDS=1` and `LISTEN_PID` set to nvhv's
+/// own pid (a shell exports its pid and `exec`s nvhv, which keeps it).
+fn spawn_activated(sock: OwnedFd, args: &[&str], stderr: &Path) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(r#"export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&0 0</dev/null"#)
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_nvhv"))
+        .args(args)
+        .stdin(Stdio::from(sock))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .spawn()
+        .expect("spawn sh")
+}
+
+/// Sends one RESP command on `s` and reads one reply (of at most one read
+/// of what arrives within `T`).
+fn request(s: &mut TcpStream, cmd: &str) -> String {
+    s.write_all(cmd.as_bytes()).unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Connects to `port` until a PING gets PONG (the guest is up), or panics
+/// with `stderr`'s text after `T`.
+fn wait_pong(port: u16, child: &mut Child, stderr: &Path) {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "nvhv exited ({st}) before answering: {}",
+                std::fs::read_to_string(stderr).unwrap_or_default()
+            );
+        }
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            if request(&mut s, "*1\r\n$4\r\nPING\r\n") == "+PONG\r\n" {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no PONG within {T:?}: {}",
+            std::fs::read_to_string(stderr).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_client_connecting_while_nvhv_is_down_is_served_by_the_resumed_guest() {
+    require_kvm!();
+    let dir = Scratch::new("activation");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    // The service manager's socket: it stays open here for the whole test.
+    let sock = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let err1 = dir.path("run.stderr");
+    let con1 = dir.path("run.console");
+    let mut vm = spawn_activated(
+        sock.try_clone().unwrap().into(),
+        &[
+            "run",
+            "--image",
+            img_s,
+            "--mem",
+            "64M",
+            "--console",
+            con1.to_str().unwrap(),
+        ],
+        &err1,
+    );
+    wait_pong(port, &mut vm, &err1);
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(
+        request(&mut c, "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$7\r\nbefore!\r\n"),
+        "+OK\r\n"
+    );
+    drop(c);
+
+    // A crash without warning. Nothing serves the port now but the socket.
+    vm.kill().unwrap();
+    vm.wait().unwrap();
+    let mut waiting = TcpStream::connect(("127.0.0.1", port))
+        .expect("a connection to the inherited socket while nvhv is down");
+    waiting.set_read_timeout(Some(T)).unwrap();
+    waiting
+        .write_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+        .unwrap();
+
+    let err2 = dir.path("resume.stderr");
+    let con2 = dir.path("resume.console");
+    let mut vm = spawn_activated(
+        sock.try_clone().unwrap().into(),
+        &[
+            "resume",
+            "--image",
+            img_s,
+            "--console",
+            con2.to_str().unwrap(),
+        ],
+        &err2,
+    );
+    let mut buf = [0u8; 64];
+    let n = waiting.read(&mut buf).unwrap_or(0);
+    let stderr = std::fs::read_to_string(&err2).unwrap_or_default();
+    assert_eq!(
+        String::from_utf8_lossy(&buf[..n]),
+        "$7\r\nbefore!\r\n",
+        "the connection made while nvhv was down got no reply: {stderr}"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(vm.id() as i32, libc::SIGTERM) };
+    let st = vm.wait().unwrap();
+    assert!(
+        st.success(),
+        "suspend failed ({st}): {}",
+        std::fs::read_to_string(&err2).unwrap_or_default()
+    );
+}
+
+/// Runs `nvhv args` with `fd3` as descriptor 3 under `LISTEN_FDS=1`;
+/// returns (success, stderr).
+fn activated_output(fd3: OwnedFd, args: &[&str], dir: &Scratch) -> (bool, String) {
+    let err = dir.path("bad.stderr");
+    let mut child = spawn_activated(fd3, args, &err);
+    let deadline = Instant::now() + T;
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "nvhv {args:?} still ran after {T:?}: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (st.success(), std::fs::read_to_string(&err).unwrap())
+}
+
+#[test]
+fn an_inherited_descriptor_that_is_not_a_listener_is_refused_before_the_image() {
+    let dir = Scratch::new("activation-bad");
+    let img = dir.path("vm.img");
+    let file = std::fs::File::create(dir.path("not-a-socket")).unwrap();
+    let (ok, err) = activated_output(
+        file.into(),
+        &["run", "--image", img.to_str().unwrap(), "--mem", "64M"],
+        &dir,
+    );
+    assert!(!ok, "nvhv ran with a regular file as its listener: {err}");
+    assert!(
+        err.contains("descriptor 3") && err.contains("not a listening TCP or Unix stream socket"),
+        "{err}"
+    );
+    assert!(!img.exists(), "an image was made: {err}");
+
+    // A connected socket (systemd's Accept=yes) is not a listener either.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (ok, err) = activated_output(
+        c.into(),
+        &["run", "--image", img.to_str().unwrap(), "--mem", "64M"],
+        &dir,
+    );
+    assert!(!ok && err.contains("not a listening"), "{err}");
+    assert!(!img.exists(), "an image was made: {err}");
+}
+
+#[test]
+fn inherited_sockets_and_listen_together_are_refused() {
+    let dir = Scratch::new("activation-both");
+    let img = dir.path("vm.img");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (ok, err) = activated_output(
+        l.into(),
+        &[
+            "run",
+            "--image",
+            img.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &dir,
+    );
+    assert!(!ok, "nvhv ran with both: {err}");
+    assert!(err.contains("cannot be combined"), "{err}");
+    assert!(!img.exists(), "an image was made: {err}");
+}
