@@ -8,6 +8,7 @@
 //!                                 [--window 64] [--log-size 256M]
 //!                                 [--fill-timeout 240] [--no-redis]
 //!                                 [--no-full-read] [--churn SECS]
+//!                                 [--activate]
 //! ```
 //!
 //! For each size S (sequentially; each size's files are deleted before the
@@ -52,13 +53,21 @@
 //! and the same full reads. Redis' own "DB loaded from append only file: X
 //! seconds" is reported too.
 //!
+//! With `--activate` nvhv runs under socket activation, as under a service
+//! manager: this program holds the listening socket for the whole size and
+//! passes it to every nvhv it starts (`benches/support`'s
+//! `socket_activated`), and in each round the client connects right after
+//! the previous nvhv was killed, before the resume is spawned: it waits in
+//! the socket's queue instead of being refused, and the time is still
+//! taken from the spawn.
+//!
 //! All servers are started by this program on free loopback ports and
 //! stopped by their own pids only. The machine is shared: the load average
 //! is printed with each size; compare within a row.
 
 mod support;
 
-use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, push_cmd, Args};
+use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, push_cmd, socket_activated, Args};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -633,11 +642,17 @@ fn first_get(
     want: &[u8],
     proc_: &mut Proc,
     deadline: Instant,
+    early: Option<TcpStream>,
 ) -> Result<(u32, u32, BTreeMap<String, u32>), String> {
     let mut cmd = Vec::new();
     push_cmd(&mut cmd, &[b"GET", key.as_bytes()]);
     let (mut attempts, mut loading) = (0u32, 0u32);
-    let mut conn: Option<BufReader<TcpStream>> = None;
+    // A connection made before the spawn (`--activate`) is used first.
+    let mut conn: Option<BufReader<TcpStream>> = early.map(|s| {
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        BufReader::with_capacity(256 << 10, s)
+    });
     let mut last_err = String::new();
     let mut errors: BTreeMap<String, u32> = BTreeMap::new();
     loop {
@@ -742,6 +757,7 @@ struct Opts {
     full_read: bool,
     churn: Option<Duration>,
     seed: u64,
+    activate: bool,
 }
 
 fn opts() -> Opts {
@@ -784,6 +800,7 @@ fn opts() -> Opts {
         seed: get("--seed")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0x5eed_0000 ^ std::process::id() as u64),
+        activate: has("--activate"),
     }
 }
 
@@ -843,11 +860,24 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
     let out = (|| -> Result<Dataset, String> {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
+        // --activate: the socket every nvhv of this size serves, held here.
+        let sock = o
+            .activate
+            .then(|| std::net::TcpListener::bind(addr(port)))
+            .transpose()
+            .map_err(|e| format!("bind {listen}: {e}"))?;
+        let serve = |cmd: &mut Command| match &sock {
+            Some(l) => socket_activated(cmd, l),
+            None => {
+                cmd.args(["--listen", &listen]);
+            }
+        };
         let img_s = img.to_str().unwrap();
         let mut cmd = Command::new(nvhv());
         cmd.args(["run", "--image", img_s, "--force", "--persist", "epoch"])
             .args(["--mem", &res.mem, "--log-size", &o.log_size])
-            .args(["--listen", &listen, "--console", "/dev/null"]);
+            .args(["--console", "/dev/null"]);
+        serve(&mut cmd);
         eprintln!("nvhv: {cmd:?}");
         let mut p = Proc::spawn(cmd, Some("running"), None)?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -907,12 +937,14 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
             let probe = ds.probe(round);
             ds.value(probe, &mut w);
             let mut cmd = Command::new(nvhv());
-            cmd.args(["resume", "--image", img_s]).args([
-                "--listen",
-                &listen,
-                "--console",
-                "/dev/null",
-            ]);
+            cmd.args(["resume", "--image", img_s, "--console", "/dev/null"]);
+            serve(&mut cmd);
+            // --activate: a client that connected while nothing ran.
+            let early = sock
+                .as_ref()
+                .map(|_| TcpStream::connect(addr(port)))
+                .transpose()
+                .map_err(|e| format!("round {round}: connect while nvhv is down: {e}"))?;
             let t0 = Instant::now();
             let mut p = Proc::spawn(cmd, Some("resumed"), None)?;
             if full {
@@ -923,6 +955,7 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
                     &w,
                     &mut p,
                     t0 + Duration::from_secs(60),
+                    early,
                 )
                 .map_err(|e| format!("full-read round: nvhv resume: {e}"))?;
                 read_all(port, &ds, o.window)
@@ -936,6 +969,7 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
                     &w,
                     &mut p,
                     t0 + Duration::from_secs(60),
+                    early,
                 )
                 .map_err(|e| format!("round {round}: nvhv resume: {e}"))?;
                 let t_get = t0.elapsed();
@@ -1180,6 +1214,7 @@ fn redis_side(o: &Opts, tag: &str, ds: &Dataset) -> RedisResult {
                     &w,
                     &mut p,
                     t0 + Duration::from_secs(600),
+                    None,
                 )
                 .map_err(|e| format!("round {round}: redis restart: {e}; log: {}", tail(&log)))?;
                 let t_get = t0.elapsed();
@@ -1254,7 +1289,7 @@ fn redis_side(o: &Opts, tag: &str, ds: &Dataset) -> RedisResult {
             let deadline = t0 + Duration::from_secs(600);
             // Wait until it serves (GETs during loading get -LOADING).
             ds.value(ds.probe(0), &mut w);
-            first_get(port, &Dataset::key(ds.probe(0)), &w, &mut p, deadline)?;
+            first_get(port, &Dataset::key(ds.probe(0)), &w, &mut p, deadline, None)?;
             read_all(port, ds, o.window)?;
             res.full_cold = Some(t0.elapsed());
             res.full_warm = Some(read_all(port, ds, o.window)?);
@@ -1374,7 +1409,7 @@ fn main() {
     println!("# Recovery after SIGKILL: nvhv epoch mode vs redis-server AOF\n");
     println!(
         "{}; {} CPUs; files in {} ({}); values {} B, {} connections × {} in flight; \
-         nvhv --persist epoch --log-size {} --mem 1.5×S+256M; {} rounds per size; total {:.0} s\n",
+         nvhv --persist epoch --log-size {} --mem 1.5×S+256M{}; {} rounds per size; total {:.0} s\n",
         if redis_ok {
             redis_version.as_str()
         } else {
@@ -1391,6 +1426,11 @@ fn main() {
         o.conns,
         o.window,
         o.log_size,
+        if o.activate {
+            ", socket-activated (the client connects before each resume is spawned)"
+        } else {
+            ""
+        },
         o.rounds,
         t_start.elapsed().as_secs_f64()
     );

@@ -111,3 +111,31 @@ pub fn is_tmpfs(dir: &Path) -> bool {
         .max()
         .is_some_and(|(_, t)| t)
 }
+
+/// Makes `cmd` start under socket activation, as a service manager would:
+/// `listener` becomes its descriptor 3 and `LISTEN_FDS=1` is set (without
+/// `LISTEN_PID`, which nvhv's `listenfd` then does not check; the pid is not
+/// known before the spawn). nvhv then serves `listener` instead of binding
+/// `--listen`, and a client may connect before nvhv runs.
+pub fn socket_activated(cmd: &mut Command, listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    cmd.env("LISTEN_FDS", "1").env_remove("LISTEN_PID");
+    // SAFETY: between fork and exec the closure calls only dup2 and fcntl,
+    // which are async-signal-safe, on descriptors the child inherited.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if fd == 3 {
+                // Already in place: clear its close-on-exec flag instead.
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
