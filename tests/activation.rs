@@ -33,6 +33,19 @@ fn spawn_activated(sock: OwnedFd, args: &[&str], stderr: &Path) -> Child {
         .expect("spawn sh")
 }
 
+/// A started nvhv, killed if still running when dropped (a failed test
+/// leaves no VM behind).
+struct Started(Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Sends one RESP command on `s` and reads one reply (of at most one read
 /// of what arrives within `T`).
 fn request(s: &mut TcpStream, cmd: &str) -> String {
@@ -78,22 +91,23 @@ fn a_client_connecting_while_nvhv_is_down_is_served_by_the_resumed_guest() {
     // The service manager's socket: it stays open here for the whole test.
     let sock = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = sock.local_addr().unwrap().port();
-    let err1 = dir.path("run.stderr");
-    let con1 = dir.path("run.console");
-    let mut vm = spawn_activated(
-        sock.try_clone().unwrap().into(),
-        &[
-            "run",
-            "--image",
-            img_s,
-            "--mem",
-            "64M",
-            "--console",
-            con1.to_str().unwrap(),
-        ],
-        &err1,
-    );
-    wait_pong(port, &mut vm, &err1);
+    // Each start serves `sock`, its console and stderr in files named `name`.
+    let start = |name: &str, args: &[&str]| {
+        let console = dir.path(&format!("{name}.console"));
+        let mut a = args.to_vec();
+        a.extend(["--console", console.to_str().unwrap()]);
+        let stderr = dir.path(&format!("{name}.stderr"));
+        (
+            Started(spawn_activated(
+                sock.try_clone().unwrap().into(),
+                &a,
+                &stderr,
+            )),
+            stderr,
+        )
+    };
+    let (mut vm, err1) = start("run", &["run", "--image", img_s, "--mem", "64M"]);
+    wait_pong(port, &mut vm.0, &err1);
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(T)).unwrap();
     assert_eq!(
@@ -103,8 +117,8 @@ fn a_client_connecting_while_nvhv_is_down_is_served_by_the_resumed_guest() {
     drop(c);
 
     // A crash without warning. Nothing serves the port now but the socket.
-    vm.kill().unwrap();
-    vm.wait().unwrap();
+    vm.0.kill().unwrap();
+    vm.0.wait().unwrap();
     let mut waiting = TcpStream::connect(("127.0.0.1", port))
         .expect("a connection to the inherited socket while nvhv is down");
     waiting.set_read_timeout(Some(T)).unwrap();
@@ -112,19 +126,7 @@ fn a_client_connecting_while_nvhv_is_down_is_served_by_the_resumed_guest() {
         .write_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
         .unwrap();
 
-    let err2 = dir.path("resume.stderr");
-    let con2 = dir.path("resume.console");
-    let mut vm = spawn_activated(
-        sock.try_clone().unwrap().into(),
-        &[
-            "resume",
-            "--image",
-            img_s,
-            "--console",
-            con2.to_str().unwrap(),
-        ],
-        &err2,
-    );
+    let (mut vm, err2) = start("resume", &["resume", "--image", img_s]);
     let mut buf = [0u8; 64];
     let n = waiting.read(&mut buf).unwrap_or(0);
     let stderr = std::fs::read_to_string(&err2).unwrap_or_default();
@@ -134,8 +136,8 @@ fn a_client_connecting_while_nvhv_is_down_is_served_by_the_resumed_guest() {
         "the connection made while nvhv was down got no reply: {stderr}"
     );
     // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(vm.id() as i32, libc::SIGTERM) };
-    let st = vm.wait().unwrap();
+    unsafe { libc::kill(vm.0.id() as i32, libc::SIGTERM) };
+    let st = vm.0.wait().unwrap();
     assert!(
         st.success(),
         "suspend failed ({st}): {}",
