@@ -150,20 +150,11 @@ fn a_client_connecting_while_nvhv_is_down_is_served_by_the_resumed_guest() {
 fn activated_output(fd3: OwnedFd, args: &[&str], dir: &Scratch) -> (bool, String) {
     let err = dir.path("bad.stderr");
     let mut child = spawn_activated(fd3, args, &err);
-    let deadline = Instant::now() + T;
-    let st = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "nvhv {args:?} still ran after {T:?}: {}",
-                std::fs::read_to_string(&err).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let Some(st) = common::wait_or_kill(&mut child, T) else {
+        panic!(
+            "nvhv {args:?} still ran after {T:?}: {}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
     };
     (st.success(), std::fs::read_to_string(&err).unwrap())
 }

@@ -1650,17 +1650,8 @@ fn wait_output(
         let _ = stderr.read_to_end(&mut v);
         v
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = common::wait_or_kill(&mut child, timeout) else {
+        panic!("{what} did not finish within {timeout:?}");
     };
     std::process::Output {
         status,

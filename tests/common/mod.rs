@@ -142,6 +142,23 @@ impl Drop for Vmm {
     }
 }
 
+/// Waits for `child` to exit, at most `timeout`; on timeout kills it, reaps
+/// it and returns None.
+pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Run nvhv to completion.
 pub fn nvhv_output(args: &[&str]) -> Output {
     nvhv().args(args).stdin(Stdio::null()).output().unwrap()
