@@ -18,7 +18,6 @@
 //!
 //! The redis bench starts it as a child process by running its own binary
 //! with `--serve-native PORT LOGFILE DEPTH` ([`serve`]).
-#![allow(dead_code)]
 
 use nvhv_kvstore::{feed, Conn, Store};
 use std::collections::{BTreeMap, HashMap, VecDeque};
