@@ -101,23 +101,11 @@ impl Inherited {
                 detail: e.map(|e| e.to_string()),
             };
             if let Ok(Some(l)) = fds.take_tcp_listener(i) {
-                if !is_listening(&l).map_err(|e| not_listening(Some(e)))? {
-                    return Err(not_listening(None));
-                }
-                if got.tcp.replace(l).is_some() {
-                    return Err(ListenError::TooMany { kind: "TCP" });
-                }
+                keep(&mut got.tcp, l, fd, "TCP")?;
                 continue;
             }
             match fds.take_unix_listener(i) {
-                Ok(Some(l)) => {
-                    if !is_listening(&l).map_err(|e| not_listening(Some(e)))? {
-                        return Err(not_listening(None));
-                    }
-                    if got.unix.replace(l).is_some() {
-                        return Err(ListenError::TooMany { kind: "Unix" });
-                    }
-                }
+                Ok(Some(l)) => keep(&mut got.unix, l, fd, "Unix")?,
                 Ok(None) => return Err(not_listening(None)),
                 Err(e) => return Err(not_listening(Some(e))),
             }
@@ -136,6 +124,30 @@ impl Inherited {
             .as_ref()
             .and_then(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take())
     }
+}
+
+/// Puts the socket inherited as descriptor `fd` into `slot`, if it
+/// listens and the slot (one per `kind`) is still free.
+fn keep<S: std::os::fd::AsFd>(
+    slot: &mut Option<S>,
+    l: S,
+    fd: usize,
+    kind: &'static str,
+) -> Result<(), ListenError> {
+    match is_listening(&l) {
+        Ok(true) => {}
+        Ok(false) => return Err(ListenError::NotAListener { fd, detail: None }),
+        Err(e) => {
+            return Err(ListenError::NotAListener {
+                fd,
+                detail: Some(e.to_string()),
+            })
+        }
+    }
+    if slot.replace(l).is_some() {
+        return Err(ListenError::TooMany { kind });
+    }
+    Ok(())
 }
 
 /// Whether `s` is a listening socket (`SO_ACCEPTCONN`): a service manager

@@ -663,8 +663,7 @@ fn unix_listener_connections_are_bridged_and_excess_connections_refused() {
     let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut cfg = VsockConfig::new(Some(listener), None);
-    cfg.unix = Some(unix);
+    let mut cfg = VsockConfig::new(Some(listener), Some(unix));
     cfg.max_connections = 2;
     let vsock = Vsock::new(mem.clone(), Arc::clone(&wake), cfg).unwrap();
     let mut g = GuestDriver::new(mem, vsock.transport(), wake);
