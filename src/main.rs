@@ -165,6 +165,27 @@ struct RuntimeArgs {
     /// either way no client sees anything a crash can take back.
     #[arg(long)]
     hold_all_output: bool,
+    /// How long an idle vCPU (its guest parked, waiting for a request) and
+    /// the vsock device thread keep polling for new work before they sleep,
+    /// e.g. 50us; 0 sleeps at once. Default: 200us for a vCPU, 100us for the
+    /// device. Waking a sleeping thread costs ~30–50 µs on a nested host:
+    /// one client's SETs in epoch mode ran 1.4–1.7× as fast with the defaults
+    /// as with 0 (tmpfs and ext4). Polling costs CPU while requests come, not
+    /// while the VM is idle. Use 0 on hosts where cores are scarce.
+    #[arg(long, value_name = "DURATION", value_parser = parse_poll)]
+    idle_poll: Option<Duration>,
+}
+
+/// `--idle-poll`: 0, or a duration up to 1 s.
+fn parse_poll(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let d = parse_duration(s)?;
+    if d > Duration::from_secs(1) {
+        return Err(format!("'{s}' is longer than 1s"));
+    }
+    Ok(d)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -234,6 +255,7 @@ fn runtime(a: RuntimeArgs, inherited: vmm::listeners::Inherited) -> RuntimeOptio
         },
         hold_all_output: a.hold_all_output,
         inherited,
+        idle_poll: a.idle_poll,
     }
 }
 
@@ -333,7 +355,8 @@ fn stop_status(r: Result<vmm::RunOutcome, vmm::VmmError>) -> Result<(), String> 
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_poll, parse_size};
+    use std::time::Duration;
 
     #[test]
     fn sizes_parse_with_binary_units() {
@@ -345,5 +368,15 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("M").is_err());
         assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn idle_poll_takes_zero_or_up_to_a_second() {
+        assert_eq!(parse_poll("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_poll("50us"), Ok(Duration::from_micros(50)));
+        assert_eq!(parse_poll("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_poll("2s").is_err());
+        assert!(parse_poll("0us").is_err(), "0 is written 0");
+        assert!(parse_poll("50").is_err(), "a unit is needed");
     }
 }

@@ -2169,3 +2169,42 @@ fn a_full_file_system_stops_the_guest_and_keeps_every_acknowledged_write() {
         drop(fs);
     }
 }
+
+/// `--idle-poll 0`: idle vCPU and device threads sleep at once instead of
+/// polling, so every request wakes them. Concurrent clients' writes are
+/// answered, and survive a SIGKILL and a resume that also polls nothing.
+#[test]
+fn no_idle_polling_still_serves_and_survives_a_kill() {
+    require_kvm!();
+    let mut kv = Kv::start_with("idle-poll-0", "64M", &["--idle-poll", "0"]);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let kv = &kv;
+            s.spawn(move || {
+                let mut c = kv.conn();
+                for i in 0..200 {
+                    ok(&mut c, &["SET", &format!("k{t}:{i}"), &format!("v{i}")]);
+                    assert!(int(&mut c, &["INCR", "shared"]) > 0);
+                    // Let the guest go idle and park now and then.
+                    if i % 50 == 0 {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            });
+        }
+    });
+    kv.vm.signal_and_wait(libc::SIGKILL);
+    kv.resume_with(false, &["--idle-poll", "0"]);
+    let mut c = kv.conn();
+    for t in 0..4 {
+        for i in [0, 99, 199] {
+            assert_eq!(
+                bulk(&mut c, &["GET", &format!("k{t}:{i}")]).as_deref(),
+                Some(format!("v{i}").as_str()),
+                "k{t}:{i} lost\n{}",
+                kv.diag()
+            );
+        }
+    }
+    assert_eq!(bulk(&mut c, &["GET", "shared"]).as_deref(), Some("800"));
+}

@@ -34,7 +34,7 @@ use crate::vstate::vcpu::{
     self, EntryPoint, ExitAction, ExitHandler, StopReason, Vcpu, VcpuArgs, VcpuEvent, VcpuHandle,
 };
 use crate::vstate::vm::Vm;
-use crate::vstate::wait::GuestWake;
+use crate::vstate::wait::{GuestWake, PARK_SPIN};
 
 pub mod control;
 mod epoch;
@@ -194,6 +194,10 @@ pub struct RuntimeOptions {
     /// Listening sockets a service manager passed (socket activation),
     /// used instead of `listen` and `unix`.
     pub inherited: listeners::Inherited,
+    /// How long an idle vCPU thread (parked at the wait port) and the vsock
+    /// device thread poll for work before they sleep; None: their defaults,
+    /// [`PARK_SPIN`] and [`IDLE_SPIN`](crate::devices::virtio::vsock::backend::IDLE_SPIN).
+    pub idle_poll: Option<Duration>,
 }
 
 /// Where the vsock device listens unless told otherwise: loopback only.
@@ -211,7 +215,15 @@ impl RuntimeOptions {
         )?;
         let mut cfg = VsockConfig::new(l.tcp, l.unix);
         cfg.release_settled = !self.hold_all_output;
+        if let Some(p) = self.idle_poll {
+            cfg.idle_spin = p;
+        }
         Ok(cfg)
+    }
+
+    /// Where idle vCPUs park, polling `idle_poll` (or [`PARK_SPIN`]) first.
+    fn guest_wake(&self) -> Arc<GuestWake> {
+        Arc::new(GuestWake::with_spin(self.idle_poll.unwrap_or(PARK_SPIN)))
     }
 
     /// Whether the guest gets a vsock device although it is not the kv
@@ -627,7 +639,7 @@ fn build_new(
         vcpus.push(v);
     }
     // 6. Devices: the vsock device for guests that serve clients (kv, or --listen).
-    let wake = Arc::new(GuestWake::new());
+    let wake = cfg.runtime.guest_wake();
     let vsock = listeners
         .map(|l| Vsock::new(mem.clone(), wake.clone(), l))
         .transpose()?;
@@ -766,7 +778,7 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
     let console = Console::restore(console_out(&cfg.runtime)?, &state.devices.serial)?;
     // 5. Devices. Host connections do not survive a VMM restart: the restored
     //    vsock device tells the guest (TRANSPORT_RESET) and re-polls its queues.
-    let wake = Arc::new(GuestWake::new());
+    let wake = cfg.runtime.guest_wake();
     let vsock = match (&state.devices.vsock, listeners) {
         (Some(vs), listeners) => Some(Vsock::restore(
             VsockArgs {
@@ -1606,6 +1618,24 @@ mod tests {
         }
         for mem in [128u64 << 20, 4 << 30] {
             assert_eq!(default_log_half(mem), DEFAULT_LOG_HALF, "{mem}");
+        }
+    }
+
+    #[test]
+    fn idle_poll_reaches_the_vcpus_and_the_vsock_thread() {
+        let mut opts = RuntimeOptions {
+            listen: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
+        assert_eq!(opts.guest_wake().spin(), PARK_SPIN);
+        assert_eq!(
+            opts.vsock_config().unwrap().idle_spin,
+            crate::devices::virtio::vsock::backend::IDLE_SPIN
+        );
+        for poll in [Duration::ZERO, Duration::from_micros(30)] {
+            opts.idle_poll = Some(poll);
+            assert_eq!(opts.guest_wake().spin(), poll);
+            assert_eq!(opts.vsock_config().unwrap().idle_spin, poll);
         }
     }
 }

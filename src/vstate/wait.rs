@@ -70,6 +70,11 @@ impl GuestWake {
         }
     }
 
+    /// How long a waiter polls before it sleeps.
+    pub fn spin(&self) -> Duration {
+        self.spin
+    }
+
     /// Wake every parked vCPU now, and every vCPU that parks later without
     /// having seen this wake-up.
     pub fn notify(&self) {
