@@ -176,9 +176,10 @@ struct RuntimeArgs {
     idle_poll: Option<Duration>,
 }
 
-/// `--idle-poll`: 0, or a duration up to 1 s.
+/// `--idle-poll`: 0 (with a unit or without), or a duration up to 1 s.
 fn parse_poll(s: &str) -> Result<Duration, String> {
-    if s.trim() == "0" {
+    let number = s.trim().trim_end_matches(|c: char| c.is_alphabetic());
+    if number.parse::<f64>() == Ok(0.0) {
         return Ok(Duration::ZERO);
     }
     let d = parse_duration(s)?;
@@ -376,7 +377,8 @@ mod tests {
         assert_eq!(parse_poll("50us"), Ok(Duration::from_micros(50)));
         assert_eq!(parse_poll("1s"), Ok(Duration::from_secs(1)));
         assert!(parse_poll("2s").is_err());
-        assert!(parse_poll("0us").is_err(), "0 is written 0");
+        assert_eq!(parse_poll("0us"), Ok(Duration::ZERO));
         assert!(parse_poll("50").is_err(), "a unit is needed");
+        assert!(parse_poll("-1ms").is_err());
     }
 }

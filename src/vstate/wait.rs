@@ -8,8 +8,9 @@
 //! the wait port) is therefore never lost, and with several vCPUs one vCPU's
 //! wake-up does not consume another's.
 //!
-//! A parked thread first spins for [`PARK_SPIN`] (yielding its core to any
-//! runnable thread) before it sleeps on the condition variable: on our hosts
+//! A parked thread first spins for [`PARK_SPIN`] (or what `--idle-poll`
+//! says, [`GuestWake::with_spin`]), yielding its core to any runnable
+//! thread, before it sleeps on the condition variable: on our hosts
 //! waking a thread on an idle core costs tens of µs, and under load the next
 //! request usually arrives within that window.
 
