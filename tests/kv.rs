@@ -2208,3 +2208,36 @@ fn no_idle_polling_still_serves_and_survives_a_kill() {
     }
     assert_eq!(bulk(&mut c, &["GET", "shared"]).as_deref(), Some("800"));
 }
+
+/// With two vCPUs the kv guest serves on vCPU 0 and halts vCPU 1 for good
+/// (`nvhv_abi::WAIT_FOREVER`): device work must not wake it, yet every
+/// epoch still captures it (parked), a SIGKILL and a resume keep the data,
+/// and the resumed guest (vCPU 1 halted again) serves.
+#[test]
+fn a_halted_second_vcpu_is_captured_and_resumed() {
+    require_kvm!();
+    let mut kv = Kv::start_with("vcpus-2", "64M", &["--vcpus", "2"]);
+    let mut c = kv.conn();
+    for i in 0..300 {
+        ok(&mut c, &["SET", &format!("k{i}"), &format!("v{i}")]);
+    }
+    drop(c);
+    kv.vm.signal_and_wait(libc::SIGKILL);
+    kv.resume(false);
+    let mut c = kv.conn();
+    for i in [0, 150, 299] {
+        assert_eq!(
+            bulk(&mut c, &["GET", &format!("k{i}")]).as_deref(),
+            Some(format!("v{i}").as_str()),
+            "{}",
+            kv.diag()
+        );
+    }
+    ok(&mut c, &["SET", "after", "resume"]);
+    kv.suspend();
+    kv.resume(false);
+    assert_eq!(
+        bulk(&mut kv.conn(), &["GET", "after"]).as_deref(),
+        Some("resume")
+    );
+}

@@ -97,8 +97,15 @@ pub const SEL_TSS_BASE: u16 = 0x28;
 /// COM1 16550 UART base port (8 registers). Writing THR (offset 0) prints a byte.
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// Wait port: a 32-bit `out` of a timeout in microseconds parks the vCPU until a
-/// device has work for the guest or the timeout passes (0 = no timeout).
+/// device has work for the guest or the timeout passes (0 = no timeout;
+/// [`WAIT_FOREVER`]: until the VM stops).
 pub const WAIT_PORT: u16 = 0x510;
+/// Written to [`WAIT_PORT`]: park this vCPU until the VM stops; device work
+/// does not wake it. For vCPUs with nothing to do (the kv guest's vCPUs
+/// other than 0), which would otherwise enter the guest again on every
+/// device notification only to park again. (A VMM that predates it reads a
+/// timeout of ~71 minutes.)
+pub const WAIT_FOREVER: u32 = u32::MAX;
 /// Exit port: a 32-bit `out` stops the VM (guest-requested power off) with that status.
 pub const EXIT_PORT: u16 = 0x514;
 /// Panic port: a 32-bit `out` reports a guest panic; the VMM stops the VM and reports it.

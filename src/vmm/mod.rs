@@ -355,6 +355,7 @@ impl ExitHandler for Bus {
             }
             nvhv_abi::WAIT_PORT => match word() {
                 0 => ExitAction::Wait(None),
+                nvhv_abi::WAIT_FOREVER => ExitAction::Halt,
                 us => ExitAction::Wait(Some(Duration::from_micros(us as u64))),
             },
             nvhv_abi::EXIT_PORT => ExitAction::Stop(StopReason::GuestExit(word())),

@@ -724,6 +724,9 @@ pub enum ExitAction {
     Continue,
     /// Park until a device has work or the timeout passes (the wait port).
     Wait(Option<Duration>),
+    /// Park until the VM stops; device work does not wake it (the wait port
+    /// with [`nvhv_abi::WAIT_FOREVER`]). Pauses are served as for `Wait`.
+    Halt,
     /// The guest asked to stop (exit port) or reported a panic.
     Stop(StopReason),
 }
@@ -887,6 +890,8 @@ impl VcpuHandle {
         use vmm_sys_util::signal::Killable;
         let _ = self.thread.kill(kick_signal());
         wake.notify();
+        // A halted thread sleeps through wake-ups: `pause` is set, a poke.
+        wake.poke();
         let _ = self.thread.join();
     }
 }
@@ -1085,18 +1090,25 @@ fn run_loop(vcpu: &mut Vcpu, handler: &dyn ExitHandler, ctl: &LoopControl) {
         };
         match action {
             ExitAction::Continue => {}
-            ExitAction::Wait(t) => {
+            ExitAction::Wait(_) | ExitAction::Halt => {
                 // Parked: pauses are served from here without leaving the
-                // wait; only a wake-up or the timeout resumes the guest.
-                let deadline = t.map(|t| std::time::Instant::now() + t);
+                // wait; only a wake-up or the timeout resumes the guest (a
+                // halted guest: nothing but the VM's stop).
+                let (halt, deadline) = match action {
+                    ExitAction::Wait(t) => (false, t.map(|t| std::time::Instant::now() + t)),
+                    _ => (true, None),
+                };
                 if let Some(park) = ctl.park {
                     presave(vcpu, park, ctl, &mut last);
                 }
                 ctl.parked.store(true, Ordering::SeqCst);
                 loop {
-                    let r = ctl
-                        .wake
-                        .wait_until(&mut waiter, deadline, &|| ctl.pause.load(Ordering::SeqCst));
+                    let interrupted = || ctl.pause.load(Ordering::SeqCst);
+                    let r = if halt {
+                        ctl.wake.halt(&interrupted)
+                    } else {
+                        ctl.wake.wait_until(&mut waiter, deadline, &interrupted)
+                    };
                     if r != Wake::Interrupted {
                         break;
                     }

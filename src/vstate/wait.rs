@@ -40,6 +40,9 @@ pub struct GuestWake {
     /// ORDER: stored under the lock, before `cond` is notified.
     published: AtomicU64,
     cond: Condvar,
+    /// Where halted vCPUs sleep ([`GuestWake::halt`]): only
+    /// [`poke`](GuestWake::poke) wakes them.
+    halted: Condvar,
     spin: Duration,
 }
 
@@ -67,6 +70,7 @@ impl GuestWake {
             generation: Mutex::new(0),
             published: AtomicU64::new(0),
             cond: Condvar::new(),
+            halted: Condvar::new(),
             spin,
         }
     }
@@ -90,6 +94,20 @@ impl GuestWake {
     pub fn poke(&self) {
         let _g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
         self.cond.notify_all();
+        self.halted.notify_all();
+    }
+
+    /// Park for good: until `interrupted()` (checked on every
+    /// [`poke`](Self::poke)); wake-ups ([`notify`](Self::notify)) do not
+    /// reach a halted thread. Always returns [`Wake::Interrupted`].
+    pub fn halt(&self, interrupted: &dyn Fn() -> bool) -> Wake {
+        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        // ORDER: `interrupted` is looked at under the lock `poke` takes, so a
+        //        poke after it finds this thread waiting.
+        while !interrupted() {
+            g = self.halted.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        Wake::Interrupted
     }
 
     /// Park until a wake-up `waiter` has not seen yet, or `timeout` (None: no
@@ -241,6 +259,34 @@ mod tests {
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(h.join().unwrap(), Wake::Interrupted);
         assert!(t.elapsed() < spin, "the spin missed the interrupt");
+    }
+
+    #[test]
+    fn a_halted_waiter_sleeps_through_wakeups_until_poked() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        let w = Arc::new(GuestWake::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let looks = Arc::new(AtomicUsize::new(0));
+        let (w2, s2, l2) = (w.clone(), stop.clone(), looks.clone());
+        let h = std::thread::spawn(move || {
+            w2.halt(&|| {
+                l2.fetch_add(1, Ordering::SeqCst);
+                s2.load(Ordering::SeqCst)
+            })
+        });
+        // Its first look happens under the lock; every notify below takes
+        // the lock, so each finds the thread asleep.
+        while looks.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        for _ in 0..100 {
+            w.notify();
+        }
+        stop.store(true, Ordering::SeqCst);
+        w.poke();
+        assert_eq!(h.join().unwrap(), Wake::Interrupted);
+        let n = looks.load(Ordering::SeqCst);
+        assert!(n <= 3, "the halted thread woke for wake-ups ({n} looks)");
     }
 
     #[test]

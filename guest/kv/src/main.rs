@@ -57,7 +57,7 @@ const HEAP_RESERVE: usize = 4 << 20;
 fn main(info: &'static BootInfo, vcpu: u32) -> ! {
     if vcpu != 0 {
         loop {
-            nvhv_rt::wait(0);
+            nvhv_rt::wait(nvhv_rt::abi::WAIT_FOREVER);
         }
     }
     let mut transport = match vsock::probe(info) {
