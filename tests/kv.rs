@@ -120,6 +120,17 @@ impl Kv {
         con
     }
 
+    /// Asserts that `key` holds `want` (read on `c`), with the VM's output
+    /// in the failure message.
+    fn expect_value(&self, c: &mut Connection, key: &str, want: &str) {
+        assert_eq!(
+            bulk(c, &["GET", key]).as_deref(),
+            Some(want),
+            "{key}\n{}",
+            self.diag()
+        );
+    }
+
     /// Console and stderr of the current process, for failure messages.
     fn diag(&self) -> String {
         format!(
@@ -2198,15 +2209,10 @@ fn no_idle_polling_still_serves_and_survives_a_kill() {
     let mut c = kv.conn();
     for t in 0..4 {
         for i in [0, 99, 199] {
-            assert_eq!(
-                bulk(&mut c, &["GET", &format!("k{t}:{i}")]).as_deref(),
-                Some(format!("v{i}").as_str()),
-                "k{t}:{i} lost\n{}",
-                kv.diag()
-            );
+            kv.expect_value(&mut c, &format!("k{t}:{i}"), &format!("v{i}"));
         }
     }
-    assert_eq!(bulk(&mut c, &["GET", "shared"]).as_deref(), Some("800"));
+    kv.expect_value(&mut c, "shared", "800");
 }
 
 /// With two vCPUs the kv guest serves on vCPU 0 and halts vCPU 1 for good
@@ -2226,18 +2232,10 @@ fn a_halted_second_vcpu_is_captured_and_resumed() {
     kv.resume(false);
     let mut c = kv.conn();
     for i in [0, 150, 299] {
-        assert_eq!(
-            bulk(&mut c, &["GET", &format!("k{i}")]).as_deref(),
-            Some(format!("v{i}").as_str()),
-            "{}",
-            kv.diag()
-        );
+        kv.expect_value(&mut c, &format!("k{i}"), &format!("v{i}"));
     }
     ok(&mut c, &["SET", "after", "resume"]);
     kv.suspend();
     kv.resume(false);
-    assert_eq!(
-        bulk(&mut kv.conn(), &["GET", "after"]).as_deref(),
-        Some("resume")
-    );
+    kv.expect_value(&mut kv.conn(), "after", "resume");
 }
