@@ -665,16 +665,27 @@ fn main() {
         println!("| {} |", cells.join(" | "));
     }
 
-    // Where the CPU went: % of one core per thread during each run.
+    // Where the CPU went: % of one core per thread during each run, and
+    // what all of them together spent per request (on 2 cores, ~150–180%
+    // busy means the machine is about full: the CPU, not a wait, sets the pace).
     println!("\nCPU during the runs (% of one core; `bench` is redis-benchmark itself):\n");
-    println!("| test | -c | -P | server | threads |");
-    println!("|---|---|---|---|---|");
+    println!("| test | -c | -P | server | all threads, µs of CPU per request | threads |");
+    println!("|---|---|---|---|---|---|");
     for ((_, (test, c, p)), row) in &results {
         for n in &names {
             if let Some(r) = row.get(n) {
                 let threads: Vec<String> =
                     r.cpu.iter().map(|(t, v)| format!("{t} {v:.0}")).collect();
-                println!("| {test} | {c} | {p} | {n} | {} |", threads.join(", "));
+                let busy: f64 = r.cpu.values().sum();
+                let per_request = if r.rps > 0.0 {
+                    format!("{:.1}", busy / 100.0 * 1e6 / r.rps)
+                } else {
+                    "–".into()
+                };
+                println!(
+                    "| {test} | {c} | {p} | {n} | {per_request} | {} |",
+                    threads.join(", ")
+                );
             }
         }
     }
