@@ -889,8 +889,9 @@ impl VcpuHandle {
         self.park.cv.notify_all();
         use vmm_sys_util::signal::Killable;
         let _ = self.thread.kill(kick_signal());
-        wake.notify();
-        // A halted thread sleeps through wake-ups: `pause` is set, a poke.
+        // ORDER: after `pause` is set. A parked or halted thread then leaves
+        //        its wait (a wake-up would not reach a halted one) and finds
+        //        the Stop command.
         wake.poke();
         let _ = self.thread.join();
     }
