@@ -8,7 +8,7 @@
 //!                                 [--window 64] [--log-size 256M]
 //!                                 [--fill-timeout 240] [--no-redis]
 //!                                 [--no-full-read] [--churn SECS]
-//!                                 [--activate]
+//!                                 [--activate] [--standby]
 //! ```
 //!
 //! For each size S (sequentially; each size's files are deleted before the
@@ -60,6 +60,12 @@
 //! the previous nvhv was killed, before the resume is spawned: it waits in
 //! the socket's queue instead of being refused, and the time is still
 //! taken from the spawn.
+//!
+//! With `--standby`, after those rounds: a plain resume, then `--rounds`
+//! times a standby (`nvhv resume --standby`) is started beside the running
+//! nvhv and waited for until it stands by, the running nvhv gets SIGKILL,
+//! and the time from that signal to the first correct GET through the
+//! standby is taken (see `standby_rounds`).
 //!
 //! All servers are started by this program on free loopback ports and
 //! stopped by their own pids only. The machine is shared: the load average
@@ -758,6 +764,7 @@ struct Opts {
     churn: Option<Duration>,
     seed: u64,
     activate: bool,
+    standby: bool,
 }
 
 fn opts() -> Opts {
@@ -801,6 +808,7 @@ fn opts() -> Opts {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0x5eed_0000 ^ std::process::id() as u64),
         activate: has("--activate"),
+        standby: has("--standby"),
     }
 }
 
@@ -826,6 +834,14 @@ struct NvhvResult {
     errors: BTreeMap<String, u32>,
     full_cold: Option<Duration>,
     full_warm: Option<Duration>,
+    /// `--standby`: the "resumed" line's freed→running, per round.
+    standby_running_ms: Vec<f64>,
+    /// `--standby`: SIGKILL of the running nvhv → first correct GET.
+    standby_get_ms: Vec<f64>,
+    /// SIGKILL → reaped, at the end of each plain round.
+    reaped_ms: Vec<f64>,
+    /// `--standby`: SIGKILL of the running nvhv → it is reaped.
+    standby_reaped_ms: Vec<f64>,
     error: Option<String>,
 }
 
@@ -1028,8 +1044,13 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
                     );
                 }
             }
+            let tk = Instant::now();
             p.kill9();
+            res.reaped_ms.push(ms(tk.elapsed()));
             let _ = std::fs::remove_file(&ctl);
+        }
+        if o.standby {
+            standby_rounds(o, &img, &ds, port, &serve, &mut res)?;
         }
         Ok(ds)
     })();
@@ -1042,6 +1063,129 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
             (res, None)
         }
     }
+}
+
+/// `--standby`: a plain resume first; then, `--rounds` times, a standby is
+/// started beside the running nvhv (and waited for until it says it stands
+/// by), the running nvhv gets SIGKILL, and the time from that signal to the
+/// first correct GET (through the standby, on a connection opened after
+/// the signal) is taken, with the standby's own freed→running figure. The
+/// standby is then the running nvhv of the next round. Quiet kills (no
+/// churn).
+fn standby_rounds(
+    o: &Opts,
+    img: &Path,
+    ds: &Dataset,
+    port: u16,
+    serve: &dyn Fn(&mut Command),
+    res: &mut NvhvResult,
+) -> Result<(), String> {
+    let img_s = img.to_str().unwrap();
+    let ctl = PathBuf::from(format!("{}.ctl", img.display()));
+    let resume = |standby: bool| {
+        let mut cmd = Command::new(nvhv());
+        cmd.args(["resume", "--image", img_s, "--console", "/dev/null"]);
+        if standby {
+            cmd.arg("--standby");
+        }
+        serve(&mut cmd);
+        cmd
+    };
+    let mut w = Vec::new();
+    let probe = ds.probe(0);
+    ds.value(probe, &mut w);
+    let mut running = Proc::spawn(resume(false), Some("resumed"), None)?;
+    first_get(
+        port,
+        &Dataset::key(probe),
+        &w,
+        &mut running,
+        Instant::now() + Duration::from_secs(60),
+        None,
+    )
+    .map_err(|e| format!("standby rounds: first resume: {e}"))?;
+    for round in 0..o.rounds {
+        let probe = ds.probe(round);
+        ds.value(probe, &mut w);
+        let mut sb = Proc::spawn(resume(true), Some("standing by"), None)?;
+        let (_, ready) = sb
+            .marker
+            .as_ref()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| {
+                format!(
+                    "standby round {round}: no 'standing by' line: {}",
+                    sb.stderr()
+                )
+            })?;
+        // SIGKILL and the reaping of the running nvhv on a thread of their
+        // own (its exit frees its memory before the kernel drops its image
+        // lock), the GETs through the standby on this one.
+        let t0 = Instant::now();
+        let (got, t_reaped) = std::thread::scope(|s| {
+            let reaper = s.spawn(|| {
+                running.kill9();
+                t0.elapsed()
+            });
+            let got = first_get(
+                port,
+                &Dataset::key(probe),
+                &w,
+                &mut sb,
+                t0 + Duration::from_secs(60),
+                None,
+            )
+            .map(|r| (r, t0.elapsed()));
+            (got, reaper.join().unwrap())
+        });
+        let ((attempts, _, errors), t_get) =
+            got.map_err(|e| format!("standby round {round}: {e}"))?;
+        let _ = std::fs::remove_file(&ctl);
+        // The "resumed" line is read by another thread: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let line = loop {
+            let found = sb
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains("resumed"))
+                .cloned();
+            match found {
+                Some(l) => break l,
+                None if Instant::now() > deadline => break String::new(),
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        };
+        let x = line
+            .split("guest running ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        res.standby_running_ms.push(x);
+        res.standby_get_ms.push(ms(t_get));
+        res.standby_reaped_ms.push(ms(t_reaped));
+        eprintln!(
+            "  standby round {round}: {} | SIGKILL→reaped {:.2} ms, freed→running {x:.2} ms, SIGKILL→GET {} ok {:.2} ms ({attempts} attempts; failed: {errors:?})",
+            ready.trim_start_matches("nvhv: "),
+            ms(t_reaped),
+            Dataset::key(probe),
+            ms(t_get)
+        );
+        let n = dbsize(port)?;
+        if n != ds.n() {
+            return Err(format!(
+                "standby round {round}: DBSIZE {n} after the takeover, expected {}",
+                ds.n()
+            ));
+        }
+        running = sb;
+    }
+    running.kill9();
+    let _ = std::fs::remove_file(&ctl);
+    Ok(())
 }
 
 /// `--churn`: the keys the churn load writes (`churn:0` … `churn:99999`).
@@ -1462,6 +1606,23 @@ fn main() {
                 )
             },
         );
+    }
+    if rows
+        .iter()
+        .any(|(_, nv, _, _)| !nv.standby_get_ms.is_empty())
+    {
+        println!("\nWith a standby (`nvhv resume --standby` started beside the running nvhv, which then gets SIGKILL):\n");
+        println!("| data | plain rounds: SIGKILL→reaped ms p50 / max | standby rounds: SIGKILL→reaped ms p50 / max | standby: image freed→running ms p50 / max | standby: SIGKILL→first correct GET ms p50 / max |");
+        println!("|---|---|---|---|---|");
+        for (name, nv, _, _) in &rows {
+            println!(
+                "| {name} | {} | {} | {} | {} |",
+                p50max(&nv.reaped_ms),
+                p50max(&nv.standby_reaped_ms),
+                p50max(&nv.standby_running_ms),
+                p50max(&nv.standby_get_ms)
+            );
+        }
     }
     println!("\nFill, memory and full read-back (every key GET and verified):\n");
     println!("| data | nvhv fill s (MiB/s) | redis fill s (MiB/s) | nvhv used_memory | redis used_memory | nvhv image allocated | nvhv spawn→all keys read s (cold) | nvhv full read s (warm) | redis spawn→all keys read s (cold) | redis full read s (warm) | load avg (start → end) |");

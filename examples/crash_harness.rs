@@ -1,6 +1,6 @@
 //! Standalone crash harness (the long run of `tests/crash.rs`):
 //!
-//! `cargo run --release --example crash_harness -- [--cycles 500] [--clients 4] [--seed N] [--dir /dev/shm] [-- extra nvhv args]`
+//! `cargo run --release --example crash_harness -- [--cycles 500] [--clients 4] [--seed N] [--dir /dev/shm] [--standby] [-- extra nvhv args]`
 //!
 //! Drives the kv guest in epoch mode with several clients, SIGKILLs nvhv at
 //! random moments, resumes, and checks every acknowledged write. Prints the
@@ -29,6 +29,11 @@ struct Args {
     /// Where the image goes (a directory is made in it and removed after).
     #[arg(long, default_value = "/dev/shm")]
     dir: PathBuf,
+    /// Start `nvhv resume --standby` beside each running nvhv: it takes
+    /// over at the SIGKILL, or is itself killed during its takeover (half
+    /// the time) and a plain resume follows.
+    #[arg(long)]
+    standby: bool,
     /// More `nvhv run` / `resume` arguments, after `--`.
     #[arg(last = true)]
     extra: Vec<String>,
@@ -40,6 +45,7 @@ fn main() {
         clients,
         seed,
         dir: base,
+        standby,
         extra,
     } = Args::parse();
     let seed = seed.unwrap_or_else(|| {
@@ -55,6 +61,7 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut h = harness::Harness::new(nvhv, &dir, clients, seed);
     h.extra_args = extra;
+    h.standby = standby;
     let t0 = std::time::Instant::now();
     for i in 0..cycles {
         h.cycle();
@@ -70,7 +77,7 @@ fn main() {
     h.finish();
     let t = &h.totals;
     println!(
-        "crash harness (seed {seed}, {clients} clients): {} SIGKILL cycles in {:.0} s, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} resumes killed before their guest ran and {} after (each resumed again), {} violations",
+        "crash harness (seed {seed}, {clients} clients, standby {standby}): {} SIGKILL cycles in {:.0} s, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} resumes killed before their guest ran and {} after (each resumed again), {} standby takeovers, {} standbys killed in their takeover before their guest ran and {} after, {} violations",
         t.cycles,
         t0.elapsed().as_secs_f64(),
         t.acked_writes,
@@ -80,6 +87,9 @@ fn main() {
         t.checked_reads,
         t.killed_resumes.0,
         t.killed_resumes.1,
+        t.takeovers,
+        t.killed_takeovers.0,
+        t.killed_takeovers.1,
         t.violations.len()
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -109,6 +109,16 @@ struct ResumeArgs {
     /// The image to continue.
     #[arg(long)]
     image: PathBuf,
+    /// Start beside the nvhv running an epoch-mode image, and take over when
+    /// it crashes: set up the KVM VM and its guest RAM now (the part of a
+    /// resume that grows with RAM size), wait for the image's lock without
+    /// using CPU, and resume as soon as the kernel frees the lock. Only an
+    /// image left by a crash is resumed: if the VM was suspended in order
+    /// (nvhv suspend, SIGTERM), the standby leaves it and exits. --listen
+    /// and --unix are bound at the takeover (the running nvhv holds them);
+    /// with socket activation both share the passed sockets.
+    #[arg(long)]
+    standby: bool,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -304,7 +314,20 @@ fn main() -> ExitCode {
                 image: a.image,
                 runtime: runtime(a.runtime, inherited),
             };
-            stop_status(vmm::resume(&cfg, started))
+            if !a.standby {
+                return stop_status(vmm::resume(&cfg, started));
+            }
+            match vmm::standby(&cfg) {
+                Ok(vmm::StandbyEnd::Resumed(outcome)) => stop_status(Ok(outcome)),
+                Ok(vmm::StandbyEnd::NotCrashed(status)) => {
+                    eprintln!(
+                        "nvhv: standby: {} was freed with status {status}, not left by a crash; not resuming it",
+                        cfg.image.display()
+                    );
+                    Ok(())
+                }
+                Err(e) => stop_status(Err(e)),
+            }
         }),
         Cmd::Suspend { image } => vmm::control::request_suspend(&image, Duration::from_secs(30))
             .map(|reply| println!("{reply}"))

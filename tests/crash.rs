@@ -1,29 +1,32 @@
 //! Crash safety by crashing: the kv guest in epoch mode under load from
 //! several clients, SIGKILLed at random moments, resumed and checked
-//! (`tests/harness`). CI runs 20 cycles; `cargo run --release --example
-//! crash_harness -- --cycles 500` runs the long version.
+//! (`tests/harness`): by a plain `nvhv resume`, and by a standby (`nvhv
+//! resume --standby`) started beside the running nvhv. CI runs 20 cycles of
+//! each; `cargo run --release --example crash_harness -- --cycles 500
+//! [--standby]` runs the long version.
 
 mod common;
 mod harness;
 
 use common::Scratch;
 
-#[test]
-fn sigkill_under_load_loses_no_acknowledged_write() {
-    require_kvm!();
-    let dir = Scratch::new("crash");
+/// 20 SIGKILL cycles (with a standby beside each running nvhv when
+/// `standby`), then the counts printed and checked.
+fn crash_cycles(tag: &str, standby: bool) {
+    let dir = Scratch::new(tag);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     let mut h = harness::Harness::new(env!("CARGO_BIN_EXE_nvhv").into(), &dir.0, 4, seed);
+    h.standby = standby;
     for _ in 0..20 {
         h.cycle();
     }
     h.finish();
     let t = &h.totals;
     println!(
-        "crash harness (seed {seed}): {} SIGKILL cycles, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} resumes killed before their guest ran and {} after (each resumed again), {} violations",
+        "crash harness (seed {seed}, standby {standby}): {} SIGKILL cycles, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} resumes killed before their guest ran and {} after (each resumed again), {} standby takeovers, {} standbys killed in their takeover before their guest ran and {} after, {} violations",
         t.cycles,
         t.acked_writes,
         t.unacked_present,
@@ -32,6 +35,9 @@ fn sigkill_under_load_loses_no_acknowledged_write() {
         t.checked_reads,
         t.killed_resumes.0,
         t.killed_resumes.1,
+        t.takeovers,
+        t.killed_takeovers.0,
+        t.killed_takeovers.1,
         t.violations.len()
     );
     assert!(
@@ -39,9 +45,29 @@ fn sigkill_under_load_loses_no_acknowledged_write() {
         "the load was too light to mean anything: {t:?}"
     );
     assert!(t.checked_reads > 0, "no read returned a value: {t:?}");
-    assert!(
-        t.killed_resumes.0 + t.killed_resumes.1 > 0,
-        "no resume was killed: {t:?}"
-    );
+    if standby {
+        assert!(t.takeovers > 0, "no standby took over: {t:?}");
+        assert!(
+            t.killed_takeovers.0 + t.killed_takeovers.1 > 0,
+            "no takeover was killed: {t:?}"
+        );
+    } else {
+        assert!(
+            t.killed_resumes.0 + t.killed_resumes.1 > 0,
+            "no resume was killed: {t:?}"
+        );
+    }
     assert!(t.violations.is_empty(), "violations: {:#?}", t.violations);
+}
+
+#[test]
+fn sigkill_under_load_loses_no_acknowledged_write() {
+    require_kvm!();
+    crash_cycles("crash", false);
+}
+
+#[test]
+fn a_standby_taking_over_under_load_loses_no_acknowledged_write() {
+    require_kvm!();
+    crash_cycles("crash-standby", true);
 }

@@ -2239,3 +2239,145 @@ fn a_halted_second_vcpu_is_captured_and_resumed() {
     kv.resume(false);
     kv.expect_value(&mut kv.conn(), "after", "resume");
 }
+
+// ---------------------------------------------------------------------------
+// `nvhv resume --standby`
+
+/// Starts `nvhv resume --standby` for `img`, to listen on `port` once it
+/// takes over, and waits until it says it stands by.
+fn standby(dir: &Scratch, n: usize, img: &Path, port: u16) -> Vmm {
+    let listen = format!("127.0.0.1:{port}");
+    let a = [
+        "resume",
+        "--standby",
+        "--image",
+        img.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    let mut vm = Vmm::start(&a, dir.path(&format!("standby{n}.log")));
+    poll("the standby to stand by", T, || {
+        if let Ok(Some(st)) = vm.child.try_wait() {
+            panic!("standby exited ({st}): {}", vm.stderr_text());
+        }
+        vm.stderr_text().contains("standing by").then_some(())
+    });
+    vm
+}
+
+/// A standby beside the running nvhv takes over when it is killed without
+/// warning, with every acknowledged write, and serves on the same address;
+/// a second standby does the same for the first; a third one, when the VM
+/// is then suspended in order, leaves the image suspended and exits 0, and
+/// a plain resume continues it.
+#[test]
+fn a_standby_takes_over_after_a_kill_with_every_acknowledged_write() {
+    require_kvm!();
+    let mut kv = Kv::start("standby", "64M");
+    for round in 0..2 {
+        std::thread::scope(|s| {
+            for t in 0..3 {
+                let kv = &kv;
+                s.spawn(move || {
+                    let mut c = kv.conn();
+                    for i in 0..100 {
+                        ok(
+                            &mut c,
+                            &["SET", &format!("r{round}:k{t}:{i}"), &format!("v{i}")],
+                        );
+                        assert!(int(&mut c, &["INCR", "shared"]) > 0);
+                    }
+                });
+            }
+        });
+        let sb = standby(&kv.dir, round, &kv.img, kv.port);
+        kv.vm.signal_and_wait(libc::SIGKILL);
+        kv.vm = sb;
+        poll("the standby to serve", T, || ping(&kv.url()).then_some(()));
+        kv.assert_alive();
+        let err = kv.vm.stderr_text();
+        assert!(
+            err.contains("guest running") && err.contains("after the image was freed"),
+            "{err}"
+        );
+        let mut c = kv.conn();
+        for r in 0..=round {
+            for t in 0..3 {
+                for i in [0, 57, 99] {
+                    kv.expect_value(&mut c, &format!("r{r}:k{t}:{i}"), &format!("v{i}"));
+                }
+            }
+        }
+        kv.expect_value(&mut c, "shared", &(300 * (round + 1)).to_string());
+    }
+    // An orderly stop is not a crash: the standby leaves the image alone.
+    let mut sb = standby(&kv.dir, 2, &kv.img, kv.port);
+    kv.suspend();
+    let st = common::wait_or_kill(&mut sb.child, T).expect("the standby exits");
+    let err = sb.stderr_text();
+    assert!(st.success(), "standby exited {st}: {err}");
+    assert!(err.contains("not left by a crash"), "{err}");
+    assert!(!err.contains("resumed"), "{err}");
+    let out = common::nvhv_output(&["inspect", kv.img.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("suspended"), "{text}");
+    kv.resume(false);
+    kv.expect_value(&mut kv.conn(), "shared", "600");
+}
+
+/// A standby needs an epoch-mode image: a crash leaves a suspend-only image
+/// not resumable, so it refuses at once, saying why.
+#[test]
+fn a_standby_refuses_a_suspend_only_image() {
+    require_kvm!();
+    let mut kv = Kv::start_with("standby-so", "64M", &["--persist", "suspend-only"]);
+    kv.suspend();
+    let out = common::nvhv_output(&[
+        "resume",
+        "--standby",
+        "--image",
+        kv.img.to_str().unwrap(),
+        "--console",
+        "/dev/null",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--standby") && err.contains("suspend-only"),
+        "{err}"
+    );
+}
+
+/// A standby built its VM over the file at the path when it started; if
+/// another image replaces that file before the takeover, it resumes the
+/// image at the path (with a VM built for it), not the one it built for.
+#[test]
+fn a_standby_resumes_the_image_at_the_path_when_the_file_was_replaced() {
+    require_kvm!();
+    // B: an image left by a crash, holding who=B.
+    let mut b = Kv::start("standby-b", "64M");
+    ok(&mut b.conn(), &["SET", "who", "B"]);
+    b.vm.signal_and_wait(libc::SIGKILL);
+    // A runs, holding who=A, with 32M of RAM (another geometry than B's).
+    let mut a = Kv::start("standby-a", "32M");
+    ok(&mut a.conn(), &["SET", "who", "A"]);
+    let port = free_port();
+    let mut sb = standby(&a.dir, 0, &a.img, port);
+    std::fs::rename(&b.img, &a.img).unwrap();
+    // A's nvhv still runs on the old file; kill it so that the standby,
+    // if it waits on that file, gets its lock and finds B at the path.
+    a.vm.signal_and_wait(libc::SIGKILL);
+    let url = format!("redis://127.0.0.1:{port}/");
+    poll("the standby to serve", T, || {
+        if let Ok(Some(st)) = sb.child.try_wait() {
+            panic!("standby exited ({st}): {}", sb.stderr_text());
+        }
+        ping(&url).then_some(())
+    });
+    let mut c = redis::Client::open(url)
+        .unwrap()
+        .get_connection_with_timeout(T)
+        .unwrap();
+    assert_eq!(bulk(&mut c, &["GET", "who"]).as_deref(), Some("B"));
+    assert_eq!(int(&mut c, &["DBSIZE"]), 1);
+}

@@ -15,6 +15,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -412,13 +413,44 @@ impl Image<FileStorage> {
     /// log. Never writes: if the log must be replayed, [`Image::recover`]
     /// does it.
     pub fn open(path: &Path) -> Result<Image, ImageError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| open_error(path, e))?;
-        check_regular(&file, path)?;
+        let file = open_rw(path)?;
         lock(&file, path, libc::LOCK_EX)?;
+        Image::open_locked(path, file)
+    }
+
+    /// Like [`Image::open`], but waits for the process holding the image's
+    /// lock (if any) to release it, by stopping or dying, instead of
+    /// failing with [`ImageError::InUse`]. The image it returns is the one
+    /// at `path` once the lock is taken: if the file was replaced at the
+    /// path meanwhile, the wait starts again on the new one. Also returns
+    /// when the lock was taken.
+    pub fn open_when_free(path: &Path) -> Result<(Image, Instant), ImageError> {
+        loop {
+            let file = open_rw(path)?;
+            wait_lock(&file, path)?;
+            let locked = Instant::now();
+            // ORDER: compare after the lock is taken: a file that was still
+            // at the path then is the one every later opener locks too.
+            let now = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
+            let held = file.metadata().map_err(read_err("image metadata"))?;
+            if (now.dev(), now.ino()) == (held.dev(), held.ino()) {
+                return Ok((Image::open_locked(path, file)?, locked));
+            }
+        }
+    }
+
+    /// The header of the image at `path`, read without its lock (the image
+    /// may be in use): what the VM of a resume will need, to set it up
+    /// before the image is free. Checked like [`Image::open`] checks it.
+    pub fn peek_header(path: &Path) -> Result<(File, Header), ImageError> {
+        let file = File::open(path).map_err(|e| open_error(path, e))?;
+        check_regular(&file, path)?;
+        let header = read_validated(&file)?.header;
+        Ok((file, header))
+    }
+
+    /// The validation of [`Image::open`], on `file` whose lock is held.
+    fn open_locked(path: &Path, file: File) -> Result<Image, ImageError> {
         let ram_offset = read_validated(&file)?.header.geometry.ram.offset;
         let backing = Backing::detect(&file, ram_offset, true)?;
         Image::open_storage(FileStorage::new(path, file, backing))
@@ -877,6 +909,17 @@ pub(super) fn open_error(path: &Path, e: io::Error) -> ImageError {
     }
 }
 
+/// `path` opened read-write, a regular file.
+fn open_rw(path: &Path) -> Result<File, ImageError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| open_error(path, e))?;
+    check_regular(&file, path)?;
+    Ok(file)
+}
+
 pub(super) fn check_regular(file: &File, path: &Path) -> Result<(), ImageError> {
     let ft = file
         .metadata()
@@ -907,6 +950,24 @@ pub(super) fn lock(file: &File, path: &Path, op: libc::c_int) -> Result<(), Imag
                     source: e,
                 })
             }
+        }
+    }
+}
+
+/// Takes `LOCK_EX` on `file`, waiting for whoever holds it to let go.
+fn wait_lock(file: &File, path: &Path) -> Result<(), ImageError> {
+    loop {
+        // SAFETY: flock on an fd we own; no memory is involved.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(ImageError::Lock {
+                path: path.to_owned(),
+                source: e,
+            });
         }
     }
 }
@@ -1259,6 +1320,59 @@ pub(super) mod tests {
         drop(img);
         let img = Image::open(&p.0).unwrap();
         assert_eq!(img.read_state().unwrap(), b"via the mapping");
+    }
+
+    #[test]
+    fn test_open_when_free_waits_for_the_lock() {
+        let (p, held) = created("whenfree");
+        let path = p.0.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let r = Image::open_when_free(&path);
+            let _ = tx.send(());
+            r
+        });
+        // While the lock is held the waiter stays blocked (a bug would
+        // return InUse or an image here), and the header can still be read.
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        let (_, header) = Image::peek_header(&p.0).unwrap();
+        assert_eq!(&header, held.header());
+        let uuid = held.header().uuid;
+        drop(held);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the waiter returns once the lock is dropped");
+        let (img, _) = waiter.join().unwrap().unwrap();
+        assert_eq!(img.header().uuid, uuid);
+        // It holds the lock now.
+        assert!(matches!(Image::open(&p.0), Err(ImageError::InUse(_))));
+    }
+
+    #[test]
+    fn test_open_when_free_follows_a_file_replaced_at_the_path() {
+        let (p, held) = created("replaced");
+        let (other, other_img) = created("replacement");
+        let new_uuid = other_img.header().uuid;
+        assert_ne!(new_uuid, held.header().uuid);
+        drop(other_img);
+        let path = p.0.clone();
+        let waiter = std::thread::spawn(move || Image::open_when_free(&path));
+        // Once the waiter is blocked on the old file's lock (/proc/locks
+        // lists it with "->"), replace the file at the path, then let go of
+        // the old one: the waiter must notice and take the new one.
+        let ino = held.file().metadata().unwrap().ino();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("->") && l.contains(&format!(":{ino} ")))
+        {
+            assert!(Instant::now() < deadline, "the waiter never blocked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::fs::rename(&other.0, &p.0).unwrap();
+        drop(held);
+        let (img, _) = waiter.join().unwrap().unwrap();
+        assert_eq!(img.header().uuid, new_uuid);
     }
 
     #[test]

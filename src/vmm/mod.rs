@@ -39,8 +39,10 @@ use crate::vstate::wait::{GuestWake, PARK_SPIN};
 pub mod control;
 mod epoch;
 pub mod listeners;
+mod standby;
 
 pub use epoch::{EpochEnd, EpochPolicy, EpochStats, DEFAULT_HOT_PAGES};
+pub use standby::{standby, StandbyEnd};
 
 /// Everything that can go wrong building, running or stopping a VM.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,9 @@ pub enum VmmError {
     /// Image problem (open, validation, commit).
     #[error(transparent)]
     Image(#[from] crate::nvram::ImageError),
+    /// `nvhv resume --standby` cannot stand by for this image.
+    #[error("--standby: {0}")]
+    Standby(String),
     /// The image cannot be resumed.
     #[error("image is not resumable: {0}")]
     NotResumable(String),
@@ -715,7 +720,29 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
     // of being refused (and backing off). Errors are reported after the
     // image's, where the device is restored.
     let listeners = cfg.runtime.vsock_config();
-    let mut image = Image::open(&cfg.image)?;
+    let image = Image::open(&cfg.image)?;
+    let from = Timeline::new(started, "process start");
+    resume_opened(cfg, from, image, listeners, VmSource::Creating(new_vm))
+}
+
+/// Where the KVM VM of a resume comes from.
+enum VmSource {
+    /// `KVM_CREATE_VM` on a thread of its own since the resume started.
+    Creating(std::thread::JoinHandle<Result<Vm, crate::vstate::vm::VmError>>),
+    /// Built by a standby before the image was free: the VM, guest RAM
+    /// mapped from the image and registered with KVM, the dirty tracker.
+    Ready(Box<standby::Prebuilt>),
+}
+
+/// The rest of a resume, from an image opened and locked: validate, recover,
+/// restore the machine, run it. `from` starts the resume's timeline.
+fn resume_opened(
+    cfg: &ResumeConfig,
+    from: Timeline,
+    mut image: Image,
+    listeners: Result<VsockConfig, VmmError>,
+    source: VmSource,
+) -> Result<RunOutcome, VmmError> {
     warn_if_short(&image);
     let epochs = image.header().config.persist == PersistMode::Epoch;
     let mut policy = cfg.runtime.epochs;
@@ -746,8 +773,11 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
     //    yet: each page reads the RAM image at its first access).
     let bytes = image.restored_state()?;
     let state = MachineState::decode(&bytes, vcpus_n)?;
-    let mem = memory::map_ram(image.file(), image.ram_offset(), ram, !epochs)?;
-    let mut tl = Timeline::new(started);
+    let mem = match &source {
+        VmSource::Creating(_) => memory::map_ram(image.file(), image.ram_offset(), ram, !epochs)?,
+        VmSource::Ready(pre) => pre.mem.clone(),
+    };
+    let mut tl = from;
     tl.mark("image opened, state read, RAM mapped");
     // 3. Recovery, the VM, the vCPUs (see `restore_vm`).
     let recover = epochs.then_some(|| image.recover());
@@ -756,14 +786,17 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
         vm,
         dirty,
         mut vcpus,
-    } = restore_vm(
-        recover,
-        new_vm,
-        (&mem, ram),
-        &state,
-        cfg.runtime.epochs.hot_pages,
-        epochs,
-    )?;
+    } = match source {
+        VmSource::Creating(new_vm) => restore_vm(
+            recover,
+            new_vm,
+            (&mem, ram),
+            &state,
+            cfg.runtime.epochs.hot_pages,
+            epochs,
+        )?,
+        VmSource::Ready(pre) => pre.restore(recover, &state)?,
+    };
     if let Some(r) = report {
         tracing::info!("recovery: {r:?}");
     }
@@ -935,18 +968,22 @@ fn restore_vcpus(vm: &Vm, state: &MachineState) -> Result<Vec<Vcpu>, VmmError> {
     Ok(vcpus)
 }
 
-/// Named instants since process start, for the resume and suspend breakdowns
-/// (printed at `NVHV_LOG=info`).
+/// Named instants since process start (or since a standby's image was
+/// freed), for the resume and suspend breakdowns (printed at
+/// `NVHV_LOG=info`).
 pub struct Timeline {
     t0: Instant,
+    /// What happened at `t0`, in words.
+    origin: &'static str,
     marks: Vec<(&'static str, Duration)>,
 }
 
 impl Timeline {
-    /// Start at `t0`.
-    pub fn new(t0: Instant) -> Self {
+    /// Start at `t0`, when `origin` happened.
+    pub fn new(t0: Instant, origin: &'static str) -> Self {
         Timeline {
             t0,
+            origin,
             marks: Vec::new(),
         }
     }
@@ -1088,8 +1125,9 @@ impl Machine {
             t.mark("vCPU threads started");
             t.log("resume");
             eprintln!(
-                "nvhv: resumed, guest running {:.3} ms after process start",
-                t.elapsed().as_secs_f64() * 1e3
+                "nvhv: resumed, guest running {:.3} ms after {}",
+                t.elapsed().as_secs_f64() * 1e3,
+                t.origin
             );
         } else {
             eprintln!("nvhv: running (image {})", self.image_path().display());

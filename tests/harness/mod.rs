@@ -136,6 +136,12 @@ pub struct Totals {
     /// Resumes themselves SIGKILLed at a random moment (before their guest
     /// ran / after), each followed by another resume.
     pub killed_resumes: (u64, u64),
+    /// With [`Harness::standby`]: kills a standby took over from.
+    pub takeovers: u64,
+    /// With [`Harness::standby`]: standbys themselves SIGKILLed at a random
+    /// moment of their takeover (before their guest ran / after), each
+    /// followed by a plain resume.
+    pub killed_takeovers: (u64, u64),
     pub violations: Vec<String>,
 }
 
@@ -432,6 +438,12 @@ pub struct Harness {
     pub totals: Totals,
     pub rng: Rng,
     pub log_dir: PathBuf,
+    /// Start `nvhv resume --standby` beside each running nvhv before the
+    /// load; it takes over at the SIGKILL (or is itself killed at a random
+    /// moment of its takeover, half the time).
+    pub standby: bool,
+    /// A standby that took over at the last kill: the next cycle's nvhv.
+    next: Option<(Child, PathBuf)>,
 }
 
 fn free_port() -> u16 {
@@ -480,7 +492,46 @@ impl Harness {
             totals: Totals::default(),
             rng: Rng::new(seed),
             log_dir: dir.to_path_buf(),
+            standby: false,
+            next: None,
         }
+    }
+
+    /// `nvhv resume --standby` for the image, waited for until it says it
+    /// stands by.
+    fn spawn_standby(&self, n: u64) -> (Child, PathBuf) {
+        let err = self.log_dir.join(format!("nvhv-{n}-standby.stderr"));
+        let listen = format!("127.0.0.1:{}", self.port);
+        let mut args = vec![
+            "resume",
+            "--standby",
+            "--image",
+            self.image.to_str().unwrap(),
+        ];
+        args.extend(["--listen", &listen, "--console", "/dev/null"]);
+        args.extend(self.extra_args.iter().map(String::as_str));
+        let mut child = Command::new(&self.nvhv)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("spawn nvhv --standby");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&err)
+            .unwrap_or_default()
+            .contains("standing by")
+        {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "standby exited ({st}): {}",
+                    std::fs::read_to_string(&err).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "the standby never stood by");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (child, err)
     }
 
     fn spawn(&self, first: bool, n: u64) -> (Child, PathBuf) {
@@ -536,15 +587,21 @@ impl Harness {
     /// a random moment), load, SIGKILL at a random moment, resume, verify.
     pub fn cycle(&mut self) {
         let n = self.totals.cycles;
-        if n > 0 && self.rng.below(2) == 0 {
-            self.killed_resume(n);
-        }
-        let (mut child, err) = self.spawn(n == 0, n);
+        let (mut child, err) = match self.next.take() {
+            Some(took_over) => took_over,
+            None => {
+                if n > 0 && self.rng.below(2) == 0 {
+                    self.killed_resume(n);
+                }
+                self.spawn(n == 0, n)
+            }
+        };
         wait_ready(self.port, &mut child, "start", &err);
         if n > 0 {
             // The resume of the previous kill is verified here, before new load.
             verify(self.port, &self.logs, &mut self.totals);
         }
+        let mut standby = self.standby.then(|| self.spawn_standby(n));
         let stop = Arc::new(AtomicBool::new(false));
         let run_for = Duration::from_millis(30 + self.rng.below(300));
         std::thread::scope(|s| {
@@ -561,6 +618,23 @@ impl Harness {
             let _ = child.wait();
             stop.store(true, Ordering::Relaxed);
         });
+        if let Some((mut sb, sb_err)) = standby.take() {
+            if self.rng.below(2) == 0 {
+                // The standby killed during its takeover: a plain resume next.
+                std::thread::sleep(Duration::from_micros(self.rng.below(8_000)));
+                let _ = sb.kill();
+                let _ = sb.wait();
+                let said = std::fs::read_to_string(&sb_err).unwrap_or_default();
+                if said.contains("nvhv: resumed") {
+                    self.totals.killed_takeovers.1 += 1;
+                } else {
+                    self.totals.killed_takeovers.0 += 1;
+                }
+            } else {
+                self.totals.takeovers += 1;
+                self.next = Some((sb, sb_err));
+            }
+        }
         for log in &self.logs {
             let l = log.lock().unwrap();
             self.totals.acked_writes += l.sets.values().filter(|s| s.1).count() as u64;
@@ -571,7 +645,10 @@ impl Harness {
     /// Resume once more and verify the last kill, then stop cleanly.
     pub fn finish(&mut self) {
         let n = self.totals.cycles;
-        let (mut child, err) = self.spawn(false, n);
+        let (mut child, err) = match self.next.take() {
+            Some(took_over) => took_over,
+            None => self.spawn(false, n),
+        };
         wait_ready(self.port, &mut child, "final resume", &err);
         verify(self.port, &self.logs, &mut self.totals);
         // SAFETY: kill(2) on our own child.

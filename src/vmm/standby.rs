@@ -1,0 +1,179 @@
+//! `nvhv resume --standby`: a resume prepared before its image is free.
+//!
+//! A standby runs beside the nvhv that runs an epoch-mode image. It reads
+//! the image's header without taking its lock and builds what a resume
+//! needs that does not depend on the image's contents: the KVM VM, guest
+//! RAM mapped privately from the image and registered with KVM (the one
+//! step of a resume whose cost grows with RAM size, ~0.3 ms per GiB here),
+//! and the dirty tracker. Then it waits on the image's lock, using no CPU.
+//! When the running nvhv dies, the kernel releases its lock, and the
+//! standby resumes at once: open and validate the image, replay the log,
+//! restore the vCPUs and devices, bind the listeners, run. Process start
+//! and the slot are then behind it.
+//!
+//! It takes over only an image left by a crash (its current record says
+//! `Running` or `Committed`). An image stopped in order (`Suspended`) or
+//! never run stays as it is, and the standby exits: stopping the VM on
+//! purpose must not start it again.
+//!
+//! Why building early is safe: a page of a private mapping reads the file
+//! when it is first touched, and nothing touches guest RAM until recovery
+//! has returned (the ORDER rule of every resume), so what the running nvhv
+//! and recovery write to the RAM image before then is what the guest sees.
+//! If the file at the path is not the one the VM was built for (replaced,
+//! or re-created with another header), the prebuilt VM is dropped and the
+//! resume builds its own.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::listeners::ListenError;
+use super::{resume_opened, Restored, ResumeConfig, RunOutcome, Timeline, VmSource, VmmError};
+use crate::devices::virtio::vsock::VsockConfig;
+use crate::devices::GuestMemory;
+use crate::nvram::{Bytes, Header, Image, ImageError, PersistMode, Status};
+use crate::persist::MachineState;
+use crate::vstate::dirty::DirtyTracker;
+use crate::vstate::memory;
+use crate::vstate::vm::Vm;
+
+/// How a standby ended, when it did not fail.
+#[derive(Debug)]
+pub enum StandbyEnd {
+    /// It took the image over; how that VM's run ended.
+    Resumed(RunOutcome),
+    /// The image was freed in order (or never ran): its status, left as is.
+    NotCrashed(Status),
+}
+
+/// `nvhv resume --standby`: build the VM, wait for the image to be free,
+/// and resume it if a crash left it.
+pub fn standby(cfg: &ResumeConfig) -> Result<StandbyEnd, VmmError> {
+    let t = Instant::now();
+    let pre = Prebuilt::build(&cfg.image, cfg.runtime.epochs.hot_pages)?;
+    eprintln!(
+        "nvhv: standing by for {} ({} of guest RAM set up in {:.1} ms); it resumes the VM when the nvhv running it dies",
+        cfg.image.display(),
+        Bytes(pre.header.config.ram_bytes),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let (image, freed) = Image::open_when_free(&cfg.image)?;
+    let status = image.current().status;
+    if !matches!(status, Status::Running | Status::Committed) {
+        return Ok(StandbyEnd::NotCrashed(status));
+    }
+    // The listeners only now: the nvhv that ran the image held them.
+    let listeners = listen_after_takeover(cfg);
+    let source = if pre.fits(&image) {
+        VmSource::Ready(Box::new(pre))
+    } else {
+        tracing::info!("the image at the path is not the one the standby built for; building anew");
+        drop(pre);
+        VmSource::Creating(std::thread::spawn(Vm::new))
+    };
+    let from = Timeline::new(freed, "the image was freed");
+    let result = resume_opened(cfg, from, image, listeners, source);
+    if let Err(e) = &result {
+        if crate::is_out_of_space(e) {
+            // As a plain resume does: what was kept, and what is needed.
+            super::report_image(&cfg.image, e);
+        }
+    }
+    result.map(StandbyEnd::Resumed)
+}
+
+/// How long a standby retries a listen address still in use after the
+/// takeover: a process killed with SIGKILL closes its descriptors one by
+/// one as it exits, its image lock not necessarily last (the crash harness
+/// saw the bind right after a takeover fail with EADDRINUSE).
+const LISTEN_RETRY: Duration = Duration::from_secs(2);
+
+/// The vsock listeners of `cfg`, bound once the nvhv that held them has
+/// closed them: an address still in use is tried again every 200 µs (there
+/// is no event for a port being freed) for up to [`LISTEN_RETRY`].
+fn listen_after_takeover(cfg: &ResumeConfig) -> Result<VsockConfig, VmmError> {
+    let t = Instant::now();
+    loop {
+        match cfg.runtime.vsock_config() {
+            Err(VmmError::Listen(ListenError::Bind { source, .. }))
+                if source.kind() == std::io::ErrorKind::AddrInUse && t.elapsed() < LISTEN_RETRY =>
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// What a resume needs that a standby builds before the image is free.
+pub(super) struct Prebuilt {
+    /// The image file it was built for, opened read-only without its lock:
+    /// the mapping's source, and the identity [`Prebuilt::fits`] checks.
+    file: File,
+    header: Header,
+    // ORDER: `vm` before `mem` (fields drop in order): the VM's slot points
+    // into the mapping.
+    vm: Vm,
+    /// Guest RAM, mapped privately and registered with KVM (dirty-logged).
+    pub(super) mem: GuestMemory,
+    dirty: DirtyTracker,
+}
+
+impl Prebuilt {
+    /// The VM, guest RAM and dirty tracker for the image at `path`, read
+    /// without its lock. Touches no page of guest RAM.
+    fn build(path: &Path, hot_pages: usize) -> Result<Self, VmmError> {
+        let (file, header) = Image::peek_header(path)?;
+        if header.config.persist != PersistMode::Epoch {
+            return Err(VmmError::Standby(format!(
+                "{} is a suspend-only image, which a crash leaves not resumable; a standby needs --persist epoch",
+                path.display()
+            )));
+        }
+        let ram = header.config.ram_bytes;
+        let vm = Vm::new()?;
+        // ORDER: manual dirty-log protection before the dirty-logged slot.
+        let mut dirty = DirtyTracker::enable(&vm.fd, hot_pages, ram)?;
+        dirty.warm();
+        let mem = memory::map_ram(&file, header.geometry.ram.offset, ram, false)?;
+        memory::register(&vm.fd, &mem, true)?;
+        Ok(Prebuilt {
+            file,
+            header,
+            vm,
+            mem,
+            dirty,
+        })
+    }
+
+    /// Whether this was built for what `image` holds: the same file, with
+    /// the same header.
+    fn fits(&self, image: &Image) -> bool {
+        let same_file = match (self.file.metadata(), image.file().metadata()) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+            _ => false,
+        };
+        same_file && &self.header == image.header()
+    }
+
+    /// Recovery (`recover`, on this thread: nothing is left to build beside
+    /// it), then the vCPUs restored from `state`.
+    pub(super) fn restore<R>(
+        self,
+        recover: Option<impl FnOnce() -> Result<R, ImageError>>,
+        state: &MachineState,
+    ) -> Result<Restored<R>, VmmError> {
+        let report = recover.map(|f| f()).transpose()?;
+        // ORDER: the vCPUs only once recovery has returned (restoring them
+        // is the first access to guest RAM).
+        let vcpus = super::restore_vcpus(&self.vm, state)?;
+        Ok(Restored {
+            report,
+            vm: self.vm,
+            dirty: Some(self.dirty),
+            vcpus,
+        })
+    }
+}
