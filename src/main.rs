@@ -109,14 +109,17 @@ struct ResumeArgs {
     /// The image to continue.
     #[arg(long)]
     image: PathBuf,
-    /// Start beside the nvhv running an epoch-mode image, and take over when
-    /// it crashes: set up the KVM VM and its guest RAM now (the part of a
-    /// resume that grows with RAM size), wait for the image's lock without
+    /// Stand by beside the nvhv running an epoch-mode image, and take over
+    /// when it crashes: set up the KVM VM and its guest RAM now (the part of
+    /// a resume that grows with RAM size), wait for the image's lock without
     /// using CPU, and resume as soon as the kernel frees the lock. Only an
-    /// image left by a crash is resumed: if the VM was suspended in order
-    /// (nvhv suspend, SIGTERM), the standby leaves it and exits. --listen
-    /// and --unix are bound at the takeover (the running nvhv holds them);
-    /// with socket activation both share the passed sockets.
+    /// image left by a crash is taken over: if the VM was suspended in order
+    /// (nvhv suspend, SIGTERM), the standby leaves it and exits 0. If no
+    /// nvhv runs the image, it is resumed at once, as without --standby (so
+    /// two standbys of one image make a pair). --listen and --unix are bound
+    /// at the takeover (the running nvhv holds them until it dies); under
+    /// socket activation both processes get the same sockets, and clients
+    /// that connect during the takeover wait in their queue.
     #[arg(long)]
     standby: bool,
     #[command(flatten)]
@@ -317,7 +320,7 @@ fn main() -> ExitCode {
             if !a.standby {
                 return stop_status(vmm::resume(&cfg, started));
             }
-            match vmm::standby(&cfg) {
+            match vmm::standby(&cfg, started) {
                 Ok(vmm::StandbyEnd::Resumed(outcome)) => stop_status(Ok(outcome)),
                 Ok(vmm::StandbyEnd::NotCrashed(status)) => {
                     eprintln!(

@@ -145,6 +145,100 @@ fn a_client_connecting_while_nvhv_is_down_is_served_by_the_resumed_guest() {
     );
 }
 
+/// Polls `stderr` until it contains `what`, or panics after `T` (or if
+/// `child` exits first).
+fn wait_said(child: &mut Child, stderr: &Path, what: &str) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        let text = std::fs::read_to_string(stderr).unwrap_or_default();
+        if text.contains(what) {
+            return text;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("nvhv exited ({st}) before saying {what:?}: {text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} within {T:?}: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Two `nvhv resume --standby` of one image under socket activation, as two
+/// services sharing one socket: the first resumes the (suspended) image at
+/// once, the second stands by; when the first is killed, a client that
+/// connects right after the kill waits in the socket's queue and is
+/// answered by the second; the first, restarted, stands by in turn; an
+/// orderly stop of the one serving leaves the image suspended and the
+/// standby exits 0 without resuming it.
+#[test]
+fn a_pair_of_standbys_sharing_the_socket_serves_across_a_crash() {
+    require_kvm!();
+    let dir = Scratch::new("activation-standby");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    let sock = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let start = |name: &str, args: &[&str]| {
+        let console = dir.path(&format!("{name}.console"));
+        let mut a = args.to_vec();
+        a.extend(["--console", console.to_str().unwrap()]);
+        let stderr = dir.path(&format!("{name}.stderr"));
+        let child = spawn_activated(sock.try_clone().unwrap().into(), &a, &stderr);
+        (Started(child), stderr)
+    };
+    let (mut vm, err) = start("run", &["run", "--image", img_s, "--mem", "64M"]);
+    wait_pong(port, &mut vm.0, &err);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(vm.0.id() as i32, libc::SIGTERM) };
+    assert!(vm.0.wait().unwrap().success());
+
+    let standby = ["resume", "--standby", "--image", img_s];
+    let (mut a, err_a) = start("a", &standby);
+    wait_pong(port, &mut a.0, &err_a);
+    let said = std::fs::read_to_string(&err_a).unwrap();
+    assert!(said.contains("after process start"), "{said}");
+    let (mut b, err_b) = start("b", &standby);
+    wait_said(&mut b.0, &err_b, "standing by");
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(
+        request(&mut c, "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nfrom!\r\n"),
+        "+OK\r\n"
+    );
+    drop(c);
+
+    // A crash without warning; a client right after it (once the killed
+    // process is gone: it must not accept the connection as it dies).
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let mut waiting = TcpStream::connect(("127.0.0.1", port)).expect("connect after the kill");
+    waiting.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(
+        request(&mut waiting, "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"),
+        "$5\r\nfrom!\r\n",
+        "b: {}",
+        std::fs::read_to_string(&err_b).unwrap_or_default()
+    );
+    let said = wait_said(&mut b.0, &err_b, "resumed");
+    assert!(said.contains("after the image was freed"), "{said}");
+
+    // The first one, restarted, now stands by.
+    let (mut a2, err_a2) = start("a2", &standby);
+    wait_said(&mut a2.0, &err_a2, "standing by");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(b.0.id() as i32, libc::SIGTERM) };
+    assert!(b.0.wait().unwrap().success());
+    let st = common::wait_or_kill(&mut a2.0, T).expect("the standby exits");
+    let said = std::fs::read_to_string(&err_a2).unwrap();
+    assert!(st.success(), "{st}: {said}");
+    assert!(
+        said.contains("not left by a crash") && !said.contains("resumed"),
+        "{said}"
+    );
+}
+
 /// Runs `nvhv args` with `fd3` as descriptor 3 under `LISTEN_FDS=1`;
 /// returns (success, stderr).
 fn activated_output(fd3: OwnedFd, args: &[&str], dir: &Scratch) -> (bool, String) {

@@ -2326,20 +2326,24 @@ fn a_standby_takes_over_after_a_kill_with_every_acknowledged_write() {
 }
 
 /// A standby needs an epoch-mode image: a crash leaves a suspend-only image
-/// not resumable, so it refuses at once, saying why.
+/// not resumable, so standing by for a running one is refused at once,
+/// saying why (and the running VM goes on).
 #[test]
 fn a_standby_refuses_a_suspend_only_image() {
     require_kvm!();
     let mut kv = Kv::start_with("standby-so", "64M", &["--persist", "suspend-only"]);
-    kv.suspend();
+    let listen = format!("127.0.0.1:{}", free_port());
     let out = common::nvhv_output(&[
         "resume",
         "--standby",
         "--image",
         kv.img.to_str().unwrap(),
+        "--listen",
+        &listen,
         "--console",
         "/dev/null",
     ]);
+    kv.assert_alive();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(

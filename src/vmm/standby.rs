@@ -14,7 +14,10 @@
 //! It takes over only an image left by a crash (its current record says
 //! `Running` or `Committed`). An image stopped in order (`Suspended`) or
 //! never run stays as it is, and the standby exits: stopping the VM on
-//! purpose must not start it again.
+//! purpose must not start it again. A standby that finds nobody holding
+//! the image resumes it at once, as `nvhv resume` does: so two standbys of
+//! one image make a pair (the first resumes, the second waits; the first,
+//! restarted after its crash, waits in turn).
 //!
 //! Why building early is safe: a page of a private mapping reads the file
 //! when it is first touched, and nothing touches guest RAM until recovery
@@ -48,9 +51,24 @@ pub enum StandbyEnd {
     NotCrashed(Status),
 }
 
-/// `nvhv resume --standby`: build the VM, wait for the image to be free,
-/// and resume it if a crash left it.
-pub fn standby(cfg: &ResumeConfig) -> Result<StandbyEnd, VmmError> {
+/// `nvhv resume --standby`: if no process holds the image, resume it now
+/// (as `nvhv resume` does); otherwise build the VM, wait for the image to
+/// be free, and resume it if a crash left it. `started`: process start.
+pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmError> {
+    match Image::open(&cfg.image) {
+        Ok(image) => {
+            // Nobody runs it: resume it, whatever stopped it. So two
+            // standbys of one image make a pair: the first resumes, the
+            // second waits, and a standby restarted after a crash waits.
+            let new_vm = std::thread::spawn(Vm::new);
+            let listeners = cfg.runtime.vsock_config();
+            let from = Timeline::new(started, "process start");
+            return resume_opened(cfg, from, image, listeners, VmSource::Creating(new_vm))
+                .map(StandbyEnd::Resumed);
+        }
+        Err(ImageError::InUse(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     let t = Instant::now();
     let pre = Prebuilt::build(&cfg.image, cfg.runtime.epochs.hot_pages)?;
     eprintln!(
