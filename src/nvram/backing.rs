@@ -1,8 +1,9 @@
 //! What the image file lives on, and the persist primitive for each kind:
 //! `fdatasync` on an ordinary file, a fence on tmpfs (nothing survives a power
 //! loss there anyway), cache-line write-back + `sfence` on a DAX file mapped
-//! with `MAP_SYNC`. Owns the only mapping of the image that `nvram` makes (the
-//! DAX mapping of the metadata regions) and the cache-flush instructions.
+//! with `MAP_SYNC`. Owns the mappings of the image that `nvram` makes (the
+//! DAX mapping of the metadata regions, and read-only views of the redo log
+//! for recovery) and the cache-flush instructions.
 
 use std::fs::File;
 use std::io;
@@ -357,6 +358,90 @@ impl Drop for DaxMap {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping this value created and owns.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A read-only view of `len` bytes of a file from `offset`, mapped shared
+/// and populated: reading it reads the page cache (or the DAX medium) in
+/// place, with no copy into fresh memory. For recovery's reads of the redo
+/// log, where copying into new pages (each first touch a fault on our
+/// hosts) cost more than checking the bytes.
+///
+/// ORDER: nothing may write the viewed range while a view lives (a `&[u8]`
+/// from [`ReadMap::bytes`] would change under its reader). The image lock
+/// keeps other processes out; recovery drops its views of the log before it
+/// returns, and the log is written only after that.
+pub struct ReadMap {
+    ptr: NonNull<u8>,
+    /// Length of the mapping (from the page boundary below `offset`).
+    map_len: usize,
+    /// Where the view starts in the mapping.
+    skip: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone and only ever read.
+unsafe impl Send for ReadMap {}
+// SAFETY: every method only reads the mapping.
+unsafe impl Sync for ReadMap {}
+
+impl ReadMap {
+    /// Maps `[offset, offset + len)` of `file` (`len` > 0) read-only.
+    pub(crate) fn new(file: &File, offset: u64, len: usize) -> io::Result<ReadMap> {
+        let page = 4096u64;
+        let start = offset & !(page - 1);
+        let skip = (offset - start) as usize;
+        let map_len = skip
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let at =
+            libc::off_t::try_from(start).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a new read-only mapping at an address the kernel picks; no
+        // existing memory is touched. The result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                at,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(ReadMap {
+            ptr,
+            map_len,
+            skip,
+            len,
+        })
+    }
+
+    /// The viewed bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `[skip, skip + len)` lies inside our live read-only
+        // mapping (`map_len = skip + len`); by the ORDER rule above nothing
+        // writes it while this borrow lives. A file truncated behind our back
+        // would raise SIGBUS, as for any mapping.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(self.skip), self.len) }
+    }
+}
+
+impl Drop for ReadMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping this value created and owns.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
+impl std::fmt::Debug for ReadMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadMap({} bytes)", self.len)
     }
 }
 

@@ -37,7 +37,7 @@ use super::redo::{
     RECORD_VERSION_1, RECORD_VERSION_3,
 };
 use super::replay::ReplayPages;
-use super::storage::Storage;
+use super::storage::{ReadBytes, Storage};
 
 /// Bytes gathered into one write when writes to consecutive RAM-image bytes
 /// are coalesced (replay of pages logged whole).
@@ -713,10 +713,10 @@ fn read_payload<S: Storage + ?Sized>(
     s: &S,
     region: Region,
     rh: &RecordHeader,
-) -> Result<Result<Vec<u8>, RecordError>, ImageError> {
+) -> Result<Result<ReadBytes, RecordError>, ImageError> {
     let len = usize::try_from(rh.payload_len).unwrap_or(usize::MAX);
-    let mut payload = vec![0u8; len];
-    s.read_at(region.offset + rh.offset + BLOCK, &mut payload)
+    let payload = s
+        .read_bytes(region.offset + rh.offset + BLOCK, len)
         .map_err(read_err("redo-log payload"))?;
     let crc = crc32c::crc32c(&payload);
     if crc != rh.payload_crc {
@@ -736,7 +736,7 @@ fn check_payload<S: Storage + ?Sized>(
     header: &Header,
     region: Region,
     rh: &RecordHeader,
-) -> Result<Result<Vec<u8>, RecordError>, ImageError> {
+) -> Result<Result<ReadBytes, RecordError>, ImageError> {
     Ok(read_payload(s, region, rh)?.and_then(|payload| {
         decode_writes(rh.version, &payload, rh.pages, header.ram_bytes() / PAGE)?;
         Ok(payload)
@@ -745,7 +745,7 @@ fn check_payload<S: Storage + ?Sized>(
 
 /// Payloads read and checked while planning recovery, by (log half, record
 /// offset): recovery replays them without reading them again.
-pub(super) type Payloads = HashMap<(usize, u64), Vec<u8>>;
+pub(super) type Payloads = HashMap<(usize, u64), ReadBytes>;
 
 /// Writes `writes` into the RAM region at `ram` (the region's offset), in
 /// order; writes that continue each other in the RAM image are gathered
@@ -1340,6 +1340,8 @@ impl<S: Storage> Image<S> {
             elapsed: Duration::ZERO,
         };
         if !self.recovery_pending {
+            // Views of the log must not outlive recovery (see ReadMap).
+            self.replay_payloads.clear();
             report.elapsed = start.elapsed();
             return Ok(report);
         }

@@ -40,4 +40,4 @@ pub use layout::{
     Uuid, FORMAT_VERSION,
 };
 pub use redo::RecordError;
-pub use storage::{FileStorage, MemStorage, Storage};
+pub use storage::{FileStorage, MemStorage, ReadBytes, Storage};

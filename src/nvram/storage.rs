@@ -18,7 +18,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::backing::{Backing, BackingError, BackingKind};
+use super::backing::{Backing, BackingError, BackingKind, ReadMap};
 
 /// Positional access to an image's bytes, with a persist primitive.
 ///
@@ -56,6 +56,14 @@ pub trait Storage {
     /// A hint, no guarantee: the reads that follow, until the next call
     /// with `false`, are scattered; read no more than each asks for.
     fn scattered_reads(&self, _on: bool) {}
+
+    /// `len` bytes from `offset`, to be read only: by default copied out
+    /// ([`Storage::read_at`]); a file may hand out a view of them in place.
+    fn read_bytes(&self, offset: u64, len: usize) -> io::Result<ReadBytes> {
+        let mut v = vec![0u8; len];
+        self.read_at(offset, &mut v)?;
+        Ok(ReadBytes::Copied(v))
+    }
 
     /// A second handle of the same file (a duplicated descriptor), through
     /// which another thread may read and write the RAM region while this
@@ -97,6 +105,31 @@ impl Storage for File {
         self.try_clone().ok()
     }
 }
+
+/// Bytes read from a storage ([`Storage::read_bytes`]).
+#[derive(Debug)]
+pub enum ReadBytes {
+    /// Copied out into memory of their own.
+    Copied(Vec<u8>),
+    /// A read-only view of the file's pages (see [`ReadMap`] for the rule
+    /// that no one writes them meanwhile).
+    Mapped(ReadMap),
+}
+
+impl std::ops::Deref for ReadBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadBytes::Copied(v) => v,
+            ReadBytes::Mapped(m) => m.bytes(),
+        }
+    }
+}
+
+/// Reads of at least this many bytes from an image file are mapped, not
+/// copied (below it a copy costs less than a mapping).
+const MAP_READS_FROM: usize = 64 << 10;
 
 /// The image file with its detected backing: writes go through the DAX
 /// mapping where there is one, persists use the backing's primitive
@@ -160,6 +193,25 @@ impl Storage for FileStorage {
 
     fn scattered_reads(&self, on: bool) {
         super::backing::advise_readahead(&self.file, !on);
+    }
+
+    fn read_bytes(&self, offset: u64, len: usize) -> io::Result<ReadBytes> {
+        if len >= MAP_READS_FROM {
+            // A view must lie inside the file (a page past its end would
+            // raise SIGBUS when read): the caller's bounds come from a
+            // validated geometry, and the length was checked at open.
+            let inside = offset
+                .checked_add(len as u64)
+                .is_some_and(|end| self.file.size().is_ok_and(|size| end <= size));
+            if inside {
+                if let Ok(m) = ReadMap::new(&self.file, offset, len) {
+                    return Ok(ReadBytes::Mapped(m));
+                }
+            }
+        }
+        let mut v = vec![0u8; len];
+        self.read_at(offset, &mut v)?;
+        Ok(ReadBytes::Copied(v))
     }
 
     fn second_handle(&self) -> Option<File> {
@@ -254,5 +306,35 @@ mod tests {
         assert_eq!(s.size().unwrap(), 21);
         s.persist(0, 21).unwrap();
         assert_eq!(s.bytes()[20], b'z');
+    }
+
+    #[test]
+    fn test_file_reads_of_large_ranges_are_views_of_the_same_bytes() {
+        let p = super::super::image::tests::TempPath::new("readbytes");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p.0)
+            .unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 4096) as u8).collect();
+        file.write_all_at(&data, 0).unwrap();
+        let backing = Backing::detect(&file, 0, true).unwrap();
+        let s = FileStorage::new(&p.0, file, backing);
+        // Large, unaligned: a view; small: a copy; both the file's bytes.
+        let big = s.read_bytes(1234, 200_000).unwrap();
+        assert!(matches!(big, ReadBytes::Mapped(_)));
+        assert_eq!(&big[..], &data[1234..201_234]);
+        let small = s.read_bytes(5000, 100).unwrap();
+        assert!(matches!(small, ReadBytes::Copied(_)));
+        assert_eq!(&small[..], &data[5000..5100]);
+        // Past the end: an error, never a view (reading one would SIGBUS).
+        assert!(s.read_bytes(200_000, 200_000).is_err());
+        // The default (MemStorage) copies.
+        let m = MemStorage::from_bytes(data.clone());
+        let c = m.read_bytes(1234, 200_000).unwrap();
+        assert!(matches!(c, ReadBytes::Copied(_)));
+        assert_eq!(&c[..], &data[1234..201_234]);
     }
 }

@@ -700,16 +700,30 @@ fn output_hint(mem: &GuestMemory) -> Option<AdviceWord> {
 ///
 /// Guest RAM is mapped, never read or copied: the cost does not depend on RAM size.
 pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmError> {
-    let result = resume_image(cfg, started);
-    match &result {
-        // A replay or commit that found no room: say so, and what is kept.
-        Err(e) if crate::is_out_of_space(e) => report_image(&cfg.image, e),
-        _ => {}
+    reported(cfg, resume_image(cfg, started, None))
+}
+
+/// `result` of a resume of `cfg.image`, after saying what is kept and what
+/// is needed if a replay or commit found no room.
+fn reported(
+    cfg: &ResumeConfig,
+    result: Result<RunOutcome, VmmError>,
+) -> Result<RunOutcome, VmmError> {
+    if let Err(e) = &result {
+        if crate::is_out_of_space(e) {
+            report_image(&cfg.image, e);
+        }
     }
     result
 }
 
-fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmError> {
+/// A resume from process start (`started`), of `opened` if the caller has
+/// already opened (and locked) the image.
+fn resume_image(
+    cfg: &ResumeConfig,
+    started: Instant,
+    opened: Option<Image>,
+) -> Result<RunOutcome, VmmError> {
     // 1. Open (lock + validate header and meta records); never writes.
     // KVM_CREATE_VM (~0.6 ms here) on another thread while the image is
     // opened and checked; its result is looked at only once the image is
@@ -720,7 +734,10 @@ fn resume_image(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmE
     // of being refused (and backing off). Errors are reported after the
     // image's, where the device is restored.
     let listeners = cfg.runtime.vsock_config();
-    let image = Image::open(&cfg.image)?;
+    let image = match opened {
+        Some(image) => image,
+        None => Image::open(&cfg.image)?,
+    };
     let from = Timeline::new(started, "process start");
     resume_opened(cfg, from, image, listeners, VmSource::Creating(new_vm))
 }

@@ -60,11 +60,8 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
             // Nobody runs it: resume it, whatever stopped it. So two
             // standbys of one image make a pair: the first resumes, the
             // second waits, and a standby restarted after a crash waits.
-            let new_vm = std::thread::spawn(Vm::new);
-            let listeners = cfg.runtime.vsock_config();
-            let from = Timeline::new(started, "process start");
-            return resume_opened(cfg, from, image, listeners, VmSource::Creating(new_vm))
-                .map(StandbyEnd::Resumed);
+            let result = super::resume_image(cfg, started, Some(image));
+            return super::reported(cfg, result).map(StandbyEnd::Resumed);
         }
         Err(ImageError::InUse(_)) => {}
         Err(e) => return Err(e.into()),
@@ -93,13 +90,7 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
     };
     let from = Timeline::new(freed, "the image was freed");
     let result = resume_opened(cfg, from, image, listeners, source);
-    if let Err(e) = &result {
-        if crate::is_out_of_space(e) {
-            // As a plain resume does: what was kept, and what is needed.
-            super::report_image(&cfg.image, e);
-        }
-    }
-    result.map(StandbyEnd::Resumed)
+    super::reported(cfg, result).map(StandbyEnd::Resumed)
 }
 
 /// How long a standby retries a listen address still in use after the
