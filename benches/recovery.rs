@@ -61,11 +61,11 @@
 //! the socket's queue instead of being refused, and the time is still
 //! taken from the spawn.
 //!
-//! With `--standby`, after those rounds: a plain resume, then `--rounds`
-//! times a standby (`nvhv resume --standby`) is started beside the running
-//! nvhv and waited for until it stands by, the running nvhv gets SIGKILL,
-//! and the time from that signal to the first correct GET through the
-//! standby is taken (see `standby_rounds`).
+//! With `--standby`, after those rounds (before the full read): a plain
+//! resume, then `--rounds` times a standby (`nvhv resume --standby`) is
+//! started beside the running nvhv and waited for until it stands by, the
+//! running nvhv gets SIGKILL, and the time from that signal to the first
+//! correct GET through the standby is taken (see `standby_rounds`).
 //!
 //! All servers are started by this program on free loopback ports and
 //! stopped by their own pids only. The machine is shared: the load average
@@ -744,6 +744,15 @@ fn p50max(v: &[f64]) -> String {
     format!("{} / {}", f(pct(v, 0.5)), f(pct(v, 1.0)))
 }
 
+/// X of nvhv's "resumed, guest running X ms after …" line (NaN if absent).
+fn running_ms(line: &str) -> f64 {
+    line.split("guest running ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -950,6 +959,11 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
         let mut w = vec![0u8; 0];
         for round in 0..o.rounds + o.full_read as usize {
             let full = round == o.rounds;
+            if full && o.standby {
+                // Before the full read, whose GETs leave a log of their own:
+                // the standby rounds start from the log the plain ones had.
+                standby_rounds(o, &img, &ds, port, &serve, &mut res)?;
+            }
             let probe = ds.probe(round);
             ds.value(probe, &mut w);
             let mut cmd = Command::new(nvhv());
@@ -995,12 +1009,7 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
                     .unwrap()
                     .recv_timeout(Duration::from_secs(10))
                     .map_err(|_| format!("no 'resumed' line: {}", p.stderr()))?;
-                let x = line
-                    .split("guest running ")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(f64::NAN);
+                let x = running_ms(&line);
                 res.running_ms.push(x);
                 res.line_ms.push(ms(t_line - t0));
                 res.get_ms.push(ms(t_get));
@@ -1049,7 +1058,7 @@ fn nvhv_side(o: &Opts, size: u64, tag: &str, plan: &Dataset) -> (NvhvResult, Opt
             res.reaped_ms.push(ms(tk.elapsed()));
             let _ = std::fs::remove_file(&ctl);
         }
-        if o.standby {
+        if o.standby && !o.full_read {
             standby_rounds(o, &img, &ds, port, &serve, &mut res)?;
         }
         Ok(ds)
@@ -1158,12 +1167,7 @@ fn standby_rounds(
                 None => std::thread::sleep(Duration::from_millis(1)),
             }
         };
-        let x = line
-            .split("guest running ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN);
+        let x = running_ms(&line);
         res.standby_running_ms.push(x);
         res.standby_get_ms.push(ms(t_get));
         res.standby_reaped_ms.push(ms(t_reaped));

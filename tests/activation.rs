@@ -10,7 +10,7 @@ use common::Scratch;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,23 @@ fn spawn_activated(sock: OwnedFd, args: &[&str], stderr: &Path) -> Child {
         .stderr(std::fs::File::create(stderr).unwrap())
         .spawn()
         .expect("spawn sh")
+}
+
+/// Starts `nvhv args` serving `sock` (socket activation), its console and
+/// stderr in files of `dir` named after `name`; returns it and the stderr
+/// path.
+fn start_serving(
+    dir: &Scratch,
+    sock: &TcpListener,
+    name: &str,
+    args: &[&str],
+) -> (Started, PathBuf) {
+    let console = dir.path(&format!("{name}.console"));
+    let mut a = args.to_vec();
+    a.extend(["--console", console.to_str().unwrap()]);
+    let stderr = dir.path(&format!("{name}.stderr"));
+    let child = spawn_activated(sock.try_clone().unwrap().into(), &a, &stderr);
+    (Started(child), stderr)
 }
 
 /// A started nvhv, killed if still running when dropped (a failed test
@@ -91,21 +108,7 @@ fn a_client_connecting_while_nvhv_is_down_is_served_by_the_resumed_guest() {
     // The service manager's socket: it stays open here for the whole test.
     let sock = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = sock.local_addr().unwrap().port();
-    // Each start serves `sock`, its console and stderr in files named `name`.
-    let start = |name: &str, args: &[&str]| {
-        let console = dir.path(&format!("{name}.console"));
-        let mut a = args.to_vec();
-        a.extend(["--console", console.to_str().unwrap()]);
-        let stderr = dir.path(&format!("{name}.stderr"));
-        (
-            Started(spawn_activated(
-                sock.try_clone().unwrap().into(),
-                &a,
-                &stderr,
-            )),
-            stderr,
-        )
-    };
+    let start = |name: &str, args: &[&str]| start_serving(&dir, &sock, name, args);
     let (mut vm, err1) = start("run", &["run", "--image", img_s, "--mem", "64M"]);
     wait_pong(port, &mut vm.0, &err1);
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -180,14 +183,7 @@ fn a_pair_of_standbys_sharing_the_socket_serves_across_a_crash() {
     let img_s = img.to_str().unwrap();
     let sock = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = sock.local_addr().unwrap().port();
-    let start = |name: &str, args: &[&str]| {
-        let console = dir.path(&format!("{name}.console"));
-        let mut a = args.to_vec();
-        a.extend(["--console", console.to_str().unwrap()]);
-        let stderr = dir.path(&format!("{name}.stderr"));
-        let child = spawn_activated(sock.try_clone().unwrap().into(), &a, &stderr);
-        (Started(child), stderr)
-    };
+    let start = |name: &str, args: &[&str]| start_serving(&dir, &sock, name, args);
     let (mut vm, err) = start("run", &["run", "--image", img_s, "--mem", "64M"]);
     wait_pong(port, &mut vm.0, &err);
     // SAFETY: kill(2) on our own child's pid.

@@ -572,15 +572,22 @@ impl Harness {
     /// from whatever it left.
     fn killed_resume(&mut self, n: u64) {
         let (mut child, err) = self.spawn(false, n);
-        std::thread::sleep(Duration::from_micros(self.rng.below(8_000)));
-        let _ = child.kill();
-        let _ = child.wait();
-        let said = std::fs::read_to_string(&err).unwrap_or_default();
-        if said.contains("nvhv: resumed") {
+        if self.kill_soon(&mut child, &err) {
             self.totals.killed_resumes.1 += 1;
         } else {
             self.totals.killed_resumes.0 += 1;
         }
+    }
+
+    /// SIGKILLs `child` at a random moment of its next 8 ms and reaps it;
+    /// whether it had said it resumed (its guest ran) by then.
+    fn kill_soon(&mut self, child: &mut Child, err: &Path) -> bool {
+        std::thread::sleep(Duration::from_micros(self.rng.below(8_000)));
+        let _ = child.kill();
+        let _ = child.wait();
+        std::fs::read_to_string(err)
+            .unwrap_or_default()
+            .contains("nvhv: resumed")
     }
 
     /// One cycle: (re)start (every other resume is first itself killed at
@@ -621,11 +628,7 @@ impl Harness {
         if let Some((mut sb, sb_err)) = standby.take() {
             if self.rng.below(2) == 0 {
                 // The standby killed during its takeover: a plain resume next.
-                std::thread::sleep(Duration::from_micros(self.rng.below(8_000)));
-                let _ = sb.kill();
-                let _ = sb.wait();
-                let said = std::fs::read_to_string(&sb_err).unwrap_or_default();
-                if said.contains("nvhv: resumed") {
+                if self.kill_soon(&mut sb, &sb_err) {
                     self.totals.killed_takeovers.1 += 1;
                 } else {
                     self.totals.killed_takeovers.0 += 1;
