@@ -363,6 +363,11 @@ pub(super) struct LogWriter {
     live: [Option<u64>; 2],
     /// `applied_through` of the last record written.
     last_applied_through: u64,
+    /// After recovery continued the log (format 3): the restored epoch,
+    /// which the next recovery replays up to, from `last_applied_through`,
+    /// until a record says it is applied (see
+    /// [`LogWriter::replay_unacknowledged`]); 0 otherwise.
+    continued_from: u64,
     /// Every epoch up to this one is applied to the RAM image by writes the
     /// last completed persist covered.
     durable_through: u64,
@@ -396,6 +401,7 @@ impl LogWriter {
             records: 0,
             live: [None; 2],
             last_applied_through: epoch,
+            continued_from: 0,
             durable_through: epoch,
             issued_through: epoch,
             records_per_half: RECORDS_PER_HALF,
@@ -467,6 +473,7 @@ impl LogWriter {
             records,
             live,
             last_applied_through: r.applied_through,
+            continued_from: r.epoch,
             durable_through: durable,
             issued_through: r.epoch,
             records_per_half: self.records_per_half,
@@ -478,6 +485,16 @@ impl LogWriter {
             switches: self.switches,
             checkpoints: self.checkpoints,
         })
+    }
+
+    /// Whether the log still makes a recovery replay what the last one
+    /// did: after recovery continued the log, no record yet says that the
+    /// replayed epochs are applied. The first record after it cannot (the
+    /// replay is durable only once its persist returns), the one after it
+    /// does; a VM that goes idle in between writes no record of its own,
+    /// and every later recovery would replay the same records again.
+    pub(super) fn replay_unacknowledged(&self) -> bool {
+        self.last_applied_through < self.continued_from
     }
 
     /// A persist covering every write issued so far completed.
@@ -1256,6 +1273,15 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
+    /// Format 3, after recovery continued the log: whether a record must
+    /// still be committed, even one that changes nothing, before the
+    /// records recovery replayed count as applied
+    /// ([`LogWriter::replay_unacknowledged`]). Epoch mode skips idle epochs
+    /// only once this is false.
+    pub fn replay_unacknowledged(&self) -> bool {
+        self.log.replay_unacknowledged()
+    }
+
     /// Pages written to the RAM image by applies since the image was opened
     /// (each page of each epoch in formats 1 and 2; format 3 writes a page
     /// once for the epochs that changed it while it was pending).
@@ -1929,6 +1955,52 @@ mod tests {
             ones.push(data[..P].to_vec());
         }
         (img.into_storage().into_bytes(), h, ones)
+    }
+
+    /// After a recovery that continued the log, the next recovery replays
+    /// the same records until a second record is committed: the first
+    /// cannot say the replay is applied (it is durable only once that
+    /// record's persist returns), the second, even an empty one, does; and
+    /// `replay_unacknowledged` says which is which.
+    #[test]
+    fn test_a_continued_log_needs_two_records_before_its_replay_counts_as_applied() {
+        let (bytes, _, _) = lazy_epochs();
+        let mut img = Image::open_storage(MemStorage::from_bytes(bytes)).unwrap();
+        assert!(!img.replay_unacknowledged(), "nothing continued yet");
+        let replayed = img.recovery_plan().replay_epochs();
+        assert!(!replayed.is_empty());
+        img.recover().unwrap();
+        img.mark_running().unwrap();
+        assert!(img.replay_unacknowledged());
+        let reopen = |img: Image<MemStorage>| {
+            let bytes = img.into_storage().into_bytes();
+            let again = Image::open_storage(MemStorage::from_bytes(bytes.clone())).unwrap();
+            (again.recovery_plan().replay_epochs(), bytes)
+        };
+        // One record (epoch 8, a page changed): still replays the old ones.
+        let ch = Changes::whole(&[3], &pages(&[3], 8));
+        img.commit_epoch(&ch, &[8; 64]).unwrap();
+        img.apply_committed(&ch).unwrap();
+        assert!(img.replay_unacknowledged());
+        let (plan, bytes) = reopen(img);
+        assert!(plan.starts_with(&replayed), "{plan:?} {replayed:?}");
+        // A second, empty one (epoch 9): only what came after the replay.
+        let mut img = Image::open_storage(MemStorage::from_bytes(bytes)).unwrap();
+        img.recover().unwrap();
+        img.mark_running().unwrap();
+        let ch = Changes::whole(&[3], &pages(&[3], 9));
+        img.commit_epoch(&ch, &[9; 64]).unwrap();
+        img.apply_committed(&ch).unwrap();
+        assert!(img.replay_unacknowledged());
+        let empty = Changes::whole(&[], &[]);
+        img.commit_epoch(&empty, &[10; 64]).unwrap();
+        img.apply_committed(&empty).unwrap();
+        assert!(!img.replay_unacknowledged());
+        let (plan, _) = reopen(img);
+        assert!(
+            plan.iter().all(|&e| e > 8),
+            "the replayed epochs are replayed again: {plan:?}"
+        );
     }
 
     #[test]

@@ -1219,7 +1219,13 @@ impl Machine {
                     else {
                         continue;
                     };
-                    if output_pending.is_none() && nothing_ran {
+                    // ORDER: not before a record says the replay of the
+                    // last recovery is applied (else every later recovery
+                    // replays it again).
+                    if output_pending.is_none()
+                        && nothing_ran
+                        && !self.image.replay_unacknowledged()
+                    {
                         // Every vCPU stayed parked since the last capture (so
                         // no page changed through them and no output exists):
                         // an idle VM costs no capture at all.
@@ -1533,7 +1539,12 @@ impl Machine {
         let changes = &cap.changes;
         let pfns = changes.pfns();
         let no_output = self.vsock.as_ref().is_none_or(|v| v.held_output() == 0);
-        if pfns.is_empty() && cap.unchanged && no_output && !final_epoch {
+        if pfns.is_empty()
+            && cap.unchanged
+            && no_output
+            && !final_epoch
+            && !self.image.replay_unacknowledged()
+        {
             // Nothing happened since the last epoch (the guest stayed parked,
             // no page changed, no output waits): nothing to commit. An idle
             // VM costs a capture per epoch, no write.
