@@ -2291,7 +2291,21 @@ fn a_standby_takes_over_after_a_kill_with_every_acknowledged_write() {
             }
         });
         let sb = standby(&kv.dir, round, &kv.img, kv.port);
+        let said = sb.stderr_text();
+        assert!(
+            said.contains("sharing the running nvhv's listening sockets"),
+            "{said}"
+        );
         kv.vm.signal_and_wait(libc::SIGKILL);
+        // The listening socket outlives the killed nvhv (the standby holds
+        // it): a client connecting now waits in its queue, never refused.
+        let mut early = TcpStream::connect(("127.0.0.1", kv.port))
+            .unwrap_or_else(|e| panic!("connect right after the kill: {e}"));
+        early.set_read_timeout(Some(T)).unwrap();
+        early.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+        let mut pong = [0u8; 7];
+        early.read_exact(&mut pong).unwrap();
+        assert_eq!(&pong, b"+PONG\r\n");
         kv.vm = sb;
         poll("the standby to serve", T, || ping(&kv.url()).then_some(()));
         kv.assert_alive();

@@ -1,16 +1,23 @@
 //! The control socket: a Unix socket next to the image (`<image>.ctl`) through
 //! which `nvhv suspend --image PATH` asks the process running that image for
-//! an orderly suspend. One request per connection, one line each way.
+//! an orderly suspend, and a standby (`nvhv resume --standby`) asks for its
+//! listening sockets. One request per connection: a line in; a line out
+//! (`suspend`), or one byte per socket with the descriptor attached
+//! (`SCM_RIGHTS`: `t` TCP, `u` Unix) and `.` at the end (`listeners`).
 //!
 //! The socket file is only created by the process that holds the image lock,
 //! so a stale socket left by a killed process is safely replaced.
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +63,7 @@ impl Server {
     pub fn start(
         image: &Path,
         on_suspend: impl Fn(Sender<String>) + Send + 'static,
+        listening: Listening,
     ) -> Result<Server, ControlError> {
         let path = socket_path(image);
         let _ = std::fs::remove_file(&path);
@@ -69,7 +77,7 @@ impl Server {
             .name("control".into())
             .spawn(move || {
                 for conn in listener.incoming().flatten() {
-                    let _ = serve(conn, &on_suspend, &counted);
+                    let _ = serve(conn, &on_suspend, &counted, &listening);
                 }
             })
             .map_err(|source| ControlError::Bind {
@@ -92,10 +100,14 @@ impl Drop for Server {
     }
 }
 
+/// Listening sockets (TCP, Unix) the control socket hands to a standby.
+pub type Listening = (Option<TcpListener>, Option<UnixListener>);
+
 fn serve(
     conn: UnixStream,
     on_suspend: &impl Fn(Sender<String>),
     in_flight: &(Mutex<usize>, Condvar),
+    listening: &Listening,
 ) -> std::io::Result<()> {
     let mut line = String::new();
     // A request is one short line; never read more than 256 bytes.
@@ -116,7 +128,58 @@ fn serve(
             in_flight.1.notify_all();
             r
         }
+        "listeners" => {
+            let send = |tag: &[u8], fd: RawFd| {
+                conn.send_with_fd(tag, fd)
+                    .map(drop)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            };
+            if let Some(l) = &listening.0 {
+                send(b"t", l.as_raw_fd())?;
+            }
+            if let Some(l) = &listening.1 {
+                send(b"u", l.as_raw_fd())?;
+            }
+            w.write_all(b".")
+        }
         other => writeln!(w, "error: unknown request '{other}'"),
+    }
+}
+
+/// Client side: the listening sockets of the process running `image`
+/// (new descriptors of the same sockets).
+pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listening, ControlError> {
+    let path = socket_path(image);
+    let conn =
+        UnixStream::connect(&path).map_err(|_| ControlError::NotRunning(image.to_path_buf()))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(ControlError::Io)?;
+    (&conn)
+        .write_all(b"listeners\n")
+        .map_err(ControlError::Io)?;
+    let mut got: Listening = (None, None);
+    loop {
+        // One byte per call: each call gets at most one message's descriptor.
+        let mut tag = [0u8; 1];
+        let (n, file) = conn
+            .recv_with_fd(&mut tag)
+            .map_err(|e| ControlError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+        match (n, tag[0], file) {
+            (1, b't', Some(f)) => got.0 = Some(TcpListener::from(OwnedFd::from(f))),
+            (1, b'u', Some(f)) => got.1 = Some(UnixListener::from(OwnedFd::from(f))),
+            (1, b'.', None) => return Ok(got),
+            (0, ..) => {
+                return Err(ControlError::Refused(
+                    "the VMM closed the connection".into(),
+                ))
+            }
+            // An nvhv that does not know the request answers with an error line.
+            _ => {
+                return Err(ControlError::Refused(
+                    "no listening sockets handed on".into(),
+                ))
+            }
+        }
     }
 }
 
@@ -142,4 +205,40 @@ pub fn request_suspend(image: &Path, timeout: Duration) -> Result<String, Contro
         return Err(ControlError::Refused(e.to_string()));
     }
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `listeners` request hands over new descriptors of the very
+    /// sockets: a client connecting to the address is accepted through the
+    /// received one.
+    #[test]
+    fn listening_sockets_are_handed_over() {
+        let dir = std::env::temp_dir().join(format!("nvhv-ctl-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("vm.img");
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let unix_path = dir.join("kv.sock");
+        let unix = UnixListener::bind(&unix_path).unwrap();
+        let server = Server::start(&image, |_| {}, (Some(tcp), Some(unix))).unwrap();
+        let (t, u) = request_listeners(&image, Duration::from_secs(10)).unwrap();
+        let (t, u) = (t.expect("the TCP listener"), u.expect("the Unix listener"));
+        assert_eq!(t.local_addr().unwrap(), addr);
+        assert_eq!(
+            u.local_addr().unwrap().as_pathname(),
+            Some(unix_path.as_path())
+        );
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        let (a, _) = t.accept().unwrap();
+        assert_eq!(a.peer_addr().unwrap(), c.local_addr().unwrap());
+        // Without sockets: an empty answer, not an error.
+        drop(server);
+        let _server = Server::start(&image, |_| {}, (None, None)).unwrap();
+        let (t, u) = request_listeners(&image, Duration::from_secs(10)).unwrap();
+        assert!(t.is_none() && u.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -218,12 +218,17 @@ impl RuntimeOptions {
             self.unix.as_deref(),
             DEFAULT_LISTEN,
         )?;
+        Ok(self.vsock_config_with(l))
+    }
+
+    /// The vsock device's configuration with the listeners `l`.
+    fn vsock_config_with(&self, l: listeners::Listeners) -> VsockConfig {
         let mut cfg = VsockConfig::new(l.tcp, l.unix);
         cfg.release_settled = !self.hold_all_output;
         if let Some(p) = self.idle_poll {
             cfg.idle_spin = p;
         }
-        Ok(cfg)
+        cfg
     }
 
     /// Where idle vCPUs park, polling `idle_poll` (or [`PARK_SPIN`]) first.
@@ -1068,12 +1073,20 @@ impl Machine {
                 })
                 .map_err(VmmError::Signals)?;
         }
-        let ctl = control::Server::start(&self.image_path(), {
-            let tx = tx.clone();
-            move |reply| {
-                let _ = tx.send(Event::Suspend(Instant::now(), reply));
-            }
-        });
+        let listening = self
+            .vsock
+            .as_ref()
+            .map_or((None, None), Vsock::listening_sockets);
+        let ctl = control::Server::start(
+            &self.image_path(),
+            {
+                let tx = tx.clone();
+                move |reply| {
+                    let _ = tx.send(Event::Suspend(Instant::now(), reply));
+                }
+            },
+            listening,
+        );
         if let Err(e) = &ctl {
             tracing::warn!("control socket unavailable (nvhv suspend will not work): {e}");
         }

@@ -28,11 +28,13 @@
 //! resume builds its own.
 
 use std::fs::File;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::listeners::ListenError;
+use super::control;
+use super::listeners::{ListenError, Listeners};
 use super::{resume_opened, Restored, ResumeConfig, RunOutcome, Timeline, VmSource, VmmError};
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::devices::GuestMemory;
@@ -68,19 +70,29 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
     }
     let t = Instant::now();
     let pre = Prebuilt::build(&cfg.image, cfg.runtime.epochs.hot_pages)?;
+    let shared = shared_listeners(cfg);
     eprintln!(
-        "nvhv: standing by for {} ({} of guest RAM set up in {:.1} ms); it resumes the VM when the nvhv running it dies",
+        "nvhv: standing by for {} ({} of guest RAM set up in {:.1} ms{}); it resumes the VM when the nvhv running it dies",
         cfg.image.display(),
         Bytes(pre.header.config.ram_bytes),
-        t.elapsed().as_secs_f64() * 1e3
+        t.elapsed().as_secs_f64() * 1e3,
+        if shared.is_some() {
+            ", sharing the running nvhv's listening sockets"
+        } else {
+            ""
+        }
     );
     let (image, freed) = Image::open_when_free(&cfg.image)?;
     let status = image.current().status;
     if !matches!(status, Status::Running | Status::Committed) {
         return Ok(StandbyEnd::NotCrashed(status));
     }
-    // The listeners only now: the nvhv that ran the image held them.
-    let listeners = listen_after_takeover(cfg);
+    // Shared with the nvhv that ran the image (clients that connected since
+    // its death wait in their queue), or bound only now: it held them.
+    let listeners = match shared {
+        Some(l) => Ok(cfg.runtime.vsock_config_with(l)),
+        None => listen_after_takeover(cfg),
+    };
     let source = if pre.fits(&image) {
         VmSource::Ready(Box::new(pre))
     } else {
@@ -114,6 +126,52 @@ fn listen_after_takeover(cfg: &ResumeConfig) -> Result<VsockConfig, VmmError> {
             r => return r,
         }
     }
+}
+
+/// The listening sockets of the nvhv running the image (asked for over its
+/// control socket), if they are the ones this standby would serve: the
+/// same TCP address (`--listen`, or the default) and the same `--unix`
+/// path. Holding them, the standby keeps them open when that nvhv dies, so
+/// a client connecting then waits in their queue instead of being refused.
+/// `None` (bind at the takeover) under socket activation, where the
+/// sockets are shared already, and whenever they cannot be had or differ.
+fn shared_listeners(cfg: &ResumeConfig) -> Option<Listeners> {
+    let rt = &cfg.runtime;
+    if rt.inherited.is_some() {
+        return None;
+    }
+    let (tcp, unix) = match control::request_listeners(&cfg.image, Duration::from_secs(2)) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::info!("listening sockets not shared: {e}");
+            return None;
+        }
+    };
+    let want: Vec<SocketAddr> = rt
+        .listen
+        .as_deref()
+        .unwrap_or(super::DEFAULT_LISTEN)
+        .to_socket_addrs()
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    let tcp_fits = tcp
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .is_some_and(|a| want.contains(&a));
+    let unix_fits = match (&unix, &rt.unix) {
+        (None, None) => true,
+        (Some(l), Some(p)) => l
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|q| q == p.as_path()))
+            .unwrap_or(false),
+        _ => false,
+    };
+    if !(tcp_fits && unix_fits) {
+        tracing::info!("the running nvhv listens elsewhere: listening sockets not shared");
+        return None;
+    }
+    Some(Listeners { tcp, unix })
 }
 
 /// What a resume needs that a standby builds before the image is free.

@@ -186,6 +186,9 @@ pub struct Vsock {
     transport: Arc<Mutex<MmioTransport>>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Duplicates of the host listeners (the device thread owns the
+    /// originals), for [`Vsock::listening_sockets`].
+    listening: (Option<TcpListener>, Option<UnixListener>),
 }
 
 impl Vsock {
@@ -239,13 +242,29 @@ impl Vsock {
         listeners: Listeners,
         idle_spin: Duration,
     ) -> Result<Self, VsockError> {
+        // A listener that cannot be duplicated is only not handed on.
+        let listening = (
+            listeners.tcp.as_ref().and_then(|l| l.try_clone().ok()),
+            listeners.unix.as_ref().and_then(|l| l.try_clone().ok()),
+        );
         let thread = backend::spawn(Arc::clone(&shared), listeners, idle_spin)
             .map_err(VsockError::Thread)?;
         Ok(Self {
             transport: Arc::new(Mutex::new(transport)),
             shared,
             thread: Some(thread),
+            listening,
         })
+    }
+
+    /// New descriptors of the device's listening sockets (TCP, Unix), for a
+    /// standby to share (`vmm::control`): connections queue on the one
+    /// socket, and the device thread accepts them while it runs.
+    pub fn listening_sockets(&self) -> (Option<TcpListener>, Option<UnixListener>) {
+        (
+            self.listening.0.as_ref().and_then(|l| l.try_clone().ok()),
+            self.listening.1.as_ref().and_then(|l| l.try_clone().ok()),
+        )
     }
 
     /// The register window to put on the MMIO bus.
