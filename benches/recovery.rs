@@ -1150,7 +1150,9 @@ fn standby_rounds(
         });
         let ((attempts, _, errors), t_get) =
             got.map_err(|e| format!("standby round {round}: {e}"))?;
-        let _ = std::fs::remove_file(&ctl);
+        // The control socket stays: it is the standby's now (it replaced the
+        // dead process's), and the next standby asks it for the listening
+        // sockets.
         // The "resumed" line is read by another thread: wait for it.
         let deadline = Instant::now() + Duration::from_secs(10);
         let line = loop {

@@ -116,10 +116,11 @@ struct ResumeArgs {
     /// image left by a crash is taken over: if the VM was suspended in order
     /// (nvhv suspend, SIGTERM), the standby leaves it and exits 0. If no
     /// nvhv runs the image, it is resumed at once, as without --standby (so
-    /// two standbys of one image make a pair). --listen and --unix are bound
-    /// at the takeover (the running nvhv holds them until it dies); under
-    /// socket activation both processes get the same sockets, and clients
-    /// that connect during the takeover wait in their queue.
+    /// two standbys of one image make a pair). It shares the running nvhv's
+    /// listening sockets (over IMAGE.ctl) when they are the --listen/--unix
+    /// addresses it would serve, so clients that connect during the takeover
+    /// wait in the queue; otherwise it binds its own at the takeover. Under
+    /// socket activation both processes get the same sockets anyway.
     #[arg(long)]
     standby: bool,
     #[command(flatten)]
