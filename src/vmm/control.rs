@@ -146,17 +146,25 @@ fn serve(
     }
 }
 
+/// Connects to the control socket of the process running `image` and sends
+/// `request`; replies are read with `timeout`.
+fn send_request(
+    image: &Path,
+    timeout: Duration,
+    request: &str,
+) -> Result<UnixStream, ControlError> {
+    let conn = UnixStream::connect(socket_path(image))
+        .map_err(|_| ControlError::NotRunning(image.to_path_buf()))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(ControlError::Io)?;
+    writeln!(&conn, "{request}").map_err(ControlError::Io)?;
+    Ok(conn)
+}
+
 /// Client side: the listening sockets of the process running `image`
 /// (new descriptors of the same sockets).
 pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listening, ControlError> {
-    let path = socket_path(image);
-    let conn =
-        UnixStream::connect(&path).map_err(|_| ControlError::NotRunning(image.to_path_buf()))?;
-    conn.set_read_timeout(Some(timeout))
-        .map_err(ControlError::Io)?;
-    (&conn)
-        .write_all(b"listeners\n")
-        .map_err(ControlError::Io)?;
+    let conn = send_request(image, timeout, "listeners")?;
     let mut got: Listening = (None, None);
     loop {
         // One byte per call: each call gets at most one message's descriptor.
@@ -185,12 +193,7 @@ pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listening, C
 
 /// Client side: ask the process running `image` to suspend; returns its reply.
 pub fn request_suspend(image: &Path, timeout: Duration) -> Result<String, ControlError> {
-    let path = socket_path(image);
-    let conn =
-        UnixStream::connect(&path).map_err(|_| ControlError::NotRunning(image.to_path_buf()))?;
-    conn.set_read_timeout(Some(timeout))
-        .map_err(ControlError::Io)?;
-    (&conn).write_all(b"suspend\n").map_err(ControlError::Io)?;
+    let conn = send_request(image, timeout, "suspend")?;
     let mut reply = String::new();
     BufReader::new(&conn)
         .read_line(&mut reply)
