@@ -8,8 +8,10 @@
 //! and the dirty tracker. Then it waits on the image's lock, using no CPU.
 //! When the running nvhv dies, the kernel releases its lock, and the
 //! standby resumes at once: open and validate the image, replay the log,
-//! restore the vCPUs and devices, bind the listeners, run. Process start
-//! and the slot are then behind it.
+//! restore the vCPUs and devices, run. Process start and the slot are then
+//! behind it. The listening sockets are the running nvhv's, taken over its
+//! control socket beforehand when they are the addresses the standby would
+//! serve (so they stay open across the death), else bound at the takeover.
 //!
 //! It takes over only an image left by a crash (its current record says
 //! `Running` or `Committed`). An image stopped in order (`Suspended`) or
