@@ -607,6 +607,25 @@ fn warn_if_short(image: &Image) {
     }
 }
 
+/// A KVM VM with `ram` bytes of guest RAM mapped from `file` at `offset`
+/// and registered with KVM: shared in suspend-only mode, private and
+/// dirty-logged (with the tracker, `hot_pages` its hot budget) in epoch
+/// mode. Reads no page of guest RAM.
+fn vm_with_ram(
+    (file, offset, ram): (&std::fs::File, u64, u64),
+    epochs: bool,
+    hot_pages: usize,
+) -> Result<(Vm, Option<DirtyTracker>, GuestMemory), VmmError> {
+    let vm = Vm::new()?;
+    // ORDER: manual dirty-log protection before the dirty-logged slot exists.
+    let dirty = epochs
+        .then(|| DirtyTracker::enable(&vm.fd, hot_pages, ram))
+        .transpose()?;
+    let mem = memory::map_ram(file, offset, ram, !epochs)?;
+    memory::register(&vm.fd, &mem, epochs)?;
+    Ok((vm, dirty, mem))
+}
+
 fn build_new(
     cfg: &RunConfig,
     layout: &Layout,
@@ -619,13 +638,11 @@ fn build_new(
     //    shared in suspend-only mode (writes land in the image), private
     //    (copy-on-write, dirty-logged) in epoch mode.
     let epochs = cfg.persist == PersistMode::Epoch;
-    let vm = Vm::new()?;
-    // ORDER: manual dirty-log protection before the dirty-logged slot exists.
-    let dirty = epochs
-        .then(|| DirtyTracker::enable(&vm.fd, cfg.runtime.epochs.hot_pages, cfg.mem))
-        .transpose()?;
-    let mem = memory::map_ram(image.file(), image.ram_offset(), cfg.mem, !epochs)?;
-    memory::register(&vm.fd, &mem, epochs)?;
+    let (vm, dirty, mem) = vm_with_ram(
+        (image.file(), image.ram_offset(), cfg.mem),
+        epochs,
+        cfg.runtime.epochs.hot_pages,
+    )?;
     // 4. The guest ELF and the ABI's structures.
     let loaded = elf::load(&mem, guest)?;
     if loaded.end > layout.stacks_base() {

@@ -43,7 +43,6 @@ use crate::devices::GuestMemory;
 use crate::nvram::{Bytes, Header, Image, ImageError, PersistMode, Status};
 use crate::persist::MachineState;
 use crate::vstate::dirty::DirtyTracker;
-use crate::vstate::memory;
 use crate::vstate::vm::Vm;
 
 /// How a standby ended, when it did not fail.
@@ -187,7 +186,8 @@ pub(super) struct Prebuilt {
     vm: Vm,
     /// Guest RAM, mapped privately and registered with KVM (dirty-logged).
     pub(super) mem: GuestMemory,
-    dirty: DirtyTracker,
+    /// The dirty tracker (epoch mode, so always there).
+    dirty: Option<DirtyTracker>,
 }
 
 impl Prebuilt {
@@ -201,13 +201,11 @@ impl Prebuilt {
                 path.display()
             )));
         }
-        let ram = header.config.ram_bytes;
-        let vm = Vm::new()?;
-        // ORDER: manual dirty-log protection before the dirty-logged slot.
-        let mut dirty = DirtyTracker::enable(&vm.fd, hot_pages, ram)?;
-        dirty.warm();
-        let mem = memory::map_ram(&file, header.geometry.ram.offset, ram, false)?;
-        memory::register(&vm.fd, &mem, true)?;
+        let ram = (&file, header.geometry.ram.offset, header.config.ram_bytes);
+        let (vm, mut dirty, mem) = super::vm_with_ram(ram, true, hot_pages)?;
+        if let Some(d) = dirty.as_mut() {
+            d.warm();
+        }
         Ok(Prebuilt {
             file,
             header,
@@ -241,7 +239,7 @@ impl Prebuilt {
         Ok(Restored {
             report,
             vm: self.vm,
-            dirty: Some(self.dirty),
+            dirty: self.dirty,
             vcpus,
         })
     }
