@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::listeners::Listeners;
+
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -63,7 +65,7 @@ impl Server {
     pub fn start(
         image: &Path,
         on_suspend: impl Fn(Sender<String>) + Send + 'static,
-        listening: Listening,
+        listening: Listeners,
     ) -> Result<Server, ControlError> {
         let path = socket_path(image);
         let _ = std::fs::remove_file(&path);
@@ -100,14 +102,11 @@ impl Drop for Server {
     }
 }
 
-/// Listening sockets (TCP, Unix) the control socket hands to a standby.
-pub type Listening = (Option<TcpListener>, Option<UnixListener>);
-
 fn serve(
     conn: UnixStream,
     on_suspend: &impl Fn(Sender<String>),
     in_flight: &(Mutex<usize>, Condvar),
-    listening: &Listening,
+    listening: &Listeners,
 ) -> std::io::Result<()> {
     let mut line = String::new();
     // A request is one short line; never read more than 256 bytes.
@@ -134,10 +133,10 @@ fn serve(
                     .map(drop)
                     .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
             };
-            if let Some(l) = &listening.0 {
+            if let Some(l) = &listening.tcp {
                 send(b"t", l.as_raw_fd())?;
             }
-            if let Some(l) = &listening.1 {
+            if let Some(l) = &listening.unix {
                 send(b"u", l.as_raw_fd())?;
             }
             w.write_all(b".")
@@ -163,9 +162,12 @@ fn send_request(
 
 /// Client side: the listening sockets of the process running `image`
 /// (new descriptors of the same sockets).
-pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listening, ControlError> {
+pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listeners, ControlError> {
     let conn = send_request(image, timeout, "listeners")?;
-    let mut got: Listening = (None, None);
+    let mut got = Listeners {
+        tcp: None,
+        unix: None,
+    };
     loop {
         // One byte per call: each call gets at most one message's descriptor.
         let mut tag = [0u8; 1];
@@ -173,8 +175,8 @@ pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listening, C
             .recv_with_fd(&mut tag)
             .map_err(|e| ControlError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
         match (n, tag[0], file) {
-            (1, b't', Some(f)) => got.0 = Some(TcpListener::from(OwnedFd::from(f))),
-            (1, b'u', Some(f)) => got.1 = Some(UnixListener::from(OwnedFd::from(f))),
+            (1, b't', Some(f)) => got.tcp = Some(TcpListener::from(OwnedFd::from(f))),
+            (1, b'u', Some(f)) => got.unix = Some(UnixListener::from(OwnedFd::from(f))),
             (1, b'.', None) => return Ok(got),
             (0, ..) => {
                 return Err(ControlError::Refused(
@@ -226,9 +228,14 @@ mod tests {
         let addr = tcp.local_addr().unwrap();
         let unix_path = dir.join("kv.sock");
         let unix = UnixListener::bind(&unix_path).unwrap();
-        let server = Server::start(&image, |_| {}, (Some(tcp), Some(unix))).unwrap();
-        let (t, u) = request_listeners(&image, Duration::from_secs(10)).unwrap();
-        let (t, u) = (t.expect("the TCP listener"), u.expect("the Unix listener"));
+        let both = Listeners {
+            tcp: Some(tcp),
+            unix: Some(unix),
+        };
+        let server = Server::start(&image, |_| {}, both).unwrap();
+        let got = request_listeners(&image, Duration::from_secs(10)).unwrap();
+        let t = got.tcp.expect("the TCP listener");
+        let u = got.unix.expect("the Unix listener");
         assert_eq!(t.local_addr().unwrap(), addr);
         assert_eq!(
             u.local_addr().unwrap().as_pathname(),
@@ -239,9 +246,13 @@ mod tests {
         assert_eq!(a.peer_addr().unwrap(), c.local_addr().unwrap());
         // Without sockets: an empty answer, not an error.
         drop(server);
-        let _server = Server::start(&image, |_| {}, (None, None)).unwrap();
-        let (t, u) = request_listeners(&image, Duration::from_secs(10)).unwrap();
-        assert!(t.is_none() && u.is_none());
+        let none = Listeners {
+            tcp: None,
+            unix: None,
+        };
+        let _server = Server::start(&image, |_| {}, none).unwrap();
+        let got = request_listeners(&image, Duration::from_secs(10)).unwrap();
+        assert!(got.tcp.is_none() && got.unix.is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

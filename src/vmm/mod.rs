@@ -1090,10 +1090,11 @@ impl Machine {
                 })
                 .map_err(VmmError::Signals)?;
         }
-        let listening = self
+        let (tcp, unix) = self
             .vsock
             .as_ref()
             .map_or((None, None), Vsock::listening_sockets);
+        let listening = listeners::Listeners { tcp, unix };
         let ctl = control::Server::start(
             &self.image_path(),
             {

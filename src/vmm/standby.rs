@@ -141,7 +141,7 @@ fn shared_listeners(cfg: &ResumeConfig) -> Option<Listeners> {
     if rt.inherited.is_some() {
         return None;
     }
-    let (tcp, unix) = match control::request_listeners(&cfg.image, Duration::from_secs(2)) {
+    let got = match control::request_listeners(&cfg.image, Duration::from_secs(2)) {
         Ok(l) => l,
         Err(e) => {
             tracing::info!("listening sockets not shared: {e}");
@@ -155,11 +155,12 @@ fn shared_listeners(cfg: &ResumeConfig) -> Option<Listeners> {
         .to_socket_addrs()
         .map(Iterator::collect)
         .unwrap_or_default();
-    let tcp_fits = tcp
+    let tcp_fits = got
+        .tcp
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .is_some_and(|a| want.contains(&a));
-    let unix_fits = match (&unix, &rt.unix) {
+    let unix_fits = match (&got.unix, &rt.unix) {
         (None, None) => true,
         (Some(l), Some(p)) => l
             .local_addr()
@@ -172,7 +173,7 @@ fn shared_listeners(cfg: &ResumeConfig) -> Option<Listeners> {
         tracing::info!("the running nvhv listens elsewhere: listening sockets not shared");
         return None;
     }
-    Some(Listeners { tcp, unix })
+    Some(got)
 }
 
 /// What a resume needs that a standby builds before the image is free.
