@@ -60,9 +60,7 @@ pub trait Storage {
     /// `len` bytes from `offset`, to be read only: by default copied out
     /// ([`Storage::read_at`]); a file may hand out a view of them in place.
     fn read_bytes(&self, offset: u64, len: usize) -> io::Result<ReadBytes> {
-        let mut v = vec![0u8; len];
-        self.read_at(offset, &mut v)?;
-        Ok(ReadBytes::Copied(v))
+        copied(self, offset, len)
     }
 
     /// A second handle of the same file (a duplicated descriptor), through
@@ -125,6 +123,13 @@ impl std::ops::Deref for ReadBytes {
             ReadBytes::Mapped(m) => m.bytes(),
         }
     }
+}
+
+/// `len` bytes from `offset` of `s`, copied out ([`Storage::read_at`]).
+fn copied<S: Storage + ?Sized>(s: &S, offset: u64, len: usize) -> io::Result<ReadBytes> {
+    let mut v = vec![0u8; len];
+    s.read_at(offset, &mut v)?;
+    Ok(ReadBytes::Copied(v))
 }
 
 /// Reads of at least this many bytes from an image file are mapped, not
@@ -209,9 +214,7 @@ impl Storage for FileStorage {
                 }
             }
         }
-        let mut v = vec![0u8; len];
-        self.read_at(offset, &mut v)?;
-        Ok(ReadBytes::Copied(v))
+        copied(self, offset, len)
     }
 
     fn second_handle(&self) -> Option<File> {
