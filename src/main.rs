@@ -45,8 +45,12 @@ enum Cmd {
     },
     /// Show what an image holds and whether it can be resumed. Never changes it.
     Inspect {
-        /// The image.
-        path: PathBuf,
+        /// The image (also accepted as `--image PATH`, as the other commands take it).
+        #[arg(value_name = "PATH", required_unless_present = "image")]
+        path: Option<PathBuf>,
+        /// The image, like the positional PATH.
+        #[arg(long, value_name = "PATH", conflicts_with = "path")]
+        image: Option<PathBuf>,
         /// Print JSON (keys: format_version, ram_bytes, vcpus, epoch, resumable, reason, …).
         #[arg(long)]
         json: bool,
@@ -336,7 +340,9 @@ fn main() -> ExitCode {
         Cmd::Suspend { image } => vmm::control::request_suspend(&image, Duration::from_secs(30))
             .map(|reply| println!("{reply}"))
             .map_err(|e| error_chain(&e)),
-        Cmd::Inspect { path, json } => match nvhv::nvram::inspect(&path) {
+        Cmd::Inspect { path, image, json } => {
+            let path = path.or(image).expect("clap requires PATH or --image");
+            match nvhv::nvram::inspect(&path) {
             Ok(r) => {
                 let text = if json {
                     serde_json::to_string_pretty(&r).expect("report serializes")
@@ -352,7 +358,8 @@ fn main() -> ExitCode {
                 }
             }
             Err(e) => Err(error_chain(&e)),
-        },
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -173,6 +173,15 @@ fn inspect_reports_resumable_only_after_an_orderly_suspend() {
     assert_eq!(j["ram_bytes"], 64u64 << 20);
     assert!(j["epoch"].as_u64().unwrap() >= 1);
     assert_eq!(j["format_version"], 3);
+    // `--image PATH`, as the other commands take the image, says the same;
+    // giving both forms, or neither, is a usage error.
+    let by_flag = nvhv_output(&["inspect", "--json", "--image", img_s]);
+    assert!(by_flag.status.success());
+    assert_eq!(by_flag.stdout, out.stdout);
+    for args in [&["inspect", "--image", img_s, img_s][..], &["inspect"][..]] {
+        let out = nvhv_output(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
 
     // A reader that goes away (`nvhv inspect IMG | head -1`) is no error.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvhv"))
