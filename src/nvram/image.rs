@@ -192,6 +192,39 @@ pub enum ImageError {
     /// A log record no longer matched its CRC while it was replayed.
     #[error("the redo-log record of epoch {0} changed while it was replayed")]
     LogChanged(u64),
+    /// An error about the contents of the image at `path` (the source says
+    /// what), for a message that names the file: see [`ImageError::in_image`].
+    #[error("{}", path.display())]
+    In {
+        /// The image path.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: Box<ImageError>,
+    },
+}
+
+impl ImageError {
+    /// This error as one about the image at `path`: the variants whose
+    /// message does not name the file already (a bad header, a CRC
+    /// mismatch, a failed read, …) are wrapped in [`ImageError::In`], so the
+    /// user reads `/var/lib/vm.img: not an nvhv image`, not just the latter.
+    pub fn in_image(self, path: &Path) -> ImageError {
+        match self {
+            ImageError::NotFound(_)
+            | ImageError::Exists(_)
+            | ImageError::NotRegular(_)
+            | ImageError::Open { .. }
+            | ImageError::InUse(_)
+            | ImageError::Lock { .. }
+            | ImageError::SyncDir { .. }
+            | ImageError::In { .. } => self,
+            e => ImageError::In {
+                path: path.to_owned(),
+                source: Box::new(e),
+            },
+        }
+    }
 }
 
 /// Why the VM in an image cannot be resumed, in words for the user.
@@ -445,15 +478,18 @@ impl Image<FileStorage> {
     pub fn peek_header(path: &Path) -> Result<(File, Header), ImageError> {
         let file = File::open(path).map_err(|e| open_error(path, e))?;
         check_regular(&file, path)?;
-        let header = read_validated(&file)?.header;
+        let header = read_validated(&file).map_err(|e| e.in_image(path))?.header;
         Ok((file, header))
     }
 
     /// The validation of [`Image::open`], on `file` whose lock is held.
     fn open_locked(path: &Path, file: File) -> Result<Image, ImageError> {
-        let ram_offset = read_validated(&file)?.header.geometry.ram.offset;
-        let backing = Backing::detect(&file, ram_offset, true)?;
-        Image::open_storage(FileStorage::new(path, file, backing))
+        let validated = || {
+            let ram_offset = read_validated(&file)?.header.geometry.ram.offset;
+            Backing::detect(&file, ram_offset, true).map_err(ImageError::from)
+        };
+        let backing = validated().map_err(|e| e.in_image(path))?;
+        Image::open_storage(FileStorage::new(path, file, backing)).map_err(|e| e.in_image(path))
     }
 
     /// The image file (for mapping the RAM region).
@@ -1112,12 +1148,46 @@ pub(super) mod tests {
         (p, img)
     }
 
-    fn format_err(r: Result<Image, ImageError>) -> FormatError {
+    /// The format error of an open of a file, which names the file.
+    fn format_err<T>(r: Result<T, ImageError>) -> FormatError {
         match r {
-            Err(ImageError::Format(e)) => e,
-            Err(e) => panic!("expected a format error, got {e}"),
+            Err(ImageError::In { source, .. }) => match *source {
+                ImageError::Format(e) => e,
+                e => panic!("expected a format error, got {e}"),
+            },
+            Err(e) => panic!("expected a format error naming the file, got {e}"),
             Ok(_) => panic!("expected a format error, got an image"),
         }
+    }
+
+    #[test]
+    fn test_errors_about_contents_name_the_image() {
+        let path = Path::new("/images/vm.img");
+        let e = ImageError::Format(FormatError::Empty).in_image(path);
+        assert_eq!(
+            crate::error_chain(&e),
+            "/images/vm.img: image file is empty"
+        );
+        // Wrapping twice names it once; errors naming it already are kept.
+        let e = e.in_image(path);
+        assert_eq!(crate::error_chain(&e).matches("vm.img").count(), 1);
+        let e = ImageError::InUse(path.to_owned()).in_image(path);
+        assert!(matches!(e, ImageError::InUse(_)), "{e}");
+        // The chain below is kept (out-of-space detection walks it).
+        let full = io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = ImageError::Read {
+            what: "header",
+            source: full,
+        }
+        .in_image(path);
+        assert!(crate::is_out_of_space(&e));
+        assert_eq!(
+            crate::error_chain(&e),
+            format!(
+                "/images/vm.img: cannot read the header: {}",
+                io::Error::from_raw_os_error(libc::ENOSPC)
+            )
+        );
     }
 
     fn patch(path: &Path, offset: u64, bytes: &[u8]) {
@@ -1432,11 +1502,10 @@ pub(super) mod tests {
         let e = format_err(Image::open(&p.0));
         assert!(check(&e), "{tag}: {e}");
         assert!(!e.to_string().contains('\n'));
-        let e2 = match crate::nvram::inspect(&p.0) {
-            Err(ImageError::Format(e)) => e,
-            other => panic!("{tag}: inspect gave {other:?}"),
-        };
-        assert_eq!(e, e2);
+        let e2 = crate::nvram::inspect(&p.0).inspect_err(|e| {
+            assert!(crate::error_chain(e).starts_with(&format!("{}: ", p.0.display())));
+        });
+        assert_eq!(e, format_err(e2));
         assert_eq!(std::fs::read(&p.0).unwrap(), bytes, "{tag}: file changed");
         assert_eq!(std::fs::metadata(&p.0).unwrap().modified().unwrap(), mtime);
     }

@@ -137,6 +137,11 @@ pub struct LogRecordReport {
 /// shared `flock` that is released at once. Fails with the same errors as
 /// [`super::Image::open`] on an image that does not validate.
 pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
+    inspect_file(path).map_err(|e| e.in_image(path))
+}
+
+/// [`inspect`], its errors not yet naming the image.
+fn inspect_file(path: &Path) -> Result<InspectReport, ImageError> {
     let file = open_read_only(path)?;
     check_regular(&file, path)?;
     let in_use = match lock(&file, path, libc::LOCK_SH) {

@@ -54,8 +54,13 @@ pub enum VmmError {
     #[error("--standby: {0}")]
     Standby(String),
     /// The image cannot be resumed.
-    #[error("image is not resumable: {0}")]
-    NotResumable(String),
+    #[error("image {} is not resumable: {reason}", path.display())]
+    NotResumable {
+        /// The image.
+        path: PathBuf,
+        /// Why, in words for the user.
+        reason: String,
+    },
     /// Machine state problem.
     #[error(transparent)]
     State(#[from] crate::persist::StateError),
@@ -726,7 +731,8 @@ pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmErr
 }
 
 /// `result` of a resume of `cfg.image`, after saying what is kept and what
-/// is needed if a replay or commit found no room.
+/// is needed if a replay or commit found no room; an image error names the
+/// image.
 fn reported(
     cfg: &ResumeConfig,
     result: Result<RunOutcome, VmmError>,
@@ -736,7 +742,10 @@ fn reported(
             report_image(&cfg.image, e);
         }
     }
-    result
+    result.map_err(|e| match e {
+        VmmError::Image(e) => VmmError::Image(e.in_image(&cfg.image)),
+        e => e,
+    })
 }
 
 /// A resume from process start (`started`), of `opened` if the caller has
@@ -801,9 +810,10 @@ fn resume_opened(
         }
         policy.check(capacity, ram_pages)?;
     }
-    image
-        .resumable()
-        .map_err(|r| VmmError::NotResumable(r.to_string()))?;
+    image.resumable().map_err(|r| VmmError::NotResumable {
+        path: image.path().to_owned(),
+        reason: r.to_string(),
+    })?;
     let hdr = image.header().clone();
     let vcpus_n = hdr.config.vcpus;
     let ram = hdr.config.ram_bytes;
