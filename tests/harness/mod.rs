@@ -145,6 +145,28 @@ pub struct Totals {
     pub violations: Vec<String>,
 }
 
+/// The counts, in the words both the test and the long run print.
+impl std::fmt::Display for Totals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} SIGKILL cycles, {} acknowledged writes, unacknowledged writes found present {} / absent {}, {} key checks, {} values returned by reads checked, {} resumes killed before their guest ran and {} after (each resumed again), {} standby takeovers, {} standbys killed in their takeover before their guest ran and {} after, {} violations",
+            self.cycles,
+            self.acked_writes,
+            self.unacked_present,
+            self.unacked_absent,
+            self.checked_keys,
+            self.checked_reads,
+            self.killed_resumes.0,
+            self.killed_resumes.1,
+            self.takeovers,
+            self.killed_takeovers.0,
+            self.killed_takeovers.1,
+            self.violations.len()
+        )
+    }
+}
+
 /// Small xorshift PRNG (deterministic per seed).
 pub struct Rng(u64);
 impl Rng {
