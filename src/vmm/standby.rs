@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 
 use super::control;
 use super::listeners::{ListenError, Listeners};
-use super::{resume_opened, Restored, ResumeConfig, RunOutcome, Timeline, VmSource, VmmError};
+use super::machine::Timeline;
+use super::resume::{resume_opened, Restored, VmSource};
+use super::{ResumeConfig, RunOutcome, VmmError};
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::devices::GuestMemory;
 use crate::nvram::{Bytes, Header, Image, ImageError, PersistMode, Status};
@@ -63,8 +65,8 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
             // Nobody runs it: resume it, whatever stopped it. So two
             // standbys of one image make a pair: the first resumes, the
             // second waits, and a standby restarted after a crash waits.
-            let result = super::resume_image(cfg, started, Some(image));
-            return super::reported(cfg, result).map(StandbyEnd::Resumed);
+            let result = super::resume::resume_image(cfg, started, Some(image));
+            return super::resume::reported(cfg, result).map(StandbyEnd::Resumed);
         }
         Err(ImageError::InUse(_)) => {}
         Err(e) => return Err(e.into()),
@@ -103,7 +105,7 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
     };
     let from = Timeline::new(freed, "the image was freed");
     let result = resume_opened(cfg, from, image, listeners, source);
-    super::reported(cfg, result).map(StandbyEnd::Resumed)
+    super::resume::reported(cfg, result).map(StandbyEnd::Resumed)
 }
 
 /// How long a standby retries a listen address still in use after the
@@ -236,7 +238,7 @@ impl Prebuilt {
         let report = recover.map(|f| f()).transpose()?;
         // ORDER: the vCPUs only once recovery has returned (restoring them
         // is the first access to guest RAM).
-        let vcpus = super::restore_vcpus(&self.vm, state)?;
+        let vcpus = super::resume::restore_vcpus(&self.vm, state)?;
         Ok(Restored {
             report,
             vm: self.vm,
