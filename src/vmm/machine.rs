@@ -36,9 +36,9 @@ pub(super) enum Event {
     Suspend(Instant, Sender<String>),
 }
 
-/// A built machine, ready to run.
-pub(super) struct Machine {
-    // ORDER (drop): vCPU handles are stopped explicitly before the VM and memory go.
+/// What a machine is built from, new ([`super::run`]) or resumed
+/// ([`super::resume`]).
+pub(super) struct Parts {
     pub(super) vm: Vm,
     pub(super) mem: GuestMemory,
     pub(super) vcpus: Vec<Vcpu>,
@@ -50,20 +50,42 @@ pub(super) struct Machine {
     pub(super) policy: Option<EpochPolicy>,
     /// Epoch mode's dirty-page tracker.
     pub(super) dirty: Option<DirtyTracker>,
+}
+
+/// A built machine, ready to run.
+pub(super) struct Machine {
+    // ORDER (drop): vCPU handles are stopped explicitly before the VM and memory go.
+    vm: Vm,
+    mem: GuestMemory,
+    vcpus: Vec<Vcpu>,
+    bus: Arc<Bus>,
+    wake: Arc<GuestWake>,
+    image: Image,
+    vsock: Option<Vsock>,
+    /// Epoch mode's policy; None in suspend-only mode.
+    policy: Option<EpochPolicy>,
+    /// Epoch mode's dirty-page tracker.
+    dirty: Option<DirtyTracker>,
     /// Epoch mode: `Hints::output_held`, advice to the guest.
-    pub(super) output_hint: Option<AdviceWord>,
+    output_hint: Option<AdviceWord>,
     /// The last captured machine state, clock zeroed (to skip empty epochs).
-    pub(super) last_state: Option<MachineState>,
+    last_state: Option<MachineState>,
     /// Every vCPU's park generation at the last capture, if all were parked:
     /// while they still are, nothing ran, and an idle epoch is skipped.
-    pub(super) parked_at_capture: Option<Vec<u64>>,
+    parked_at_capture: Option<Vec<u64>>,
     /// Epoch mode: holds the vCPUs back when the guest reaches the dirty
     /// budget while an epoch commits (engaged by `throttle`, released as the
     /// next epoch resumes the vCPUs).
-    pub(super) brake: Arc<Brake>,
+    brake: Arc<Brake>,
     /// Epoch mode: the thread that watches the budget during commits (with
     /// its own duplicate of the VM fd).
-    pub(super) throttle: Option<Throttle>,
+    throttle: Option<Throttle>,
+}
+
+/// The guest's `Hints::output_held` word.
+fn output_hint(mem: &GuestMemory) -> Option<AdviceWord> {
+    let at = nvhv_abi::HINTS_ADDR + std::mem::offset_of!(nvhv_abi::Hints, output_held) as u64;
+    AdviceWord::new(mem, at)
 }
 
 /// Named instants since process start (or since a standby's image was
@@ -105,6 +127,26 @@ impl Timeline {
 }
 
 impl Machine {
+    /// The machine of `p`, nothing captured yet.
+    pub(super) fn new(p: Parts) -> Machine {
+        Machine {
+            output_hint: p.policy.and_then(|_| output_hint(&p.mem)),
+            vm: p.vm,
+            mem: p.mem,
+            vcpus: p.vcpus,
+            bus: p.bus,
+            wake: p.wake,
+            image: p.image,
+            vsock: p.vsock,
+            policy: p.policy,
+            dirty: p.dirty,
+            last_state: None,
+            parked_at_capture: None,
+            brake: Arc::default(),
+            throttle: None,
+        }
+    }
+
     /// [`describe`], and for a `KVM_RUN` that could not get guest RAM, why:
     /// a sparse image whose file system is full.
     fn diagnose(&self, r: &StopReason) -> String {

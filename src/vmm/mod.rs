@@ -25,7 +25,6 @@ use crate::devices::GuestMemory;
 use crate::nvram::{Bytes, CreateOptions, Image, ImageConfig, PersistMode};
 use crate::vstate::dirty::DirtyTracker;
 use crate::vstate::memory;
-use crate::vstate::memory::AdviceWord;
 use crate::vstate::throttle::ThrottleError;
 use crate::vstate::vcpu::{self, EntryPoint, StopReason, Vcpu};
 use crate::vstate::vm::Vm;
@@ -41,8 +40,8 @@ mod standby;
 
 use bus::Bus;
 pub use epoch::{EpochEnd, EpochPolicy, EpochStats, DEFAULT_HOT_PAGES};
-use machine::Machine;
 pub use machine::{describe, Timeline};
+use machine::{Machine, Parts};
 pub use resume::resume;
 pub use standby::{standby, StandbyEnd};
 
@@ -394,7 +393,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     )?;
     warn_if_short(&image);
     let built = build_new(cfg, &layout, &guest, image, listeners, console).and_then(|mut m| {
-        if m.policy.is_some() {
+        if cfg.persist == PersistMode::Epoch {
             // The first epoch holds the loaded guest, so the image is
             // resumable before the guest runs a single instruction.
             m.initial_epoch()?;
@@ -553,8 +552,7 @@ fn build_new(
     guest_abi::write_wall_clock(&mem, vm.unix_minus_kvmclock_ns()?)?;
     let console = Console::new(console);
     let bus = Bus::new(console, layout, vsock.as_ref());
-    Ok(Machine {
-        output_hint: epochs.then(|| output_hint(&mem)).flatten(),
+    Ok(Machine::new(Parts {
         vm,
         mem,
         vcpus,
@@ -564,17 +562,7 @@ fn build_new(
         vsock,
         policy: epochs.then_some(cfg.runtime.epochs),
         dirty,
-        last_state: None,
-        parked_at_capture: None,
-        brake: Arc::default(),
-        throttle: None,
-    })
-}
-
-/// The guest's `Hints::output_held` word.
-fn output_hint(mem: &GuestMemory) -> Option<AdviceWord> {
-    let at = nvhv_abi::HINTS_ADDR + std::mem::offset_of!(nvhv_abi::Hints, output_held) as u64;
-    AdviceWord::new(mem, at)
+    }))
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 //! The standby (`standby`) runs the same path with a VM it built before
 //! the image was free.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use crate::boot::guest_abi::{self, Layout};
@@ -19,10 +18,10 @@ use crate::vstate::vcpu::{Vcpu, VcpuArgs};
 use crate::vstate::vm::Vm;
 
 use super::bus::Bus;
-use super::machine::{Machine, Timeline};
+use super::machine::{Machine, Parts, Timeline};
 use super::{
-    console_out, epoch, output_hint, ram_pages, report_image, standby, warn_if_short, ResumeConfig,
-    RunOutcome, VmmError,
+    console_out, epoch, ram_pages, report_image, standby, warn_if_short, ResumeConfig, RunOutcome,
+    VmmError,
 };
 
 /// `nvhv resume`: validate the image, restore the machine, run until stopped.
@@ -179,8 +178,7 @@ pub(super) fn resume_opened(
     tl.mark("devices restored");
     let layout = Layout::new(ram, vcpus_n)?;
     let bus = Bus::new(console, &layout, vsock.as_ref());
-    let m = Machine {
-        output_hint: epochs.then(|| output_hint(&mem)).flatten(),
+    let m = Machine::new(Parts {
         vm,
         mem,
         vcpus,
@@ -190,11 +188,7 @@ pub(super) fn resume_opened(
         vsock,
         policy: epochs.then_some(policy),
         dirty,
-        last_state: None,
-        parked_at_capture: None,
-        brake: Arc::default(),
-        throttle: None,
-    };
+    });
     m.run_timed(Some(tl))
 }
 
