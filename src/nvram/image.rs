@@ -4,7 +4,7 @@
 //! and the verdict on whether the VM in it can be resumed.
 //!
 //! Epoch mode adds the redo log (`epoch.rs`: `commit_epoch`,
-//! `apply_committed`, `recover`). The commit protocols and the recovery rule
+//! `apply_committed`; `recovery.rs`: `recover`). The commit protocols and the recovery rule
 //! are written out in `docs/nvram-format.md` ("Commit protocol", "Epoch
 //! commit protocol", "Recovery").
 //!
@@ -20,12 +20,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::backing::{Backing, BackingError, BackingKind};
-use super::epoch::{plan_recovery_keeping, LogWriter, RecoveryPlan, Unapplied};
+use super::epoch::{LogWriter, Unapplied};
 use super::inspect::Bytes;
 use super::layout::{
     check_file_len, select_meta, FormatError, Header, ImageConfig, Meta, MetaSelection,
     PersistMode, Status, Uuid, HEADER_BLOCK, HEADER_LEN, META_LEN,
 };
+use super::recovery::{plan_recovery_keeping, RecoveryPlan};
 use super::redo::half_region;
 use super::storage::{FileStorage, Storage};
 
@@ -287,7 +288,7 @@ pub struct Image<S: Storage = FileStorage> {
     /// `plan` still has writes to do (`recover` not called yet).
     pub(super) recovery_pending: bool,
     /// The payloads of the records `plan` replays, read when it was made.
-    pub(super) replay_payloads: super::epoch::Payloads,
+    pub(super) replay_payloads: super::recovery::Payloads,
     /// The epoch committed by `commit_epoch` whose pages are not applied yet.
     pub(super) unapplied: Option<Unapplied>,
     /// Writes were issued (log apply, replay) that no persist covers yet.

@@ -12,12 +12,12 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::backing::{Backing, BackingKind};
-use super::epoch::{plan_recovery, LogEntry, RecordState};
 use super::image::{
     check_regular, lock, open_error, read_validated, resumability, space_of, unlock, ImageError,
     Space,
 };
 use super::layout::{PersistMode, Status, Uuid};
+use super::recovery::{plan_recovery, LogEntry, RecordState};
 use super::redo::{capacity_pages_for, half_region};
 
 /// What `inspect` found. The JSON keys `format_version`, `ram_bytes`, `vcpus`,

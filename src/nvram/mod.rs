@@ -12,7 +12,8 @@
 //! - [`backing`]: tmpfs / file / DAX detection and `persist`;
 //! - `storage`: the read/write/persist interface every image byte goes through;
 //! - `image`: create, open, suspend commit, read state, resumability;
-//! - `epoch`: epoch commit through the redo log, apply, recovery;
+//! - `epoch`: epoch commit through the redo log, apply;
+//! - `recovery`: classifying the redo log, planning and carrying out recovery;
 //! - `replay`: recovery's writes gathered per page, each page written once;
 //! - `inspect`: the read-only report;
 //! - `crash_tests` (tests only): every crash point of the epoch protocol;
@@ -25,6 +26,7 @@ mod epoch;
 mod image;
 mod inspect;
 pub mod layout;
+mod recovery;
 pub mod redo;
 mod replay;
 mod storage;
@@ -32,12 +34,12 @@ mod storage;
 pub(crate) mod test_rng;
 
 pub use backing::{BackingError, BackingKind};
-pub use epoch::{RecordState, RecoveryPlan, RecoveryReport};
 pub use image::{CommitTimes, CreateOptions, Image, ImageError, NotResumable, Space};
 pub use inspect::{inspect, Bytes, InspectReport, LogRecordReport, MetaBlockReport};
 pub use layout::{
     FormatError, Geometry, Header, ImageConfig, Meta, MetaSelection, PersistMode, Region, Status,
     Uuid, FORMAT_VERSION,
 };
+pub use recovery::{RecordState, RecoveryPlan, RecoveryReport};
 pub use redo::RecordError;
 pub use storage::{FileStorage, MemStorage, ReadBytes, Storage};
