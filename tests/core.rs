@@ -294,6 +294,13 @@ fn corrupted_images_are_refused_and_left_byte_identical() {
         dir.path("missing.img").to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
+
+    // What a run killed while it made the image leaves (the header is
+    // written last) is named as such.
+    std::fs::write(&bad, vec![0u8; 64 << 10]).unwrap();
+    let out = nvhv_output(&["resume", "--image", bad_s]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("creation never finished"), "{err}");
 }
 
 #[test]

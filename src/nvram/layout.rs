@@ -562,6 +562,10 @@ fn looks_like(b: &[u8]) -> Option<&'static str> {
         Some("a Linux bzImage kernel")
     } else if b.starts_with(b"NVHVMETA") {
         Some("an nvhv meta record, not the start of an image")
+    } else if b.len() >= HEADER_LEN && b[..HEADER_LEN].iter().all(|&x| x == 0) {
+        // `create` writes the header last: this is what a run killed while
+        // it made the image leaves.
+        Some("an image whose creation never finished: a `nvhv run` stopped while making it; no VM ever ran in it, and `nvhv run --force` replaces it")
     } else {
         None
     }
@@ -1083,6 +1087,16 @@ mod tests {
         let e = Header::parse(&Rng(1).bytes(4096)).unwrap_err();
         assert_eq!(e, FormatError::BadMagic { looks_like: None });
         assert_eq!(e.to_string(), "not an nvhv image");
+        // A header block of zeros: a creation that never finished (the
+        // header is written last). One byte set anywhere in it is not that.
+        let e = Header::parse(&[0u8; 4096]).unwrap_err();
+        assert!(e.to_string().contains("creation never finished"), "{e}");
+        let mut b = [0u8; 4096];
+        b[HEADER_LEN - 1] = 1;
+        assert_eq!(
+            Header::parse(&b).unwrap_err(),
+            FormatError::BadMagic { looks_like: None }
+        );
     }
 
     #[test]
