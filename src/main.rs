@@ -70,8 +70,9 @@ struct RunArgs {
     /// here). Without it the RAM region is sparse and takes room as the
     /// guest first touches its pages; if the file system fills, the guest
     /// is stopped with its last committed state kept. On tmpfs this takes
-    /// the memory now; on ext4 it is quick, but the first write of each
-    /// reserved block costs the file system a little more.
+    /// the memory now (about a third of a second per GiB, progress shown);
+    /// on ext4 it is quick, but the first write of each reserved block
+    /// costs the file system a little more.
     #[arg(long)]
     reserve: bool,
     /// Guest RAM, e.g. 64M, 1G (suffixes K, M, G; binary units).

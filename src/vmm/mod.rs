@@ -35,6 +35,7 @@ pub mod control;
 mod epoch;
 pub mod listeners;
 mod machine;
+mod progress;
 mod resume;
 mod standby;
 
@@ -374,6 +375,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     let listeners = with_vsock.then(|| cfg.runtime.vsock_config()).transpose()?;
     let console = console_out(&cfg.runtime)?;
     // 2. Create the image (refuses an existing file unless --force).
+    let reserving = progress::Reserving::start();
     let image = Image::create_with(
         &cfg.image,
         &ImageConfig {
@@ -389,6 +391,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
         CreateOptions {
             overwrite: cfg.overwrite,
             reserve_ram: cfg.reserve_ram,
+            on_reserve: Some(&|done, total| reserving.update(done, total)),
         },
     )?;
     warn_if_short(&image);
