@@ -447,6 +447,8 @@ impl Image<FileStorage> {
             };
             // A region the file system cannot hold is refused before any of
             // it is taken (reserving piece by piece would first fill it).
+            // `free` is what unprivileged users may take: a root nvhv is not
+            // let into ext4's reserved blocks either.
             if g.ram.size > free {
                 return Err(refused(io::Error::from_raw_os_error(libc::ENOSPC)));
             }
