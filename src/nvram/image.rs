@@ -4,9 +4,9 @@
 //! and the verdict on whether the VM in it can be resumed.
 //!
 //! Epoch mode adds the redo log (`epoch.rs`: `commit_epoch`,
-//! `apply_committed`; `recovery.rs`: `recover`). The commit protocols and the recovery rule
-//! are written out in `docs/nvram-format.md` ("Commit protocol", "Epoch
-//! commit protocol", "Recovery").
+//! `apply_committed`; `recovery.rs`: `recover`). The commit protocols and
+//! the recovery rule are written out in `docs/nvram-format.md` ("Commit
+//! protocol", "Epoch commit protocol", "Recovery").
 //!
 //! Every byte goes through a [`Storage`]: the image file with its backing
 //! ([`FileStorage`], the default), or any other implementation (the tests
@@ -321,7 +321,8 @@ pub struct CreateOptions<'a> {
     /// region is sparse and takes room as the guest first touches its pages.
     pub reserve_ram: bool,
     /// Told (bytes reserved, bytes to reserve) after each
-    /// [`RESERVE_CHUNK`] of a `reserve_ram` (tmpfs takes ~0.25 s a GiB):
+    /// [`RESERVE_CHUNK`] of a `reserve_ram` (tmpfs takes about a third of
+    /// a second a GiB here):
     /// for progress shown to the user.
     pub on_reserve: Option<&'a dyn Fn(u64, u64)>,
 }
