@@ -257,6 +257,75 @@ fn open_read_only(path: &Path) -> Result<File, ImageError> {
     .map_err(|e| open_error(path, e))
 }
 
+/// Whether the text report may count `r` in a line of applied records
+/// instead of giving it a line of its own.
+fn summarised(r: &LogRecordReport) -> bool {
+    r.state == "applied" && !r.replay && r.problem.is_none() && r.epoch.is_some()
+}
+
+/// The text report's lines for the redo log's records: consecutive applied
+/// records of a half (up to 32 a half) make one line; the rest, which
+/// recovery looks at, one each.
+fn log_lines(mut records: &[LogRecordReport]) -> Vec<String> {
+    let mut lines = Vec::new();
+    while let Some(r) = records.first() {
+        let run = records
+            .iter()
+            .take_while(|o| o.half == r.half && summarised(o))
+            .count();
+        if run >= 2 {
+            let pages: u64 = records[..run].iter().filter_map(|o| o.pages).sum();
+            lines.push(format!(
+                "log half {} epochs {}, {run} records, {pages} pages, applied",
+                r.half,
+                epoch_list(
+                    &records[..run]
+                        .iter()
+                        .filter_map(|o| o.epoch)
+                        .collect::<Vec<_>>()
+                )
+            ));
+            records = &records[run..];
+            continue;
+        }
+        let what = match (r.epoch, r.pages, &r.problem) {
+            (Some(e), Some(p), _) => format!("epoch {e}, {p} pages, {}", r.state),
+            (Some(e), None, Some(why)) => format!("epoch {e}, invalid: {why}"),
+            (None, _, Some(why)) => format!("invalid: {why}"),
+            _ => r.state.to_string(),
+        };
+        let replay = if r.replay { " (replay)" } else { "" };
+        let at = match r.offset {
+            0 => String::new(),
+            o => format!(" +{}", Bytes(o)),
+        };
+        lines.push(format!("log half {}{at} {what}{replay}", r.half));
+        records = &records[1..];
+    }
+    lines
+}
+
+/// `epochs` in words: runs of three or more consecutive epochs as `a–b`.
+fn epoch_list(epochs: &[u64]) -> String {
+    let mut parts = Vec::new();
+    let mut rest = epochs;
+    while let Some(&first) = rest.first() {
+        let run = rest
+            .iter()
+            .enumerate()
+            .take_while(|&(i, &e)| e == first + i as u64)
+            .count();
+        if run >= 3 {
+            parts.push(format!("{first}–{}", rest[run - 1]));
+            rest = &rest[run..];
+        } else {
+            parts.push(first.to_string());
+            rest = &rest[1..];
+        }
+    }
+    parts.join(", ")
+}
+
 impl fmt::Display for InspectReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "nvhv image {}", self.path)?;
@@ -294,19 +363,8 @@ impl fmt::Display for InspectReport {
                 Bytes(self.log_bytes),
                 self.log_capacity_pages
             )?;
-            for r in &self.log_records {
-                let what = match (r.epoch, r.pages, &r.problem) {
-                    (Some(e), Some(p), _) => format!("epoch {e}, {p} pages, {}", r.state),
-                    (Some(e), None, Some(why)) => format!("epoch {e}, invalid: {why}"),
-                    (None, _, Some(why)) => format!("invalid: {why}"),
-                    _ => r.state.to_string(),
-                };
-                let replay = if r.replay { " (replay)" } else { "" };
-                let at = match r.offset {
-                    0 => String::new(),
-                    o => format!(" +{}", Bytes(o)),
-                };
-                writeln!(f, "  log half {}{at} {what}{replay}", r.half)?;
+            for line in log_lines(&self.log_records) {
+                writeln!(f, "  {line}")?;
             }
             let plan = match (self.replay_epochs.as_slice(), self.recovery_writes) {
                 ([], false) => "nothing to replay".to_string(),
@@ -319,11 +377,7 @@ impl fmt::Display for InspectReport {
                 (epochs, _) => format!(
                     "replays epoch{} {} ({}), then {}",
                     if epochs.len() == 1 { "" } else { "s" },
-                    epochs
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    epoch_list(epochs),
                     Bytes(self.log_pending_bytes),
                     if self.continues_log {
                         "continues the log after the restored record (no persist, no meta record)"
@@ -490,6 +544,39 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("4 MiB RAM"), "{text}");
+    }
+
+    #[test]
+    fn test_text_report_shortens_runs_of_applied_records_and_epochs() {
+        assert_eq!(epoch_list(&[]), "");
+        assert_eq!(epoch_list(&[2, 3]), "2, 3");
+        assert_eq!(epoch_list(&[1, 3, 4, 5, 6, 9, 10]), "1, 3–6, 9, 10");
+        let record = |half, offset, epoch, state, replay| LogRecordReport {
+            half,
+            offset,
+            state,
+            epoch: Some(epoch),
+            pages: Some(10),
+            replay,
+            problem: None,
+        };
+        let records = [
+            record(0, 0, 7, "valid", true),
+            record(1, 0, 3, "applied", false),
+            record(1, 8192, 4, "applied", false),
+            record(1, 16384, 5, "applied", false),
+            record(1, 24576, 6, "valid", true),
+            record(0, 0, 1, "applied", false),
+        ];
+        assert_eq!(
+            log_lines(&records),
+            [
+                "log half 0 epoch 7, 10 pages, valid (replay)",
+                "log half 1 epochs 3–5, 3 records, 30 pages, applied",
+                "log half 1 +24 KiB epoch 6, 10 pages, valid (replay)",
+                "log half 0 epoch 1, 10 pages, applied",
+            ]
+        );
     }
 
     #[test]
