@@ -1,7 +1,7 @@
 //! nvhv: a KVM hypervisor whose virtual machines survive power outages.
 //!
 //! The flow follows rust-vmm's vmm-reference: the command line becomes a
-//! [`vmm::VmConfig`], [`vmm`] builds the machine from it (new image or resumed
+//! [`vmm::RunConfig`] or [`vmm::ResumeConfig`], [`vmm`] builds the machine from it (new image or resumed
 //! image), runs it, and commits its state to NVRAM when told to stop.
 //! `ARCHITECTURE.md` narrates each step and maps every module.
 

@@ -1,6 +1,6 @@
 //! Emulated devices and the buses that route guest port I/O and MMIO exits to them.
 //!
-//! Devices never touch KVM: a vCPU thread hands each exit to [`Bus`], which
+//! Devices never touch KVM: a vCPU thread hands each exit to the VMM's bus (`vmm::bus`), which
 //! finds the device by address. Devices that produce work for the guest wake a
 //! parked vCPU through [`crate::vstate::wait::GuestWake`].
 

@@ -602,7 +602,7 @@ impl<S: Storage> Image<S> {
     /// the payload). Formats 1 and 2 write their whole pages now (one write
     /// per run of consecutive pages). Format 3 keeps them pending and writes
     /// as many of the oldest pending pages as keep the other log half
-    /// reusable in time ([`LogWriter`]): a page that changes every epoch is
+    /// reusable in time (`LogWriter`): a page that changes every epoch is
     /// written about once per half, not once per epoch. Does not persist:
     /// the next commit's persist covers these writes, and until then the
     /// log records can redo them.
@@ -672,7 +672,7 @@ impl<S: Storage> Image<S> {
     /// Format 3, after recovery continued the log: whether a record must
     /// still be committed, even one that changes nothing, before the
     /// records recovery replayed count as applied
-    /// ([`LogWriter::replay_unacknowledged`]). Epoch mode skips idle epochs
+    /// (`LogWriter::replay_unacknowledged`). Epoch mode skips idle epochs
     /// only once this is false.
     pub fn replay_unacknowledged(&self) -> bool {
         self.log.replay_unacknowledged()

@@ -321,7 +321,7 @@ pub struct CreateOptions<'a> {
     /// region is sparse and takes room as the guest first touches its pages.
     pub reserve_ram: bool,
     /// Told (bytes reserved, bytes to reserve) after each
-    /// [`RESERVE_CHUNK`] of a `reserve_ram` (tmpfs takes about a third of
+    /// `RESERVE_CHUNK` (256 MiB) of a `reserve_ram` (tmpfs takes about a third of
     /// a second a GiB here):
     /// for progress shown to the user.
     pub on_reserve: Option<&'a dyn Fn(u64, u64)>,

@@ -3,7 +3,7 @@
 //! persist primitive, the crash-atomic commits (suspend and epoch) and
 //! recovery.
 //!
-//! An [`Image`] is an open, validated, exclusively locked image; [`inspect`]
+//! An [`Image`] is an open, validated, exclusively locked image; [`inspect()`]
 //! reads one without changing it. The format, the commit orders and the
 //! recovery rule are specified in `docs/nvram-format.md`.
 //!

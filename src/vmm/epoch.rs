@@ -152,7 +152,7 @@ impl EpochPolicy {
     }
 
     /// When to wake next: the epoch's due time, or earlier to check the
-    /// dirty budget, [`BUDGET_CHECK`] after it was last checked (`checked`,
+    /// dirty budget, `BUDGET_CHECK` after it was last checked (`checked`,
     /// or the epoch's start) — unless every vCPU is parked (`parked`, with
     /// the VMM told when one leaves its park): parked vCPUs dirty nothing,
     /// so an idle VM wakes the VMM once per `max`, not every check.

@@ -37,7 +37,7 @@ pub(super) enum Event {
 }
 
 /// What a machine is built from, new ([`super::run`]) or resumed
-/// ([`super::resume`]).
+/// ([`super::resume()`]).
 pub(super) struct Parts {
     pub(super) vm: Vm,
     pub(super) mem: GuestMemory,

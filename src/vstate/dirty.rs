@@ -355,7 +355,7 @@ impl DirtyTracker {
         r
     }
 
-    /// Chunks of compares (of [`CHUNK_JOBS`] pages) the helper thread took
+    /// Chunks of compares (of `CHUNK_JOBS` pages) the helper thread took
     /// in the last capture.
     pub fn helped(&self) -> usize {
         self.helped

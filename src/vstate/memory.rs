@@ -155,7 +155,7 @@ pub fn map_ram(
 }
 
 /// Register every region of `mem` with KVM, slot numbers from 0. With
-/// `log_dirty`, KVM records the pages the guest writes (see [`harvest_dirty`]).
+/// `log_dirty`, KVM records the pages the guest writes (see `vstate::dirty`).
 pub fn register(vm: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
