@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +36,13 @@ pub(super) enum Event {
     Signal(i32, Instant),
     Suspend(Instant, Sender<String>),
 }
+
+/// Why the VM stops, when the request came, and whom to tell the outcome
+/// (a `nvhv suspend` waiting for its reply).
+type Stop = (StopCause, Instant, Option<Sender<String>>);
+
+/// Closes the signal thread's iterator.
+type SignalsHandle = signal_hook::iterator::Handle;
 
 /// What a machine is built from, new ([`super::run`]) or resumed
 /// ([`super::resume()`]).
@@ -173,60 +181,7 @@ impl Machine {
         mut timeline: Option<Timeline>,
     ) -> Result<RunOutcome, VmmError> {
         let (tx, rx) = std::sync::mpsc::channel::<Event>();
-        // Signals: SIGTERM/SIGINT = orderly stop; SIGPWR = power-fail warning.
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-            libc::SIGPWR,
-        ])
-        .map_err(VmmError::Signals)?;
-        let sig_handle = signals.handle();
-        {
-            let tx = tx.clone();
-            std::thread::Builder::new()
-                .name("signals".into())
-                .spawn(move || {
-                    for s in signals.forever() {
-                        if tx.send(Event::Signal(s, Instant::now())).is_err() {
-                            break;
-                        }
-                    }
-                })
-                .map_err(VmmError::Signals)?;
-        }
-        let (tcp, unix) = self
-            .vsock
-            .as_ref()
-            .map_or((None, None), Vsock::listening_sockets);
-        let listening = listeners::Listeners { tcp, unix };
-        let ctl = control::Server::start(
-            &self.image_path(),
-            {
-                let tx = tx.clone();
-                move |reply| {
-                    let _ = tx.send(Event::Suspend(Instant::now(), reply));
-                }
-            },
-            listening,
-        );
-        if let Err(e) = &ctl {
-            tracing::warn!("control socket unavailable (nvhv suspend will not work): {e}");
-        }
-        if let (Some(_), Some(v)) = (&self.policy, &self.vsock) {
-            // Output commit: guest output is held until its epoch is durable;
-            // the first held byte of an epoch asks for a group commit.
-            // The gate also tells the guest (advice, nvhv_abi::Hints) that
-            // its output waits for a commit, so an idle guest parks at once.
-            let tx = tx.clone();
-            let hint = self.output_hint.clone();
-            v.set_output_gate(Some(OutputGate::new(move || {
-                if let Some(h) = &hint {
-                    h.store(1);
-                }
-                let _ = tx.send(Event::OutputPending);
-                std::thread::yield_now();
-            })));
-        }
+        let (sig_handle, ctl) = self.start_event_sources(&tx)?;
         if let Some(t) = timeline.as_mut() {
             t.mark("signals and control socket up");
         }
@@ -242,37 +197,11 @@ impl Machine {
 
         // 7. Start the vCPUs (and, in epoch mode, the throttle that brakes
         //    them when they outrun a commit).
-        vcpu::install_kick_handler()?;
-        if let Some(p) = &self.policy {
-            let npages = crate::vstate::dirty::slot_pages(&self.mem)?;
-            self.throttle = Some(Throttle::start(
-                &self.vm.fd,
-                npages,
-                p.dirty_budget,
-                self.brake.clone(),
-                vcpu::kick_signal(),
-            )?);
-        }
         // Armed while the main thread sleeps with every vCPU parked: the
         // first vCPU to leave its park says so (Unparked), and the dirty
         // budget is watched again.
-        let unpark_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut handles: Vec<VcpuHandle> = Vec::new();
-        for v in self.vcpus.drain(..) {
-            let tx = tx.clone();
-            let h = vcpu::spawn(
-                v,
-                self.bus.clone() as Arc<dyn ExitHandler>,
-                self.wake.clone(),
-                self.policy.is_some(),
-                unpark_watch.clone(),
-                self.brake.clone(),
-                Box::new(move |e| {
-                    let _ = tx.send(Event::Vcpu(e));
-                }),
-            )?;
-            handles.push(h);
-        }
+        let unpark_watch = Arc::new(AtomicBool::new(false));
+        let handles = self.start_vcpus(&tx, &unpark_watch)?;
         if let Some(t) = timeline.as_mut() {
             t.mark("vCPU threads started");
             t.log("resume");
@@ -288,112 +217,19 @@ impl Machine {
         // 8. Wait for a reason to stop; in epoch mode, checkpoint meanwhile.
         let mut deferred: VecDeque<Event> = VecDeque::new();
         let mut stats = EpochStats::default();
-        let mut epoch_start = Instant::now();
-        let mut output_pending: Option<Instant> = None;
-        // When the dirty budget was last checked (or the epoch began): the
-        // next check is due BUDGET_CHECK after it, however often events
-        // wake the loop meanwhile.
-        let mut checked = Instant::now();
-        // A vCPU left its park since that check: the guest may have written
-        // pages and be parked again already (a guest waiting for the rest of
-        // a large request parks and unparks all the time), so the VMM does
-        // not sleep past the next check.
-        let mut unparked = false;
-        let idle = |hs: &[VcpuHandle]| hs.iter().all(|h| h.park_generation().is_some());
-        let (cause, t0, reply) = loop {
-            let ev = match deferred.pop_front() {
-                Some(e) => Ok(e),
-                None => match &self.policy {
-                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                    Some(_) if self.brake.is_engaged() => {
-                        // The guest reached the budget while the last epoch
-                        // committed and is held: the next epoch begins now.
-                        rx.recv_timeout(Duration::ZERO)
+        let (cause, t0, reply) =
+            match self.wait_for_stop(&handles, &rx, &unpark_watch, &mut deferred, &mut stats) {
+                Ok(stop) => stop,
+                Err(e) => {
+                    // Nothing after the last durable epoch was released:
+                    // stopping here loses no acknowledged output.
+                    for h in handles {
+                        h.stop(&self.wake);
                     }
-                    Some(p) => {
-                        let now = Instant::now();
-                        // Only once the epoch has been quiet for a budget
-                        // check (under load the guest parks between most
-                        // requests, and a wake-up per request costs ~5% at
-                        // one client on tmpfs).
-                        let quiet = now >= epoch_start + epoch::BUDGET_CHECK;
-                        let parked =
-                            !unparked && output_pending.is_none() && quiet && idle(&handles) && {
-                                // ORDER: arm the watch, then look again: a vCPU
-                                //        leaving its park after this look sees it.
-                                unpark_watch.store(true, std::sync::atomic::Ordering::SeqCst);
-                                idle(&handles)
-                            };
-                        let idle = output_pending.is_some() && idle(&handles);
-                        let wake = p.next_wake(epoch_start, output_pending, idle, parked, checked);
-                        rx.recv_timeout(wake.saturating_duration_since(now))
-                    }
-                },
+                    self.print_summary(&mut stats);
+                    return Err(e);
+                }
             };
-            match ev {
-                Ok(Event::Signal(s, t)) => break (StopCause::Signal(s), t, None),
-                Ok(Event::Suspend(t, r)) => break (StopCause::Request, t, Some(r)),
-                Ok(Event::Vcpu(VcpuEvent::Stopped(i, r))) => {
-                    eprintln!("nvhv: guest stopped on vCPU {i}: {}", self.diagnose(&r));
-                    break (StopCause::Guest(r), Instant::now(), None);
-                }
-                // A park re-evaluates the due time at the loop top.
-                Ok(Event::Vcpu(VcpuEvent::Paused(..) | VcpuEvent::Parked(_))) => {}
-                Ok(Event::Vcpu(VcpuEvent::Unparked(_))) => unparked = true,
-                Ok(Event::OutputPending) => {
-                    output_pending.get_or_insert_with(Instant::now);
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    // The budget is checked now (unless the epoch ends anyway).
-                    unparked = false;
-                    checked = Instant::now();
-                    let idle = output_pending.is_some() && idle(&handles);
-                    let nothing_ran = self.nothing_ran(&handles);
-                    let Some(end) =
-                        self.epoch_end(epoch_start, output_pending, idle, nothing_ran)?
-                    else {
-                        continue;
-                    };
-                    // ORDER: not before a record says the replay of the
-                    // last recovery is applied (else every later recovery
-                    // replays it again).
-                    if output_pending.is_none()
-                        && nothing_ran
-                        && !self.image.replay_unacknowledged()
-                    {
-                        // Every vCPU stayed parked since the last capture (so
-                        // no page changed through them and no output exists):
-                        // an idle VM costs no capture at all.
-                        stats.idle_skips += 1;
-                        epoch_start = Instant::now();
-                        // Braked (by hot pages alone, which the budget
-                        // counts) while the guest did not run: nothing to
-                        // capture, nothing to hold back. ORDER: released
-                        // here or by the next epoch's unpause, so the loop
-                        // never waits with the brake engaged.
-                        self.brake.release();
-                        continue;
-                    }
-                    if end == EpochEnd::Budget {
-                        stats.budget_ends += 1;
-                    }
-                    epoch_start = Instant::now();
-                    output_pending = None;
-                    if let Err(e) = self.epoch(&handles, &rx, &mut deferred, &mut stats, false) {
-                        // Nothing after the last durable epoch was released:
-                        // stopping here loses no acknowledged output.
-                        for h in handles {
-                            h.stop(&self.wake);
-                        }
-                        self.print_summary(&mut stats);
-                        return Err(e);
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    unreachable!("the main thread holds a sender")
-                }
-            }
-        };
 
         if matches!(cause, StopCause::Guest(_)) {
             // The guest is gone for good: its unfinished console line too.
@@ -451,6 +287,220 @@ impl Machine {
         Ok(RunOutcome {
             reason: cause,
             commit_latency: latency,
+        })
+    }
+
+    /// The main thread's event sources besides the vCPUs: the signals
+    /// (SIGTERM/SIGINT, an orderly stop; SIGPWR, the power-fail warning),
+    /// the control socket (`nvhv suspend`, a standby's request for the
+    /// listening sockets), and in epoch mode the output gate.
+    fn start_event_sources(
+        &self,
+        tx: &Sender<Event>,
+    ) -> Result<(SignalsHandle, Option<control::Server>), VmmError> {
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+            libc::SIGPWR,
+        ])
+        .map_err(VmmError::Signals)?;
+        let sig_handle = signals.handle();
+        {
+            let tx = tx.clone();
+            std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || {
+                    for s in signals.forever() {
+                        if tx.send(Event::Signal(s, Instant::now())).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(VmmError::Signals)?;
+        }
+        let (tcp, unix) = self
+            .vsock
+            .as_ref()
+            .map_or((None, None), Vsock::listening_sockets);
+        let listening = listeners::Listeners { tcp, unix };
+        let ctl = control::Server::start(
+            &self.image_path(),
+            {
+                let tx = tx.clone();
+                move |reply| {
+                    let _ = tx.send(Event::Suspend(Instant::now(), reply));
+                }
+            },
+            listening,
+        );
+        let ctl = ctl
+            .inspect_err(|e| {
+                tracing::warn!("control socket unavailable (nvhv suspend will not work): {e}");
+            })
+            .ok();
+        if let (Some(_), Some(v)) = (&self.policy, &self.vsock) {
+            // Output commit: guest output is held until its epoch is durable;
+            // the first held byte of an epoch asks for a group commit.
+            // The gate also tells the guest (advice, nvhv_abi::Hints) that
+            // its output waits for a commit, so an idle guest parks at once.
+            let tx = tx.clone();
+            let hint = self.output_hint.clone();
+            v.set_output_gate(Some(OutputGate::new(move || {
+                if let Some(h) = &hint {
+                    h.store(1);
+                }
+                let _ = tx.send(Event::OutputPending);
+                std::thread::yield_now();
+            })));
+        }
+        Ok((sig_handle, ctl))
+    }
+
+    /// Starts a thread per vCPU (and, in epoch mode, the throttle that
+    /// brakes them when they outrun a commit); their events go to `tx`.
+    fn start_vcpus(
+        &mut self,
+        tx: &Sender<Event>,
+        unpark_watch: &Arc<AtomicBool>,
+    ) -> Result<Vec<VcpuHandle>, VmmError> {
+        vcpu::install_kick_handler()?;
+        if let Some(p) = &self.policy {
+            let npages = crate::vstate::dirty::slot_pages(&self.mem)?;
+            self.throttle = Some(Throttle::start(
+                &self.vm.fd,
+                npages,
+                p.dirty_budget,
+                self.brake.clone(),
+                vcpu::kick_signal(),
+            )?);
+        }
+        let mut handles: Vec<VcpuHandle> = Vec::new();
+        for v in self.vcpus.drain(..) {
+            let tx = tx.clone();
+            let h = vcpu::spawn(
+                v,
+                self.bus.clone() as Arc<dyn ExitHandler>,
+                self.wake.clone(),
+                self.policy.is_some(),
+                unpark_watch.clone(),
+                self.brake.clone(),
+                Box::new(move |e| {
+                    let _ = tx.send(Event::Vcpu(e));
+                }),
+            )?;
+            handles.push(h);
+        }
+        Ok(handles)
+    }
+
+    /// Step 8: waits for a reason to stop (a signal, a suspend request, the
+    /// guest stopping) and, in epoch mode, ends epochs meanwhile (see
+    /// [`EpochPolicy`]). Returns the cause, when it came, and whom to tell.
+    fn wait_for_stop(
+        &mut self,
+        handles: &[VcpuHandle],
+        rx: &Receiver<Event>,
+        unpark_watch: &AtomicBool,
+        deferred: &mut VecDeque<Event>,
+        stats: &mut EpochStats,
+    ) -> Result<Stop, VmmError> {
+        let mut epoch_start = Instant::now();
+        let mut output_pending: Option<Instant> = None;
+        // When the dirty budget was last checked (or the epoch began): the
+        // next check is due BUDGET_CHECK after it, however often events
+        // wake the loop meanwhile.
+        let mut checked = Instant::now();
+        // A vCPU left its park since that check: the guest may have written
+        // pages and be parked again already (a guest waiting for the rest of
+        // a large request parks and unparks all the time), so the VMM does
+        // not sleep past the next check.
+        let mut unparked = false;
+        let idle = |hs: &[VcpuHandle]| hs.iter().all(|h| h.park_generation().is_some());
+        Ok(loop {
+            let ev = match deferred.pop_front() {
+                Some(e) => Ok(e),
+                None => match &self.policy {
+                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    Some(_) if self.brake.is_engaged() => {
+                        // The guest reached the budget while the last epoch
+                        // committed and is held: the next epoch begins now.
+                        rx.recv_timeout(Duration::ZERO)
+                    }
+                    Some(p) => {
+                        let now = Instant::now();
+                        // Only once the epoch has been quiet for a budget
+                        // check (under load the guest parks between most
+                        // requests, and a wake-up per request costs ~5% at
+                        // one client on tmpfs).
+                        let quiet = now >= epoch_start + epoch::BUDGET_CHECK;
+                        let parked =
+                            !unparked && output_pending.is_none() && quiet && idle(handles) && {
+                                // ORDER: arm the watch, then look again: a vCPU
+                                //        leaving its park after this look sees it.
+                                unpark_watch.store(true, std::sync::atomic::Ordering::SeqCst);
+                                idle(handles)
+                            };
+                        let idle = output_pending.is_some() && idle(handles);
+                        let wake = p.next_wake(epoch_start, output_pending, idle, parked, checked);
+                        rx.recv_timeout(wake.saturating_duration_since(now))
+                    }
+                },
+            };
+            match ev {
+                Ok(Event::Signal(s, t)) => break (StopCause::Signal(s), t, None),
+                Ok(Event::Suspend(t, r)) => break (StopCause::Request, t, Some(r)),
+                Ok(Event::Vcpu(VcpuEvent::Stopped(i, r))) => {
+                    eprintln!("nvhv: guest stopped on vCPU {i}: {}", self.diagnose(&r));
+                    break (StopCause::Guest(r), Instant::now(), None);
+                }
+                // A park re-evaluates the due time at the loop top.
+                Ok(Event::Vcpu(VcpuEvent::Paused(..) | VcpuEvent::Parked(_))) => {}
+                Ok(Event::Vcpu(VcpuEvent::Unparked(_))) => unparked = true,
+                Ok(Event::OutputPending) => {
+                    output_pending.get_or_insert_with(Instant::now);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    // The budget is checked now (unless the epoch ends anyway).
+                    unparked = false;
+                    checked = Instant::now();
+                    let idle = output_pending.is_some() && idle(handles);
+                    let nothing_ran = self.nothing_ran(handles);
+                    let Some(end) =
+                        self.epoch_end(epoch_start, output_pending, idle, nothing_ran)?
+                    else {
+                        continue;
+                    };
+                    // ORDER: not before a record says the replay of the
+                    // last recovery is applied (else every later recovery
+                    // replays it again).
+                    if output_pending.is_none()
+                        && nothing_ran
+                        && !self.image.replay_unacknowledged()
+                    {
+                        // Every vCPU stayed parked since the last capture (so
+                        // no page changed through them and no output exists):
+                        // an idle VM costs no capture at all.
+                        stats.idle_skips += 1;
+                        epoch_start = Instant::now();
+                        // Braked (by hot pages alone, which the budget
+                        // counts) while the guest did not run: nothing to
+                        // capture, nothing to hold back. ORDER: released
+                        // here or by the next epoch's unpause, so the loop
+                        // never waits with the brake engaged.
+                        self.brake.release();
+                        continue;
+                    }
+                    if end == EpochEnd::Budget {
+                        stats.budget_ends += 1;
+                    }
+                    epoch_start = Instant::now();
+                    output_pending = None;
+                    self.epoch(handles, rx, deferred, stats, false)?;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    unreachable!("the main thread holds a sender")
+                }
+            }
         })
     }
 
