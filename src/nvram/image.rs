@@ -514,11 +514,13 @@ impl Image<FileStorage> {
     /// The validation of [`Image::open`], on `file` whose lock is held.
     fn open_locked(path: &Path, file: File) -> Result<Image, ImageError> {
         let validated = || {
-            let ram_offset = read_validated(&file)?.header.geometry.ram.offset;
-            Backing::detect(&file, ram_offset, true).map_err(ImageError::from)
+            let v = read_validated(&file)?;
+            let backing = Backing::detect(&file, v.header.geometry.ram.offset, true)?;
+            Ok::<_, ImageError>((v, backing))
         };
-        let backing = validated().map_err(|e| e.in_image(path))?;
-        Image::open_storage(FileStorage::new(path, file, backing)).map_err(|e| e.in_image(path))
+        let (v, backing) = validated().map_err(|e| e.in_image(path))?;
+        Image::open_validated(FileStorage::new(path, file, backing), v)
+            .map_err(|e| e.in_image(path))
     }
 
     /// The image file (for mapping the RAM region).
@@ -592,6 +594,12 @@ impl<S: Storage> Image<S> {
     /// redo log) and works out what recovery must do. Never writes.
     pub fn open_storage(storage: S) -> Result<Image<S>, ImageError> {
         let v = read_validated(&storage)?;
+        Image::open_validated(storage, v)
+    }
+
+    /// [`Image::open_storage`] of `storage` whose header and meta records
+    /// `v` were read and checked.
+    fn open_validated(storage: S, v: Validated) -> Result<Image<S>, ImageError> {
         let t = std::time::Instant::now();
         let (plan, replay_payloads) = plan_recovery_keeping(&storage, &v.header, &v.meta.current)?;
         tracing::debug!(
