@@ -342,24 +342,7 @@ fn main() -> ExitCode {
             .map(|reply| println!("{reply}"))
             .map_err(|e| error_chain(&e)),
         Cmd::Inspect { path, image, json } => {
-            let path = path.or(image).expect("clap requires PATH or --image");
-            match nvhv::nvram::inspect(&path) {
-            Ok(r) => {
-                let text = if json {
-                    serde_json::to_string_pretty(&r).expect("report serializes")
-                } else {
-                    r.to_string()
-                };
-                // A reader that stops early (`| head`) is not an error.
-                match writeln!(std::io::stdout().lock(), "{text}") {
-                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                        Err(format!("writing the report: {e}"))
-                    }
-                    _ => Ok(()),
-                }
-            }
-            Err(e) => Err(error_chain(&e)),
-            }
+            inspect(&path.or(image).expect("clap requires PATH or --image"), json)
         }
     };
     match result {
@@ -368,6 +351,23 @@ fn main() -> ExitCode {
             eprintln!("nvhv: error: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `nvhv inspect`: the report on the image at `path`, as text or JSON.
+fn inspect(path: &std::path::Path, json: bool) -> Result<(), String> {
+    let r = nvhv::nvram::inspect(path).map_err(|e| error_chain(&e))?;
+    let text = if json {
+        serde_json::to_string_pretty(&r).expect("report serializes")
+    } else {
+        r.to_string()
+    };
+    // A reader that stops early (`| head`) is not an error.
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("writing the report: {e}"))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -320,10 +320,9 @@ pub struct CreateOptions<'a> {
     /// file system can never fill under the running VM. Without it the RAM
     /// region is sparse and takes room as the guest first touches its pages.
     pub reserve_ram: bool,
-    /// Told (bytes reserved, bytes to reserve) after each
-    /// `RESERVE_CHUNK` (256 MiB) of a `reserve_ram` (tmpfs takes about a third of
-    /// a second a GiB here):
-    /// for progress shown to the user.
+    /// Told (bytes reserved, bytes to reserve) after each `RESERVE_CHUNK`
+    /// (256 MiB) of a `reserve_ram`, for progress shown to the user (tmpfs
+    /// takes about a third of a second a GiB here).
     pub on_reserve: Option<&'a dyn Fn(u64, u64)>,
 }
 
@@ -513,14 +512,12 @@ impl Image<FileStorage> {
 
     /// The validation of [`Image::open`], on `file` whose lock is held.
     fn open_locked(path: &Path, file: File) -> Result<Image, ImageError> {
-        let validated = || {
+        let open = || {
             let v = read_validated(&file)?;
             let backing = Backing::detect(&file, v.header.geometry.ram.offset, true)?;
-            Ok::<_, ImageError>((v, backing))
+            Image::open_validated(FileStorage::new(path, file, backing), v)
         };
-        let (v, backing) = validated().map_err(|e| e.in_image(path))?;
-        Image::open_validated(FileStorage::new(path, file, backing), v)
-            .map_err(|e| e.in_image(path))
+        open().map_err(|e| e.in_image(path))
     }
 
     /// The image file (for mapping the RAM region).

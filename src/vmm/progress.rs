@@ -1,5 +1,6 @@
 //! Progress shown while a long step runs before the guest does (today: a
-//! `run --reserve` of a large RAM region, ~0.25 s a GiB on tmpfs). Nothing
+//! `run --reserve` of a large RAM region, about a third of a second a GiB
+//! on tmpfs). Nothing
 //! is shown for a step that ends within [`QUIET`]; after that, a bar on a
 //! terminal, or one line when stderr is not one (a log), and a line with
 //! the time taken when it ends.
@@ -42,14 +43,12 @@ impl Reserving {
             if !std::io::stderr().is_terminal() {
                 eprintln!("nvhv: reserving {} for guest RAM in the image", Bytes(total));
             }
-            let bar = ProgressBar::new(total).with_style(
+            ProgressBar::new(total).with_style(
                 ProgressStyle::with_template(
                     "nvhv: reserving guest RAM {bar:30} {binary_bytes}/{binary_total_bytes}, {eta} left",
                 )
                 .expect("the template is valid"),
-            );
-            bar.set_position(done);
-            bar
+            )
         });
         bar.set_position(done);
         if done >= total {
