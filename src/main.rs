@@ -62,7 +62,10 @@ struct RunArgs {
     /// Path of the new image (on tmpfs, an ordinary file system, or DAX).
     #[arg(long)]
     image: PathBuf,
-    /// Replace the image if the file exists (its contents are lost).
+    /// Replace the file at the path if there is one (its contents are lost).
+    /// It is kept, locked, until the new image is complete and replaces it
+    /// in one step, so a run that fails or is killed first leaves it as it
+    /// was.
     #[arg(long)]
     force: bool,
     /// Allocate the image's whole RAM region now, so that its file system

@@ -461,3 +461,75 @@ fn the_default_redo_log_follows_a_small_guests_ram() {
         }
     }
 }
+
+/// `run --force` killed with SIGKILL at moments spread over its start
+/// (while it reserves RAM, formats, builds the VM, commits the first
+/// epoch, runs): the path holds either the image it was replacing,
+/// unchanged and resumable, or the whole new one, resumable; never a
+/// half-made file, and no other file is left beside it.
+#[test]
+fn run_force_killed_while_making_its_image_leaves_the_old_or_the_new() {
+    require_kvm!();
+    let dir = Scratch::new("forcekill");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    let mut vm = Vmm::start(
+        &["run", "--image", img_s, "--guest", "counter"],
+        dir.path("c.log"),
+    );
+    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+    assert!(vm.signal_and_wait(libc::SIGTERM).success());
+    let inspect = || -> serde_json::Value {
+        let out = nvhv_output(&["inspect", "--json", img_s]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let mut old = (inspect()["uuid"].clone(), std::fs::read(&img).unwrap());
+    let (mut kept, mut replaced) = (0, 0);
+    for round in 0..16u64 {
+        // Every other round reserves 256 MiB first (~0.1 s on tmpfs), so
+        // that kills land inside the reserve as well as after it.
+        let delay = Duration::from_millis((round / 2) * 15);
+        let mut args = vec!["run", "--image", img_s, "--force", "--guest", "counter"];
+        if round % 2 == 0 {
+            args.extend(["--mem", "256M", "--reserve"]);
+        }
+        let mut child = common::nvhv()
+            .args(&args)
+            .arg("--console")
+            .arg(dir.path(&format!("c{round}.log")))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let j = inspect();
+        assert_eq!(j["resumable"], true, "round {round}: {j}");
+        if j["uuid"] == old.0 {
+            assert!(
+                std::fs::read(&img).unwrap() == old.1,
+                "round {round}: the image being replaced changed"
+            );
+            kept += 1;
+        } else {
+            old = (j["uuid"].clone(), std::fs::read(&img).unwrap());
+            replaced += 1;
+        }
+        let mut left: Vec<String> = std::fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".log") && !n.ends_with(".stderr") && !n.ends_with(".ctl"))
+            .collect();
+        left.sort();
+        assert_eq!(left, ["vm.img"], "round {round}");
+    }
+    eprintln!("{kept} rounds left the old image, {replaced} the new one");
+    assert!(kept > 0, "no kill landed before the new image was in place");
+}

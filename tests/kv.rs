@@ -2181,6 +2181,80 @@ fn a_full_file_system_stops_the_guest_and_keeps_every_acknowledged_write() {
     }
 }
 
+/// `run --force --reserve` where the new image fits only in the room the
+/// old one holds: the old image keeps that room until its replacement is
+/// complete, so the run is refused up front, saying to remove it first, and
+/// the old image is left unchanged and resumable. With room for both, the
+/// new image replaces it.
+#[test]
+fn force_reserve_refuses_what_fits_only_in_the_old_images_room() {
+    require_kvm!();
+    let Some(fs) = SmallFs::tmpfs("beside", "80M") else {
+        return;
+    };
+    let img = fs.dir.join("vm.img");
+    let img_s = img.to_str().unwrap();
+    let run = |mem: &str| {
+        // A console of its own per run: the wait below must see this run's
+        // guest, not an earlier one's lines.
+        let console = fs.dir.join(format!("c{mem}.log"));
+        let args = [
+            "run",
+            "--image",
+            img_s,
+            "--force",
+            "--reserve",
+            "--mem",
+            mem,
+            "--guest",
+            "counter",
+            "--persist",
+            "suspend-only",
+        ];
+        common::Vmm::start(&args, console)
+    };
+    let mut vm = run("48M");
+    vm.wait_console("counter output", T, |t| t.contains("counter 0 "));
+    let st = vm.signal_and_wait(libc::SIGTERM);
+    assert!(
+        st.success(),
+        "{st}: {} / {}",
+        vm.stderr_text(),
+        vm.console_text()
+    );
+    let before = std::fs::read(&img).unwrap();
+
+    let mut vm = run("48M");
+    let st = vm.child.wait().unwrap();
+    let err = vm.stderr_text();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("beside the image it replaces"), "{err}");
+    assert!(err.contains("remove it first"), "{err}");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "the old image changed"
+    );
+    let out = common::nvhv_output(&["inspect", "--json", img_s]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["resumable"], true, "{j}");
+
+    // 16 MiB fits beside it.
+    let mut vm = run("16M");
+    vm.wait_console("counter output", T, |t| t.contains("counter 0 "));
+    let st = vm.signal_and_wait(libc::SIGTERM);
+    assert!(
+        st.success(),
+        "{st}: {} / {}",
+        vm.stderr_text(),
+        vm.console_text()
+    );
+    let out = common::nvhv_output(&["inspect", "--json", img_s]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["ram_bytes"], 16 << 20, "{j}");
+    drop(vm);
+    drop(fs);
+}
+
 /// `--idle-poll 0`: idle vCPU and device threads sleep at once instead of
 /// polling, so every request wakes them. Concurrent clients' writes are
 /// answered, and survive a SIGKILL and a resume that also polls nothing.

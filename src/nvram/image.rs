@@ -1,5 +1,5 @@
-//! An open, validated, exclusively locked nvhv image: creating one, opening
-//! and validating one, the crash-atomic commit protocol (state slot, then meta
+//! An open, validated, exclusively locked nvhv image: opening and
+//! validating one (`create.rs` makes new ones), the crash-atomic commit protocol (state slot, then meta
 //! record, each persisted in that order), reading the committed state back,
 //! and the verdict on whether the VM in it can be resumed.
 //!
@@ -23,8 +23,8 @@ use super::backing::{Backing, BackingError, BackingKind};
 use super::epoch::{LogWriter, Unapplied};
 use super::inspect::Bytes;
 use super::layout::{
-    check_file_len, select_meta, FormatError, Header, ImageConfig, Meta, MetaSelection,
-    PersistMode, Status, Uuid, HEADER_BLOCK, HEADER_LEN, META_LEN,
+    check_file_len, select_meta, FormatError, Header, Meta, MetaSelection, PersistMode, Status,
+    HEADER_BLOCK, HEADER_LEN, META_LEN,
 };
 use super::recovery::{plan_recovery_keeping, RecoveryPlan};
 use super::redo::half_region;
@@ -36,7 +36,7 @@ pub enum ImageError {
     /// Nothing exists at the path.
     #[error("no image at {0}")]
     NotFound(PathBuf),
-    /// `create` without `overwrite` found a file at the path.
+    /// A new image without `overwrite` found a file at the path.
     #[error("{0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
     /// The path is a directory, device or other non-regular file.
@@ -75,6 +75,30 @@ pub enum ImageError {
     /// Sizing the new image (`ftruncate`) failed.
     #[error("cannot size the image to {0} bytes")]
     Resize(u64, #[source] io::Error),
+    /// `run --force --reserve`: the RAM region fits only in the room the
+    /// image being replaced still holds.
+    #[error(
+        "cannot reserve {} for guest RAM beside the image it replaces at {} ({} free): \
+         the old image keeps its room until the new one is complete; remove it first",
+        Bytes(*.bytes), .path.display(), Bytes(*.free)
+    )]
+    NoRoomBeside {
+        /// The image path.
+        path: PathBuf,
+        /// Bytes of the RAM region.
+        bytes: u64,
+        /// Bytes free on the file system.
+        free: u64,
+    },
+    /// Putting a new image at its path (`linkat`, `rename`) failed.
+    #[error("cannot put the new image at {path}")]
+    Publish {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Preallocating the metadata regions (`posix_fallocate`) failed.
     #[error("cannot preallocate the image's metadata regions")]
     Allocate(#[source] io::Error),
@@ -219,6 +243,8 @@ impl ImageError {
             | ImageError::InUse(_)
             | ImageError::Lock { .. }
             | ImageError::SyncDir { .. }
+            | ImageError::NoRoomBeside { .. }
+            | ImageError::Publish { .. }
             | ImageError::In { .. } => self,
             e => ImageError::In {
                 path: path.to_owned(),
@@ -311,36 +337,6 @@ pub(super) struct Validated {
     pub(super) file_len: u64,
 }
 
-/// How [`Image::create_with`] makes a new image.
-#[derive(Clone, Copy, Default)]
-pub struct CreateOptions<'a> {
-    /// Replace a file already at the path (never one another process holds).
-    pub overwrite: bool,
-    /// Allocate the whole RAM region now (`posix_fallocate`), so that the
-    /// file system can never fill under the running VM. Without it the RAM
-    /// region is sparse and takes room as the guest first touches its pages.
-    pub reserve_ram: bool,
-    /// Told (bytes reserved, bytes to reserve) after each `RESERVE_CHUNK`
-    /// (256 MiB) of a `reserve_ram`, for progress shown to the user (tmpfs
-    /// takes about a third of a second a GiB here).
-    pub on_reserve: Option<&'a dyn Fn(u64, u64)>,
-}
-
-impl std::fmt::Debug for CreateOptions<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CreateOptions")
-            .field("overwrite", &self.overwrite)
-            .field("reserve_ram", &self.reserve_ram)
-            .field("on_reserve", &self.on_reserve.is_some())
-            .finish()
-    }
-}
-
-/// The RAM region is reserved in pieces of this size, each reported to
-/// [`CreateOptions::on_reserve`].
-pub const RESERVE_CHUNK: u64 = 256 << 20;
-
-/// The room an image may still take next to the room its file system has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Space {
     /// Bytes of the image file not yet allocated (holes in a sparse RAM
@@ -358,7 +354,7 @@ impl Space {
 }
 
 /// Room left on the file system holding `file`.
-fn free_bytes(file: &File) -> io::Result<u64> {
+pub(super) fn free_bytes(file: &File) -> io::Result<u64> {
     // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: fstatvfs on an fd we own, writing only into `st`, which lives
@@ -382,92 +378,6 @@ pub(super) fn space_of(file: &File) -> Result<Space, ImageError> {
 }
 
 impl Image<FileStorage> {
-    /// [`Image::create_with`] without reserving the RAM region.
-    pub fn create(path: &Path, cfg: &ImageConfig, overwrite: bool) -> Result<Image, ImageError> {
-        let opts = CreateOptions {
-            overwrite,
-            ..Default::default()
-        };
-        Image::create_with(path, cfg, opts)
-    }
-
-    /// Creates a new image at `path` for `cfg` and returns it open and locked.
-    ///
-    /// Refuses an existing file unless `how.overwrite` (and never overwrites
-    /// an image another process holds). Every region before guest RAM is
-    /// preallocated; the RAM region is sized with `ftruncate`, so it is sparse
-    /// and reads as zeros, unless `how.reserve_ram` allocates it too (a file
-    /// system too small for it fails here, and no file is left behind). Meta
-    /// block 0 gets a `Created` record (epoch 0) and is persisted before the
-    /// header, so a file with a valid header always has a valid meta record.
-    pub fn create_with(
-        path: &Path,
-        cfg: &ImageConfig,
-        how: CreateOptions,
-    ) -> Result<Image, ImageError> {
-        let overwrite = how.overwrite;
-        let (secs, nanos) = now();
-        let header = Header::new(cfg, random_uuid()?, secs, nanos)?;
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(true);
-        if overwrite {
-            opts.create(true);
-        } else {
-            opts.create_new(true);
-        }
-        let file = opts.open(path).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => ImageError::Exists(path.to_owned()),
-            _ => ImageError::Open {
-                path: path.to_owned(),
-                source: e,
-            },
-        })?;
-        // A half-made image is not an image: remove it if anything below fails
-        // (a file that existed before is only ours once it is locked).
-        let mut cleanup = RemoveOnDrop {
-            path,
-            armed: !overwrite,
-        };
-        check_regular(&file, path)?;
-        lock(&file, path, libc::LOCK_EX)?;
-        cleanup.armed = true;
-        let g = header.geometry;
-        if overwrite {
-            file.set_len(0).map_err(|e| ImageError::Resize(0, e))?;
-        }
-        file.set_len(g.image_len())
-            .map_err(|e| ImageError::Resize(g.image_len(), e))?;
-        fallocate(&file, 0, g.ram.offset)?;
-        if how.reserve_ram {
-            let free = free_bytes(&file).map_err(ImageError::Space)?;
-            let refused = |source| ImageError::Reserve {
-                bytes: g.ram.size,
-                free,
-                source,
-            };
-            // A region the file system cannot hold is refused before any of
-            // it is taken (reserving piece by piece would first fill it).
-            // `free` is what unprivileged users may take: a root nvhv is not
-            // let into ext4's reserved blocks either.
-            if g.ram.size > free {
-                return Err(refused(io::Error::from_raw_os_error(libc::ENOSPC)));
-            }
-            let region = (g.ram.offset, g.ram.size);
-            reserve(&file, region, RESERVE_CHUNK, how.on_reserve).map_err(|e| match e {
-                ImageError::Allocate(source) => refused(source),
-                e => e,
-            })?;
-        }
-        let backing = Backing::detect(&file, g.ram.offset, true)?;
-        let kind = backing.kind();
-        let img = Image::format(FileStorage::new(path, file, backing), header)?;
-        if kind != BackingKind::Tmpfs {
-            sync_parent_dir(path)?;
-        }
-        cleanup.armed = false;
-        Ok(img)
-    }
-
     /// Opens an existing image read-write, takes its exclusive lock
     /// ([`ImageError::InUse`] if another process has it), and validates the
     /// header, the file length, the meta records and (epoch mode) the redo
@@ -1049,78 +959,6 @@ pub(super) fn unlock(file: &File) {
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
 }
 
-fn fallocate(file: &File, offset: u64, len: u64) -> Result<(), ImageError> {
-    let bad = || ImageError::Allocate(io::Error::from_raw_os_error(libc::EFBIG));
-    let off = libc::off_t::try_from(offset).map_err(|_| bad())?;
-    let len = libc::off_t::try_from(len).map_err(|_| bad())?;
-    // SAFETY: posix_fallocate on an fd we own, within offsets checked above;
-    // it returns an error number instead of setting errno.
-    let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), off, len) };
-    if r != 0 {
-        return Err(ImageError::Allocate(io::Error::from_raw_os_error(r)));
-    }
-    Ok(())
-}
-
-/// Allocates the `(offset, len)` region of `file` in pieces of `chunk`
-/// bytes, telling `report` (bytes done, `len`) after each.
-fn reserve(
-    file: &File,
-    (offset, len): (u64, u64),
-    chunk: u64,
-    report: Option<&dyn Fn(u64, u64)>,
-) -> Result<(), ImageError> {
-    let mut done = 0;
-    while done < len {
-        let piece = chunk.min(len - done);
-        fallocate(file, offset + done, piece)?;
-        done += piece;
-        if let Some(report) = report {
-            report(done, len);
-        }
-    }
-    Ok(())
-}
-
-fn sync_parent_dir(path: &Path) -> Result<(), ImageError> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| ImageError::SyncDir {
-            path: path.to_owned(),
-            source,
-        })
-}
-
-fn random_uuid() -> Result<Uuid, ImageError> {
-    let mut b = [0u8; 16];
-    let mut filled = 0;
-    while filled < b.len() {
-        let rest = &mut b[filled..];
-        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
-        let r = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(ImageError::Random(e));
-        }
-        filled += r as usize;
-    }
-    Ok(Uuid::from_random(b))
-}
-
-fn now() -> (u64, u32) {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    (d.as_secs(), d.subsec_nanos())
-}
-
 #[cfg(test)]
 thread_local! {
     /// Pins the clock in records and meta records, so that tests counting
@@ -1139,22 +977,10 @@ pub(super) fn now_ns() -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-struct RemoveOnDrop<'a> {
-    path: &'a Path,
-    armed: bool,
-}
-
-impl Drop for RemoveOnDrop<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = std::fs::remove_file(self.path);
-        }
-    }
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::nvram::layout::ImageConfig;
     use crate::nvram::layout::Region;
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -1196,7 +1022,7 @@ pub(super) mod tests {
         }
     }
 
-    fn created(tag: &str) -> (TempPath, Image) {
+    pub(crate) fn created(tag: &str) -> (TempPath, Image) {
         let p = TempPath::new(tag);
         let img = Image::create(&p.0, &cfg(PersistMode::SuspendOnly), false).unwrap();
         (p, img)
@@ -1249,127 +1075,13 @@ pub(super) mod tests {
         f.write_all_at(bytes, offset).unwrap();
     }
 
-    fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    pub(crate) fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
         let mut b = vec![0; len];
         File::open(path)
             .unwrap()
             .read_exact_at(&mut b, offset)
             .unwrap();
         b
-    }
-
-    #[test]
-    fn test_create_then_open_round_trip() {
-        let (p, img) = created("roundtrip");
-        let header = img.header().clone();
-        assert_eq!(header.config, cfg(PersistMode::SuspendOnly));
-        assert_eq!(img.current().epoch, 0);
-        assert_eq!(img.current().status, Status::Created);
-        assert_eq!(img.ram_offset() % (2 << 20), 0);
-        let len = img.file().metadata().unwrap().len();
-        assert_eq!(len, img.ram_offset() + (4 << 20));
-        drop(img);
-        let img = Image::open(&p.0).unwrap();
-        assert_eq!(img.header(), &header);
-        assert_eq!(img.current().epoch, 0);
-        assert_eq!(img.current().status, Status::Created);
-        assert!(matches!(
-            img.meta_blocks().blocks[1],
-            Err(FormatError::MetaBlank)
-        ));
-        assert_eq!(img.read_state().unwrap(), Vec::<u8>::new());
-        let r = img.resumable().unwrap_err();
-        assert!(r.reason.contains("created but never suspended"), "{r}");
-    }
-
-    #[test]
-    fn test_space_counts_the_sparse_ram_region_and_reserve_allocates_it() {
-        let (_p, img) = created("space");
-        let s = img.space().unwrap();
-        // The 4 MiB RAM region is a hole; the metadata is allocated.
-        assert!(
-            s.unallocated >= 4 << 20 && s.unallocated < (4 << 20) + (1 << 20),
-            "{s:?}"
-        );
-        assert!(s.free > 0, "{s:?}");
-        assert_eq!(s.short(), s.unallocated > s.free);
-
-        let p = TempPath::new("reserved");
-        let reported = std::cell::RefCell::new(Vec::new());
-        let report = |done, total| reported.borrow_mut().push((done, total));
-        let how = CreateOptions {
-            overwrite: false,
-            reserve_ram: true,
-            on_reserve: Some(&report),
-        };
-        let img = Image::create_with(&p.0, &cfg(PersistMode::Epoch), how).unwrap();
-        assert_eq!(img.space().unwrap().unallocated, 0);
-        let ram = img.header().ram_bytes();
-        assert_eq!(*reported.borrow(), [(ram, ram)]);
-        assert!(img.resumable().is_err(), "a new image is not resumable");
-        assert!(read_at(&p.0, img.ram_offset(), 8192)
-            .iter()
-            .all(|&b| b == 0));
-
-        // A RAM region larger than any file system can hold: refused, and
-        // no file is left behind.
-        let p = TempPath::new("too-big");
-        let huge = ImageConfig {
-            ram_bytes: 1 << 50,
-            ..cfg(PersistMode::Epoch)
-        };
-        match Image::create_with(&p.0, &huge, how) {
-            Err(e @ ImageError::Reserve { bytes, .. }) => {
-                assert_eq!(bytes, 1 << 50);
-                assert!(e.to_string().contains("cannot reserve 1 PiB"), "{e}");
-            }
-            Err(e) => panic!("expected a reserve error, got {e}"),
-            Ok(_) => panic!("reserved 1 PiB"),
-        }
-        assert!(!p.0.exists());
-    }
-
-    #[test]
-    fn test_reserve_allocates_in_pieces_and_reports_each() {
-        use std::os::unix::fs::MetadataExt;
-        let p = TempPath::new("pieces");
-        let file = File::create(&p.0).unwrap();
-        file.set_len(8 << 20).unwrap();
-        let reported = std::cell::RefCell::new(Vec::new());
-        let report = |done, total| reported.borrow_mut().push((done, total));
-        let (offset, len) = (1 << 20, (9 << 19) + 4096);
-        reserve(&file, (offset, len), 1 << 20, Some(&report)).unwrap();
-        let m = 1u64 << 20;
-        assert_eq!(
-            *reported.borrow(),
-            [
-                (m, len),
-                (2 * m, len),
-                (3 * m, len),
-                (4 * m, len),
-                (len, len)
-            ]
-        );
-        // The region is allocated, the megabyte before it is not.
-        let blocks = file.metadata().unwrap().blocks() * 512;
-        assert!(blocks >= len && blocks < len + (1 << 20), "{blocks}");
-        assert_eq!(file.metadata().unwrap().len(), 8 << 20);
-    }
-
-    #[test]
-    fn test_create_ram_region_is_sparse_and_zero() {
-        use std::os::unix::fs::MetadataExt;
-        let (p, img) = created("sparse");
-        let md = img.file().metadata().unwrap();
-        // Allocated: the metadata regions (under 2 MiB), not the 4 MiB of RAM.
-        assert!(
-            md.blocks() * 512 < img.ram_offset() + (1 << 20),
-            "{} blocks",
-            md.blocks()
-        );
-        assert!(read_at(&p.0, img.ram_offset(), 8192)
-            .iter()
-            .all(|&b| b == 0));
     }
 
     #[test]
@@ -1544,30 +1256,6 @@ pub(super) mod tests {
         assert!(matches!(Image::open(&p.0), Err(ImageError::InUse(_))));
         drop(img);
         Image::open(&p.0).unwrap();
-    }
-
-    #[test]
-    fn test_create_refuses_existing_file() {
-        let p = TempPath::new("exists");
-        std::fs::write(&p.0, b"precious").unwrap();
-        let e = Image::create(&p.0, &cfg(PersistMode::SuspendOnly), false).unwrap_err();
-        assert!(matches!(e, ImageError::Exists(_)), "{e}");
-        assert_eq!(std::fs::read(&p.0).unwrap(), b"precious");
-        let img = Image::create(&p.0, &cfg(PersistMode::Epoch), true).unwrap();
-        assert_eq!(img.header().config.persist, PersistMode::Epoch);
-    }
-
-    #[test]
-    fn test_create_rejects_bad_config_and_leaves_no_file() {
-        let p = TempPath::new("badcfg");
-        let mut c = cfg(PersistMode::SuspendOnly);
-        c.guest = "g".repeat(65);
-        let e = Image::create(&p.0, &c, false).unwrap_err();
-        assert!(
-            matches!(e, ImageError::Format(FormatError::Config(_))),
-            "{e}"
-        );
-        assert!(!p.0.exists());
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! - [`redo`]: pure encode/parse of redo-log records and the log geometry;
 //! - [`backing`]: tmpfs / file / DAX detection and `persist`;
 //! - `storage`: the read/write/persist interface every image byte goes through;
-//! - `image`: create, open, suspend commit, read state, resumability;
+//! - `create`: making a new image, which appears at its path only once complete;
+//! - `image`: open, suspend commit, read state, resumability;
 //! - `epoch`: epoch commit through the redo log, apply;
 //! - `recovery`: classifying the redo log, planning and carrying out recovery;
 //! - `replay`: recovery's writes gathered per page, each page written once;
@@ -22,6 +23,7 @@
 pub mod backing;
 #[cfg(test)]
 mod crash_tests;
+mod create;
 mod epoch;
 mod image;
 mod inspect;
@@ -34,7 +36,8 @@ mod storage;
 pub(crate) mod test_rng;
 
 pub use backing::{BackingError, BackingKind};
-pub use image::{CommitTimes, CreateOptions, Image, ImageError, NotResumable, Space};
+pub use create::{CreateOptions, Discarded, NewImage, RESERVE_CHUNK};
+pub use image::{CommitTimes, Image, ImageError, NotResumable, Space};
 pub use inspect::{inspect, Bytes, InspectReport, LogRecordReport, MetaBlockReport};
 pub use layout::{
     FormatError, Geometry, Header, ImageConfig, Meta, MetaSelection, PersistMode, Region, Status,

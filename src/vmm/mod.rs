@@ -22,7 +22,9 @@ use crate::boot::guest_abi::{self, Layout};
 use crate::devices::serial::Console;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::GuestMemory;
-use crate::nvram::{Bytes, CreateOptions, Image, ImageConfig, PersistMode};
+use crate::nvram::{
+    Bytes, CreateOptions, Discarded, Image, ImageConfig, ImageError, PersistMode, Space,
+};
 use crate::vstate::dirty::DirtyTracker;
 use crate::vstate::memory;
 use crate::vstate::throttle::ThrottleError;
@@ -374,9 +376,11 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     let with_vsock = cfg.guest.name() == "kv" || cfg.runtime.serves_clients();
     let listeners = with_vsock.then(|| cfg.runtime.vsock_config()).transpose()?;
     let console = console_out(&cfg.runtime)?;
-    // 2. Create the image (refuses an existing file unless --force).
+    // 2. Make the image (refuses an existing file unless --force). It is
+    //    not at its path yet: a run that fails or is killed before step 3
+    //    leaves the path as it was (nothing, or the file --force replaces).
     let reserving = progress::Reserving::start();
-    let image = Image::create_with(
+    let (image, mut fresh) = Image::prepare(
         &cfg.image,
         &ImageConfig {
             ram_bytes: cfg.mem,
@@ -394,29 +398,35 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
             on_reserve: Some(&|done, total| reserving.update(done, total)),
         },
     )?;
-    warn_if_short(&image);
     let built = build_new(cfg, &layout, &guest, image, listeners, console).and_then(|mut m| {
         if cfg.persist == PersistMode::Epoch {
             // The first epoch holds the loaded guest, so the image is
             // resumable before the guest runs a single instruction.
             m.initial_epoch()?;
         }
+        // 3. Put the image at its path, whole (and, in epoch mode,
+        //    resumable).
+        fresh.publish()?;
         Ok(m)
     });
     let machine = match built {
         Ok(m) => m,
         Err(e) => {
-            // The guest never ran and the image holds no VM: the file
-            // (created or overwritten above) is of no use, so it goes.
-            if std::fs::remove_file(&cfg.image).is_ok() {
-                eprintln!(
-                    "nvhv: removed {}: the VM was never started, so it held nothing",
-                    cfg.image.display()
-                );
+            // The guest never ran: the new image held no VM.
+            let path = cfg.image.display();
+            match fresh.discard() {
+                Discarded::Nothing => {}
+                Discarded::OldKept => {
+                    eprintln!("nvhv: {path} is left as it was: the VM was never started")
+                }
+                Discarded::Removed => {
+                    eprintln!("nvhv: removed {path}: the VM was never started, so it held nothing")
+                }
             }
             return Err(e);
         }
     };
+    warn_if_short(fresh.space());
     let result = machine.run();
     if let Err(e) = &result {
         report_image(&cfg.image, e);
@@ -454,8 +464,8 @@ fn report_image(path: &Path, e: &VmmError) {
 /// Warns when the image's file system has less room than the image may
 /// still take (a sparse RAM region fills as the guest touches its pages):
 /// if it fills, the guest stops.
-fn warn_if_short(image: &Image) {
-    match image.space() {
+fn warn_if_short(space: Result<Space, ImageError>) {
+    match space {
         Ok(s) if s.short() => eprintln!(
             "nvhv: warning: the image may still need {} (its RAM region is sparse) but its file system has {} free; \
              if it fills, the guest is stopped with its last committed state kept, and `nvhv resume` continues it once there is room \

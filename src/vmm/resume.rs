@@ -92,7 +92,7 @@ pub(super) fn resume_opened(
     listeners: Result<VsockConfig, VmmError>,
     source: VmSource,
 ) -> Result<RunOutcome, VmmError> {
-    warn_if_short(&image);
+    warn_if_short(image.space());
     let epochs = image.header().config.persist == PersistMode::Epoch;
     let mut policy = cfg.runtime.epochs;
     if epochs {

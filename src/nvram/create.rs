@@ -1,0 +1,786 @@
+//! Making a new image, which appears at its path only once it is complete.
+//!
+//! [`Image::prepare`] makes the image as an unnamed file (`O_TMPFILE`) in
+//! the directory of its path: sized, its metadata regions allocated, its
+//! RAM region reserved if asked, formatted (a `Created` meta record, then
+//! the header, each persisted). The caller may commit more before it calls
+//! [`NewImage::publish`], which links the file at the path (`nvhv run`
+//! commits the VM's first epoch first, so whatever appears at the path is
+//! resumable). A `run` killed or failing at any point before that leaves
+//! the path as it was: nothing, or, under `--force`, the file it was to
+//! replace, which stays locked meanwhile so that nobody resumes it. The
+//! unnamed file and its room go with the process (after a power cut, with
+//! the file system's orphan cleanup).
+//!
+//! A file system without `O_TMPFILE` gets the image made at the path
+//! itself, as before: removed again on a failure, and what a kill leaves
+//! has an all-zero header, which `inspect` names as a creation that never
+//! finished.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::backing::{Backing, BackingKind};
+use super::image::{check_regular, free_bytes, lock, space_of, ImageError, Space};
+use super::layout::{Header, ImageConfig, Uuid};
+use super::storage::FileStorage;
+use super::Image;
+
+/// How [`Image::prepare`] makes a new image.
+#[derive(Clone, Copy, Default)]
+pub struct CreateOptions<'a> {
+    /// Replace a file already at the path (never one another process holds).
+    pub overwrite: bool,
+    /// Allocate the whole RAM region now (`posix_fallocate`), so that the
+    /// file system can never fill under the running VM. Without it the RAM
+    /// region is sparse and takes room as the guest first touches its pages.
+    pub reserve_ram: bool,
+    /// Told (bytes reserved, bytes to reserve) after each `RESERVE_CHUNK`
+    /// (256 MiB) of a `reserve_ram`, for progress shown to the user (tmpfs
+    /// takes about a third of a second a GiB here).
+    pub on_reserve: Option<&'a dyn Fn(u64, u64)>,
+}
+
+impl std::fmt::Debug for CreateOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateOptions")
+            .field("overwrite", &self.overwrite)
+            .field("reserve_ram", &self.reserve_ram)
+            .field("on_reserve", &self.on_reserve.is_some())
+            .finish()
+    }
+}
+
+/// The RAM region is reserved in pieces of this size, each reported to
+/// [`CreateOptions::on_reserve`].
+pub const RESERVE_CHUNK: u64 = 256 << 20;
+
+/// Where a new image is being made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Made {
+    /// An unnamed file in the path's directory, linked at the path when
+    /// published.
+    Unnamed,
+    /// At the path itself (no `O_TMPFILE` on its file system).
+    InPlace,
+}
+
+/// A new image that is not yet at its path (see [`Image::prepare`]).
+/// Dropped unpublished, it leaves the path as it was before (made in
+/// place, the half-made file is removed).
+#[derive(Debug)]
+pub struct NewImage {
+    path: PathBuf,
+    made: Made,
+    /// A second descriptor of the new image, to link it and to read its
+    /// room.
+    file: File,
+    /// The file at the path that the image replaces, locked until the new
+    /// image takes its place.
+    replaced: Option<File>,
+    kind: BackingKind,
+    published: bool,
+}
+
+/// What dropping an unpublished [`NewImage`] did to its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discarded {
+    /// Nothing was at the path, and nothing is.
+    Nothing,
+    /// The file that was to be replaced is still there, unchanged.
+    OldKept,
+    /// The half-made image at the path was removed.
+    Removed,
+}
+
+impl Image<FileStorage> {
+    /// [`Image::create_with`] without reserving the RAM region.
+    pub fn create(path: &Path, cfg: &ImageConfig, overwrite: bool) -> Result<Image, ImageError> {
+        let opts = CreateOptions {
+            overwrite,
+            ..Default::default()
+        };
+        Image::create_with(path, cfg, opts)
+    }
+
+    /// [`Image::prepare`] and [`NewImage::publish`] at once: a new image
+    /// at `path`, open and locked.
+    pub fn create_with(
+        path: &Path,
+        cfg: &ImageConfig,
+        how: CreateOptions,
+    ) -> Result<Image, ImageError> {
+        let (image, mut new) = Image::prepare(path, cfg, how)?;
+        new.publish()?;
+        Ok(image)
+    }
+
+    /// Makes a new image for `cfg`, open and locked, that is not yet at
+    /// `path`: [`NewImage::publish`] puts it there (see the module header).
+    ///
+    /// Refuses an existing file unless `how.overwrite`, and never replaces
+    /// an image another process holds. Every region before guest RAM is
+    /// allocated; the RAM region is sparse and reads as zeros, unless
+    /// `how.reserve_ram` allocates it too (refused up front if the file
+    /// system lacks the room).
+    pub fn prepare(
+        path: &Path,
+        cfg: &ImageConfig,
+        how: CreateOptions,
+    ) -> Result<(Image, NewImage), ImageError> {
+        Image::prepare_as(path, cfg, how, Made::Unnamed)
+    }
+
+    fn prepare_as(
+        path: &Path,
+        cfg: &ImageConfig,
+        how: CreateOptions,
+        want: Made,
+    ) -> Result<(Image, NewImage), ImageError> {
+        let (secs, nanos) = now();
+        let header = Header::new(cfg, random_uuid()?, secs, nanos)?;
+        let mut replaced = existing(path, how.overwrite)?;
+        let unnamed = match want {
+            Made::Unnamed => open_unnamed(path)?,
+            Made::InPlace => None,
+        };
+        let (file, made) = match unnamed {
+            Some(f) => (f, Made::Unnamed),
+            None => match replaced.take() {
+                Some(old) => (old, Made::InPlace),
+                None => (create_new(path)?, Made::InPlace),
+            },
+        };
+        // From here on, a failure drops `new`, which undoes what was done.
+        let mut new = NewImage {
+            path: path.to_owned(),
+            made,
+            file: file.try_clone().map_err(|e| open_error(path, e))?,
+            replaced,
+            kind: BackingKind::File,
+            published: false,
+        };
+        lock(&file, path, libc::LOCK_EX)?;
+        let g = header.geometry;
+        if made == Made::InPlace {
+            file.set_len(0).map_err(|e| ImageError::Resize(0, e))?;
+        }
+        file.set_len(g.image_len())
+            .map_err(|e| ImageError::Resize(g.image_len(), e))?;
+        fallocate(&file, 0, g.ram.offset)?;
+        if how.reserve_ram {
+            let free = free_bytes(&file).map_err(ImageError::Space)?;
+            let old = new.replaced.as_ref().map_or(0, allocated);
+            // `free` is what unprivileged users may take: a root nvhv is
+            // not let into ext4's reserved blocks either.
+            room_for(g.ram.size, free, old, path)?;
+            let region = (g.ram.offset, g.ram.size);
+            reserve(&file, region, RESERVE_CHUNK, how.on_reserve).map_err(|e| match e {
+                ImageError::Allocate(source) => ImageError::Reserve {
+                    bytes: g.ram.size,
+                    free,
+                    source,
+                },
+                e => e,
+            })?;
+        }
+        let backing = Backing::detect(&file, g.ram.offset, true)?;
+        new.kind = backing.kind();
+        let image = Image::format(FileStorage::new(path, file, backing), header)?;
+        Ok((image, new))
+    }
+}
+
+impl NewImage {
+    /// Puts the image at its path, replacing the file there under
+    /// `overwrite`, and makes that durable (the directory is synced, except
+    /// on tmpfs). [`ImageError::Exists`] if, without `overwrite`, a file
+    /// appeared at the path meanwhile (it is left alone).
+    pub fn publish(&mut self) -> Result<(), ImageError> {
+        if self.published {
+            return Ok(());
+        }
+        // ORDER: everything the image holds was persisted by its writes
+        // before this link: after a power cut the path holds the old file
+        // (or nothing) or the whole new image, never a part of it.
+        if self.made == Made::Unnamed {
+            if self.replaced.is_some() {
+                self.link_replacing()?;
+            } else {
+                link(&self.file, &self.path).map_err(|e| match e.raw_os_error() {
+                    Some(libc::EEXIST) => ImageError::Exists(self.path.clone()),
+                    _ => self.publish_error(e),
+                })?;
+            }
+        }
+        self.published = true;
+        // The old file, if any, is gone from the path: its lock can go.
+        self.replaced = None;
+        if self.kind != BackingKind::Tmpfs {
+            sync_parent_dir(&self.path)?;
+        }
+        Ok(())
+    }
+
+    /// Links the image under a name of its own next to the path, then
+    /// renames it over the path (one atomic step for anyone opening it).
+    fn link_replacing(&self) -> Result<(), ImageError> {
+        let name = self.path.file_name().unwrap_or_default();
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(format!(".nvhv-new-{}", std::process::id()));
+        let temp = self.path.with_file_name(temp_name);
+        let mut linked = link(&self.file, &temp);
+        if linked
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EEXIST))
+        {
+            // Left by an earlier process with this pid that was killed here.
+            let _ = std::fs::remove_file(&temp);
+            linked = link(&self.file, &temp);
+        }
+        linked.map_err(|e| self.publish_error(e))?;
+        std::fs::rename(&temp, &self.path).map_err(|e| {
+            let _ = std::fs::remove_file(&temp);
+            self.publish_error(e)
+        })
+    }
+
+    fn publish_error(&self, source: io::Error) -> ImageError {
+        ImageError::Publish {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The room the new image may still take, and its file system's.
+    pub fn space(&self) -> Result<Space, ImageError> {
+        space_of(&self.file)
+    }
+
+    /// Gives the image up unpublished (as dropping it does) and says what
+    /// that left at the path.
+    pub fn discard(self) -> Discarded {
+        match (self.made, self.replaced.is_some()) {
+            _ if self.published => Discarded::Nothing,
+            (Made::InPlace, _) => Discarded::Removed,
+            (Made::Unnamed, true) => Discarded::OldKept,
+            (Made::Unnamed, false) => Discarded::Nothing,
+        }
+    }
+}
+
+impl Drop for NewImage {
+    fn drop(&mut self) {
+        if !self.published && self.made == Made::InPlace {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The file at `path` that a new image is to replace, locked; refused
+/// unless `overwrite`.
+fn existing(path: &Path, overwrite: bool) -> Result<Option<File>, ImageError> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(None);
+    }
+    if !overwrite {
+        return Err(ImageError::Exists(path.to_owned()));
+    }
+    // Non-blocking, so that a FIFO at the path does not hang the open.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| open_error(path, e))?;
+    check_regular(&file, path)?;
+    lock(&file, path, libc::LOCK_EX)?;
+    Ok(Some(file))
+}
+
+/// An unnamed file in the directory of `path`; `None` if its file system
+/// cannot make one.
+fn open_unnamed(path: &Path) -> Result<Option<File>, ImageError> {
+    let dir = parent_dir(path);
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o644)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    {
+        Ok(f) => Ok(Some(f)),
+        // What open(2) returns where the kernel or the file system lacks it.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => Ok(None),
+        Err(e) => Err(open_error(path, e)),
+    }
+}
+
+fn create_new(path: &Path) -> Result<File, ImageError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => ImageError::Exists(path.to_owned()),
+            _ => open_error(path, e),
+        })
+}
+
+fn open_error(path: &Path, source: io::Error) -> ImageError {
+    ImageError::Open {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Links the open (unnamed) `file` at `to`; `EEXIST` if something is there.
+fn link(file: &File, to: &Path) -> io::Result<()> {
+    let invalid = |_| io::Error::from_raw_os_error(libc::EINVAL);
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(invalid)?;
+    let to = CString::new(to.as_os_str().as_bytes()).map_err(invalid)?;
+    // SAFETY: both paths are NUL-terminated strings that outlive the call;
+    // linkat reads them and touches no other memory. Through /proc with
+    // AT_SYMLINK_FOLLOW is how open(2) documents linking an O_TMPFILE file.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes `file` has allocated.
+fn allocated(file: &File) -> u64 {
+    file.metadata()
+        .map_or(0, |m| m.blocks().saturating_mul(512))
+}
+
+/// Whether a RAM region of `need` bytes can be reserved with `free` bytes
+/// free, the file it replaces holding `old` more until then. A region the
+/// file system cannot hold is refused before any of it is taken
+/// (reserving piece by piece would first fill it).
+fn room_for(need: u64, free: u64, old: u64, path: &Path) -> Result<(), ImageError> {
+    if need <= free {
+        Ok(())
+    } else if need <= free.saturating_add(old) {
+        Err(ImageError::NoRoomBeside {
+            path: path.to_owned(),
+            bytes: need,
+            free,
+        })
+    } else {
+        Err(ImageError::Reserve {
+            bytes: need,
+            free,
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        })
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn fallocate(file: &File, offset: u64, len: u64) -> Result<(), ImageError> {
+    let bad = || ImageError::Allocate(io::Error::from_raw_os_error(libc::EFBIG));
+    let off = libc::off_t::try_from(offset).map_err(|_| bad())?;
+    let len = libc::off_t::try_from(len).map_err(|_| bad())?;
+    // SAFETY: posix_fallocate on an fd we own, within offsets checked above;
+    // it returns an error number instead of setting errno.
+    let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), off, len) };
+    if r != 0 {
+        return Err(ImageError::Allocate(io::Error::from_raw_os_error(r)));
+    }
+    Ok(())
+}
+
+/// Allocates the `(offset, len)` region of `file` in pieces of `chunk`
+/// bytes, telling `report` (bytes done, `len`) after each.
+fn reserve(
+    file: &File,
+    (offset, len): (u64, u64),
+    chunk: u64,
+    report: Option<&dyn Fn(u64, u64)>,
+) -> Result<(), ImageError> {
+    let mut done = 0;
+    while done < len {
+        let piece = chunk.min(len - done);
+        fallocate(file, offset + done, piece)?;
+        done += piece;
+        if let Some(report) = report {
+            report(done, len);
+        }
+    }
+    Ok(())
+}
+
+fn sync_parent_dir(path: &Path) -> Result<(), ImageError> {
+    File::open(parent_dir(path))
+        .and_then(|d| d.sync_all())
+        .map_err(|source| ImageError::SyncDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn random_uuid() -> Result<Uuid, ImageError> {
+    let mut b = [0u8; 16];
+    let mut filled = 0;
+    while filled < b.len() {
+        let rest = &mut b[filled..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
+        let r = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(ImageError::Random(e));
+        }
+        filled += r as usize;
+    }
+    Ok(Uuid::from_random(b))
+}
+
+fn now() -> (u64, u32) {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs(), d.subsec_nanos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvram::image::tests::{cfg, created, read_at, TempPath};
+    use crate::nvram::layout::{FormatError, PersistMode, Status};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A fresh directory under /dev/shm (or the temp dir), removed with
+    /// what it holds on drop: the tests below check that nothing but the
+    /// image ever appears in it.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let shm = Path::new("/dev/shm");
+            let base = if shm.is_dir() {
+                shm.to_path_buf()
+            } else {
+                std::env::temp_dir()
+            };
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let dir = base.join(format!("nvhv-test-{}-{n}-{tag}", std::process::id()));
+            std::fs::create_dir(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn entries(&self) -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(&self.0)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn overwrite() -> CreateOptions<'static> {
+        CreateOptions {
+            overwrite: true,
+            ..Default::default()
+        }
+    }
+
+    fn uuid_at(path: &Path) -> Uuid {
+        Image::peek_header(path).unwrap().1.uuid
+    }
+
+    #[test]
+    fn test_a_new_image_is_at_its_path_only_once_published() {
+        let dir = TempDir::new("publish");
+        let path = dir.0.join("vm.img");
+        let (img, mut new) =
+            Image::prepare(&path, &cfg(PersistMode::Epoch), CreateOptions::default()).unwrap();
+        assert!(dir.entries().is_empty(), "{:?}", dir.entries());
+        new.publish().unwrap();
+        assert_eq!(dir.entries(), ["vm.img"]);
+        // The published file is the image made: same UUID, still locked.
+        assert_eq!(uuid_at(&path), img.header().uuid);
+        assert!(matches!(Image::open(&path), Err(ImageError::InUse(_))));
+        new.publish().unwrap();
+        assert_eq!(new.discard(), Discarded::Nothing);
+        let header = img.header().clone();
+        drop(img);
+        assert_eq!(Image::open(&path).unwrap().header(), &header);
+    }
+
+    #[test]
+    fn test_an_unpublished_image_leaves_the_path_as_it_was() {
+        let dir = TempDir::new("discard");
+        let path = dir.0.join("vm.img");
+        // Nothing there: nothing is left.
+        let (img, new) = Image::prepare(&path, &cfg(PersistMode::Epoch), overwrite()).unwrap();
+        drop(img);
+        assert_eq!(new.discard(), Discarded::Nothing);
+        assert!(dir.entries().is_empty(), "{:?}", dir.entries());
+
+        // An image there (`--force`): kept, locked meanwhile, unchanged.
+        let old = Image::create(&path, &cfg(PersistMode::SuspendOnly), false).unwrap();
+        let old_uuid = old.header().uuid;
+        drop(old);
+        let before = std::fs::read(&path).unwrap();
+        let (img, new) = Image::prepare(&path, &cfg(PersistMode::Epoch), overwrite()).unwrap();
+        assert_ne!(img.header().uuid, old_uuid);
+        assert_eq!(uuid_at(&path), old_uuid);
+        assert!(
+            matches!(Image::open(&path), Err(ImageError::InUse(_))),
+            "the image being replaced must not be resumed meanwhile"
+        );
+        drop(img);
+        assert_eq!(new.discard(), Discarded::OldKept);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(dir.entries(), ["vm.img"]);
+        Image::open(&path).unwrap();
+    }
+
+    #[test]
+    fn test_overwrite_replaces_the_old_file_at_publish() {
+        let dir = TempDir::new("replace");
+        let path = dir.0.join("vm.img");
+        std::fs::write(&path, b"old").unwrap();
+        let (img, mut new) = Image::prepare(&path, &cfg(PersistMode::Epoch), overwrite()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        new.publish().unwrap();
+        assert_eq!(uuid_at(&path), img.header().uuid);
+        // No name of the image's own is left beside it.
+        assert_eq!(dir.entries(), ["vm.img"]);
+        // An image another process holds is never replaced.
+        match Image::prepare(&path, &cfg(PersistMode::Epoch), overwrite()) {
+            Err(ImageError::InUse(p)) => assert_eq!(p, path),
+            Err(e) => panic!("expected in use, got {e}"),
+            Ok(_) => panic!("replaced an image in use"),
+        }
+        assert_eq!(uuid_at(&path), img.header().uuid);
+    }
+
+    #[test]
+    fn test_publish_refuses_a_file_that_appeared_meanwhile() {
+        let dir = TempDir::new("race");
+        let path = dir.0.join("vm.img");
+        let (_img, mut new) =
+            Image::prepare(&path, &cfg(PersistMode::Epoch), CreateOptions::default()).unwrap();
+        std::fs::write(&path, b"theirs").unwrap();
+        let e = new.publish().unwrap_err();
+        assert!(matches!(e, ImageError::Exists(_)), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"theirs");
+        assert_eq!(dir.entries(), ["vm.img"]);
+    }
+
+    #[test]
+    fn test_without_unnamed_files_the_image_is_made_in_place() {
+        let dir = TempDir::new("inplace");
+        let path = dir.0.join("vm.img");
+        let c = cfg(PersistMode::Epoch);
+        let none = CreateOptions::default();
+        let (img, new) = Image::prepare_as(&path, &c, none, Made::InPlace).unwrap();
+        assert_eq!(uuid_at(&path), img.header().uuid);
+        drop(img);
+        assert_eq!(new.discard(), Discarded::Removed);
+        assert!(dir.entries().is_empty());
+        let (img, mut new) = Image::prepare_as(&path, &c, none, Made::InPlace).unwrap();
+        new.publish().unwrap();
+        drop((img, new));
+        Image::open(&path).unwrap();
+        assert!(matches!(
+            Image::prepare_as(&path, &c, none, Made::InPlace),
+            Err(ImageError::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn test_room_for_a_reserve_counts_the_replaced_image_apart() {
+        let p = Path::new("/images/vm.img");
+        room_for(100, 100, 0, p).unwrap();
+        assert!(matches!(
+            room_for(101, 100, 0, p),
+            Err(ImageError::Reserve {
+                bytes: 101,
+                free: 100,
+                ..
+            })
+        ));
+        let e = room_for(150, 100, 60, p).unwrap_err();
+        assert!(matches!(e, ImageError::NoRoomBeside { .. }), "{e}");
+        assert!(e.to_string().contains("remove it first"), "{e}");
+        assert!(e.to_string().contains("/images/vm.img"), "{e}");
+        assert!(matches!(
+            room_for(161, 100, 60, p),
+            Err(ImageError::Reserve { .. })
+        ));
+    }
+
+    #[test]
+    fn test_create_then_open_round_trip() {
+        let (p, img) = created("roundtrip");
+        let header = img.header().clone();
+        assert_eq!(header.config, cfg(PersistMode::SuspendOnly));
+        assert_eq!(img.current().epoch, 0);
+        assert_eq!(img.current().status, Status::Created);
+        assert_eq!(img.ram_offset() % (2 << 20), 0);
+        let len = img.file().metadata().unwrap().len();
+        assert_eq!(len, img.ram_offset() + (4 << 20));
+        drop(img);
+        let img = Image::open(&p.0).unwrap();
+        assert_eq!(img.header(), &header);
+        assert_eq!(img.current().epoch, 0);
+        assert_eq!(img.current().status, Status::Created);
+        assert!(matches!(
+            img.meta_blocks().blocks[1],
+            Err(FormatError::MetaBlank)
+        ));
+        assert_eq!(img.read_state().unwrap(), Vec::<u8>::new());
+        let r = img.resumable().unwrap_err();
+        assert!(r.reason.contains("created but never suspended"), "{r}");
+    }
+
+    #[test]
+    fn test_space_counts_the_sparse_ram_region_and_reserve_allocates_it() {
+        let (_p, img) = created("space");
+        let s = img.space().unwrap();
+        // The 4 MiB RAM region is a hole; the metadata is allocated.
+        assert!(
+            s.unallocated >= 4 << 20 && s.unallocated < (4 << 20) + (1 << 20),
+            "{s:?}"
+        );
+        assert!(s.free > 0, "{s:?}");
+        assert_eq!(s.short(), s.unallocated > s.free);
+
+        let p = TempPath::new("reserved");
+        let reported = std::cell::RefCell::new(Vec::new());
+        let report = |done, total| reported.borrow_mut().push((done, total));
+        let how = CreateOptions {
+            overwrite: false,
+            reserve_ram: true,
+            on_reserve: Some(&report),
+        };
+        let img = Image::create_with(&p.0, &cfg(PersistMode::Epoch), how).unwrap();
+        assert_eq!(img.space().unwrap().unallocated, 0);
+        let ram = img.header().ram_bytes();
+        assert_eq!(*reported.borrow(), [(ram, ram)]);
+        assert!(img.resumable().is_err(), "a new image is not resumable");
+        assert!(read_at(&p.0, img.ram_offset(), 8192)
+            .iter()
+            .all(|&b| b == 0));
+
+        // A RAM region larger than any file system can hold: refused, and
+        // no file is left behind.
+        let p = TempPath::new("too-big");
+        let huge = ImageConfig {
+            ram_bytes: 1 << 50,
+            ..cfg(PersistMode::Epoch)
+        };
+        match Image::create_with(&p.0, &huge, how) {
+            Err(e @ ImageError::Reserve { bytes, .. }) => {
+                assert_eq!(bytes, 1 << 50);
+                assert!(e.to_string().contains("cannot reserve 1 PiB"), "{e}");
+            }
+            Err(e) => panic!("expected a reserve error, got {e}"),
+            Ok(_) => panic!("reserved 1 PiB"),
+        }
+        assert!(!p.0.exists());
+    }
+
+    #[test]
+    fn test_reserve_allocates_in_pieces_and_reports_each() {
+        use std::os::unix::fs::MetadataExt;
+        let p = TempPath::new("pieces");
+        let file = File::create(&p.0).unwrap();
+        file.set_len(8 << 20).unwrap();
+        let reported = std::cell::RefCell::new(Vec::new());
+        let report = |done, total| reported.borrow_mut().push((done, total));
+        let (offset, len) = (1 << 20, (9 << 19) + 4096);
+        reserve(&file, (offset, len), 1 << 20, Some(&report)).unwrap();
+        let m = 1u64 << 20;
+        assert_eq!(
+            *reported.borrow(),
+            [
+                (m, len),
+                (2 * m, len),
+                (3 * m, len),
+                (4 * m, len),
+                (len, len)
+            ]
+        );
+        // The region is allocated, the megabyte before it is not.
+        let blocks = file.metadata().unwrap().blocks() * 512;
+        assert!(blocks >= len && blocks < len + (1 << 20), "{blocks}");
+        assert_eq!(file.metadata().unwrap().len(), 8 << 20);
+    }
+
+    #[test]
+    fn test_create_ram_region_is_sparse_and_zero() {
+        use std::os::unix::fs::MetadataExt;
+        let (p, img) = created("sparse");
+        let md = img.file().metadata().unwrap();
+        // Allocated: the metadata regions (under 2 MiB), not the 4 MiB of RAM.
+        assert!(
+            md.blocks() * 512 < img.ram_offset() + (1 << 20),
+            "{} blocks",
+            md.blocks()
+        );
+        assert!(read_at(&p.0, img.ram_offset(), 8192)
+            .iter()
+            .all(|&b| b == 0));
+    }
+
+    #[test]
+    fn test_create_refuses_existing_file() {
+        let p = TempPath::new("exists");
+        std::fs::write(&p.0, b"precious").unwrap();
+        let e = Image::create(&p.0, &cfg(PersistMode::SuspendOnly), false).unwrap_err();
+        assert!(matches!(e, ImageError::Exists(_)), "{e}");
+        assert_eq!(std::fs::read(&p.0).unwrap(), b"precious");
+        let img = Image::create(&p.0, &cfg(PersistMode::Epoch), true).unwrap();
+        assert_eq!(img.header().config.persist, PersistMode::Epoch);
+    }
+
+    #[test]
+    fn test_create_rejects_bad_config_and_leaves_no_file() {
+        let p = TempPath::new("badcfg");
+        let mut c = cfg(PersistMode::SuspendOnly);
+        c.guest = "g".repeat(65);
+        let e = Image::create(&p.0, &c, false).unwrap_err();
+        assert!(
+            matches!(e, ImageError::Format(FormatError::Config(_))),
+            "{e}"
+        );
+        assert!(!p.0.exists());
+    }
+}
