@@ -470,7 +470,13 @@ fn the_default_redo_log_follows_a_small_guests_ram() {
 #[test]
 fn run_force_killed_while_making_its_image_leaves_the_old_or_the_new() {
     require_kvm!();
-    let dir = Scratch::new("forcekill");
+    // tmpfs, and the temp dir's file system (ext4 on the CI machines):
+    // unnamed files and their orphan cleanup are each file system's own.
+    run_force_killed_in(&Scratch::new("forcekill"));
+    run_force_killed_in(&Scratch::under(&std::env::temp_dir(), "forcekill"));
+}
+
+fn run_force_killed_in(dir: &Scratch) {
     let img = dir.path("vm.img");
     let img_s = img.to_str().unwrap();
     let mut vm = Vmm::start(
@@ -530,6 +536,9 @@ fn run_force_killed_while_making_its_image_leaves_the_old_or_the_new() {
         left.sort();
         assert_eq!(left, ["vm.img"], "round {round}");
     }
-    eprintln!("{kept} rounds left the old image, {replaced} the new one");
+    eprintln!(
+        "{}: {kept} rounds left the old image, {replaced} the new one",
+        dir.0.display()
+    );
     assert!(kept > 0, "no kill landed before the new image was in place");
 }

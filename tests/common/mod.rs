@@ -45,6 +45,11 @@ impl Scratch {
         } else {
             std::env::temp_dir()
         };
+        Scratch::under(&base, tag)
+    }
+
+    /// A scratch directory under `base`.
+    pub fn under(base: &Path, tag: &str) -> Self {
         let p = base.join(format!(
             "nvhv-test-{tag}-{}-{:x}",
             std::process::id(),
