@@ -173,6 +173,14 @@ impl Image<FileStorage> {
         }
         file.set_len(g.image_len())
             .map_err(|e| ImageError::Resize(g.image_len(), e))?;
+        let free = free_bytes(&file).map_err(ImageError::Space)?;
+        if g.ram.offset > free {
+            // Refused by name rather than as fallocate's bare ENOSPC.
+            return Err(ImageError::NoRoomForMetadata {
+                bytes: g.ram.offset,
+                free,
+            });
+        }
         fallocate(&file, 0, g.ram.offset)?;
         if how.reserve_ram {
             let free = free_bytes(&file).map_err(ImageError::Space)?;
@@ -299,7 +307,7 @@ fn existing(path: &Path, overwrite: bool) -> Result<Option<File>, ImageError> {
         .write(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| open_error(path, e))?;
+        .map_err(|e| super::image::open_error(path, e))?;
     check_regular(&file, path)?;
     lock(&file, path, libc::LOCK_EX)?;
     Ok(Some(file))
@@ -622,6 +630,24 @@ mod tests {
             Image::prepare_as(&path, &c, none, Made::InPlace),
             Err(ImageError::Exists(_))
         ));
+    }
+
+    #[test]
+    fn test_metadata_larger_than_the_file_system_is_refused_by_name() {
+        let dir = TempDir::new("bigmeta");
+        let path = dir.0.join("vm.img");
+        let huge_log = ImageConfig {
+            log_bytes: 1 << 46,
+            ..cfg(PersistMode::Epoch)
+        };
+        match Image::prepare(&path, &huge_log, CreateOptions::default()) {
+            Err(e @ ImageError::NoRoomForMetadata { .. }) => {
+                assert!(e.to_string().contains("--log-size"), "{e}")
+            }
+            Err(e) => panic!("expected no room for metadata, got {e}"),
+            Ok(_) => panic!("made an image with 64 TiB of redo log"),
+        }
+        assert!(dir.entries().is_empty());
     }
 
     #[test]

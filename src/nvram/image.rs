@@ -99,6 +99,17 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// The file system has less room than the regions before guest RAM.
+    #[error(
+        "the image's metadata regions need {} (the redo log, --log-size, is most of it) and its file system has {} free",
+        Bytes(*.bytes), Bytes(*.free)
+    )]
+    NoRoomForMetadata {
+        /// Bytes before the RAM region.
+        bytes: u64,
+        /// Bytes free on the file system.
+        free: u64,
+    },
     /// Preallocating the metadata regions (`posix_fallocate`) failed.
     #[error("cannot preallocate the image's metadata regions")]
     Allocate(#[source] io::Error),
