@@ -1,6 +1,7 @@
-//! The on-NVRAM format, version 1: the header block, the two meta records and
-//! the geometry of every region, as pure little-endian encode/parse functions
-//! with no file behind them (so `fuzz/` and the tests can feed them anything).
+//! The on-NVRAM format (version 3 is written; 1 and 2 are still read): the
+//! header block, the two meta records and the geometry of every region, as
+//! pure little-endian encode/parse functions with no file behind them (so
+//! `fuzz/` and the tests can feed them anything).
 //!
 //! Nothing here goes through serde: an nvhv binary of any version must be able
 //! to read the magic and the version of any image and explain a mismatch.
