@@ -239,9 +239,11 @@ impl NewImage {
     /// Links the image under a name of its own next to the path, then
     /// renames it over the path (one atomic step for anyone opening it).
     fn link_replacing(&self) -> Result<(), ImageError> {
-        let name = self.path.file_name().unwrap_or_default();
+        // `.NAME.nvhv-new-PID`, NAME cut so that the whole stays within
+        // NAME_MAX (255 bytes).
+        let name = self.path.file_name().unwrap_or_default().as_bytes();
         let mut temp_name = std::ffi::OsString::from(".");
-        temp_name.push(name);
+        temp_name.push(std::ffi::OsStr::from_bytes(&name[..name.len().min(200)]));
         temp_name.push(format!(".nvhv-new-{}", std::process::id()));
         let temp = self.path.with_file_name(temp_name);
         let mut linked = link(&self.file, &temp);
@@ -596,6 +598,16 @@ mod tests {
             Ok(_) => panic!("replaced an image in use"),
         }
         assert_eq!(uuid_at(&path), img.header().uuid);
+    }
+
+    #[test]
+    fn test_overwrite_replaces_an_image_whose_name_is_as_long_as_can_be() {
+        let dir = TempDir::new("longname");
+        let path = dir.0.join("v".repeat(255));
+        Image::create(&path, &cfg(PersistMode::Epoch), false).unwrap();
+        let img = Image::create(&path, &cfg(PersistMode::Epoch), true).unwrap();
+        assert_eq!(uuid_at(&path), img.header().uuid);
+        assert_eq!(dir.entries(), ["v".repeat(255)]);
     }
 
     #[test]
