@@ -542,3 +542,83 @@ fn run_force_killed_in(dir: &Scratch) {
     );
     assert!(kept > 0, "no kill landed before the new image was in place");
 }
+
+/// A stop signal while nvhv is still starting. `run`: SIGINT in the middle
+/// of a `--reserve` cancels it between two pieces, saying so, and leaves
+/// the path as it was (nothing, or under `--force` the old image). `resume`:
+/// SIGTERM at moments spread over its first 10 ms either lands before nvhv's
+/// `main()` has caught it (the default action kills it, silently) or
+/// suspends the VM as soon as it runs (exit 0) — some of them before the
+/// guest ran, which used to kill nvhv too; the image stays resumable.
+#[test]
+fn stop_signals_while_starting_cancel_a_run_and_suspend_a_resume() {
+    require_kvm!();
+    let dir = Scratch::new("startsig");
+    let img = dir.path("vm.img");
+    let img_s = img.to_str().unwrap();
+    let interrupted_reserve = |force: bool| {
+        let mut args = vec!["run", "--image", img_s, "--guest", "counter"];
+        args.extend(["--mem", "3G", "--reserve"]);
+        if force {
+            args.push("--force");
+        }
+        let mut vm = Vmm::start(&args, dir.path("r.log"));
+        // The progress line comes once the reserve has run 0.3 s (of ~1 s).
+        let deadline = std::time::Instant::now() + T;
+        while !vm.stderr_text().contains("reserving") {
+            assert!(
+                vm.child.try_wait().unwrap().is_none(),
+                "{}",
+                vm.stderr_text()
+            );
+            assert!(std::time::Instant::now() < deadline, "no progress line");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let st = vm.signal_and_wait(libc::SIGINT);
+        let err = vm.stderr_text();
+        assert_eq!(st.code(), Some(1), "{err}");
+        assert!(
+            err.contains("interrupted by SIGINT before the guest ran"),
+            "{err}"
+        );
+        assert!(!err.contains("reserved"), "the reserve finished: {err}");
+    };
+    interrupted_reserve(false);
+    assert!(!img.exists());
+
+    let mut vm = Vmm::start(
+        &["run", "--image", img_s, "--guest", "counter"],
+        dir.path("c.log"),
+    );
+    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+    assert!(vm.signal_and_wait(libc::SIGTERM).success());
+    let before = std::fs::read(&img).unwrap();
+    interrupted_reserve(true);
+    assert!(std::fs::read(&img).unwrap() == before, "the old image changed");
+
+    let (mut early, mut killed) = (0, 0);
+    for round in 0..40u64 {
+        let mut vm = Vmm::start(
+            &["resume", "--image", img_s],
+            dir.path(&format!("s{round}.log")),
+        );
+        std::thread::sleep(Duration::from_micros((round % 20) * 500));
+        let st = vm.signal_and_wait(libc::SIGTERM);
+        let err = vm.stderr_text();
+        if st.code().is_none() {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(st.signal(), Some(libc::SIGTERM), "{err}");
+            assert!(err.is_empty(), "killed after main() ran: {err}");
+            killed += 1;
+        } else {
+            assert!(st.success(), "round {round}: {err}");
+            assert!(err.contains("suspended: state durable"), "{err}");
+            early += usize::from(err.contains("arrived before the guest ran"));
+        }
+        let out = nvhv_output(&["inspect", "--json", img_s]);
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["resumable"], true, "round {round}: {j}");
+    }
+    eprintln!("{early} resumes suspended a SIGTERM that came before the guest ran, {killed} killed before main()");
+    assert!(early > 0, "no SIGTERM landed while a resume was starting");
+}

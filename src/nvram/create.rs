@@ -45,6 +45,10 @@ pub struct CreateOptions<'a> {
     /// (256 MiB) of a `reserve_ram`, for progress shown to the user (tmpfs
     /// takes about a third of a second a GiB here).
     pub on_reserve: Option<&'a dyn Fn(u64, u64)>,
+    /// Asked between the pieces of a `reserve_ram`: `true` stops it with
+    /// [`ImageError::Cancelled`] (a stop signal while a large region is
+    /// reserved).
+    pub cancelled: Option<&'a dyn Fn() -> bool>,
 }
 
 impl std::fmt::Debug for CreateOptions<'_> {
@@ -53,6 +57,7 @@ impl std::fmt::Debug for CreateOptions<'_> {
             .field("overwrite", &self.overwrite)
             .field("reserve_ram", &self.reserve_ram)
             .field("on_reserve", &self.on_reserve.is_some())
+            .field("cancelled", &self.cancelled.is_some())
             .finish()
     }
 }
@@ -189,7 +194,7 @@ impl Image<FileStorage> {
             // not let into ext4's reserved blocks either.
             room_for(g.ram.size, free, old, path)?;
             let region = (g.ram.offset, g.ram.size);
-            reserve(&file, region, RESERVE_CHUNK, how.on_reserve).map_err(|e| match e {
+            reserve(&file, region, RESERVE_CHUNK, &how).map_err(|e| match e {
                 ImageError::Allocate(source) => ImageError::Reserve {
                     bytes: g.ram.size,
                     free,
@@ -424,19 +429,24 @@ fn fallocate(file: &File, offset: u64, len: u64) -> Result<(), ImageError> {
 }
 
 /// Allocates the `(offset, len)` region of `file` in pieces of `chunk`
-/// bytes, telling `report` (bytes done, `len`) after each.
+/// bytes, telling `how.on_reserve` (bytes done, `len`) after each, and
+/// stopping with [`ImageError::Cancelled`] if `how.cancelled` says so
+/// before one.
 fn reserve(
     file: &File,
     (offset, len): (u64, u64),
     chunk: u64,
-    report: Option<&dyn Fn(u64, u64)>,
+    how: &CreateOptions,
 ) -> Result<(), ImageError> {
     let mut done = 0;
     while done < len {
+        if how.cancelled.is_some_and(|c| c()) {
+            return Err(ImageError::Cancelled);
+        }
         let piece = chunk.min(len - done);
         fallocate(file, offset + done, piece)?;
         done += piece;
-        if let Some(report) = report {
+        if let Some(report) = how.on_reserve {
             report(done, len);
         }
     }
@@ -727,6 +737,7 @@ mod tests {
             overwrite: false,
             reserve_ram: true,
             on_reserve: Some(&report),
+            cancelled: None,
         };
         let img = Image::create_with(&p.0, &cfg(PersistMode::Epoch), how).unwrap();
         assert_eq!(img.space().unwrap().unallocated, 0);
@@ -764,7 +775,11 @@ mod tests {
         let reported = std::cell::RefCell::new(Vec::new());
         let report = |done, total| reported.borrow_mut().push((done, total));
         let (offset, len) = (1 << 20, (9 << 19) + 4096);
-        reserve(&file, (offset, len), 1 << 20, Some(&report)).unwrap();
+        let how = CreateOptions {
+            on_reserve: Some(&report),
+            ..Default::default()
+        };
+        reserve(&file, (offset, len), 1 << 20, &how).unwrap();
         let m = 1u64 << 20;
         assert_eq!(
             *reported.borrow(),
@@ -780,6 +795,24 @@ mod tests {
         let blocks = file.metadata().unwrap().blocks() * 512;
         assert!(blocks >= len && blocks < len + (1 << 20), "{blocks}");
         assert_eq!(file.metadata().unwrap().len(), 8 << 20);
+    }
+
+    #[test]
+    fn test_reserve_stops_between_pieces_when_cancelled() {
+        let p = TempPath::new("cancel");
+        let file = File::create(&p.0).unwrap();
+        file.set_len(8 << 20).unwrap();
+        let pieces = std::cell::Cell::new(0);
+        let report = |_, _| pieces.set(pieces.get() + 1);
+        let cancelled = || pieces.get() == 2;
+        let how = CreateOptions {
+            on_reserve: Some(&report),
+            cancelled: Some(&cancelled),
+            ..Default::default()
+        };
+        let e = reserve(&file, (0, 8 << 20), 1 << 20, &how).unwrap_err();
+        assert!(matches!(e, ImageError::Cancelled), "{e}");
+        assert_eq!(pieces.get(), 2);
     }
 
     #[test]

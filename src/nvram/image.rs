@@ -90,6 +90,9 @@ pub enum ImageError {
         /// Bytes free on the file system.
         free: u64,
     },
+    /// Making a new image was cancelled ([`super::CreateOptions::cancelled`]).
+    #[error("the new image was cancelled")]
+    Cancelled,
     /// Putting a new image at its path (`linkat`, `rename`) failed.
     #[error("cannot put the new image at {path}")]
     Publish {

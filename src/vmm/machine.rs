@@ -201,6 +201,12 @@ impl Machine {
         // first vCPU to leave its park says so (Unparked), and the dirty
         // budget is watched again.
         let unpark_watch = Arc::new(AtomicBool::new(false));
+        if let Some(s) = super::signals::arrived() {
+            eprintln!(
+                "nvhv: {} arrived before the guest ran; it is suspended as soon as it runs",
+                super::signals::name(s)
+            );
+        }
         let handles = self.start_vcpus(&tx, &unpark_watch)?;
         if let Some(t) = timeline.as_mut() {
             t.mark("vCPU threads started");
@@ -265,7 +271,7 @@ impl Machine {
                     "suspended: state durable {:.3} ms after the {}",
                     l.as_secs_f64() * 1e3,
                     match &cause {
-                        StopCause::Signal(s) => signal_name(*s),
+                        StopCause::Signal(s) => super::signals::name(*s),
                         StopCause::Request => "suspend request",
                         StopCause::Guest(_) => "guest stop",
                     }
@@ -298,12 +304,9 @@ impl Machine {
         &self,
         tx: &Sender<Event>,
     ) -> Result<(SignalsHandle, Option<control::Server>), VmmError> {
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-            libc::SIGPWR,
-        ])
-        .map_err(VmmError::Signals)?;
+        // Caught since `run` or `resume` started: those that came while the
+        // VM was made or restored are in the queue, and stop it at once.
+        let mut signals = super::signals::take()?;
         let sig_handle = signals.handle();
         {
             let tx = tx.clone();
@@ -823,15 +826,6 @@ pub(super) struct Capture {
     cut: Option<OutputCut>,
     /// vCPU and device state equal the previous capture's (clock aside).
     unchanged: bool,
-}
-
-fn signal_name(s: i32) -> &'static str {
-    match s {
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGINT => "SIGINT",
-        libc::SIGPWR => "SIGPWR",
-        _ => "signal",
-    }
 }
 
 /// A one-line description of a guest stop.

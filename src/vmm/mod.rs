@@ -39,6 +39,7 @@ pub mod listeners;
 mod machine;
 mod progress;
 mod resume;
+pub mod signals;
 mod standby;
 
 use bus::Bus;
@@ -130,6 +131,15 @@ pub enum VmmError {
     /// Signal setup.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// A stop signal arrived while `run` was making its image: it stopped
+    /// there, the path as it was.
+    #[error("interrupted by {} before the guest ran; {} is left as it was", signals::name(*.signal), .path.display())]
+    Interrupted {
+        /// The signal.
+        signal: i32,
+        /// The image path.
+        path: PathBuf,
+    },
     /// A vCPU did not pause in time.
     #[error("vCPU {0} did not pause within 10 s")]
     PauseTimeout(u32),
@@ -349,6 +359,9 @@ fn random_seed() -> u64 {
 
 /// `nvhv run`: create the image, load the guest, run until stopped.
 pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
+    // From here on a stop signal cancels the run until its image is in
+    // place, and suspends the VM after (see `signals`).
+    signals::catch()?;
     // 1. Check the geometry and the epoch options before touching the file
     //    system.
     let layout = Layout::new(cfg.mem, cfg.vcpus)?;
@@ -396,8 +409,16 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
             overwrite: cfg.overwrite,
             reserve_ram: cfg.reserve_ram,
             on_reserve: Some(&|done, total| reserving.update(done, total)),
+            cancelled: Some(&|| signals::arrived().is_some()),
         },
-    )?;
+    )
+    .map_err(|e| match (e, signals::arrived()) {
+        (ImageError::Cancelled, Some(signal)) => VmmError::Interrupted {
+            signal,
+            path: cfg.image.clone(),
+        },
+        (e, _) => e.into(),
+    })?;
     let built = build_new(cfg, &layout, &guest, image, listeners, console).and_then(|mut m| {
         if cfg.persist == PersistMode::Epoch {
             // The first epoch holds the loaded guest, so the image is
@@ -405,7 +426,15 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
             m.initial_epoch()?;
         }
         // 3. Put the image at its path, whole (and, in epoch mode,
-        //    resumable).
+        //    resumable), unless a stop signal came first: no guest ran, so
+        //    stopping here loses nothing. One that comes after this check
+        //    suspends the VM as soon as it runs.
+        if let Some(signal) = signals::arrived() {
+            return Err(VmmError::Interrupted {
+                signal,
+                path: cfg.image.clone(),
+            });
+        }
         fresh.publish()?;
         Ok(m)
     });
@@ -416,6 +445,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
             let path = cfg.image.display();
             match fresh.discard() {
                 Discarded::Nothing => {}
+                // The error says so.
+                Discarded::OldKept if matches!(e, VmmError::Interrupted { .. }) => {}
                 Discarded::OldKept => {
                     eprintln!("nvhv: {path} is left as it was: the VM was never started")
                 }

@@ -28,6 +28,8 @@ use super::{
 ///
 /// Guest RAM is mapped, never read or copied: the cost does not depend on RAM size.
 pub fn resume(cfg: &ResumeConfig, started: Instant) -> Result<RunOutcome, VmmError> {
+    // A stop signal from here on suspends the VM as soon as it runs.
+    super::signals::catch()?;
     reported(cfg, resume_image(cfg, started, None))
 }
 

@@ -65,6 +65,7 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
             // Nobody runs it: resume it, whatever stopped it. So two
             // standbys of one image make a pair: the first resumes, the
             // second waits, and a standby restarted after a crash waits.
+            super::signals::catch()?;
             let result = super::resume::resume_image(cfg, started, Some(image));
             return super::resume::reported(cfg, result).map(StandbyEnd::Resumed);
         }
@@ -86,6 +87,9 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
         }
     );
     let (image, freed) = Image::open_when_free(&cfg.image)?;
+    // Not before: a standby waiting for the image stops on a stop signal
+    // as any process does (the wait would not see it).
+    super::signals::catch()?;
     let status = image.current().status;
     if !matches!(status, Status::Running | Status::Committed) {
         return Ok(StandbyEnd::NotCrashed(status));
