@@ -582,6 +582,12 @@ fn stop_signals_while_starting_cancel_a_run_and_suspend_a_resume() {
             "{err}"
         );
         assert!(!err.contains("reserved"), "the reserve finished: {err}");
+        let says = if force {
+            "is left as it was"
+        } else {
+            "no image is at"
+        };
+        assert!(err.contains(says), "{err}");
     };
     interrupted_reserve(false);
     assert!(!img.exists());
@@ -594,16 +600,23 @@ fn stop_signals_while_starting_cancel_a_run_and_suspend_a_resume() {
     assert!(vm.signal_and_wait(libc::SIGTERM).success());
     let before = std::fs::read(&img).unwrap();
     interrupted_reserve(true);
-    assert!(std::fs::read(&img).unwrap() == before, "the old image changed");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "the old image changed"
+    );
 
     let (mut early, mut killed) = (0, 0);
-    for round in 0..40u64 {
+    for round in 0..60u64 {
         let mut vm = Vmm::start(
             &["resume", "--image", img_s],
             dir.path(&format!("s{round}.log")),
         );
         std::thread::sleep(Duration::from_micros((round % 20) * 500));
-        let st = vm.signal_and_wait(libc::SIGTERM);
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+        let Some(st) = common::wait_or_kill(&mut vm.child, T) else {
+            panic!("round {round}: the SIGTERM was lost: {}", vm.stderr_text());
+        };
         let err = vm.stderr_text();
         if st.code().is_none() {
             use std::os::unix::process::ExitStatusExt;

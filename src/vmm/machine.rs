@@ -201,12 +201,6 @@ impl Machine {
         // first vCPU to leave its park says so (Unparked), and the dirty
         // budget is watched again.
         let unpark_watch = Arc::new(AtomicBool::new(false));
-        if let Some(s) = super::signals::arrived() {
-            eprintln!(
-                "nvhv: {} arrived before the guest ran; it is suspended as soon as it runs",
-                super::signals::name(s)
-            );
-        }
         let handles = self.start_vcpus(&tx, &unpark_watch)?;
         if let Some(t) = timeline.as_mut() {
             t.mark("vCPU threads started");
@@ -305,8 +299,16 @@ impl Machine {
         tx: &Sender<Event>,
     ) -> Result<(SignalsHandle, Option<control::Server>), VmmError> {
         // Caught since `run` or `resume` started: those that came while the
-        // VM was made or restored are in the queue, and stop it at once.
-        let mut signals = super::signals::take()?;
+        // VM was made or restored stop it as soon as it runs.
+        let (mut signals, early) = super::signals::take()?;
+        for &s in &early {
+            eprintln!(
+                "nvhv: {} arrived before the guest ran; it is suspended as soon as it runs",
+                super::signals::name(s)
+            );
+            // The receiver lives in the caller's frame: a send cannot fail.
+            let _ = tx.send(Event::Signal(s, Instant::now()));
+        }
         let sig_handle = signals.handle();
         {
             let tx = tx.clone();

@@ -132,14 +132,9 @@ pub enum VmmError {
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     /// A stop signal arrived while `run` was making its image: it stopped
-    /// there, the path as it was.
-    #[error("interrupted by {} before the guest ran; {} is left as it was", signals::name(*.signal), .path.display())]
-    Interrupted {
-        /// The signal.
-        signal: i32,
-        /// The image path.
-        path: PathBuf,
-    },
+    /// there (and said what it left at the path).
+    #[error("interrupted by {} before the guest ran", signals::name(*.0))]
+    Interrupted(i32),
     /// A vCPU did not pause in time.
     #[error("vCPU {0} did not pause within 10 s")]
     PauseTimeout(u32),
@@ -413,10 +408,16 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
         },
     )
     .map_err(|e| match (e, signals::arrived()) {
-        (ImageError::Cancelled, Some(signal)) => VmmError::Interrupted {
-            signal,
-            path: cfg.image.clone(),
-        },
+        (ImageError::Cancelled, Some(signal)) => {
+            // Unmade (the unnamed file goes with it): say what is there.
+            let path = cfg.image.display();
+            if cfg.image.exists() {
+                eprintln!("nvhv: {path} is left as it was: the VM was never started");
+            } else {
+                eprintln!("nvhv: no image is at {path}");
+            }
+            VmmError::Interrupted(signal)
+        }
         (e, _) => e.into(),
     })?;
     let built = build_new(cfg, &layout, &guest, image, listeners, console).and_then(|mut m| {
@@ -430,10 +431,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
         //    stopping here loses nothing. One that comes after this check
         //    suspends the VM as soon as it runs.
         if let Some(signal) = signals::arrived() {
-            return Err(VmmError::Interrupted {
-                signal,
-                path: cfg.image.clone(),
-            });
+            return Err(VmmError::Interrupted(signal));
         }
         fresh.publish()?;
         Ok(m)
@@ -444,9 +442,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
             // The guest never ran: the new image held no VM.
             let path = cfg.image.display();
             match fresh.discard() {
-                Discarded::Nothing => {}
-                // The error says so.
-                Discarded::OldKept if matches!(e, VmmError::Interrupted { .. }) => {}
+                Discarded::Nothing => eprintln!("nvhv: no image was made at {path}"),
                 Discarded::OldKept => {
                     eprintln!("nvhv: {path} is left as it was: the VM was never started")
                 }

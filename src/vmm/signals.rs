@@ -7,12 +7,13 @@
 //! Before this, such a signal met the default action and killed nvhv
 //! without a word.
 //!
-//! Signal dispositions belong to the process, so this module keeps its
-//! registration in process-wide statics: [`catch`] once, then the main
-//! loop [`take`]s the queue of caught signals.
+//! Signal dispositions belong to the process, so this module keeps its one
+//! registration in a process-wide static: [`catch`] once, ask
+//! [`arrived`] while starting, then the main loop [`take`]s the queue with
+//! every signal caught so far. One registration, so that no signal can be
+//! seen by one means and missed by another.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Mutex;
 
 use signal_hook::iterator::Signals;
 
@@ -21,46 +22,65 @@ use super::VmmError;
 /// The signals that stop a VM.
 pub const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGPWR];
 
-/// The caught signals, queued until the main loop takes them.
-static QUEUE: Mutex<Option<Signals>> = Mutex::new(None);
+/// What [`catch`] registered, until the main loop takes it.
+struct Caught {
+    signals: Signals,
+    /// Signals already read from `signals` (by [`arrived`]), oldest first.
+    seen: Vec<i32>,
+}
 
-/// The last stop signal caught (0: none yet).
-static LAST: OnceLock<Arc<AtomicUsize>> = OnceLock::new();
+static CAUGHT: Mutex<Option<Caught>> = Mutex::new(None);
 
-/// Catches the stop signals from now on (once per process; later calls do
-/// nothing).
+/// Catches the stop signals from now on; a no-op if they are caught
+/// already and not yet taken.
 pub fn catch() -> Result<(), VmmError> {
-    let mut queue = QUEUE.lock().unwrap_or_else(|e| e.into_inner());
-    if LAST.get().is_some() {
-        return Ok(());
+    let mut caught = CAUGHT.lock().unwrap_or_else(|e| e.into_inner());
+    if caught.is_none() {
+        // ORDER: block, register, unblock. A signal that arrives after
+        // signal-hook has installed its handler but before it has added the
+        // action would be swallowed (the handler finds nothing to do: a
+        // resume SIGTERMed 1.5 ms after its spawn ran on, 1 in 1 500).
+        // Blocked, it waits and is delivered at the unblock, to the action.
+        // Only this thread may take it meanwhile: `run` and `resume` call
+        // this before they start any thread (a standby at its takeover,
+        // with threads running, keeps that narrow window). Stop signals
+        // blocked by whoever started nvhv are unblocked here too.
+        for s in STOP_SIGNALS {
+            // "Already blocked" is no failure.
+            let _ = vmm_sys_util::signal::block_signal(s);
+        }
+        let registered = Signals::new(STOP_SIGNALS).map_err(VmmError::Signals);
+        for s in STOP_SIGNALS {
+            let _ = vmm_sys_util::signal::unblock_signal(s);
+        }
+        *caught = Some(Caught {
+            signals: registered?,
+            seen: Vec::new(),
+        });
     }
-    let last = Arc::new(AtomicUsize::new(0));
-    for s in STOP_SIGNALS {
-        signal_hook::flag::register_usize(s, Arc::clone(&last), s as usize)
-            .map_err(VmmError::Signals)?;
-    }
-    *queue = Some(Signals::new(STOP_SIGNALS).map_err(VmmError::Signals)?);
-    let _ = LAST.set(last);
     Ok(())
 }
 
-/// The last stop signal caught since [`catch`], if any.
+/// The last stop signal caught since [`catch`], if any (and the main loop
+/// has not taken them yet).
 pub fn arrived() -> Option<i32> {
-    let s = LAST.get()?.load(Ordering::SeqCst);
-    (s != 0).then_some(s as i32)
+    let mut caught = CAUGHT.lock().unwrap_or_else(|e| e.into_inner());
+    let c = caught.as_mut()?;
+    let now: Vec<i32> = c.signals.pending().collect();
+    c.seen.extend(now);
+    c.seen.last().copied()
 }
 
-/// The queue of caught stop signals (those that arrived before this call
-/// included), for the main loop to read; caught from now on if [`catch`]
+/// The caught stop signals, for the main loop: the queue, and those that
+/// came before this call (oldest first); caught from now on if [`catch`]
 /// was not called.
-pub(super) fn take() -> Result<Signals, VmmError> {
+pub(super) fn take() -> Result<(Signals, Vec<i32>), VmmError> {
     catch()?;
-    let mut queue = QUEUE.lock().unwrap_or_else(|e| e.into_inner());
-    match queue.take() {
-        Some(s) => Ok(s),
-        // Taken before (a second machine in one process): a new queue.
-        None => Signals::new(STOP_SIGNALS).map_err(VmmError::Signals),
-    }
+    let mut caught = CAUGHT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = caught.take().expect("caught just above");
+    let now: Vec<i32> = c.signals.pending().collect();
+    c.seen.extend(now);
+    Ok((c.signals, c.seen))
 }
 
 /// The name of stop signal `s`.
