@@ -9,7 +9,7 @@
 //!
 //! Signal dispositions belong to the process, so this module keeps its one
 //! registration in a process-wide static: [`catch`] once, ask
-//! [`arrived`] while starting, then the main loop [`take`]s the queue with
+//! [`arrived`] while starting, then the main loop takes (`take`) the queue with
 //! every signal caught so far. One registration, so that no signal can be
 //! seen by one means and missed by another.
 
