@@ -66,6 +66,11 @@ impl std::fmt::Debug for CreateOptions<'_> {
 /// [`CreateOptions::on_reserve`].
 pub const RESERVE_CHUNK: u64 = 256 << 20;
 
+/// The permissions of a new image (less the umask): it holds the guest's
+/// whole memory, so only its owner may read it. An image that replaces a
+/// file takes that file's permissions and owner instead.
+pub const IMAGE_MODE: u32 = 0o600;
+
 /// Where a new image is being made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Made {
@@ -172,6 +177,9 @@ impl Image<FileStorage> {
             published: false,
         };
         lock(&file, path, libc::LOCK_EX)?;
+        if let Some(old) = &new.replaced {
+            keep_owner_and_mode(old, &file);
+        }
         let g = header.geometry;
         if made == Made::InPlace {
             file.set_len(0).map_err(|e| ImageError::Resize(0, e))?;
@@ -327,7 +335,7 @@ fn open_unnamed(path: &Path) -> Result<Option<File>, ImageError> {
     match OpenOptions::new()
         .read(true)
         .write(true)
-        .mode(0o644)
+        .mode(IMAGE_MODE)
         .custom_flags(libc::O_TMPFILE)
         .open(dir)
     {
@@ -342,6 +350,7 @@ fn create_new(path: &Path) -> Result<File, ImageError> {
     OpenOptions::new()
         .read(true)
         .write(true)
+        .mode(IMAGE_MODE)
         .create_new(true)
         .open(path)
         .map_err(|e| match e.kind() {
@@ -354,6 +363,21 @@ fn open_error(path: &Path, source: io::Error) -> ImageError {
     ImageError::Open {
         path: path.to_owned(),
         source,
+    }
+}
+
+/// Gives `new` the permissions and owner of `old`, the file it replaces, as
+/// far as this process may: only root gives a file away, and elsewhere the
+/// new image keeps nvhv's owner.
+fn keep_owner_and_mode(old: &File, new: &File) {
+    let Ok(m) = old.metadata() else {
+        return;
+    };
+    if let Err(e) = new.set_permissions(m.permissions()) {
+        tracing::warn!("cannot give the new image the old one's permissions: {e}");
+    }
+    if (m.uid(), m.gid()) != new.metadata().map_or((0, 0), |n| (n.uid(), n.gid())) {
+        let _ = std::os::unix::fs::fchown(new, Some(m.uid()), Some(m.gid()));
     }
 }
 
@@ -618,6 +642,19 @@ mod tests {
         let img = Image::create(&path, &cfg(PersistMode::Epoch), true).unwrap();
         assert_eq!(uuid_at(&path), img.header().uuid);
         assert_eq!(dir.entries(), ["v".repeat(255)]);
+    }
+
+    #[test]
+    fn test_a_new_image_is_its_owners_alone_and_a_replacement_keeps_the_old_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("mode");
+        let path = dir.0.join("vm.img");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        drop(Image::create(&path, &cfg(PersistMode::Epoch), false).unwrap());
+        assert_eq!(mode(&path) & !0o600, 0, "{:o}", mode(&path));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        drop(Image::create(&path, &cfg(PersistMode::Epoch), true).unwrap());
+        assert_eq!(mode(&path), 0o640);
     }
 
     #[test]
