@@ -410,6 +410,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     .map_err(|e| match (e, signals::arrived()) {
         (ImageError::Cancelled, Some(signal)) => {
             // Unmade (the unnamed file goes with it): say what is there.
+            reserving.clear();
             let path = cfg.image.display();
             if cfg.image.exists() {
                 eprintln!("nvhv: {path} is left as it was: the VM was never started");

@@ -62,6 +62,24 @@ impl Reserving {
     }
 }
 
+impl Reserving {
+    /// Takes the bar off the terminal if the step stopped before its end
+    /// (cancelled, failed), so that the lines printed next stand alone.
+    pub fn clear(&self) {
+        if let Some(bar) = self.shown.get() {
+            if !bar.is_finished() {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}
+
+impl Drop for Reserving {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +98,16 @@ mod tests {
         assert_eq!((bar.position(), bar.length()), (1, Some(2)));
         slow.update(2, 2);
         assert!(bar.is_finished());
+    }
+
+    #[test]
+    fn a_step_stopped_before_its_end_takes_its_bar_away() {
+        let slow = Reserving {
+            started: Instant::now() - QUIET,
+            shown: OnceCell::new(),
+        };
+        slow.update(1, 4);
+        slow.clear();
+        assert!(slow.shown.get().expect("shown").is_finished());
     }
 }
