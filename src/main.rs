@@ -28,7 +28,8 @@ struct Cli {
 enum Cmd {
     /// Create a persistent VM in a new image and run it.
     ///
-    /// Stops (committing its state to the image) on SIGTERM, SIGINT, SIGPWR or
+    /// Stops (committing its state to the image) on SIGTERM, SIGINT, SIGPWR,
+    /// SIGHUP (its terminal went away; ignored under nohup) or
     /// `nvhv suspend --image PATH`, printing the time from the request to the
     /// durable commit. The new image appears at its path only once it is
     /// whole: a stop signal before that (Ctrl-C during a long --reserve,
@@ -103,7 +104,7 @@ struct RunArgs {
     /// committed data), so a crash without warning (kill -9, power loss)
     /// loses no acknowledged write. suspend-only: guest RAM lives
     /// in the image in place, no runtime cost; state is durable only after
-    /// an orderly or warned stop (SIGTERM, SIGPWR, `nvhv suspend`); after a
+    /// an orderly or warned stop (SIGTERM, SIGPWR, SIGHUP, `nvhv suspend`); after a
     /// crash the image is refused.
     #[arg(long, value_enum, default_value_t = Mode::Epoch)]
     persist: Mode,

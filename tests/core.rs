@@ -635,3 +635,62 @@ fn stop_signals_while_starting_cancel_a_run_and_suspend_a_resume() {
     eprintln!("{early} resumes suspended a SIGTERM that came before the guest ran, {killed} killed before main()");
     assert!(early > 0, "no SIGTERM landed while a resume was starting");
 }
+
+/// SIGHUP (the terminal nvhv runs in hung up: a dropped ssh session) is an
+/// orderly stop: a suspend-only VM, which a kill would lose, is suspended
+/// and resumable. Started under `nohup` (SIGHUP ignored), nvhv leaves the
+/// signal ignored and runs on.
+#[test]
+fn a_hangup_suspends_the_vm_unless_nvhv_runs_under_nohup() {
+    require_kvm!();
+    let (dir, img, mut vm) = running_counter("hangup", "suspend-only");
+    let st = vm.signal_and_wait(libc::SIGHUP);
+    assert!(st.success(), "{st}: {}", vm.stderr_text());
+    assert!(
+        vm.stderr_text().contains("state durable") && vm.stderr_text().contains("SIGHUP"),
+        "{}",
+        vm.stderr_text()
+    );
+    let out = nvhv_output(&["inspect", "--json", img.to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["resumable"], true, "{j}");
+
+    let err = std::fs::File::create(dir.path("nohup.stderr")).unwrap();
+    let mut child = std::process::Command::new("nohup")
+        .arg(env!("CARGO_BIN_EXE_nvhv"))
+        .args(["resume", "--image", img.to_str().unwrap()])
+        .arg("--console")
+        .arg(dir.path("nohup.log"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("nohup");
+    let stderr = || std::fs::read_to_string(dir.path("nohup.stderr")).unwrap_or_default();
+    let deadline = std::time::Instant::now() + T;
+    while !stderr().contains("resumed") {
+        assert!(child.try_wait().unwrap().is_none(), "{}", stderr());
+        assert!(std::time::Instant::now() < deadline, "never resumed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) on our own child's pid (nohup execs nvhv in place).
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    // It runs on: the console keeps growing after the hangup.
+    let lines =
+        |p: &std::path::Path| counters(&std::fs::read_to_string(p).unwrap_or_default(), 0).len();
+    let before = lines(&dir.path("nohup.log"));
+    while lines(&dir.path("nohup.log")) < before + 2 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "SIGHUP stopped nvhv under nohup: {}",
+            stderr()
+        );
+        assert!(std::time::Instant::now() < deadline, "no console output");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = common::wait_or_kill(&mut child, T).expect("SIGTERM did not stop it");
+    assert!(st.success(), "{st}: {}", stderr());
+    assert!(stderr().contains("after the SIGTERM"), "{}", stderr());
+}

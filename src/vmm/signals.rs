@@ -1,5 +1,9 @@
-//! The stop signals: SIGTERM and SIGINT (an orderly stop) and SIGPWR (the
-//! power-fail warning), caught from the moment `run` or `resume` starts (a
+//! The stop signals: SIGTERM and SIGINT (an orderly stop), SIGPWR (the
+//! power-fail warning) and SIGHUP (the terminal nvhv runs in is gone: an
+//! ssh session that dropped would otherwise kill it without a suspend,
+//! which a suspend-only VM does not survive; left alone when nvhv was
+//! started with it ignored, as by `nohup`), caught from the moment `run`
+//! or `resume` starts (a
 //! standby: from its takeover), not only once the VM runs. A stop signal
 //! that arrives while the VM is still being made or restored is kept, and
 //! the VM is suspended as soon as it runs; `run` cancels instead while its
@@ -19,8 +23,33 @@ use signal_hook::iterator::Signals;
 
 use super::VmmError;
 
-/// The signals that stop a VM.
-pub const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGPWR];
+/// The signals that stop a VM (SIGHUP only if not ignored: see
+/// [`stop_signals`]).
+pub const STOP_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGPWR, libc::SIGHUP];
+
+/// The stop signals this process catches: all of [`STOP_SIGNALS`] but
+/// SIGHUP when whoever started nvhv set it to be ignored (`nohup`: the VM
+/// is to outlive the terminal).
+pub fn stop_signals() -> Vec<i32> {
+    let ignored = ignored_signals();
+    STOP_SIGNALS
+        .into_iter()
+        .filter(|&s| s != libc::SIGHUP || ignored & (1 << (s - 1)) == 0)
+        .collect()
+}
+
+/// The signals this process ignores, as a mask (bit `n - 1` for signal
+/// `n`), from `SigIgn` in /proc/self/status; 0 if it cannot be read.
+fn ignored_signals() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigIgn:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
 
 /// What [`catch`] registered, until the main loop takes it.
 struct Caught {
@@ -45,12 +74,13 @@ pub fn catch() -> Result<(), VmmError> {
         // this before they start any thread (a standby at its takeover,
         // with threads running, keeps that narrow window). Stop signals
         // blocked by whoever started nvhv are unblocked here too.
-        for s in STOP_SIGNALS {
+        let stop = stop_signals();
+        for &s in &stop {
             // "Already blocked" is no failure.
             let _ = vmm_sys_util::signal::block_signal(s);
         }
-        let registered = Signals::new(STOP_SIGNALS).map_err(VmmError::Signals);
-        for s in STOP_SIGNALS {
+        let registered = Signals::new(&stop).map_err(VmmError::Signals);
+        for &s in &stop {
             let _ = vmm_sys_util::signal::unblock_signal(s);
         }
         *caught = Some(Caught {
@@ -89,6 +119,27 @@ pub fn name(s: i32) -> &'static str {
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
         libc::SIGPWR => "SIGPWR",
+        libc::SIGHUP => "SIGHUP",
         _ => "signal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sighup_is_a_stop_signal_unless_ignored() {
+        // The test process does not ignore SIGHUP (cargo does not start it
+        // under nohup); the mask parse is checked against the kernel's.
+        let ignored = ignored_signals();
+        let stop = stop_signals();
+        assert!(stop.contains(&libc::SIGTERM) && stop.contains(&libc::SIGPWR));
+        assert_eq!(
+            stop.contains(&libc::SIGHUP),
+            ignored & 1 == 0,
+            "{ignored:x}"
+        );
+        assert_eq!(name(libc::SIGHUP), "SIGHUP");
     }
 }
