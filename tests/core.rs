@@ -309,7 +309,15 @@ fn run_refuses_to_overwrite_an_existing_file() {
     let dir = Scratch::new("overwrite");
     let img = dir.path("vm.img");
     std::fs::write(&img, b"precious").unwrap();
-    let out = nvhv_output(&["run", "--image", img.to_str().unwrap()]);
+    // The counter guest: the kv guest would bind 127.0.0.1:6380, which a
+    // test running beside this one may hold for a moment.
+    let out = nvhv_output(&[
+        "run",
+        "--image",
+        img.to_str().unwrap(),
+        "--guest",
+        "counter",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(std::fs::read(&img).unwrap(), b"precious");
 }
@@ -329,7 +337,12 @@ fn run_fails_on_bad_listen_or_console_before_touching_the_image() {
     let console_s = console.to_str().unwrap();
     for (opts, says) in [
         (&["--listen", taken_addr.as_str()][..], "cannot listen on"),
-        (&["--console", console_s][..], "cannot open console file"),
+        // An ephemeral port: the default one may be held for a moment by a
+        // test running beside this one.
+        (
+            &["--console", console_s, "--listen", "127.0.0.1:0"][..],
+            "cannot open console file",
+        ),
     ] {
         let mut args = vec!["run", "--image", img_s];
         args.extend_from_slice(opts);

@@ -298,24 +298,26 @@ impl Machine {
         &self,
         tx: &Sender<Event>,
     ) -> Result<(SignalsHandle, Option<control::Server>), VmmError> {
-        // Caught since `run` or `resume` started: those that came while the
-        // VM was made or restored stop it as soon as it runs.
-        let (mut signals, early) = super::signals::take()?;
-        for &s in &early {
+        // Caught since `run` or `resume` started, and blocked in every
+        // thread: those that came while the VM was made or restored are
+        // delivered to the signals thread as it starts, and stop the VM as
+        // soon as it runs.
+        let mut taken = super::signals::take()?;
+        for &s in &taken.early {
             eprintln!(
                 "nvhv: {} arrived before the guest ran; it is suspended as soon as it runs",
                 super::signals::name(s)
             );
-            // The receiver lives in the caller's frame: a send cannot fail.
-            let _ = tx.send(Event::Signal(s, Instant::now()));
         }
-        let sig_handle = signals.handle();
+        let sig_handle = taken.signals.handle();
         {
             let tx = tx.clone();
             std::thread::Builder::new()
                 .name("signals".into())
                 .spawn(move || {
-                    for s in signals.forever() {
+                    // The one thread that receives the stop signals.
+                    taken.receive_here();
+                    for s in taken.signals.forever() {
                         if tx.send(Event::Signal(s, Instant::now())).is_err() {
                             break;
                         }

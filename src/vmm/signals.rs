@@ -3,19 +3,25 @@
 //! ssh session that dropped would otherwise kill it without a suspend,
 //! which a suspend-only VM does not survive; left alone when nvhv was
 //! started with it ignored, as by `nohup`), caught from the moment `run`
-//! or `resume` starts (a
-//! standby: from its takeover), not only once the VM runs. A stop signal
-//! that arrives while the VM is still being made or restored is kept, and
-//! the VM is suspended as soon as it runs; `run` cancels instead while its
-//! new image is not yet at its path (no guest ran, so nothing is lost).
-//! Before this, such a signal met the default action and killed nvhv
-//! without a word.
+//! or `resume` starts (a standby: from its takeover), not only once the VM
+//! runs. A stop signal that arrives while the VM is still being made or
+//! restored waits, and the VM is suspended as soon as it runs; `run`
+//! cancels instead while its new image is not yet at its path (no guest
+//! ran, so nothing is lost). Before this, such a signal met the default
+//! action and killed nvhv without a word.
 //!
-//! Signal dispositions belong to the process, so this module keeps its one
-//! registration in a process-wide static: [`catch`] once, ask
-//! [`arrived`] while starting, then the main loop takes (`take`) the queue with
-//! every signal caught so far. One registration, so that no signal can be
-//! seen by one means and missed by another.
+//! How: [`catch`] blocks the stop signals in the calling thread, and so in
+//! every thread it starts later (vCPUs, devices, helpers), then registers
+//! signal-hook's handler. They stay pending, visible to [`arrived`], until
+//! the main loop's signals thread unblocks them for itself alone
+//! ([`take`], [`Taken::receive_here`]): only that thread ever runs the
+//! handler. So no other thread's system call is cut short by one (a
+//! `KVM_CREATE_VM` interrupted by a SIGTERM failed with EINTR), and no
+//! signal can land while the handler is half registered (signal-hook
+//! installs the handler before it adds the action; a signal in between
+//! found nothing to do and was lost: a resume SIGTERMed at that moment ran
+//! on). Signal dispositions belong to the process, so the registration
+//! lives in a process-wide static.
 
 use std::sync::Mutex;
 
@@ -31,21 +37,26 @@ pub const STOP_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGPWR, l
 /// SIGHUP when whoever started nvhv set it to be ignored (`nohup`: the VM
 /// is to outlive the terminal).
 pub fn stop_signals() -> Vec<i32> {
-    let ignored = ignored_signals();
+    let ignored = status_mask("SigIgn:");
     STOP_SIGNALS
         .into_iter()
-        .filter(|&s| s != libc::SIGHUP || ignored & (1 << (s - 1)) == 0)
+        .filter(|&s| s != libc::SIGHUP || ignored & bit(s) == 0)
         .collect()
 }
 
-/// The signals this process ignores, as a mask (bit `n - 1` for signal
-/// `n`), from `SigIgn` in /proc/self/status; 0 if it cannot be read.
-fn ignored_signals() -> u64 {
+/// The bit of signal `s` in the masks of /proc/self/status.
+fn bit(s: i32) -> u64 {
+    1 << (s - 1)
+}
+
+/// A signal mask of /proc/self/status (`SigIgn:`, `ShdPnd:`, …): bit
+/// `n - 1` for signal `n`; 0 if it cannot be read.
+fn status_mask(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("SigIgn:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
         })
         .unwrap_or(0)
@@ -54,63 +65,82 @@ fn ignored_signals() -> u64 {
 /// What [`catch`] registered, until the main loop takes it.
 struct Caught {
     signals: Signals,
-    /// Signals already read from `signals` (by [`arrived`]), oldest first.
-    seen: Vec<i32>,
+    stop: Vec<i32>,
 }
 
 static CAUGHT: Mutex<Option<Caught>> = Mutex::new(None);
 
-/// Catches the stop signals from now on; a no-op if they are caught
-/// already and not yet taken.
+/// Catches the stop signals from now on (see the module header); a no-op
+/// if they are caught already and not yet taken.
 pub fn catch() -> Result<(), VmmError> {
     let mut caught = CAUGHT.lock().unwrap_or_else(|e| e.into_inner());
     if caught.is_none() {
-        // ORDER: block, register, unblock. A signal that arrives after
-        // signal-hook has installed its handler but before it has added the
-        // action would be swallowed (the handler finds nothing to do: a
-        // resume SIGTERMed 1.5 ms after its spawn ran on, 1 in 1 500).
-        // Blocked, it waits and is delivered at the unblock, to the action.
-        // Only this thread may take it meanwhile: `run` and `resume` call
-        // this before they start any thread (a standby at its takeover,
-        // with threads running, keeps that narrow window). Stop signals
-        // blocked by whoever started nvhv are unblocked here too.
         let stop = stop_signals();
+        // ORDER: blocked before the handler is registered, and left blocked
+        // here and in every thread started from here on.
         for &s in &stop {
             // "Already blocked" is no failure.
             let _ = vmm_sys_util::signal::block_signal(s);
         }
-        let registered = Signals::new(&stop).map_err(VmmError::Signals);
-        for &s in &stop {
-            let _ = vmm_sys_util::signal::unblock_signal(s);
-        }
         *caught = Some(Caught {
-            signals: registered?,
-            seen: Vec::new(),
+            signals: Signals::new(&stop).map_err(VmmError::Signals)?,
+            stop,
         });
     }
     Ok(())
 }
 
-/// The last stop signal caught since [`catch`], if any (and the main loop
-/// has not taken them yet).
-pub fn arrived() -> Option<i32> {
-    let mut caught = CAUGHT.lock().unwrap_or_else(|e| e.into_inner());
-    let c = caught.as_mut()?;
-    let now: Vec<i32> = c.signals.pending().collect();
-    c.seen.extend(now);
-    c.seen.last().copied()
+/// The stop signals now pending (sent, not yet handled), lowest first.
+fn pending(stop: &[i32]) -> Vec<i32> {
+    let mask = status_mask("ShdPnd:") | status_mask("SigPnd:");
+    let mut v: Vec<i32> = stop
+        .iter()
+        .copied()
+        .filter(|&s| mask & bit(s) != 0)
+        .collect();
+    v.sort_unstable();
+    v
 }
 
-/// The caught stop signals, for the main loop: the queue, and those that
-/// came before this call (oldest first); caught from now on if [`catch`]
-/// was not called.
-pub(super) fn take() -> Result<(Signals, Vec<i32>), VmmError> {
+/// A stop signal that has arrived since [`catch`] and waits for the main
+/// loop, if any.
+pub fn arrived() -> Option<i32> {
+    let caught = CAUGHT.lock().unwrap_or_else(|e| e.into_inner());
+    pending(&caught.as_ref()?.stop).first().copied()
+}
+
+/// The caught stop signals, handed to the main loop by [`take`].
+pub(super) struct Taken {
+    /// The queue the handler fills, once this thread receives them.
+    pub(super) signals: Signals,
+    /// Those that arrived before [`take`] (they are in the queue as soon
+    /// as [`Taken::receive_here`] runs).
+    pub(super) early: Vec<i32>,
+    stop: Vec<i32>,
+}
+
+impl Taken {
+    /// Unblocks the stop signals in the calling thread alone (the main
+    /// loop's signals thread): the kernel delivers them to it, pending ones
+    /// at once, and the handler queues them.
+    pub(super) fn receive_here(&self) {
+        for &s in &self.stop {
+            let _ = vmm_sys_util::signal::unblock_signal(s);
+        }
+    }
+}
+
+/// The caught stop signals, for the main loop; caught from now on if
+/// [`catch`] was not called.
+pub(super) fn take() -> Result<Taken, VmmError> {
     catch()?;
     let mut caught = CAUGHT.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = caught.take().expect("caught just above");
-    let now: Vec<i32> = c.signals.pending().collect();
-    c.seen.extend(now);
-    Ok((c.signals, c.seen))
+    let c = caught.take().expect("caught just above");
+    Ok(Taken {
+        early: pending(&c.stop),
+        signals: c.signals,
+        stop: c.stop,
+    })
 }
 
 /// The name of stop signal `s`.
@@ -130,16 +160,16 @@ mod tests {
 
     #[test]
     fn sighup_is_a_stop_signal_unless_ignored() {
-        // The test process does not ignore SIGHUP (cargo does not start it
-        // under nohup); the mask parse is checked against the kernel's.
-        let ignored = ignored_signals();
+        // The masks are read from the kernel: cargo does not start the
+        // tests under nohup, and this process blocks nothing here.
+        let ignored = status_mask("SigIgn:");
         let stop = stop_signals();
         assert!(stop.contains(&libc::SIGTERM) && stop.contains(&libc::SIGPWR));
         assert_eq!(
             stop.contains(&libc::SIGHUP),
-            ignored & 1 == 0,
-            "{ignored:x}"
+            ignored & bit(libc::SIGHUP) == 0
         );
         assert_eq!(name(libc::SIGHUP), "SIGHUP");
+        assert!(pending(&stop).is_empty());
     }
 }
