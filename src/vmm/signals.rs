@@ -14,7 +14,7 @@
 //! every thread it starts later (vCPUs, devices, helpers), then registers
 //! signal-hook's handler. They stay pending, visible to [`arrived`], until
 //! the main loop's signals thread unblocks them for itself alone
-//! ([`take`], [`Taken::receive_here`]): only that thread ever runs the
+//! (`take`, `Taken::receive_here`): only that thread ever runs the
 //! handler. So no other thread's system call is cut short by one (a
 //! `KVM_CREATE_VM` interrupted by a SIGTERM failed with EINTR), and no
 //! signal can land while the handler is half registered (signal-hook
