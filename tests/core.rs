@@ -707,3 +707,70 @@ fn a_hangup_suspends_the_vm_unless_nvhv_runs_under_nohup() {
     assert!(st.success(), "{st}: {}", stderr());
     assert!(stderr().contains("after the SIGTERM"), "{}", stderr());
 }
+
+/// The terminal nvhv runs in really goes away: nvhv is a session leader
+/// on a pseudo-terminal whose master is closed, so the kernel hangs the
+/// session up (SIGHUP) and nvhv's stderr turns into a dead terminal. It
+/// still suspends and exits 0 (a print to the dead terminal used to panic
+/// after the commit: exit 101), and the suspend-only image is resumable.
+#[test]
+fn a_terminal_that_goes_away_suspends_the_vm() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    require_kvm!();
+    let dir = Scratch::new("pty");
+    let img = dir.path("vm.img");
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two descriptors into the integers given; the
+    // name, termios and winsize pointers may be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened for us and are owned here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut cmd = common::nvhv();
+    cmd.args(["run", "--image", img.to_str().unwrap()])
+        .args(["--persist", "suspend-only", "--guest", "counter"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap());
+    let master_fd = master.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls: close
+    // the master (openpty's descriptors are inherited, and a master left
+    // open in nvhv would keep its terminal alive), setsid, and the ioctl
+    // that makes the pty (stdin) the controlling terminal.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::close(master_fd);
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(slave);
+    // Read the terminal until nvhv says it runs and the guest has printed.
+    let mut seen = String::new();
+    let mut m = std::fs::File::from(master.try_clone().unwrap());
+    let deadline = std::time::Instant::now() + T;
+    while !(seen.contains("nvhv: running") && seen.contains("counter 0 ")) {
+        let mut buf = [0u8; 4096];
+        let n = std::io::Read::read(&mut m, &mut buf).unwrap();
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        assert!(std::time::Instant::now() < deadline, "{seen}");
+    }
+    drop((m, master));
+    let st = common::wait_or_kill(&mut child, T).expect("a hangup did not stop nvhv");
+    assert_eq!(st.code(), Some(0), "{st}");
+    let out = nvhv_output(&["inspect", "--json", img.to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["resumable"], true, "{j}");
+}

@@ -205,13 +205,13 @@ impl Machine {
         if let Some(t) = timeline.as_mut() {
             t.mark("vCPU threads started");
             t.log("resume");
-            eprintln!(
+            say!(
                 "nvhv: resumed, guest running {:.3} ms after {}",
                 t.elapsed().as_secs_f64() * 1e3,
                 t.origin
             );
         } else {
-            eprintln!("nvhv: running (image {})", self.image_path().display());
+            say!("nvhv: running (image {})", self.image_path().display());
         }
 
         // 8. Wait for a reason to stop; in epoch mode, checkpoint meanwhile.
@@ -270,7 +270,7 @@ impl Machine {
                         StopCause::Guest(_) => "guest stop",
                     }
                 );
-                eprintln!("nvhv: {msg}");
+                say!("nvhv: {msg}");
                 if let Some(r) = reply {
                     let _ = r.send(msg);
                 }
@@ -304,7 +304,7 @@ impl Machine {
         // soon as it runs.
         let mut taken = super::signals::take()?;
         for &s in &taken.early {
-            eprintln!(
+            say!(
                 "nvhv: {} arrived before the guest ran; it is suspended as soon as it runs",
                 super::signals::name(s)
             );
@@ -457,7 +457,7 @@ impl Machine {
                 Ok(Event::Signal(s, t)) => break (StopCause::Signal(s), t, None),
                 Ok(Event::Suspend(t, r)) => break (StopCause::Request, t, Some(r)),
                 Ok(Event::Vcpu(VcpuEvent::Stopped(i, r))) => {
-                    eprintln!("nvhv: guest stopped on vCPU {i}: {}", self.diagnose(&r));
+                    say!("nvhv: guest stopped on vCPU {i}: {}", self.diagnose(&r));
                     break (StopCause::Guest(r), Instant::now(), None);
                 }
                 // A park re-evaluates the due time at the loop top.
@@ -516,7 +516,7 @@ impl Machine {
     fn print_summary(&self, stats: &mut EpochStats) {
         stats.output_unheld = self.vsock.as_ref().map_or(0, Vsock::unheld_output);
         stats.brakes = self.brake.engagements();
-        eprintln!("nvhv: {}", stats.summary());
+        say!("nvhv: {}", stats.summary());
     }
 
     fn image_path(&self) -> PathBuf {

@@ -32,6 +32,17 @@ use crate::vstate::vcpu::{self, EntryPoint, StopReason, Vcpu};
 use crate::vstate::vm::Vm;
 use crate::vstate::wait::{GuestWake, PARK_SPIN};
 
+/// `eprintln!` that never panics. After a hangup (SIGHUP, a stop signal)
+/// stderr may be a terminal that is gone, where a write fails with EIO and
+/// `eprintln!` would panic in the middle of a suspend; nothing nvhv says
+/// is worth that.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod bus;
 pub mod control;
 mod epoch;
@@ -413,9 +424,9 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
             reserving.clear();
             let path = cfg.image.display();
             if cfg.image.exists() {
-                eprintln!("nvhv: {path} is left as it was: the VM was never started");
+                say!("nvhv: {path} is left as it was: the VM was never started");
             } else {
-                eprintln!("nvhv: no image is at {path}");
+                say!("nvhv: no image is at {path}");
             }
             VmmError::Interrupted(signal)
         }
@@ -443,12 +454,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
             // The guest never ran: the new image held no VM.
             let path = cfg.image.display();
             match fresh.discard() {
-                Discarded::Nothing => eprintln!("nvhv: no image was made at {path}"),
+                Discarded::Nothing => say!("nvhv: no image was made at {path}"),
                 Discarded::OldKept => {
-                    eprintln!("nvhv: {path} is left as it was: the VM was never started")
+                    say!("nvhv: {path} is left as it was: the VM was never started")
                 }
                 Discarded::Removed => {
-                    eprintln!("nvhv: removed {path}: the VM was never started, so it held nothing")
+                    say!("nvhv: removed {path}: the VM was never started, so it held nothing")
                 }
             }
             return Err(e);
@@ -467,19 +478,19 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
 /// knows what the failure cost, and a full file system named as the cause.
 fn report_image(path: &Path, e: &VmmError) {
     if crate::is_out_of_space(e) {
-        eprintln!(
+        say!(
             "nvhv: the file system holding {} is full; make room (or move the image to a larger one) and resume it",
             path.display()
         );
     }
     match crate::nvram::inspect(path) {
-        Ok(r) if r.resumable => eprintln!(
+        Ok(r) if r.resumable => say!(
             "nvhv: the image at {} is resumable from epoch {} (`nvhv resume --image {}` once the problem is fixed)",
             path.display(),
             r.epoch,
             path.display()
         ),
-        Ok(r) => eprintln!(
+        Ok(r) => say!(
             "nvhv: the image at {} is not resumable: {}",
             path.display(),
             r.reason.unwrap_or_default()
@@ -494,7 +505,7 @@ fn report_image(path: &Path, e: &VmmError) {
 /// if it fills, the guest stops.
 fn warn_if_short(space: Result<Space, ImageError>) {
     match space {
-        Ok(s) if s.short() => eprintln!(
+        Ok(s) if s.short() => say!(
             "nvhv: warning: the image may still need {} (its RAM region is sparse) but its file system has {} free; \
              if it fills, the guest is stopped with its last committed state kept, and `nvhv resume` continues it once there is room \
              (`nvhv run --reserve` allocates the whole image up front)",

@@ -41,7 +41,7 @@ impl Reserving {
         }
         let bar = self.shown.get_or_init(|| {
             if !std::io::stderr().is_terminal() {
-                eprintln!("nvhv: reserving {} for guest RAM in the image", Bytes(total));
+                say!("nvhv: reserving {} for guest RAM in the image", Bytes(total));
             }
             ProgressBar::new(total).with_style(
                 ProgressStyle::with_template(
@@ -53,7 +53,7 @@ impl Reserving {
         bar.set_position(done);
         if done >= total {
             bar.finish_and_clear();
-            eprintln!(
+            say!(
                 "nvhv: reserved {} for guest RAM in {:.1} s",
                 Bytes(total),
                 self.started.elapsed().as_secs_f64()

@@ -105,7 +105,7 @@ pub(super) fn resume_opened(
         let ram_pages = ram_pages(image.header().ram_bytes());
         let limit = epoch::budget_limit(capacity, ram_pages);
         if policy.dirty_budget > limit && limit > 0 {
-            eprintln!(
+            say!(
                 "nvhv: --dirty-budget {} does not fit this image's redo log (a half holds {capacity} pages); using {limit}",
                 policy.dirty_budget
             );

@@ -75,7 +75,7 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
     let t = Instant::now();
     let pre = Prebuilt::build(&cfg.image, cfg.runtime.epochs.hot_pages)?;
     let shared = shared_listeners(cfg);
-    eprintln!(
+    say!(
         "nvhv: standing by for {} ({} of guest RAM set up in {:.1} ms{}); it resumes the VM when the nvhv running it dies",
         cfg.image.display(),
         Bytes(pre.header.config.ram_bytes),
