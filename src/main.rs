@@ -338,7 +338,8 @@ fn main() -> ExitCode {
             match vmm::standby(&cfg, started) {
                 Ok(vmm::StandbyEnd::Resumed(outcome)) => stop_status(Ok(outcome)),
                 Ok(vmm::StandbyEnd::NotCrashed(status)) => {
-                    eprintln!(
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "nvhv: standby: {} was freed with status {status}, not left by a crash; not resuming it",
                         cfg.image.display()
                     );
@@ -357,7 +358,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            eprintln!("nvhv: error: {msg}");
+            // Not eprintln!, which panics when stderr is a terminal that
+            // went away (after a SIGHUP): the exit status must stay 1.
+            let _ = writeln!(std::io::stderr(), "nvhv: error: {msg}");
             ExitCode::FAILURE
         }
     }
