@@ -4,9 +4,9 @@
 //! the directory of its path: sized, its metadata regions allocated, its
 //! RAM region reserved if asked, formatted (a `Created` meta record, then
 //! the header, each persisted). The caller may commit more before it calls
-//! [`NewImage::publish`], which links the file at the path (`nvhv run`
-//! commits the VM's first epoch first, so whatever appears at the path is
-//! resumable). A `run` killed or failing at any point before that leaves
+//! [`NewImage::publish`], which links the file at the path (in epoch mode
+//! `nvhv run` commits the VM's first epoch first, so what appears at the
+//! path is resumable). A `run` killed or failing at any point before that leaves
 //! the path as it was: nothing, or, under `--force`, the file it was to
 //! replace, which stays locked meanwhile so that nobody resumes it. The
 //! unnamed file and its room go with the process (after a power cut, with
