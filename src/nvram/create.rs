@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::backing::{Backing, BackingKind};
-use super::image::{check_regular, free_bytes, lock, space_of, ImageError, Space};
+use super::image::{free_bytes, lock, open_rw, space_of, ImageError, Space};
 use super::layout::{Header, ImageConfig, Uuid};
 use super::storage::FileStorage;
 use super::Image;
@@ -316,14 +316,7 @@ fn existing(path: &Path, overwrite: bool) -> Result<Option<File>, ImageError> {
     if !overwrite {
         return Err(ImageError::Exists(path.to_owned()));
     }
-    // Non-blocking, so that a FIFO at the path does not hang the open.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| super::image::open_error(path, e))?;
-    check_regular(&file, path)?;
+    let file = open_rw(path)?;
     lock(&file, path, libc::LOCK_EX)?;
     Ok(Some(file))
 }

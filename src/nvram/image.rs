@@ -904,7 +904,7 @@ pub(super) fn open_error(path: &Path, e: io::Error) -> ImageError {
 }
 
 /// `path` opened read-write, a regular file.
-fn open_rw(path: &Path) -> Result<File, ImageError> {
+pub(super) fn open_rw(path: &Path) -> Result<File, ImageError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
