@@ -37,7 +37,7 @@ pub const STOP_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGPWR, l
 /// SIGHUP when whoever started nvhv set it to be ignored (`nohup`: the VM
 /// is to outlive the terminal).
 pub fn stop_signals() -> Vec<i32> {
-    let ignored = status_mask("SigIgn:");
+    let ignored = status_mask(&["SigIgn:"]);
     STOP_SIGNALS
         .into_iter()
         .filter(|&s| s != libc::SIGHUP || ignored & bit(s) == 0)
@@ -49,17 +49,16 @@ fn bit(s: i32) -> u64 {
     1 << (s - 1)
 }
 
-/// A signal mask of /proc/self/status (`SigIgn:`, `ShdPnd:`, …): bit
-/// `n - 1` for signal `n`; 0 if it cannot be read.
-fn status_mask(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        })
-        .unwrap_or(0)
+/// The union of signal masks of /proc/self/status (`SigIgn:`, `ShdPnd:`,
+/// …), read once: bit `n - 1` for signal `n`; a field that cannot be read
+/// counts as 0.
+fn status_mask(fields: &[&str]) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .filter_map(|l| fields.iter().find_map(|f| l.strip_prefix(f)))
+        .filter_map(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .fold(0, |all, m| all | m)
 }
 
 /// What [`catch`] registered, until the main loop takes it.
@@ -92,7 +91,7 @@ pub fn catch() -> Result<(), VmmError> {
 
 /// The stop signals now pending (sent, not yet handled), lowest first.
 fn pending(stop: &[i32]) -> Vec<i32> {
-    let mask = status_mask("ShdPnd:") | status_mask("SigPnd:");
+    let mask = status_mask(&["ShdPnd:", "SigPnd:"]);
     let mut v: Vec<i32> = stop
         .iter()
         .copied()
@@ -162,7 +161,7 @@ mod tests {
     fn sighup_is_a_stop_signal_unless_ignored() {
         // The masks are read from the kernel: cargo does not start the
         // tests under nohup, and this process blocks nothing here.
-        let ignored = status_mask("SigIgn:");
+        let ignored = status_mask(&["SigIgn:"]);
         let stop = stop_signals();
         assert!(stop.contains(&libc::SIGTERM) && stop.contains(&libc::SIGPWR));
         assert_eq!(
