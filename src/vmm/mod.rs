@@ -420,14 +420,14 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     )
     .map_err(|e| match (e, signals::arrived()) {
         (ImageError::Cancelled, Some(signal)) => {
-            // Unmade (the unnamed file goes with it): say what is there.
+            // Unmade (the unnamed file went with it): say what is there.
             reserving.clear();
-            let path = cfg.image.display();
-            if cfg.image.exists() {
-                say!("nvhv: {path} is left as it was: the VM was never started");
+            let left = if cfg.image.exists() {
+                Discarded::OldKept
             } else {
-                say!("nvhv: no image is at {path}");
-            }
+                Discarded::Nothing
+            };
+            say_left(&cfg.image, left);
             VmmError::Interrupted(signal)
         }
         (e, _) => e.into(),
@@ -452,16 +452,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
         Ok(m) => m,
         Err(e) => {
             // The guest never ran: the new image held no VM.
-            let path = cfg.image.display();
-            match fresh.discard() {
-                Discarded::Nothing => say!("nvhv: no image was made at {path}"),
-                Discarded::OldKept => {
-                    say!("nvhv: {path} is left as it was: the VM was never started")
-                }
-                Discarded::Removed => {
-                    say!("nvhv: removed {path}: the VM was never started, so it held nothing")
-                }
-            }
+            say_left(&cfg.image, fresh.discard());
             return Err(e);
         }
     };
@@ -471,6 +462,18 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
         report_image(&cfg.image, e);
     }
     result
+}
+
+/// After a `run` stopped before its guest ran: what is at `path` now.
+fn say_left(path: &Path, left: Discarded) {
+    let path = path.display();
+    match left {
+        Discarded::Nothing => say!("nvhv: no image is at {path}"),
+        Discarded::OldKept => say!("nvhv: {path} is left as it was: the VM was never started"),
+        Discarded::Removed => {
+            say!("nvhv: removed {path}: the VM was never started, so it held nothing")
+        }
+    }
 }
 
 /// After a failed run or resume: what the image holds now, in one line
