@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{counters, nvhv_output, ticks, Scratch, Vmm};
+use common::{counters, inspect_json, nvhv_output, ticks, Scratch, Vmm};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
@@ -153,9 +153,7 @@ fn inspect_reports_resumable_only_after_an_orderly_suspend() {
     let img_s = img.to_str().unwrap();
 
     // While running: in use, not resumable.
-    let out = nvhv_output(&["inspect", "--json", img_s]);
-    assert!(out.status.success());
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = inspect_json(img_s);
     assert_eq!(j["resumable"], false, "{j}");
     assert_eq!(j["in_use"], true, "{j}");
 
@@ -166,8 +164,7 @@ fn inspect_reports_resumable_only_after_an_orderly_suspend() {
     assert!(err.contains("in use"), "{err}");
 
     assert!(vm.signal_and_wait(libc::SIGTERM).success());
-    let out = nvhv_output(&["inspect", "--json", img_s]);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = inspect_json(img_s);
     assert_eq!(j["resumable"], true, "{j}");
     assert_eq!(j["vcpus"], 1);
     assert_eq!(j["ram_bytes"], 64u64 << 20);
@@ -213,8 +210,7 @@ fn sigkill_in_suspend_only_mode_leaves_an_image_that_is_refused_unchanged() {
     let img_s = img.to_str().unwrap();
     vm.signal_and_wait(libc::SIGKILL);
 
-    let out = nvhv_output(&["inspect", "--json", img_s]);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = inspect_json(img_s);
     assert_eq!(j["resumable"], false, "{j}");
     assert!(j["reason"].as_str().unwrap().len() > 10, "{j}");
     let before = std::fs::read(&img).unwrap();
@@ -382,8 +378,7 @@ fn nvhv_suspend_commits_through_the_control_socket() {
     let out = nvhv_output(&["suspend", "--image", img_s]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no running nvhv"));
-    let out = nvhv_output(&["inspect", "--json", img_s]);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = inspect_json(img_s);
     assert_eq!(j["resumable"], true, "{j}");
 }
 
@@ -458,8 +453,7 @@ fn the_default_redo_log_follows_a_small_guests_ram() {
         );
         vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
         assert!(vm.signal_and_wait(libc::SIGTERM).success());
-        let out = nvhv_output(&["inspect", "--json", img_s]);
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let j = inspect_json(img_s);
         let capacity = j["log_capacity_pages"].as_u64().unwrap();
         let len = std::fs::metadata(&img).unwrap().len();
         if pages < 32_655 {
@@ -498,15 +492,7 @@ fn run_force_killed_in(dir: &Scratch) {
     );
     vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
     assert!(vm.signal_and_wait(libc::SIGTERM).success());
-    let inspect = || -> serde_json::Value {
-        let out = nvhv_output(&["inspect", "--json", img_s]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let inspect = || inspect_json(img_s);
     let mut old = (inspect()["uuid"].clone(), std::fs::read(&img).unwrap());
     let (mut kept, mut replaced) = (0, 0);
     for round in 0..16u64 {
@@ -641,8 +627,7 @@ fn stop_signals_while_starting_cancel_a_run_and_suspend_a_resume() {
             assert!(err.contains("suspended: state durable"), "{err}");
             early += usize::from(err.contains("arrived before the guest ran"));
         }
-        let out = nvhv_output(&["inspect", "--json", img_s]);
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let j = inspect_json(img_s);
         assert_eq!(j["resumable"], true, "round {round}: {j}");
     }
     eprintln!("{early} resumes suspended a SIGTERM that came before the guest ran, {killed} killed before main()");
@@ -664,8 +649,7 @@ fn a_hangup_suspends_the_vm_unless_nvhv_runs_under_nohup() {
         "{}",
         vm.stderr_text()
     );
-    let out = nvhv_output(&["inspect", "--json", img.to_str().unwrap()]);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = inspect_json(img.to_str().unwrap());
     assert_eq!(j["resumable"], true, "{j}");
 
     let err = std::fs::File::create(dir.path("nohup.stderr")).unwrap();
@@ -770,7 +754,6 @@ fn a_terminal_that_goes_away_suspends_the_vm() {
     drop((m, master));
     let st = common::wait_or_kill(&mut child, T).expect("a hangup did not stop nvhv");
     assert_eq!(st.code(), Some(0), "{st}");
-    let out = nvhv_output(&["inspect", "--json", img.to_str().unwrap()]);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = inspect_json(img.to_str().unwrap());
     assert_eq!(j["resumable"], true, "{j}");
 }

@@ -2136,8 +2136,7 @@ fn a_full_file_system_stops_the_guest_and_keeps_every_acknowledged_write() {
             "{case}: only {acked} SETs before the file system filled"
         );
         eprintln!("{case}: {acked} SETs acknowledged before the file system filled");
-        let out = common::nvhv_output(&["inspect", "--json", &img_s]);
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let j = common::inspect_json(&img_s);
         assert_eq!(j["resumable"], true, "{case}: {j}");
 
         if fs_kind == "tmpfs" {
@@ -2213,15 +2212,19 @@ fn force_reserve_refuses_what_fits_only_in_the_old_images_room() {
         ];
         common::Vmm::start(&args, console)
     };
-    let mut vm = run("48M");
-    vm.wait_console("counter output", T, |t| t.contains("counter 0 "));
-    let st = vm.signal_and_wait(libc::SIGTERM);
-    assert!(
-        st.success(),
-        "{st}: {} / {}",
-        vm.stderr_text(),
-        vm.console_text()
-    );
+    // Runs until the guest prints, then suspends.
+    let run_and_suspend = |mem: &str| {
+        let mut vm = run(mem);
+        vm.wait_console("counter output", T, |t| t.contains("counter 0 "));
+        let st = vm.signal_and_wait(libc::SIGTERM);
+        assert!(
+            st.success(),
+            "{st}: {} / {}",
+            vm.stderr_text(),
+            vm.console_text()
+        );
+    };
+    run_and_suspend("48M");
     let before = std::fs::read(&img).unwrap();
 
     let mut vm = run("48M");
@@ -2234,24 +2237,13 @@ fn force_reserve_refuses_what_fits_only_in_the_old_images_room() {
         std::fs::read(&img).unwrap() == before,
         "the old image changed"
     );
-    let out = common::nvhv_output(&["inspect", "--json", img_s]);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = common::inspect_json(img_s);
     assert_eq!(j["resumable"], true, "{j}");
 
     // 16 MiB fits beside it.
-    let mut vm = run("16M");
-    vm.wait_console("counter output", T, |t| t.contains("counter 0 "));
-    let st = vm.signal_and_wait(libc::SIGTERM);
-    assert!(
-        st.success(),
-        "{st}: {} / {}",
-        vm.stderr_text(),
-        vm.console_text()
-    );
-    let out = common::nvhv_output(&["inspect", "--json", img_s]);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    run_and_suspend("16M");
+    let j = common::inspect_json(img_s);
     assert_eq!(j["ram_bytes"], 16 << 20, "{j}");
-    drop(vm);
     drop(fs);
 }
 

@@ -164,6 +164,17 @@ pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<std::process
     }
 }
 
+/// `nvhv inspect --json IMG`, parsed; a failed inspect fails the test.
+pub fn inspect_json(img: &str) -> serde_json::Value {
+    let out = nvhv_output(&["inspect", "--json", img]);
+    assert!(
+        out.status.success(),
+        "inspect {img}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Run nvhv to completion.
 pub fn nvhv_output(args: &[&str]) -> Output {
     nvhv().args(args).stdin(Stdio::null()).output().unwrap()
