@@ -366,11 +366,11 @@ fn keep_owner_and_mode(old: &File, new: &File) {
     let Ok(m) = old.metadata() else {
         return;
     };
+    // ORDER: owner before mode: a chown may clear set-id bits. A chown that
+    // is not allowed (not root, another owner) leaves nvhv's owner.
+    let _ = std::os::unix::fs::fchown(new, Some(m.uid()), Some(m.gid()));
     if let Err(e) = new.set_permissions(m.permissions()) {
         tracing::warn!("cannot give the new image the old one's permissions: {e}");
-    }
-    if (m.uid(), m.gid()) != new.metadata().map_or((0, 0), |n| (n.uid(), n.gid())) {
-        let _ = std::os::unix::fs::fchown(new, Some(m.uid()), Some(m.gid()));
     }
 }
 
