@@ -757,3 +757,47 @@ fn a_terminal_that_goes_away_suspends_the_vm() {
     let j = inspect_json(img.to_str().unwrap());
     assert_eq!(j["resumable"], true, "{j}");
 }
+
+/// A `run --force` killed between linking its new image under a hidden
+/// name beside the path and renaming it over the path leaves a whole image
+/// that nobody knows of (with `--reserve`, all of the VM's RAM). The next
+/// resume of the path removes it once its guest runs, and the next run of
+/// the path before it makes its image, each saying so. Names it does not
+/// own (another pid-less name, another image's) are left alone.
+#[test]
+fn leftovers_of_a_killed_replacing_run_go_with_the_next_resume_or_run() {
+    require_kvm!();
+    let (dir, img, mut vm) = running_counter("leftovers", "epoch");
+    assert!(vm.signal_and_wait(libc::SIGTERM).success());
+    let img_s = img.to_str().unwrap();
+    // Above the largest pid_max (2^22): no live process can own it.
+    let left = dir.path(".vm.img.nvhv-new-4194305");
+    let others = [
+        dir.path(".vm.img.nvhv-new-"),
+        dir.path(".other.img.nvhv-new-7"),
+    ];
+    for p in others.iter().chain([&left]) {
+        std::fs::copy(&img, p).unwrap();
+    }
+    let name = left.file_name().unwrap().to_str().unwrap().to_owned();
+    let said = |t: &str| t.contains("nvhv: removed") && t.contains(&name);
+
+    let mut vm = Vmm::start(&["resume", "--image", img_s], dir.path("r.log"));
+    vm.wait_stderr("the leftover's removal", T, said);
+    assert!(!left.exists());
+    assert!(vm.stderr_text().contains("resumed"), "{}", vm.stderr_text());
+    assert!(vm.signal_and_wait(libc::SIGTERM).success());
+
+    std::fs::copy(&img, &left).unwrap();
+    let args = ["run", "--force", "--image", img_s, "--guest", "counter"];
+    let mut vm = Vmm::start(&args, dir.path("f.log"));
+    vm.wait_console("counter output", T, |t| !counters(t, 0).is_empty());
+    let text = vm.stderr_text();
+    assert!(said(&text) && !left.exists(), "{text}");
+    // Before the image was made: the removal is said before "running".
+    assert!(text.find("removed") < text.find("running"), "{text}");
+    assert!(vm.signal_and_wait(libc::SIGTERM).success());
+    for p in &others {
+        assert!(p.exists(), "{} was removed", p.display());
+    }
+}

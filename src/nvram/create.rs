@@ -22,13 +22,13 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::backing::{Backing, BackingKind};
 use super::image::{free_bytes, lock, open_rw, space_of, ImageError, Space};
-use super::layout::{Header, ImageConfig, Uuid};
+use super::layout::{Header, ImageConfig, Uuid, MAGIC};
 use super::storage::FileStorage;
 use super::Image;
 
@@ -252,12 +252,8 @@ impl NewImage {
     /// Links the image under a name of its own next to the path, then
     /// renames it over the path (one atomic step for anyone opening it).
     fn link_replacing(&self) -> Result<(), ImageError> {
-        // `.NAME.nvhv-new-PID`, NAME cut so that the whole stays within
-        // NAME_MAX (255 bytes).
-        let name = self.path.file_name().unwrap_or_default().as_bytes();
-        let mut temp_name = std::ffi::OsString::from(".");
-        temp_name.push(std::ffi::OsStr::from_bytes(&name[..name.len().min(200)]));
-        temp_name.push(format!(".nvhv-new-{}", std::process::id()));
+        let mut temp_name = temp_prefix(&self.path);
+        temp_name.push(std::process::id().to_string());
         let temp = self.path.with_file_name(temp_name);
         let mut linked = link(&self.file, &temp);
         if linked
@@ -305,6 +301,83 @@ impl Drop for NewImage {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// The start of the name under which a replacing image is linked beside
+/// `path` before its rename: `.NAME.nvhv-new-`, then the pid. NAME is cut
+/// so that the whole stays within NAME_MAX (255 bytes).
+fn temp_prefix(path: &Path) -> std::ffi::OsString {
+    let name = path.file_name().unwrap_or_default().as_bytes();
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(std::ffi::OsStr::from_bytes(&name[..name.len().min(200)]));
+    prefix.push(".nvhv-new-");
+    prefix
+}
+
+/// A whole image that a `run --force` killed between [`NewImage::publish`]'s
+/// link and its rename left beside the path, under its hidden name
+/// (`.NAME.nvhv-new-PID`). It holds the first epoch of a VM that never ran
+/// and that nobody was told of, so nothing is lost by removing it; left
+/// alone, it would hold its room (all of the VM's RAM under `--reserve`)
+/// for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// Where it was.
+    pub path: PathBuf,
+    /// The room it held.
+    pub bytes: u64,
+}
+
+/// Removes the [`Leftover`]s beside `path` and returns them. A file is one
+/// only if its name is a hidden name `path` would be published under, it
+/// is a regular file starting with an image header, and no process holds
+/// its lock: the `run` publishing it holds the lock from before the link
+/// to the end of the VM, so a file whose lock is free has no process left
+/// to rename it. Best effort: what cannot be read, locked or removed is
+/// left as it is.
+pub fn remove_leftovers(path: &Path) -> Vec<Leftover> {
+    let prefix = temp_prefix(path);
+    let prefix = prefix.as_bytes();
+    let Ok(entries) = std::fs::read_dir(parent_dir(path)) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            let pid = name.as_bytes().strip_prefix(prefix)?;
+            if pid.is_empty() || !pid.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            remove_leftover(&path.with_file_name(name))
+        })
+        .collect()
+}
+
+/// Removes `path` if it is a [`Leftover`] (see [`remove_leftovers`]).
+fn remove_leftover(path: &Path) -> Option<Leftover> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    let mut magic = [0u8; 8];
+    if !meta.is_file() || file.read_exact_at(&mut magic, 0).is_err() || magic != MAGIC {
+        return None;
+    }
+    // Held: a live `run` is between its link and its rename.
+    lock(&file, path, libc::LOCK_EX).ok()?;
+    // Only the file that was checked and locked: a name taken over since
+    // (a new process with the same pid) is not ours to remove.
+    let now = std::fs::symlink_metadata(path).ok()?;
+    if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+        return None;
+    }
+    std::fs::remove_file(path).ok()?;
+    Some(Leftover {
+        path: path.to_owned(),
+        bytes: allocated(&file),
+    })
 }
 
 /// The file at `path` that a new image is to replace, locked; refused
@@ -625,6 +698,50 @@ mod tests {
             Ok(_) => panic!("replaced an image in use"),
         }
         assert_eq!(uuid_at(&path), img.header().uuid);
+    }
+
+    /// The state a `run --force` killed between the link under its hidden
+    /// name and the rename leaves: removed once nobody holds it, never
+    /// while its maker lives; names that are not one of this path's hidden
+    /// names with a pid, and files that are not images, are left alone.
+    #[test]
+    fn test_leftovers_of_a_publish_cut_short_are_removed_once_free() {
+        let dir = TempDir::new("leftover");
+        let path = dir.0.join("vm.img");
+        std::fs::write(&path, b"old").unwrap();
+        let (img, new) = Image::prepare(&path, &cfg(PersistMode::Epoch), overwrite()).unwrap();
+        let mut hidden = temp_prefix(&path);
+        hidden.push("123");
+        let hidden = path.with_file_name(hidden);
+        link(&new.file, &hidden).unwrap();
+        let bytes = allocated(&new.file);
+        assert!(bytes > 0);
+        let keep = [
+            ".vm.img.nvhv-new-",
+            ".vm.img.nvhv-new-12a",
+            ".x.img.nvhv-new-1",
+        ];
+        for name in keep {
+            std::fs::copy(&hidden, dir.0.join(name)).unwrap();
+        }
+        std::fs::write(dir.0.join(".vm.img.nvhv-new-9"), vec![0u8; 4096]).unwrap();
+        // Its maker still holds it.
+        assert_eq!(remove_leftovers(&path), []);
+        assert!(hidden.exists());
+        // The maker is gone (its descriptors closed, as by a SIGKILL).
+        drop((img, new));
+        assert_eq!(
+            remove_leftovers(&path),
+            [Leftover {
+                path: hidden.clone(),
+                bytes
+            }]
+        );
+        let mut left = vec![".vm.img.nvhv-new-9", "vm.img"];
+        left.extend(keep);
+        left.sort();
+        assert_eq!(dir.entries(), left);
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
     }
 
     #[test]

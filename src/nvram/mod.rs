@@ -36,7 +36,7 @@ mod storage;
 pub(crate) mod test_rng;
 
 pub use backing::{BackingError, BackingKind};
-pub use create::{CreateOptions, Discarded, NewImage, RESERVE_CHUNK};
+pub use create::{remove_leftovers, CreateOptions, Discarded, Leftover, NewImage, RESERVE_CHUNK};
 pub use image::{CommitTimes, Image, ImageError, NotResumable, Space};
 pub use inspect::{inspect, Bytes, InspectReport, LogRecordReport, MetaBlockReport};
 pub use layout::{

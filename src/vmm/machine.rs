@@ -210,6 +210,14 @@ impl Machine {
                 t.elapsed().as_secs_f64() * 1e3,
                 t.origin
             );
+            // Off the recovery's path, on a thread of its own (a removal
+            // may free gigabytes): what a `run --force` killed as it put
+            // an image here left beside it. Rare, and nobody else would
+            // ever remove it.
+            let path = self.image_path().to_owned();
+            let _ = std::thread::Builder::new()
+                .name("leftovers".into())
+                .spawn(move || super::remove_leftovers(&path));
         } else {
             say!("nvhv: running (image {})", self.image_path().display());
         }

@@ -398,6 +398,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
     // 2. Make the image (refuses an existing file unless --force). It is
     //    not at its path yet: a run that fails or is killed before step 3
     //    leaves the path as it was (nothing, or the file --force replaces).
+    //    First what an earlier `run --force`, killed as it put its image
+    //    in place, left beside the path: it may hold the room a
+    //    `--reserve` now needs.
+    remove_leftovers(&cfg.image);
     let reserving = progress::Reserving::start();
     let (image, mut fresh) = Image::prepare(
         &cfg.image,
@@ -462,6 +466,20 @@ pub fn run(cfg: &RunConfig) -> Result<RunOutcome, VmmError> {
         report_image(&cfg.image, e);
     }
     result
+}
+
+/// Removes the whole images that a `run --force` killed between its link
+/// and its rename left beside `path` under a hidden name (see
+/// [`crate::nvram::Leftover`]), saying so: nobody else knows they exist.
+pub(super) fn remove_leftovers(path: &Path) {
+    for left in crate::nvram::remove_leftovers(path) {
+        say!(
+            "nvhv: removed {} ({}): an image that a `nvhv run --force` killed before putting it at {} left behind; its VM never ran",
+            left.path.display(),
+            crate::nvram::Bytes(left.bytes),
+            path.display()
+        );
+    }
 }
 
 /// After a `run` stopped before its guest ran: what is at `path` now.

@@ -98,35 +98,45 @@ impl Vmm {
     }
 
     pub fn console_text(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default()
+        read_or_empty(&self.console)
     }
 
     pub fn stderr_text(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        read_or_empty(&self.stderr)
     }
 
     /// Poll the console until `pred` holds or `timeout` passes; panics with the
     /// console and stderr on timeout or if the process exits first.
     pub fn wait_console(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        let console = self.console.clone();
+        self.wait_for(what, timeout, || pred(&read_or_empty(&console)));
+    }
+
+    /// [`Vmm::wait_console`], on nvhv's stderr.
+    pub fn wait_stderr(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        let stderr = self.stderr.clone();
+        self.wait_for(what, timeout, || pred(&read_or_empty(&stderr)));
+    }
+
+    fn wait_for(&mut self, what: &str, timeout: Duration, done: impl Fn() -> bool) {
         let deadline = Instant::now() + timeout;
         loop {
-            let text = self.console_text();
-            if pred(&text) {
+            if done() {
                 return;
             }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!(
-                    "nvhv exited ({st}) before {what}\nconsole:\n{text}\nstderr:\n{}",
-                    self.stderr_text()
-                );
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what}\nconsole:\n{text}\nstderr:\n{}",
-                    self.stderr_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            let why = match self.child.try_wait() {
+                Ok(Some(st)) => format!("nvhv exited ({st}) before {what}"),
+                _ if Instant::now() > deadline => format!("timed out waiting for {what}"),
+                _ => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            panic!(
+                "{why}\nconsole:\n{}\nstderr:\n{}",
+                self.console_text(),
+                self.stderr_text()
+            );
         }
     }
 
@@ -149,6 +159,10 @@ impl Drop for Vmm {
 
 /// Waits for `child` to exit, at most `timeout`; on timeout kills it, reaps
 /// it and returns None.
+fn read_or_empty(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
 pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
