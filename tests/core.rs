@@ -781,6 +781,16 @@ fn leftovers_of_a_killed_replacing_run_go_with_the_next_resume_or_run() {
     }
     let name = left.file_name().unwrap().to_str().unwrap().to_owned();
     let said = |t: &str| t.contains("nvhv: removed") && t.contains(&name);
+    // `inspect` names it, and leaves it (and the other names) be.
+    let j = inspect_json(img_s);
+    let found = j["leftovers"].as_array().expect("leftovers");
+    assert_eq!(found.len(), 1, "{j}");
+    assert_eq!(found[0]["path"], left.to_str().unwrap(), "{j}");
+    assert!(found[0]["bytes"].as_u64().unwrap() > 0, "{j}");
+    let text = nvhv_output(&["inspect", img_s]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("leftover   {name}")), "{text}");
+    assert!(left.exists());
 
     let mut vm = Vmm::start(&["resume", "--image", img_s], dir.path("r.log"));
     vm.wait_stderr("the leftover's removal", T, said);

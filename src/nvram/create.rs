@@ -320,7 +320,7 @@ fn temp_prefix(path: &Path) -> std::ffi::OsString {
 /// and that nobody was told of, so nothing is lost by removing it; left
 /// alone, it would hold its room (all of the VM's RAM under `--reserve`)
 /// for good.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Leftover {
     /// Where it was.
     pub path: PathBuf,
@@ -328,33 +328,45 @@ pub struct Leftover {
     pub bytes: u64,
 }
 
-/// Removes the [`Leftover`]s beside `path` and returns them. A file is one
-/// only if its name is a hidden name `path` would be published under, it
-/// is a regular file starting with an image header, and no process holds
-/// its lock: the `run` publishing it holds the lock from before the link
-/// to the end of the VM, so a file whose lock is free has no process left
-/// to rename it. Best effort: what cannot be read, locked or removed is
-/// left as it is.
+/// The [`Leftover`]s beside `path`, left where they are (`inspect`). A
+/// file is one only if its name is a hidden name `path` would be published
+/// under, with a pid, it is a regular file starting with an image header,
+/// and no process holds its lock: the `run` publishing it holds the lock
+/// from before the link to the end of the VM, so a file whose lock is free
+/// has no process left to rename it. What cannot be read or locked is not
+/// one.
+pub fn leftovers(path: &Path) -> Vec<Leftover> {
+    scan_leftovers(path, false)
+}
+
+/// Removes the [`Leftover`]s beside `path` (see [`leftovers`]) and returns
+/// them. Best effort: what cannot be removed is left as it is.
 pub fn remove_leftovers(path: &Path) -> Vec<Leftover> {
+    scan_leftovers(path, true)
+}
+
+fn scan_leftovers(path: &Path, remove: bool) -> Vec<Leftover> {
     let prefix = temp_prefix(path);
     let prefix = prefix.as_bytes();
     let Ok(entries) = std::fs::read_dir(parent_dir(path)) else {
         return Vec::new();
     };
-    entries
+    let mut found: Vec<Leftover> = entries
         .filter_map(|e| {
             let name = e.ok()?.file_name();
             let pid = name.as_bytes().strip_prefix(prefix)?;
             if pid.is_empty() || !pid.iter().all(u8::is_ascii_digit) {
                 return None;
             }
-            remove_leftover(&path.with_file_name(name))
+            leftover(&path.with_file_name(name), remove)
         })
-        .collect()
+        .collect();
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found
 }
 
-/// Removes `path` if it is a [`Leftover`] (see [`remove_leftovers`]).
-fn remove_leftover(path: &Path) -> Option<Leftover> {
+/// `path` as a [`Leftover`] if it is one, removed if `remove`.
+fn leftover(path: &Path, remove: bool) -> Option<Leftover> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -367,13 +379,15 @@ fn remove_leftover(path: &Path) -> Option<Leftover> {
     }
     // Held: a live `run` is between its link and its rename.
     lock(&file, path, libc::LOCK_EX).ok()?;
-    // Only the file that was checked and locked: a name taken over since
-    // (a new process with the same pid) is not ours to remove.
-    let now = std::fs::symlink_metadata(path).ok()?;
-    if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
-        return None;
+    if remove {
+        // Only the file that was checked and locked: a name taken over
+        // since (a new process with the same pid) is not ours to remove.
+        let now = std::fs::symlink_metadata(path).ok()?;
+        if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+            return None;
+        }
+        std::fs::remove_file(path).ok()?;
     }
-    std::fs::remove_file(path).ok()?;
     Some(Leftover {
         path: path.to_owned(),
         bytes: allocated(&file),

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::backing::{Backing, BackingKind};
+use super::create::{leftovers, Leftover};
 use super::image::{
     check_regular, lock, open_error, read_validated, resumability, space_of, unlock, ImageError,
     Space,
@@ -93,6 +94,10 @@ pub struct InspectReport {
     pub committed_unix_ns: u64,
     /// Both meta blocks.
     pub meta_blocks: Vec<MetaBlockReport>,
+    /// Whole images a `run --force` killed before renaming them over this
+    /// path left beside it under a hidden name; the next `run` or
+    /// `resume` of the path removes them.
+    pub leftovers: Vec<Leftover>,
 }
 
 /// One meta block as `inspect` read it.
@@ -233,6 +238,7 @@ fn inspect_file(path: &Path) -> Result<InspectReport, ImageError> {
         image_bytes: v.file_len,
         unallocated_bytes: space.unallocated,
         free_bytes: space.free,
+        leftovers: leftovers(path),
         ram_offset: h.geometry.ram.offset,
         created_unix: h.created_secs,
         committed_unix_ns: cur.time_unix_ns,
@@ -430,6 +436,14 @@ impl fmt::Display for InspectReport {
             "no"
         };
         writeln!(f, "  in use     {in_use}")?;
+        for l in &self.leftovers {
+            writeln!(
+                f,
+                "  leftover   {} ({}) beside it: an image that a `run --force` killed before putting it here left; the next run or resume of this path removes it",
+                l.path.file_name().unwrap_or_default().to_string_lossy(),
+                Bytes(l.bytes)
+            )?;
+        }
         match &self.reason {
             None => write!(f, "  resumable  yes"),
             Some(r) => write!(f, "  resumable  no: {r}"),

@@ -36,7 +36,9 @@ mod storage;
 pub(crate) mod test_rng;
 
 pub use backing::{BackingError, BackingKind};
-pub use create::{remove_leftovers, CreateOptions, Discarded, Leftover, NewImage, RESERVE_CHUNK};
+pub use create::{
+    leftovers, remove_leftovers, CreateOptions, Discarded, Leftover, NewImage, RESERVE_CHUNK,
+};
 pub use image::{CommitTimes, Image, ImageError, NotResumable, Space};
 pub use inspect::{inspect, Bytes, InspectReport, LogRecordReport, MetaBlockReport};
 pub use layout::{
