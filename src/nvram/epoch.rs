@@ -152,6 +152,11 @@ impl Pending {
         self.spare.extend(pages.into_iter().map(|(_, d)| d));
     }
 
+    /// Whether page `pfn` is pending.
+    fn contains(&self, pfn: u64) -> bool {
+        self.pages.contains_key(&pfn)
+    }
+
     /// Pages pending.
     pub(super) fn len(&self) -> usize {
         self.pages.len()
@@ -654,6 +659,9 @@ impl<S: Storage> Image<S> {
         // overwrite this epoch's log record or rely on the RAM image
         // (the next epoch's commit, a meta record).
         self.pages_applied += pfns.len() as u64;
+        if let Some(w) = self.written.as_mut() {
+            w.extend_from_slice(pfns);
+        }
         for (i, n) in runs(pfns) {
             let data = &pages[i * PAGE as usize..(i + n) * PAGE as usize];
             self.storage.write_at(ram + pfns[i] * PAGE, data)?;
@@ -676,6 +684,29 @@ impl<S: Storage> Image<S> {
     /// only once this is false.
     pub fn replay_unacknowledged(&self) -> bool {
         self.log.replay_unacknowledged()
+    }
+
+    /// From now on, keep the number of every page an apply writes to the
+    /// RAM image, for [`Image::take_written`].
+    pub fn keep_written(&mut self) {
+        self.written.get_or_insert_with(Vec::new);
+    }
+
+    /// The pages applies wrote to the RAM image since the last call (each
+    /// once per write; empty unless [`Image::keep_written`] was called).
+    /// Such a page holds there its newest committed bytes, unless it is
+    /// [pending](Image::is_pending) again.
+    pub fn take_written(&mut self, into: &mut Vec<u64>) {
+        if let Some(w) = self.written.as_mut() {
+            into.append(w);
+        }
+    }
+
+    /// Format 3: whether page `pfn` has committed bytes the RAM image lacks
+    /// (they wait in memory to be written). Formats 1 and 2 write every
+    /// committed page at once.
+    pub fn is_pending(&self, pfn: u64) -> bool {
+        self.log.pending.contains(pfn)
     }
 
     /// Pages written to the RAM image by applies since the image was opened
@@ -710,6 +741,9 @@ impl<S: Storage> Image<S> {
             let ram = self.header.geometry.ram.offset;
             write_pages(&mut self.storage, ram, &writes)?;
             self.pages_applied += taken.len() as u64;
+            if let Some(w) = self.written.as_mut() {
+                w.extend(taken.iter().map(|&(pfn, _)| pfn));
+            }
             let (lo, hi) = (taken[0].0, taken[taken.len() - 1].0);
             // Get the scattered pages on their way while the next epoch runs.
             self.storage

@@ -339,6 +339,10 @@ pub struct Image<S: Storage = FileStorage> {
     pub(super) log: LogWriter,
     /// Pages written to the RAM image by applies since the image was opened.
     pub(super) pages_applied: u64,
+    /// The pages applies wrote to the RAM image since the last
+    /// [`Image::take_written`], when asked to keep them
+    /// ([`Image::keep_written`]).
+    pub(super) written: Option<Vec<u64>>,
     /// Format 3: recovery continued the log instead of sealing it, so the
     /// next `mark_running` writes no meta record (see there).
     pub(super) log_continued: bool,
@@ -505,6 +509,7 @@ impl<S: Storage> Image<S> {
             poisoned: false,
             log: LogWriter::new(meta.epoch, half_region(header.geometry.log, 0).size),
             pages_applied: 0,
+            written: None,
             log_continued: false,
             current: meta,
             header,
@@ -532,6 +537,7 @@ impl<S: Storage> Image<S> {
         Ok(Image {
             log: LogWriter::new(current.epoch, half_region(v.header.geometry.log, 0).size),
             pages_applied: 0,
+            written: None,
             log_continued: false,
             recovery_pending: plan.needs_writes(),
             replay_payloads,

@@ -33,7 +33,14 @@ pub struct EpochPolicy {
     /// Most pages left writable between epochs (copied and compared every
     /// epoch instead of paying a ~20 µs write fault each time).
     pub hot_pages: usize,
+    /// How long after a page was written to the image nvhv's private copy
+    /// of it may be given back if the guest has not written it since
+    /// (`vstate::reclaim`); `None`: never.
+    pub give_back_after: Option<Duration>,
 }
+
+/// [`EpochPolicy::give_back_after`] by default.
+pub const DEFAULT_GIVE_BACK_AFTER: Duration = Duration::from_secs(10);
 
 impl Default for EpochPolicy {
     fn default() -> Self {
@@ -42,6 +49,7 @@ impl Default for EpochPolicy {
             max: Duration::from_millis(10),
             dirty_budget: 16384,
             hot_pages: DEFAULT_HOT_PAGES,
+            give_back_after: Some(DEFAULT_GIVE_BACK_AFTER),
         }
     }
 }
@@ -209,6 +217,8 @@ pub struct EpochStats {
     /// Pages written to the RAM image by the applies (format 3 writes a page
     /// once for many epochs that changed it).
     pub pages_applied: u64,
+    /// Pages whose private copy was given back (`vstate::reclaim`).
+    pub pages_given_back: u64,
 }
 
 impl Default for EpochStats {
@@ -227,6 +237,7 @@ impl Default for EpochStats {
             budget_ends: 0,
             brakes: 0,
             pages_applied: 0,
+            pages_given_back: 0,
         }
     }
 }
@@ -264,7 +275,7 @@ impl EpochStats {
             )
         };
         format!(
-            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {:.1} MiB logged; {} bytes of output released after commits, {} sent at once (depending on nothing uncommitted); {} idle epochs without a capture; {} epochs ended by the dirty budget ({} with the guest held back while the last epoch committed); {} pages written to the RAM image",
+            "{} epochs; pause µs {}; commit µs {}; persist µs {}; dirty pages+1 {}; {:.1} MiB logged; {} bytes of output released after commits, {} sent at once (depending on nothing uncommitted); {} idle epochs without a capture; {} epochs ended by the dirty budget ({} with the guest held back while the last epoch committed); {} pages written to the RAM image; {} pages' private copies given back",
             self.epochs,
             q(&self.pause_us),
             q(&self.commit_us),
@@ -276,7 +287,8 @@ impl EpochStats {
             self.idle_skips,
             self.budget_ends,
             self.brakes,
-            self.pages_applied
+            self.pages_applied,
+            self.pages_given_back
         )
     }
 }
@@ -429,9 +441,10 @@ mod tests {
         s.idle_skips = 4;
         s.budget_ends = 2;
         s.brakes = 1;
+        s.pages_given_back = 3;
         assert!(
             s.summary()
-                .ends_with("; 4 idle epochs without a capture; 2 epochs ended by the dirty budget (1 with the guest held back while the last epoch committed); 0 pages written to the RAM image"),
+                .ends_with("; 4 idle epochs without a capture; 2 epochs ended by the dirty budget (1 with the guest held back while the last epoch committed); 0 pages written to the RAM image; 3 pages' private copies given back"),
             "{line}"
         );
     }

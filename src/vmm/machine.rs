@@ -19,6 +19,7 @@ use crate::nvram::{Bytes, Image, ImageError, Status};
 use crate::persist::{DeviceStates, MachineState, Persist};
 use crate::vstate::dirty::DirtyTracker;
 use crate::vstate::memory::AdviceWord;
+use crate::vstate::reclaim::Reclaim;
 use crate::vstate::throttle::{Brake, Throttle};
 use crate::vstate::vcpu::{self, ExitHandler, StopReason, Vcpu, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::Vm;
@@ -26,7 +27,12 @@ use crate::vstate::wait::GuestWake;
 
 use super::bus::Bus;
 use super::epoch::{self, EpochEnd, EpochPolicy, EpochStats};
-use super::{control, listeners, RunOutcome, StopCause, VmmError};
+use super::{control, listeners, ram_pages, RunOutcome, StopCause, VmmError};
+
+/// Pages [`Machine::give_back`] looks at in one pause at most: each costs a
+/// read of the image's page and a compare (~1–2 µs here), so the pause
+/// grows by a fraction of a millisecond at most.
+const RECLAIM_PER_PAUSE: usize = 128;
 
 /// Events the main thread waits for.
 pub(super) enum Event {
@@ -88,6 +94,11 @@ pub(super) struct Machine {
     /// Epoch mode: the thread that watches the budget during commits (with
     /// its own duplicate of the VM fd).
     throttle: Option<Throttle>,
+    /// Epoch mode: the pages written to the image whose private copies may
+    /// be given back once cold.
+    reclaim: Option<Reclaim>,
+    /// The pages the last apply wrote to the image (a buffer kept).
+    written: Vec<u64>,
 }
 
 /// The guest's `Hints::output_held` word.
@@ -136,8 +147,14 @@ impl Timeline {
 
 impl Machine {
     /// The machine of `p`, nothing captured yet.
-    pub(super) fn new(p: Parts) -> Machine {
+    pub(super) fn new(mut p: Parts) -> Machine {
+        let reclaim = p.policy.and_then(|pol| pol.give_back_after).map(|age| {
+            p.image.keep_written();
+            Reclaim::new(ram_pages(p.image.header().ram_bytes()), age)
+        });
         Machine {
+            reclaim,
+            written: Vec::new(),
             output_hint: p.policy.and_then(|_| output_hint(&p.mem)),
             vm: p.vm,
             mem: p.mem,
@@ -491,6 +508,7 @@ impl Machine {
                     if output_pending.is_none()
                         && nothing_ran
                         && !self.image.replay_unacknowledged()
+                        && !self.reclaim_due()
                     {
                         // Every vCPU stayed parked since the last capture (so
                         // no page changed through them and no output exists):
@@ -713,6 +731,9 @@ impl Machine {
     ) -> Result<Vec<u8>, VmmError> {
         let t0 = Instant::now();
         let cap = self.capture(handles, rx, deferred, true)?;
+        // ORDER: with the guest and devices still paused, right after the
+        //        capture (see `vstate::reclaim`).
+        stats.pages_given_back += self.give_back(&cap.changes)? as u64;
         self.unpause(handles);
         let paused = t0.elapsed();
         // The guest runs while this epoch commits: the throttle watches it.
@@ -724,6 +745,44 @@ impl Machine {
         let state = r?;
         d?;
         Ok(state)
+    }
+
+    /// Epoch mode: gives back the private copies of up to
+    /// [`RECLAIM_PER_PAUSE`] pages that were written to the image long
+    /// enough ago and still hold its bytes, keeping those in `changes` (just
+    /// captured), the hot ones and those the image lacks the newest bytes
+    /// of. Call only right after a capture, everything still paused.
+    fn give_back(&mut self, changes: &Changes) -> Result<usize, VmmError> {
+        let Some(r) = self.reclaim.as_mut() else {
+            return Ok(0);
+        };
+        let now = Instant::now();
+        if !r.due(now) {
+            return Ok(0);
+        }
+        let pfns = changes.pfns();
+        let (dirty, image) = (self.dirty.as_ref(), &self.image);
+        let keep = |pfn: u64| {
+            pfns.binary_search(&pfn).is_ok()
+                || dirty.is_some_and(|d| d.is_hot(pfn))
+                || image.is_pending(pfn)
+        };
+        let file = image.file();
+        r.run(
+            &self.mem,
+            file,
+            image.ram_offset(),
+            RECLAIM_PER_PAUSE,
+            keep,
+            now,
+        )
+        .map_err(VmmError::Reclaim)
+    }
+
+    /// Whether pages written to the image are old enough to be looked at
+    /// for giving back (an idle VM then still captures, to do that).
+    fn reclaim_due(&self) -> bool {
+        self.reclaim.as_ref().is_some_and(|r| r.due(Instant::now()))
     }
 
     /// The rest of [`epoch`](Self::epoch) after the capture: commit, release
@@ -779,6 +838,11 @@ impl Machine {
         }
         // ORDER: apply after the commit; the next commit's persist makes it durable.
         self.image.apply_committed(changes)?;
+        if let Some(r) = self.reclaim.as_mut() {
+            self.image.take_written(&mut self.written);
+            r.written(&self.written, Instant::now());
+            self.written.clear();
+        }
         stats.record(paused, pfns.len(), &times, t0.elapsed(), held);
         stats.pages_applied = self.image.pages_applied();
         tracing::debug!(

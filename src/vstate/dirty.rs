@@ -355,6 +355,12 @@ impl DirtyTracker {
         r
     }
 
+    /// Whether page `pfn` is hot (left writable, compared each epoch) or
+    /// going cold.
+    pub fn is_hot(&self, pfn: u64) -> bool {
+        self.at.get(pfn as usize).is_some_and(|&a| a != 0)
+    }
+
     /// Chunks of compares (of `CHUNK_JOBS` pages) the helper thread took
     /// in the last capture.
     pub fn helped(&self) -> usize {

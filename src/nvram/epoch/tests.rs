@@ -621,3 +621,46 @@ fn test_epochs_on_a_tmpfs_file_survive_reopen() {
     assert_eq!(img.resumable(), Ok(()));
     assert_eq!(img.read_state().unwrap(), b"third");
 }
+
+/// `take_written` hands over each page an apply wrote to the RAM image,
+/// once, in both log protocols; in format 3 a page waiting to be written
+/// is pending (and not handed over) until it is.
+#[test]
+fn test_written_pages_are_handed_over_once_and_pending_ones_are_not() {
+    // Format 2: every committed page is written at its apply.
+    let mut img = mem_image(&epoch_cfg());
+    img.keep_written();
+    img.mark_running().unwrap();
+    let ch = Changes::whole(&[2, 5], &pages(&[2, 5], 2));
+    img.commit_epoch(&ch, &[2; 64]).unwrap();
+    img.apply_committed(&ch).unwrap();
+    let mut w = Vec::new();
+    img.take_written(&mut w);
+    assert_eq!(w, [2, 5]);
+    img.take_written(&mut w);
+    assert_eq!(w, [2, 5], "handed over once");
+    assert!(!img.is_pending(2));
+
+    // Format 3: pages wait in memory; a checkpoint writes them all.
+    let c = epoch_cfg();
+    let h = Header::new(&c, Uuid::from_random([1; 16]), 0, 0).unwrap();
+    assert_eq!(h.format_version, FORMAT_VERSION);
+    let len = h.geometry.image_len() as usize;
+    let mut img = Image::format(MemStorage::new(len), h).unwrap();
+    img.mark_running().unwrap();
+    let ch = Changes::whole(&[3, 4], &pages(&[3, 4], 3));
+    img.commit_epoch(&ch, &[3; 64]).unwrap();
+    img.apply_committed(&ch).unwrap();
+    // Not kept unless asked.
+    let mut w = Vec::new();
+    img.take_written(&mut w);
+    assert!(w.is_empty());
+    img.keep_written();
+    let pending: Vec<u64> = [3, 4].into_iter().filter(|&p| img.is_pending(p)).collect();
+    assert!(!pending.is_empty(), "format 3 applies lazily");
+    img.write_pending(usize::MAX, u64::MAX).unwrap();
+    img.take_written(&mut w);
+    w.sort_unstable();
+    assert_eq!(w, pending);
+    assert!(!img.is_pending(3) && !img.is_pending(4));
+}
