@@ -34,6 +34,11 @@ use super::{control, listeners, ram_pages, RunOutcome, StopCause, VmmError};
 /// grows by a fraction of a millisecond at most.
 const RECLAIM_PER_PAUSE: usize = 128;
 
+/// [`RECLAIM_PER_PAUSE`] when every vCPU was parked at the capture and no
+/// reply waits for the epoch (an idle VM): the pause may then take a
+/// millisecond or two.
+const RECLAIM_PER_IDLE_PAUSE: usize = 1024;
+
 /// Events the main thread waits for.
 pub(super) enum Event {
     Vcpu(VcpuEvent),
@@ -748,7 +753,8 @@ impl Machine {
     }
 
     /// Epoch mode: gives back the private copies of up to
-    /// [`RECLAIM_PER_PAUSE`] pages that were written to the image long
+    /// [`RECLAIM_PER_PAUSE`] pages ([`RECLAIM_PER_IDLE_PAUSE`] in an idle
+    /// VM) that were written to the image long
     /// enough ago and still hold its bytes, keeping those in `changes` (just
     /// captured), the hot ones and those the image lacks the newest bytes
     /// of. Call only right after a capture, everything still paused.
@@ -760,6 +766,14 @@ impl Machine {
         if !r.due(now) {
             return Ok(0);
         }
+        // Idle: every vCPU parked and no reply waiting for this epoch.
+        let idle = self.parked_at_capture.is_some()
+            && self.vsock.as_ref().is_none_or(|v| v.held_output() == 0);
+        let max = if idle {
+            RECLAIM_PER_IDLE_PAUSE
+        } else {
+            RECLAIM_PER_PAUSE
+        };
         let pfns = changes.pfns();
         let (dirty, image) = (self.dirty.as_ref(), &self.image);
         let keep = |pfn: u64| {
@@ -768,15 +782,8 @@ impl Machine {
                 || image.is_pending(pfn)
         };
         let file = image.file();
-        r.run(
-            &self.mem,
-            file,
-            image.ram_offset(),
-            RECLAIM_PER_PAUSE,
-            keep,
-            now,
-        )
-        .map_err(VmmError::Reclaim)
+        r.run(&self.mem, file, image.ram_offset(), max, keep, now)
+            .map_err(VmmError::Reclaim)
     }
 
     /// Whether pages written to the image are old enough to be looked at
