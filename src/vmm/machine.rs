@@ -155,7 +155,7 @@ impl Machine {
     pub(super) fn new(mut p: Parts) -> Machine {
         let reclaim = p.policy.and_then(|pol| pol.give_back_after).map(|age| {
             p.image.keep_written();
-            Reclaim::new(ram_pages(p.image.header().ram_bytes()), age)
+            Reclaim::new(ram_pages(p.image.header().ram_bytes()), age, Instant::now())
         });
         Machine {
             reclaim,
@@ -788,8 +788,8 @@ impl Machine {
 
     /// Whether pages written to the image are old enough to be looked at
     /// for giving back (an idle VM then still captures, to do that).
-    fn reclaim_due(&self) -> bool {
-        self.reclaim.as_ref().is_some_and(|r| r.due(Instant::now()))
+    fn reclaim_due(&mut self) -> bool {
+        self.reclaim.as_mut().is_some_and(|r| r.due(Instant::now()))
     }
 
     /// The rest of [`epoch`](Self::epoch) after the capture: commit, release
@@ -847,7 +847,7 @@ impl Machine {
         self.image.apply_committed(changes)?;
         if let Some(r) = self.reclaim.as_mut() {
             self.image.take_written(&mut self.written);
-            r.written(&self.written, Instant::now());
+            r.written(&self.written);
             self.written.clear();
         }
         stats.record(paused, pfns.len(), &times, t0.elapsed(), held);

@@ -24,12 +24,11 @@
 //! wrote it, which gave nvhv its copy again (and KVM's dirty log sees that
 //! write as it sees any other).
 //!
-//! Only pages written to the image at least an age ago (`--give-back-after`,
-//! 10 s by default) are looked at, so a
+//! Only pages last written to the image at least an age ago
+//! (`--give-back-after`, 10 s by default) are looked at, so a
 //! page that keeps changing is not dropped and copied again over and over;
 //! at most `max` a pause (see the caller), so the pause stays short.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
@@ -68,52 +67,99 @@ pub enum ReclaimError {
 
 /// The pages written to the image that may be given back once old enough
 /// (see the module header).
+///
+/// Ages are kept in windows of the age's length rather than per page: a
+/// page written to the image goes into the current window; when a window
+/// closes, the pages of the window before it that were not written again
+/// in it become candidates. So a page becomes one between one and two ages
+/// after its last write to the image, for three bits of memory a page.
 #[derive(Debug)]
 pub struct Reclaim {
-    /// Pages written to the image, in the order they were, with when.
-    queue: VecDeque<(u64, Instant)>,
-    /// One bit per guest page: whether it is in `queue`.
-    queued: Vec<u64>,
+    /// Pages written to the image in the current window.
+    current: Vec<u64>,
+    /// Pages written to the image in the window before (and not since).
+    previous: Vec<u64>,
+    /// Pages whose last write to the image is older than both windows and
+    /// that were not looked at yet.
+    candidates: Vec<u64>,
+    /// Set bits in `candidates`.
+    waiting: usize,
+    /// Where the next look at `candidates` starts (a word index).
+    cursor: usize,
+    /// When the current window began.
+    opened: Instant,
+    /// A window's length: the age.
+    age: Duration,
     /// A page of the image, read to compare.
     page: Vec<u8>,
     /// Pages given back so far.
     given_back: u64,
-    /// How long after its write to the image a page may be given back.
-    age: Duration,
+}
+
+/// `pfn`'s word and bit in a one-bit-per-page map.
+fn bit(pfn: u64) -> (usize, u64) {
+    ((pfn / 64) as usize, 1u64 << (pfn % 64))
 }
 
 impl Reclaim {
-    /// For a guest of `ram_pages` pages, giving back pages written to the
-    /// image `age` ago or more.
-    pub fn new(ram_pages: usize, age: Duration) -> Reclaim {
+    /// For a guest of `ram_pages` pages, giving back pages whose last write
+    /// to the image is `age` ago or more (at most twice `age`), from `now`.
+    pub fn new(ram_pages: usize, age: Duration, now: Instant) -> Reclaim {
+        let words = ram_pages.div_ceil(64);
         Reclaim {
+            current: vec![0; words],
+            previous: vec![0; words],
+            candidates: vec![0; words],
+            waiting: 0,
+            cursor: 0,
+            opened: now,
             age,
-            queue: VecDeque::new(),
-            queued: vec![0; ram_pages.div_ceil(64)],
             page: vec![0; PAGE],
             given_back: 0,
         }
     }
 
-    /// `pfns` were written to the image at `now`.
-    pub fn written(&mut self, pfns: &[u64], now: Instant) {
+    /// `pfns` were written to the image (at the time of the next
+    /// [`Reclaim::due`] or [`Reclaim::run`] at the latest).
+    pub fn written(&mut self, pfns: &[u64]) {
         for &pfn in pfns {
-            let (w, b) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
-            let Some(word) = self.queued.get_mut(w) else {
+            let (w, b) = bit(pfn);
+            let Some(word) = self.current.get_mut(w) else {
                 continue;
             };
-            if *word & b == 0 {
-                *word |= b;
-                self.queue.push_back((pfn, now));
+            *word |= b;
+            // Written again: no candidate until it is old again.
+            if self.candidates[w] & b != 0 {
+                self.candidates[w] &= !b;
+                self.waiting -= 1;
             }
         }
     }
 
-    /// Whether a page is old enough to be looked at, at `now`.
-    pub fn due(&self, now: Instant) -> bool {
-        self.queue
-            .front()
-            .is_some_and(|&(_, t)| now >= t + self.age)
+    /// Closes the current window if it is `age` old at `now`: the pages of
+    /// the window before it not written since become candidates.
+    fn close_window(&mut self, now: Instant) {
+        if now < self.opened + self.age {
+            return;
+        }
+        for ((c, p), n) in self
+            .candidates
+            .iter_mut()
+            .zip(self.previous.iter_mut())
+            .zip(self.current.iter_mut())
+        {
+            let new = *p & !*n & !*c;
+            self.waiting += new.count_ones() as usize;
+            *c |= new;
+            *p = std::mem::take(n);
+        }
+        self.opened = now;
+    }
+
+    /// Whether pages are old enough to be looked at, at `now`.
+    pub fn due(&mut self, now: Instant) -> bool {
+        self.close_window(now);
+        self.waiting > 0
     }
 
     /// Pages given back so far.
@@ -121,9 +167,32 @@ impl Reclaim {
         self.given_back
     }
 
-    /// Pages waiting to be looked at.
+    /// Pages old enough and not looked at yet.
     pub fn waiting(&self) -> usize {
-        self.queue.len()
+        self.waiting
+    }
+
+    /// Takes up to `max` candidates, from the cursor on (and around).
+    fn take_candidates(&mut self, max: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        let words = self.candidates.len();
+        let mut seen = 0;
+        while out.len() < max && self.waiting > 0 && seen <= words {
+            let w = self.cursor % words.max(1);
+            let mut bits = self.candidates[w];
+            while bits != 0 && out.len() < max {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                out.push(w as u64 * 64 + u64::from(b));
+            }
+            self.waiting -= (self.candidates[w] ^ bits).count_ones() as usize;
+            self.candidates[w] = bits;
+            if bits == 0 {
+                self.cursor = w + 1;
+                seen += 1;
+            }
+        }
+        out
     }
 
     /// Looks at up to `max` of the pages old enough at `now` and gives back
@@ -144,22 +213,16 @@ impl Reclaim {
         keep: impl Fn(u64) -> bool,
         now: Instant,
     ) -> Result<usize, ReclaimError> {
+        self.close_window(now);
         let Some(region) = mem.iter().next() else {
             return Ok(0);
         };
         let npages = region.len() as usize / PAGE;
         let mut drop: Vec<u64> = Vec::new();
-        while drop.len() < max {
-            match self.queue.front() {
-                Some(&(_, t)) if now >= t + self.age => {}
-                _ => break,
-            }
-            let Some((pfn, _)) = self.queue.pop_front() else {
-                break;
-            };
-            self.queued[(pfn / 64) as usize] &= !(1u64 << (pfn % 64));
+        // Looked at once: written to the image again later, a page is a
+        // candidate again once old again.
+        for pfn in self.take_candidates(max) {
             if pfn as usize >= npages || keep(pfn) {
-                // Written to the image again later, it is queued again then.
                 continue;
             }
             file.read_exact_at(&mut self.page, ram_offset + pfn * PAGE as u64)
@@ -175,7 +238,7 @@ impl Reclaim {
                 drop.push(pfn);
             }
         }
-        drop.sort_unstable();
+        // `drop` is in page order (the candidates are taken in it).
         let mut i = 0;
         while i < drop.len() {
             let mut n = 1;
@@ -244,14 +307,16 @@ mod tests {
         v
     }
 
-    /// Only old enough pages whose bytes equal the image's, and that are
-    /// not kept, lose their private copy: afterwards they show what the
-    /// file holds, the others still show their own bytes.
+    /// Only pages last written to the image at least an age ago, whose
+    /// bytes equal the image's and that are not kept, lose their private
+    /// copy: afterwards they show what the file holds, the others still
+    /// show their own bytes.
     #[test]
     fn only_old_equal_unkept_pages_are_given_back() {
         let (file, mem) = setup();
         let age = Duration::from_secs(5);
-        let mut r = Reclaim::new(16, age);
+        let t0 = Instant::now();
+        let mut r = Reclaim::new(16, age, t0);
         for pfn in 0..8u64 {
             // The guest's copy; the image holds the same bytes ("applied")
             // except for page 3, which the guest wrote again since.
@@ -261,37 +326,55 @@ mod tests {
             file.write_all_at(&fill(image), (pfn + 1) * PAGE as u64)
                 .unwrap();
         }
-        let t0 = Instant::now();
-        r.written(&[0, 1, 2, 3, 4, 5], t0);
-        r.written(&[6, 7], t0 + age);
-        // Queued once, whatever the number of writes.
-        r.written(&[1, 1], t0);
-        assert_eq!(r.waiting(), 8);
         let keep = |pfn: u64| pfn == 4;
-        // Not old enough yet: nothing looked at.
+        let run = |r: &mut Reclaim, max, now| r.run(&mem, &file, PAGE as u64, max, keep, now);
+        r.written(&[0, 1, 2, 3, 4, 5, 6]);
+        // Younger than one age: nothing looked at.
         assert!(!r.due(t0));
-        assert_eq!(r.run(&mem, &file, PAGE as u64, 100, keep, t0).unwrap(), 0);
-        assert_eq!(r.waiting(), 8);
-        // At most `max` a call, oldest first.
-        let later = t0 + age;
-        assert!(r.due(later));
-        assert_eq!(r.run(&mem, &file, PAGE as u64, 2, keep, later).unwrap(), 2);
-        // 3 differs, 4 is kept: both leave the queue without being given
-        // back (written to the image again, they are queued again).
-        assert_eq!(
-            r.run(&mem, &file, PAGE as u64, 100, keep, later).unwrap(),
-            2
-        );
-        // 6 and 7 are not old enough yet.
-        assert_eq!(r.waiting(), 2);
+        assert_eq!(run(&mut r, 100, t0).unwrap(), 0);
+        // One age on, the window closes; the pages are one window old.
+        let t1 = t0 + age;
+        r.written(&[6]);
+        assert!(!r.due(t1));
+        // Page 6 written again in this window.
+        r.written(&[6, 7]);
+        // Two ages on: 0–5 are candidates, 6 and 7 were written since.
+        let t2 = t1 + age;
+        assert!(r.due(t2));
+        assert_eq!(r.waiting(), 6);
+        // At most `max` a call, in page order.
+        assert_eq!(run(&mut r, 2, t2).unwrap(), 2);
+        // 3 differs, 4 is kept: both are looked at without being given
+        // back (written to the image again, they are candidates again once
+        // old).
+        assert_eq!(run(&mut r, 100, t2).unwrap(), 2);
+        assert_eq!(r.waiting(), 0);
         assert_eq!(r.given_back(), 4);
+        // One age on, 6 and 7 (last written in the window before) are.
+        let t3 = t2 + age;
+        assert!(r.due(t3));
+        assert_eq!(r.waiting(), 2);
+        assert_eq!(run(&mut r, 100, t3).unwrap(), 2);
+        // A page written in every window never is one; a candidate written
+        // again is no longer one.
+        r.written(&[8]);
+        let t4 = t3 + age;
+        assert!(!r.due(t4));
+        r.written(&[8]);
+        let t5 = t4 + age;
+        assert!(!r.due(t5), "8 was written again in the last window");
+        let t6 = t5 + age;
+        assert!(r.due(t6));
+        r.written(&[8]);
+        assert!(!r.due(t6));
+        assert_eq!(r.given_back(), 6);
         // The file changes under the pages: those given back show it.
         for pfn in 0..8u64 {
             file.write_all_at(&fill(0x50 + pfn as u8), (pfn + 1) * PAGE as u64)
                 .unwrap();
         }
         for pfn in 0..8u64 {
-            let want = if [0, 1, 2, 5].contains(&pfn) {
+            let want = if [0, 1, 2, 5, 6, 7].contains(&pfn) {
                 0x50 + pfn as u8
             } else {
                 pfn as u8 + 1
