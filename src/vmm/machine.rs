@@ -737,8 +737,11 @@ impl Machine {
         let t0 = Instant::now();
         let cap = self.capture(handles, rx, deferred, true)?;
         // ORDER: with the guest and devices still paused, right after the
-        //        capture (see `vstate::reclaim`).
-        stats.pages_given_back += self.give_back(&cap.changes)? as u64;
+        //        capture (see `vstate::reclaim`). Not in the last epoch:
+        //        the VM is about to go.
+        if !final_epoch {
+            stats.pages_given_back += self.give_back(&cap.changes)? as u64;
+        }
         self.unpause(handles);
         let paused = t0.elapsed();
         // The guest runs while this epoch commits: the throttle watches it.
