@@ -30,9 +30,22 @@ pub fn kvm_available() -> bool {
         .is_ok()
 }
 
-/// The nvhv binary under test.
+/// The nvhv binary under test, started with SIGHUP at its default action
+/// whatever the test runner inherited (`nohup cargo test` would otherwise
+/// start every nvhv with SIGHUP ignored, which nvhv honours, and the
+/// hangup tests would wait for a stop that never comes).
 pub fn nvhv() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_nvhv"))
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvhv"));
+    // SAFETY: between fork and exec only signal(2), which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    cmd
 }
 
 /// A scratch directory on tmpfs (falls back to the temp dir), removed on drop.
@@ -144,7 +157,12 @@ impl Vmm {
     pub fn signal_and_wait(&mut self, sig: i32) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, sig) };
-        self.child.wait().unwrap()
+        wait_or_kill(&mut self.child, Duration::from_secs(60)).unwrap_or_else(|| {
+            panic!(
+                "nvhv did not exit within 60 s of signal {sig} (killed)\nstderr:\n{}",
+                self.stderr_text()
+            )
+        })
     }
 }
 
