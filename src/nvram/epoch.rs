@@ -686,14 +686,19 @@ impl<S: Storage> Image<S> {
         self.log.replay_unacknowledged()
     }
 
-    /// From now on, keep the number of every page an apply writes to the
-    /// RAM image, for [`Image::take_written`].
-    pub fn keep_written(&mut self) {
-        self.written.get_or_insert_with(Vec::new);
+    /// From now on keep (`keep`), or stop keeping and forget, the number of
+    /// every page an apply writes to the RAM image, for
+    /// [`Image::take_written`].
+    pub fn keep_written(&mut self, keep: bool) {
+        if keep {
+            self.written.get_or_insert_with(Vec::new);
+        } else {
+            self.written = None;
+        }
     }
 
     /// The pages applies wrote to the RAM image since the last call (each
-    /// once per write; empty unless [`Image::keep_written`] was called).
+    /// once per write; empty unless [`Image::keep_written`] asked for them).
     /// Such a page holds there its newest committed bytes, unless it is
     /// [pending](Image::is_pending) again.
     pub fn take_written(&mut self, into: &mut Vec<u64>) {

@@ -154,7 +154,7 @@ impl Machine {
     /// The machine of `p`, nothing captured yet.
     pub(super) fn new(mut p: Parts) -> Machine {
         let reclaim = p.policy.and_then(|pol| pol.give_back_after).map(|age| {
-            p.image.keep_written();
+            p.image.keep_written(true);
             Reclaim::new(ram_pages(p.image.header().ram_bytes()), age, Instant::now())
         });
         Machine {
@@ -740,7 +740,7 @@ impl Machine {
         //        capture (see `vstate::reclaim`). Not in the last epoch:
         //        the VM is about to go.
         if !final_epoch {
-            stats.pages_given_back += self.give_back(&cap.changes)? as u64;
+            stats.pages_given_back += self.give_back(&cap.changes);
         }
         self.unpause(handles);
         let paused = t0.elapsed();
@@ -761,13 +761,16 @@ impl Machine {
     /// enough ago and still hold its bytes, keeping those in `changes` (just
     /// captured), the hot ones and those the image lacks the newest bytes
     /// of. Call only right after a capture, everything still paused.
-    fn give_back(&mut self, changes: &Changes) -> Result<usize, VmmError> {
+    /// Returns the pages given back. A failure (reading the image, or the
+    /// `madvise`) turns the give-back off with a warning: it costs memory,
+    /// never the guest.
+    fn give_back(&mut self, changes: &Changes) -> u64 {
         let Some(r) = self.reclaim.as_mut() else {
-            return Ok(0);
+            return 0;
         };
         let now = Instant::now();
         if !r.due(now) {
-            return Ok(0);
+            return 0;
         }
         // Idle: every vCPU parked and no reply waiting for this epoch.
         let idle = self.parked_at_capture.is_some()
@@ -785,8 +788,18 @@ impl Machine {
                 || image.is_pending(pfn)
         };
         let file = image.file();
-        r.run(&self.mem, file, image.ram_offset(), max, keep, now)
-            .map_err(VmmError::Reclaim)
+        match r.run(&self.mem, file, image.ram_offset(), max, keep, now) {
+            Ok(n) => n as u64,
+            Err(e) => {
+                say!(
+                    "nvhv: warning: giving back private copies of cold pages stopped: {}",
+                    crate::error_chain(&e)
+                );
+                self.reclaim = None;
+                self.image.keep_written(false);
+                0
+            }
+        }
     }
 
     /// Whether pages written to the image are old enough to be looked at

@@ -95,9 +95,6 @@ pub enum VmmError {
     /// The throttle thread could not be started.
     #[error(transparent)]
     Throttle(#[from] ThrottleError),
-    /// Giving back private copies of cold pages failed.
-    #[error(transparent)]
-    Reclaim(#[from] crate::vstate::reclaim::ReclaimError),
     /// Boot structures problem.
     #[error(transparent)]
     GuestAbi(#[from] crate::boot::guest_abi::GuestAbiError),

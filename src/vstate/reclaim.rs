@@ -136,24 +136,31 @@ impl Reclaim {
         }
     }
 
-    /// Closes the current window if it is `age` old at `now`: the pages of
-    /// the window before it not written since become candidates.
+    /// Closes the current window if it is `age` old at `now` (and the next
+    /// one too if that is over as well): the pages of the window before it
+    /// not written since become candidates.
     fn close_window(&mut self, now: Instant) {
-        if now < self.opened + self.age {
-            return;
+        for _ in 0..2 {
+            if now < self.opened + self.age {
+                return;
+            }
+            for ((c, p), n) in self
+                .candidates
+                .iter_mut()
+                .zip(self.previous.iter_mut())
+                .zip(self.current.iter_mut())
+            {
+                let new = *p & !*n & !*c;
+                self.waiting += new.count_ones() as usize;
+                *c |= new;
+                *p = std::mem::take(n);
+            }
+            self.opened += self.age;
         }
-        for ((c, p), n) in self
-            .candidates
-            .iter_mut()
-            .zip(self.previous.iter_mut())
-            .zip(self.current.iter_mut())
-        {
-            let new = *p & !*n & !*c;
-            self.waiting += new.count_ones() as usize;
-            *c |= new;
-            *p = std::mem::take(n);
+        // Far behind: the next window starts now.
+        if now >= self.opened + self.age {
+            self.opened = now;
         }
-        self.opened = now;
     }
 
     /// Whether pages are old enough to be looked at, at `now`.
@@ -381,6 +388,18 @@ mod tests {
             };
             assert_eq!(read(&mem, pfn)[0], want, "page {pfn}");
         }
+        // An image that cannot be read (cut short here) is an error, and
+        // nothing is given back.
+        r.written(&[9]);
+        let t8 = t6 + age * 2;
+        assert!(r.due(t8));
+        file.set_len(9 * PAGE as u64).unwrap();
+        match r.run(&mem, &file, PAGE as u64, 100, keep, t8) {
+            Err(ReclaimError::Read { pfn: 8 | 9, .. }) => {}
+            other => panic!("expected a read error, got {other:?}"),
+        }
+        assert_eq!(r.given_back(), 6);
+        file.set_len(17 * PAGE as u64).unwrap();
         // Given back, a page is copied again by its next write.
         mem.write_slice(&fill(9), GuestAddress(0)).unwrap();
         file.write_all_at(&fill(0x77), PAGE as u64).unwrap();

@@ -629,7 +629,7 @@ fn test_epochs_on_a_tmpfs_file_survive_reopen() {
 fn test_written_pages_are_handed_over_once_and_pending_ones_are_not() {
     // Format 2: every committed page is written at its apply.
     let mut img = mem_image(&epoch_cfg());
-    img.keep_written();
+    img.keep_written(true);
     img.mark_running().unwrap();
     let ch = Changes::whole(&[2, 5], &pages(&[2, 5], 2));
     img.commit_epoch(&ch, &[2; 64]).unwrap();
@@ -655,7 +655,7 @@ fn test_written_pages_are_handed_over_once_and_pending_ones_are_not() {
     let mut w = Vec::new();
     img.take_written(&mut w);
     assert!(w.is_empty());
-    img.keep_written();
+    img.keep_written(true);
     let pending: Vec<u64> = [3, 4].into_iter().filter(|&p| img.is_pending(p)).collect();
     assert!(!pending.is_empty(), "format 3 applies lazily");
     img.write_pending(usize::MAX, u64::MAX).unwrap();
@@ -663,4 +663,13 @@ fn test_written_pages_are_handed_over_once_and_pending_ones_are_not() {
     w.sort_unstable();
     assert_eq!(w, pending);
     assert!(!img.is_pending(3) && !img.is_pending(4));
+    // Stopped: what was kept is forgotten, and nothing more is kept.
+    let ch = Changes::whole(&[6], &pages(&[6], 4));
+    img.commit_epoch(&ch, &[4; 64]).unwrap();
+    img.apply_committed(&ch).unwrap();
+    img.keep_written(false);
+    img.write_pending(usize::MAX, u64::MAX).unwrap();
+    w.clear();
+    img.take_written(&mut w);
+    assert!(w.is_empty());
 }
