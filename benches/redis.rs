@@ -9,7 +9,11 @@
 //!                              [--keyspace 100000] [--configs 1,16,16x16,50x16]
 //!                              [--repeat 1] [--tests set,set-changing,get]
 //!                              [--preload] [--native 1|1,4|none]
+//!                              [--nvhv-args "--give-back-after off ..."]
 //! ```
+//!
+//! `--nvhv-args` adds its words to every `nvhv run` (e.g. to compare an
+//! option against its default in two runs).
 //!
 //! Tests (`--tests`): `set` and `get` are `redis-benchmark -t set` / `-t
 //! get`, whose SETs all write one fixed value (`xxx`), so once a key exists
@@ -398,6 +402,9 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
     let preload_keys = args.has("--preload");
+    let nvhv_args: Vec<String> = get("--nvhv-args")
+        .map(|a| a.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
     let native_depths: Vec<usize> = match get("--native").as_deref() {
         None => vec![1],
         Some("none") => vec![],
@@ -446,6 +453,7 @@ fn main() {
         cmd.args(["run", "--image", img.to_str().unwrap(), "--force"])
             .args(["--mem", &mem, "--persist", mode])
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(&nvhv_args)
             .args([
                 "--console",
                 dir.join(format!("{tag}-{mode}.console")).to_str().unwrap(),
