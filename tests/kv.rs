@@ -1566,7 +1566,7 @@ fn replies_to_reads_of_committed_data_are_not_held() {
         } else {
             kv.suspend();
             let err = kv.vm.stderr_text();
-            let unheld = unheld_bytes(&err);
+            let unheld = summary_count(&err, "sent at once");
             // PING, GET and MGET replies at least ("+PONG\r\n", "$1\r\n1\r\n", …).
             assert!(unheld >= 20, "only {unheld} bytes went out unheld: {err}");
             for (s, want) in [(&mut w, "+OK\r\n"), (&mut r, "$1\r\n2\r\n")] {
@@ -1585,12 +1585,14 @@ fn replies_to_reads_of_committed_data_are_not_held() {
 }
 
 /// Bytes sent without waiting for a commit, from the exit summary.
-fn unheld_bytes(err: &str) -> u64 {
-    err.split("after commits, ")
-        .nth(1)
-        .and_then(|t| t.split(" sent at once").next())
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no unheld-output count in the summary: {err}"))
+/// The count printed just before `what` in nvhv's epoch summary on its
+/// stderr (`… 12 sent at once …`, `… 40 idle epochs without a capture …`);
+/// panics if the summary lacks it.
+fn summary_count(err: &str, what: &str) -> u64 {
+    err.find(what)
+        .and_then(|i| err[..i].split_whitespace().next_back())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count before '{what}' in the summary: {err}"))
 }
 
 /// `--hold-all-output` holds even the replies to reads of committed data.
@@ -1605,7 +1607,7 @@ fn hold_all_output_holds_every_reply() {
     }
     kv.suspend();
     let err = kv.vm.stderr_text();
-    assert_eq!(unheld_bytes(&err), 0, "{err}");
+    assert_eq!(summary_count(&err, "sent at once"), 0, "{err}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1859,11 +1861,7 @@ fn idle_epochs_take_no_capture() {
     std::thread::sleep(Duration::from_millis(400));
     kv.suspend();
     let err = kv.vm.stderr_text();
-    let skips: u64 = err
-        .split([';', '\n'])
-        .find_map(|p| p.trim().strip_suffix(" idle epochs without a capture"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no idle count in the summary: {err}"));
+    let skips = summary_count(&err, "idle epochs without a capture");
     assert!(skips >= 10, "only {skips} idle epochs skipped: {err}");
 }
 
@@ -2536,11 +2534,7 @@ fn cold_pages_are_given_back_and_read_back_unchanged() {
     check(&kv, &mut c, &round_of);
     kv.suspend();
     let err = kv.vm.stderr_text();
-    let given: u64 = err
-        .split([';', '\n'])
-        .find_map(|p| p.trim().strip_suffix(" pages' private copies given back"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no give-back count in the summary: {err}"));
+    let given = summary_count(&err, "pages' private copies given back");
     assert!(
         given as usize >= N * 3 / 4,
         "{given} pages given back: {err}"
@@ -2552,5 +2546,9 @@ fn cold_pages_are_given_back_and_read_back_unchanged() {
     check(&kv, &mut c, &round_of);
     kv.suspend();
     let err = kv.vm.stderr_text();
-    assert!(err.contains(" 0 pages' private copies given back"), "{err}");
+    assert_eq!(
+        summary_count(&err, "pages' private copies given back"),
+        0,
+        "{err}"
+    );
 }
