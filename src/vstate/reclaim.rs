@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::devices::GuestMemory;
+use crate::nvram::redo::runs;
 
 /// Page size.
 const PAGE: usize = 4096;
@@ -245,13 +246,10 @@ impl Reclaim {
                 drop.push(pfn);
             }
         }
-        // `drop` is in page order (the candidates are taken in it).
-        let mut i = 0;
-        while i < drop.len() {
-            let mut n = 1;
-            while i + n < drop.len() && drop[i + n] == drop[i] + n as u64 {
-                n += 1;
-            }
+        // In page order (the candidates wrap around at the cursor), so
+        // that neighbours go in one call.
+        drop.sort_unstable();
+        for (i, n) in runs(&drop) {
             let first = drop[i];
             // SAFETY: the range lies inside the live private mapping of
             // `region`. MADV_DONTNEED on it drops nvhv's copies of these
@@ -273,7 +271,6 @@ impl Reclaim {
                     source: std::io::Error::last_os_error(),
                 });
             }
-            i += n;
         }
         self.given_back += drop.len() as u64;
         Ok(drop.len())
