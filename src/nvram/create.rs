@@ -171,7 +171,7 @@ impl Image<FileStorage> {
         let mut new = NewImage {
             path: path.to_owned(),
             made,
-            file: file.try_clone().map_err(|e| open_error(path, e))?,
+            file: file.try_clone().map_err(|e| create_error(path, e))?,
             replaced,
             kind: BackingKind::File,
             published: false,
@@ -422,7 +422,7 @@ fn open_unnamed(path: &Path) -> Result<Option<File>, ImageError> {
         Ok(f) => Ok(Some(f)),
         // What open(2) returns where the kernel or the file system lacks it.
         Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => Ok(None),
-        Err(e) => Err(open_error(path, e)),
+        Err(e) => Err(create_error(path, e)),
     }
 }
 
@@ -435,11 +435,14 @@ fn create_new(path: &Path) -> Result<File, ImageError> {
         .open(path)
         .map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => ImageError::Exists(path.to_owned()),
-            _ => open_error(path, e),
+            _ => create_error(path, e),
         })
 }
 
-fn open_error(path: &Path, source: io::Error) -> ImageError {
+/// An error making the file of a new image at `path`. Not `image.rs`'s
+/// `open_error`, which reads a missing file as "no image at PATH": here
+/// it means the directory is missing, and the OS error says so.
+fn create_error(path: &Path, source: io::Error) -> ImageError {
     ImageError::Open {
         path: path.to_owned(),
         source,

@@ -476,7 +476,7 @@ pub(super) fn remove_leftovers(path: &Path) {
         say!(
             "nvhv: removed {} ({}): an image that a `nvhv run --force` killed before putting it at {} left behind; its VM never ran",
             left.path.display(),
-            crate::nvram::Bytes(left.bytes),
+            Bytes(left.bytes),
             path.display()
         );
     }

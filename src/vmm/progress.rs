@@ -60,9 +60,7 @@ impl Reserving {
             );
         }
     }
-}
 
-impl Reserving {
     /// Takes the bar off the terminal if the step stopped before its end
     /// (cancelled, failed), so that the lines printed next stand alone.
     pub fn clear(&self) {
