@@ -843,7 +843,7 @@ struct NvhvResult {
     errors: BTreeMap<String, u32>,
     full_cold: Option<Duration>,
     full_warm: Option<Duration>,
-    /// `--standby`: the "resumed" line's freed→running, per round.
+    /// `--standby`: the "resumed" line's death notice→running, per round.
     standby_running_ms: Vec<f64>,
     /// `--standby`: SIGKILL of the running nvhv → first correct GET.
     standby_get_ms: Vec<f64>,
@@ -1174,7 +1174,7 @@ fn standby_rounds(
         res.standby_get_ms.push(ms(t_get));
         res.standby_reaped_ms.push(ms(t_reaped));
         eprintln!(
-            "  standby round {round}: {} | SIGKILL→reaped {:.2} ms, freed→running {x:.2} ms, SIGKILL→GET {} ok {:.2} ms ({attempts} attempts; failed: {errors:?})",
+            "  standby round {round}: {} | SIGKILL→reaped {:.2} ms, notice→running {x:.2} ms, SIGKILL→GET {} ok {:.2} ms ({attempts} attempts; failed: {errors:?})",
             ready.trim_start_matches("nvhv: "),
             ms(t_reaped),
             Dataset::key(probe),
@@ -1618,7 +1618,7 @@ fn main() {
         .any(|(_, nv, _, _)| !nv.standby_get_ms.is_empty())
     {
         println!("\nWith a standby (`nvhv resume --standby` started beside the running nvhv, which then gets SIGKILL):\n");
-        println!("| data | plain rounds: SIGKILL→reaped ms p50 / max | standby rounds: SIGKILL→reaped ms p50 / max | standby: image freed→running ms p50 / max | standby: SIGKILL→first correct GET ms p50 / max |");
+        println!("| data | plain rounds: SIGKILL→reaped ms p50 / max | standby rounds: SIGKILL→reaped ms p50 / max | standby: writer gone (death notice)→running ms p50 / max | standby: SIGKILL→first correct GET ms p50 / max |");
         println!("|---|---|---|---|---|");
         for (name, nv, _, _) in &rows {
             println!(

@@ -218,7 +218,7 @@ fn a_pair_of_standbys_sharing_the_socket_serves_across_a_crash() {
         std::fs::read_to_string(&err_b).unwrap_or_default()
     );
     let said = wait_said(&mut b.0, &err_b, "resumed");
-    assert!(said.contains("after the image was freed"), "{said}");
+    assert!(said.contains("after the nvhv running it died"), "{said}");
 
     // The first one, restarted, now stands by.
     let (mut a2, err_a2) = start("a2", &standby);

@@ -2376,7 +2376,7 @@ fn a_standby_takes_over_after_a_kill_with_every_acknowledged_write() {
         // The guest may answer before the main thread has printed its line.
         poll("the standby's resumed line", T, || {
             let err = kv.vm.stderr_text();
-            (err.contains("guest running") && err.contains("after the image was freed"))
+            (err.contains("guest running") && err.contains("after the nvhv running it died"))
                 .then_some(())
         });
         let mut c = kv.conn();
@@ -2402,6 +2402,54 @@ fn a_standby_takes_over_after_a_kill_with_every_acknowledged_write() {
     assert!(out.status.success() && text.contains("suspended"), "{text}");
     kv.resume(false);
     kv.expect_value(&mut kv.conn(), "shared", "600");
+}
+
+/// One standby waits at a time: a second one says it is second in line
+/// and stands by only once the first has taken the image over, then takes
+/// it over in turn when the first is killed. While a standby holds its
+/// claim, no other process can open the image.
+#[test]
+fn a_second_standby_waits_its_turn_and_nobody_else_opens_the_image() {
+    require_kvm!();
+    let mut kv = Kv::start("standby-queue", "64M");
+    ok(&mut kv.conn(), &["SET", "k", "v0"]);
+    let first = standby(&kv.dir, 0, &kv.img, kv.port);
+    let listen = format!("127.0.0.1:{}", kv.port);
+    let img = kv.img.to_str().unwrap().to_owned();
+    let mut second = Vmm::start(
+        &["resume", "--standby", "--image", &img, "--listen", &listen],
+        kv.dir.path("standby-second.log"),
+    );
+    poll("the second standby to wait its turn", T, || {
+        let said = second.stderr_text();
+        assert!(!said.contains("standing by"), "{said}");
+        said.contains("another standby is first in line")
+            .then_some(())
+    });
+    // The image is claimed and held: a plain resume and an inspect both
+    // see it in use.
+    let out = common::nvhv_output(&["resume", "--image", &img, "--console", "/dev/null"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("in use"), "{err}");
+    kv.vm.signal_and_wait(libc::SIGKILL);
+    kv.vm = first;
+    poll("the first standby to serve", T, || {
+        ping(&kv.url()).then_some(())
+    });
+    ok(&mut kv.conn(), &["SET", "k", "v1"]);
+    poll("the second standby to stand by", T, || {
+        if let Ok(Some(st)) = second.child.try_wait() {
+            panic!("second standby exited ({st}): {}", second.stderr_text());
+        }
+        second.stderr_text().contains("standing by").then_some(())
+    });
+    kv.vm.signal_and_wait(libc::SIGKILL);
+    kv.vm = second;
+    poll("the second standby to serve", T, || {
+        ping(&kv.url()).then_some(())
+    });
+    kv.assert_alive();
+    kv.expect_value(&mut kv.conn(), "k", "v1");
 }
 
 /// A standby needs an epoch-mode image: a crash leaves a suspend-only image

@@ -27,8 +27,9 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::backing::{Backing, BackingKind};
-use super::image::{free_bytes, lock, open_rw, space_of, ImageError, Space};
+use super::image::{free_bytes, open_rw, space_of, ImageError, Space};
 use super::layout::{Header, ImageConfig, Uuid, MAGIC};
+use super::lock::lock;
 use super::storage::FileStorage;
 use super::Image;
 

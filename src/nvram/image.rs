@@ -26,6 +26,7 @@ use super::layout::{
     check_file_len, select_meta, FormatError, Header, Meta, MetaSelection, PersistMode, Status,
     HEADER_BLOCK, HEADER_LEN, META_LEN,
 };
+use super::lock::{lock, wait_lock, Successor};
 use super::recovery::{plan_recovery_keeping, RecoveryPlan};
 use super::redo::half_region;
 use super::storage::{FileStorage, Storage};
@@ -407,13 +408,18 @@ impl Image<FileStorage> {
         Image::open_locked(path, file)
     }
 
-    /// Like [`Image::open`], but waits for the process holding the image's
-    /// lock (if any) to release it, by stopping or dying, instead of
-    /// failing with [`ImageError::InUse`]. The image it returns is the one
-    /// at `path` once the lock is taken: if the file was replaced at the
-    /// path meanwhile, the wait starts again on the new one. Also returns
-    /// when the lock was taken.
-    pub fn open_when_free(path: &Path) -> Result<(Image, Instant), ImageError> {
+    /// For a standby holding the image's [`Successor`] lock: like
+    /// [`Image::open`], but waits for the process holding the image's lock
+    /// (if any) to release it, by stopping or dying, instead of failing with
+    /// [`ImageError::InUse`]; the successor lock is let go once the image
+    /// lock is held. The image it returns is the one at `path` once the
+    /// lock is taken: if the file was replaced at the path meanwhile, the
+    /// claim and the wait start again on the new one. Also returns when
+    /// the lock was taken.
+    pub fn open_when_free(
+        path: &Path,
+        mut successor: Successor,
+    ) -> Result<(Image, Instant), ImageError> {
         loop {
             let file = open_rw(path)?;
             wait_lock(&file, path)?;
@@ -421,11 +427,51 @@ impl Image<FileStorage> {
             // ORDER: compare after the lock is taken: a file that was still
             // at the path then is the one every later opener locks too.
             let now = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
-            let held = file.metadata().map_err(read_err("image metadata"))?;
-            if (now.dev(), now.ino()) == (held.dev(), held.ino()) {
-                return Ok((Image::open_locked(path, file)?, locked));
+            if same_file(&now, &file)? && same_file(&now, successor.file())? {
+                let image = Image::open_locked(path, file)?;
+                drop(successor);
+                return Ok((image, locked));
             }
+            drop(file);
+            successor = Successor::wait(path)?;
         }
+    }
+
+    /// For a standby holding the image's [`Successor`] lock, once the thread
+    /// that wrote the image in the process it replaces is gone (its death
+    /// notice ended) but that process may still hold the image lock while
+    /// the kernel tears it down: opens the image at once, as
+    /// [`Image::open`] would, and takes the image lock on a thread of its
+    /// own when the kernel frees it, the successor lock keeping every other
+    /// opener out until then. Falls back to [`Image::open_when_free`] if
+    /// the file at `path` is no longer the one claimed.
+    pub fn open_taken_over(
+        path: &Path,
+        successor: Successor,
+    ) -> Result<(Image, Instant), ImageError> {
+        let file = open_rw(path)?;
+        let now = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
+        if !(same_file(&now, &file)? && same_file(&now, successor.file())?) {
+            return Image::open_when_free(path, successor);
+        }
+        let taken = Instant::now();
+        let ours = file.try_clone().map_err(read_err("image descriptor"))?;
+        let image = Image::open_locked(path, file)?;
+        let p = path.to_owned();
+        let waiter = std::thread::Builder::new()
+            .name("nvhv-lock".into())
+            .spawn(move || match wait_lock(&ours, &p) {
+                // ORDER: the claim goes only once the image lock is ours.
+                Ok(()) => drop(successor),
+                Err(e) => {
+                    tracing::warn!("{e}: the image stays claimed until this process ends");
+                    std::mem::forget(successor);
+                }
+            });
+        if let Err(e) = waiter {
+            return Err(read_err("a thread to take the image lock")(e));
+        }
+        Ok((image, taken))
     }
 
     /// The header of the image at `path`, read without its lock (the image
@@ -438,7 +484,8 @@ impl Image<FileStorage> {
         Ok((file, header))
     }
 
-    /// The validation of [`Image::open`], on `file` whose lock is held.
+    /// The validation of [`Image::open`], on `file` whose lock is held (or,
+    /// [`Image::open_taken_over`], claimed).
     fn open_locked(path: &Path, file: File) -> Result<Image, ImageError> {
         let open = || {
             let v = read_validated(&file)?;
@@ -920,6 +967,12 @@ pub(super) fn open_rw(path: &Path) -> Result<File, ImageError> {
     Ok(file)
 }
 
+/// Whether `file` is the file `at_path` describes.
+fn same_file(at_path: &std::fs::Metadata, file: &File) -> Result<bool, ImageError> {
+    let held = file.metadata().map_err(read_err("image metadata"))?;
+    Ok((at_path.dev(), at_path.ino()) == (held.dev(), held.ino()))
+}
+
 pub(super) fn check_regular(file: &File, path: &Path) -> Result<(), ImageError> {
     let ft = file
         .metadata()
@@ -929,54 +982,6 @@ pub(super) fn check_regular(file: &File, path: &Path) -> Result<(), ImageError> 
         return Err(ImageError::NotRegular(path.to_owned()));
     }
     Ok(())
-}
-
-/// Takes `op` (`LOCK_EX` or `LOCK_SH`) on `file` without blocking.
-/// [`ImageError::InUse`] if another open file description holds a conflicting lock.
-pub(super) fn lock(file: &File, path: &Path, op: libc::c_int) -> Result<(), ImageError> {
-    loop {
-        // SAFETY: flock on an fd we own; no memory is involved.
-        let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => return Err(ImageError::InUse(path.to_owned())),
-            _ => {
-                return Err(ImageError::Lock {
-                    path: path.to_owned(),
-                    source: e,
-                })
-            }
-        }
-    }
-}
-
-/// Takes `LOCK_EX` on `file`, waiting for whoever holds it to let go.
-fn wait_lock(file: &File, path: &Path) -> Result<(), ImageError> {
-    loop {
-        // SAFETY: flock on an fd we own; no memory is involved.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(ImageError::Lock {
-                path: path.to_owned(),
-                source: e,
-            });
-        }
-    }
-}
-
-/// Releases a lock taken with [`lock`].
-pub(super) fn unlock(file: &File) {
-    // SAFETY: flock on an fd we own; no memory is involved. A failure leaves
-    // the lock to be dropped with the fd, which happens soon after anyway.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
 }
 
 #[cfg(test)]

@@ -14,10 +14,10 @@ use serde::Serialize;
 use super::backing::{Backing, BackingKind};
 use super::create::{leftovers, Leftover};
 use super::image::{
-    check_regular, lock, open_error, read_validated, resumability, space_of, unlock, ImageError,
-    Space,
+    check_regular, open_error, read_validated, resumability, space_of, ImageError, Space,
 };
 use super::layout::{PersistMode, Status, Uuid};
+use super::lock::{lock, unlock};
 use super::recovery::{plan_recovery, LogEntry, RecordState};
 use super::redo::{capacity_pages_for, half_region};
 

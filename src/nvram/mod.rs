@@ -13,6 +13,7 @@
 //! - `storage`: the read/write/persist interface every image byte goes through;
 //! - `create`: making a new image, which appears at its path only once complete;
 //! - `image`: open, suspend commit, read state, resumability;
+//! - `lock`: who may write an image (the owner's `flock`, a standby's claim);
 //! - `epoch`: epoch commit through the redo log, apply;
 //! - `recovery`: classifying the redo log, planning and carrying out recovery;
 //! - `replay`: recovery's writes gathered per page, each page written once;
@@ -28,6 +29,7 @@ mod epoch;
 mod image;
 mod inspect;
 pub mod layout;
+mod lock;
 mod recovery;
 pub mod redo;
 mod replay;
@@ -45,6 +47,7 @@ pub use layout::{
     FormatError, Geometry, Header, ImageConfig, Meta, MetaSelection, PersistMode, Region, Status,
     Uuid, FORMAT_VERSION,
 };
+pub use lock::Successor;
 pub use recovery::{RecordState, RecoveryPlan, RecoveryReport};
 pub use redo::RecordError;
 pub use storage::{FileStorage, MemStorage, ReadBytes, Storage};

@@ -1,9 +1,10 @@
 //! The control socket: a Unix socket next to the image (`<image>.ctl`) through
 //! which `nvhv suspend --image PATH` asks the process running that image for
 //! an orderly suspend, and a standby (`nvhv resume --standby`) asks for its
-//! listening sockets. One request per connection: a line in; a line out
-//! (`suspend`), or one byte per socket with the descriptor attached
-//! (`SCM_RIGHTS`: `t` TCP, `u` Unix) and `.` at the end (`listeners`).
+//! listening sockets and its death notice (`super::notice`). One request per
+//! connection: a line in; a line out (`suspend`), or one byte per
+//! descriptor with the descriptor attached (`SCM_RIGHTS`: `t` TCP, `u`
+//! Unix, `n` the notice) and `.` at the end (`listeners`, `notice`).
 //!
 //! The socket file is only created by the process that holds the image lock,
 //! so a stale socket left by a killed process is safely replaced.
@@ -62,10 +63,13 @@ pub struct Server {
 impl Server {
     /// Listen on the image's socket; `on_suspend` is called with a sender for
     /// the reply line each time a client asks for a suspend.
+    /// `notice`: the death notice the image's writer holds, handed to a
+    /// standby that asks for it.
     pub fn start(
         image: &Path,
         on_suspend: impl Fn(Sender<String>) + Send + 'static,
         listening: Listeners,
+        notice: Option<OwnedFd>,
     ) -> Result<Server, ControlError> {
         let path = socket_path(image);
         let _ = std::fs::remove_file(&path);
@@ -79,7 +83,7 @@ impl Server {
             .name("control".into())
             .spawn(move || {
                 for conn in listener.incoming().flatten() {
-                    let _ = serve(conn, &on_suspend, &counted, &listening);
+                    let _ = serve(conn, &on_suspend, &counted, &listening, notice.as_ref());
                 }
             })
             .map_err(|source| ControlError::Bind {
@@ -107,11 +111,17 @@ fn serve(
     on_suspend: &impl Fn(Sender<String>),
     in_flight: &(Mutex<usize>, Condvar),
     listening: &Listeners,
+    notice: Option<&OwnedFd>,
 ) -> std::io::Result<()> {
     let mut line = String::new();
     // A request is one short line; never read more than 256 bytes.
     BufReader::new(std::io::Read::take(&conn, 256)).read_line(&mut line)?;
     let mut w = &conn;
+    let send = |tag: &[u8], fd: RawFd| {
+        conn.send_with_fd(tag, fd)
+            .map(drop)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    };
     match line.trim() {
         "suspend" => {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -128,16 +138,17 @@ fn serve(
             r
         }
         "listeners" => {
-            let send = |tag: &[u8], fd: RawFd| {
-                conn.send_with_fd(tag, fd)
-                    .map(drop)
-                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
-            };
             if let Some(l) = &listening.tcp {
                 send(b"t", l.as_raw_fd())?;
             }
             if let Some(l) = &listening.unix {
                 send(b"u", l.as_raw_fd())?;
+            }
+            w.write_all(b".")
+        }
+        "notice" => {
+            if let Some(fd) = notice {
+                send(b"n", fd.as_raw_fd())?;
             }
             w.write_all(b".")
         }
@@ -193,6 +204,29 @@ pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listeners, C
     }
 }
 
+/// Client side: the death notice of the process running `image`, if it
+/// holds one (`None`: it runs without, e.g. in suspend-only mode).
+pub fn request_notice(image: &Path, timeout: Duration) -> Result<Option<OwnedFd>, ControlError> {
+    let conn = send_request(image, timeout, "notice")?;
+    let mut got = None;
+    loop {
+        let mut tag = [0u8; 1];
+        let (n, file) = conn
+            .recv_with_fd(&mut tag)
+            .map_err(|e| ControlError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+        match (n, tag[0], file) {
+            (1, b'n', Some(f)) => got = Some(OwnedFd::from(f)),
+            (1, b'.', None) => return Ok(got),
+            (0, ..) => {
+                return Err(ControlError::Refused(
+                    "the VMM closed the connection".into(),
+                ))
+            }
+            _ => return Err(ControlError::Refused("no death notice handed on".into())),
+        }
+    }
+}
+
 /// Client side: ask the process running `image` to suspend; returns its reply.
 pub fn request_suspend(image: &Path, timeout: Duration) -> Result<String, ControlError> {
     let conn = send_request(image, timeout, "suspend")?;
@@ -232,7 +266,7 @@ mod tests {
             tcp: Some(tcp),
             unix: Some(unix),
         };
-        let server = Server::start(&image, |_| {}, both).unwrap();
+        let server = Server::start(&image, |_| {}, both, None).unwrap();
         let got = request_listeners(&image, Duration::from_secs(10)).unwrap();
         let t = got.tcp.expect("the TCP listener");
         let u = got.unix.expect("the Unix listener");
@@ -250,9 +284,49 @@ mod tests {
             tcp: None,
             unix: None,
         };
-        let _server = Server::start(&image, |_| {}, none).unwrap();
+        let _server = Server::start(&image, |_| {}, none, None).unwrap();
         let got = request_listeners(&image, Duration::from_secs(10)).unwrap();
         assert!(got.tcp.is_none() && got.unix.is_none());
+        // Nor is a missing death notice.
+        assert!(request_notice(&image, Duration::from_secs(10))
+            .unwrap()
+            .is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The `notice` request hands over the writer's death notice: waiting on
+    /// the received page ends when the writer lets go.
+    #[test]
+    fn the_death_notice_is_handed_over() {
+        let dir = std::env::temp_dir().join(format!("nvhv-ctl-notice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("vm.img");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            let held = super::super::notice::Held::hold().unwrap();
+            let none = Listeners {
+                tcp: None,
+                unix: None,
+            };
+            let server = Server::start(&image, |_| {}, none, Some(held.share().unwrap())).unwrap();
+            tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            drop(held);
+            drop(server);
+        });
+        rx.recv().unwrap();
+        let image = dir.join("vm.img");
+        let fd = request_notice(&image, Duration::from_secs(10))
+            .unwrap()
+            .expect("the notice");
+        let waiter = std::thread::spawn(move || super::super::notice::wait(fd).unwrap());
+        go_tx.send(()).unwrap();
+        writer.join().unwrap();
+        assert_eq!(
+            waiter.join().unwrap(),
+            super::super::notice::Ended::Released
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

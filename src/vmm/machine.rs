@@ -27,6 +27,7 @@ use crate::vstate::wait::GuestWake;
 
 use super::bus::Bus;
 use super::epoch::{self, EpochEnd, EpochPolicy, EpochStats};
+use super::notice;
 use super::{control, listeners, ram_pages, RunOutcome, StopCause, VmmError};
 
 /// Pages [`Machine::give_back`] looks at in one pause at most: each costs a
@@ -203,7 +204,7 @@ impl Machine {
         mut timeline: Option<Timeline>,
     ) -> Result<RunOutcome, VmmError> {
         let (tx, rx) = std::sync::mpsc::channel::<Event>();
-        let (sig_handle, ctl) = self.start_event_sources(&tx)?;
+        let (sig_handle, ctl, notice) = self.start_event_sources(&tx)?;
         if let Some(t) = timeline.as_mut() {
             t.mark("signals and control socket up");
         }
@@ -314,6 +315,9 @@ impl Machine {
             }
         };
         drop(ctl);
+        // ORDER: after the image's last write (the final commit above): a
+        // standby waiting on the notice may take the image from here on.
+        drop(notice);
         Ok(RunOutcome {
             reason: cause,
             commit_latency: latency,
@@ -324,10 +328,13 @@ impl Machine {
     /// (SIGTERM/SIGINT, an orderly stop; SIGPWR, the power-fail warning),
     /// the control socket (`nvhv suspend`, a standby's request for the
     /// listening sockets), and in epoch mode the output gate.
+    /// In epoch mode this thread takes the death notice here (the thread
+    /// that writes the image, see `notice`), before the control socket can
+    /// hand it to a standby.
     fn start_event_sources(
         &self,
         tx: &Sender<Event>,
-    ) -> Result<(SignalsHandle, Option<control::Server>), VmmError> {
+    ) -> Result<(SignalsHandle, Option<control::Server>, Option<notice::Held>), VmmError> {
         // Caught since `run` or `resume` started, and blocked in every
         // thread: those that came while the VM was made or restored are
         // delivered to the signals thread as it starts, and stop the VM as
@@ -360,6 +367,15 @@ impl Machine {
             .as_ref()
             .map_or((None, None), Vsock::listening_sockets);
         let listening = listeners::Listeners { tcp, unix };
+        // Only an epoch-mode image can be taken over by a standby. Without
+        // a notice a standby waits for the image lock instead.
+        let notice = match self.policy {
+            Some(_) => notice::Held::hold()
+                .inspect_err(|e| tracing::warn!("{e}: a standby would wait for the image lock"))
+                .ok(),
+            None => None,
+        };
+        let shared = notice.as_ref().and_then(|n| n.share().ok());
         let ctl = control::Server::start(
             &self.image_path(),
             {
@@ -369,6 +385,7 @@ impl Machine {
                 }
             },
             listening,
+            shared,
         );
         let ctl = ctl
             .inspect_err(|e| {
@@ -390,7 +407,7 @@ impl Machine {
                 std::thread::yield_now();
             })));
         }
-        Ok((sig_handle, ctl))
+        Ok((sig_handle, ctl, notice))
     }
 
     /// Starts a thread per vCPU (and, in epoch mode, the throttle that

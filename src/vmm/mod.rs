@@ -48,6 +48,7 @@ pub mod control;
 mod epoch;
 pub mod listeners;
 mod machine;
+mod notice;
 mod progress;
 mod resume;
 pub mod signals;
@@ -66,6 +67,9 @@ pub enum VmmError {
     /// Image problem (open, validation, commit).
     #[error(transparent)]
     Image(#[from] crate::nvram::ImageError),
+    /// The death notice a standby waits on.
+    #[error(transparent)]
+    Notice(#[from] notice::NoticeError),
     /// `nvhv resume --standby` cannot stand by for this image.
     #[error("--standby: {0}")]
     Standby(String),

@@ -1,15 +1,20 @@
 //! `nvhv resume --standby`: a resume prepared before its image is free.
 //!
-//! A standby runs beside the nvhv that runs an epoch-mode image. It reads
-//! the image's header without taking its lock and builds what a resume
-//! needs that does not depend on the image's contents: the KVM VM, guest
-//! RAM mapped privately from the image and registered with KVM (the one
-//! step of a resume whose cost grows with RAM size, ~0.3 ms per GiB here),
-//! and the dirty tracker. Then it waits on the image's lock, using no CPU.
-//! When the running nvhv dies, the kernel releases its lock, and the
+//! A standby runs beside the nvhv that runs an epoch-mode image. It claims
+//! the image (`nvram::Successor`: no other process can open it while the
+//! claim is held; a second standby waits for the claim), reads the image's
+//! header without taking its lock and builds what a resume needs that does
+//! not depend on the image's contents: the KVM VM, guest RAM mapped
+//! privately from the image and registered with KVM (the one step of a
+//! resume whose cost grows with RAM size, ~0.3 ms per GiB here), and the
+//! dirty tracker. Then it waits, using no CPU, on the running nvhv's death
+//! notice (`super::notice`, handed over the control socket), or, without
+//! one, on the image's lock. When the running nvhv dies, the notice ends
+//! as its epoch thread starts to exit (the lock would be freed only after
+//! the kernel has torn the process down, milliseconds later), and the
 //! standby resumes at once: open and validate the image, replay the log,
-//! restore the vCPUs and devices, run. Process start and the slot are then
-//! behind it. The listening sockets are the running nvhv's, taken over its
+//! restore the vCPUs and devices, run, taking the image lock when the
+//! kernel frees it. Process start and the slot are then behind it. The listening sockets are the running nvhv's, taken over its
 //! control socket beforehand when they are the addresses the standby would
 //! serve (so they stay open across the death), else bound at the takeover.
 //!
@@ -42,7 +47,7 @@ use super::resume::{resume_opened, Restored, VmSource};
 use super::{ResumeConfig, RunOutcome, VmmError};
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::devices::GuestMemory;
-use crate::nvram::{Bytes, Header, Image, ImageError, PersistMode, Status};
+use crate::nvram::{Bytes, Header, Image, ImageError, PersistMode, Status, Successor};
 use crate::persist::MachineState;
 use crate::vstate::dirty::DirtyTracker;
 use crate::vstate::vm::Vm;
@@ -72,9 +77,28 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
         Err(ImageError::InUse(_)) => {}
         Err(e) => return Err(e.into()),
     }
+    // One standby at a time: a second one waits here until the first owns
+    // the image (or gives up on it), then stands by for that one.
+    let successor = match Successor::claim(&cfg.image)? {
+        Some(s) => s,
+        None => {
+            say!(
+                "nvhv: another standby is first in line for {}; waiting for it to take the image over",
+                cfg.image.display()
+            );
+            Successor::wait(&cfg.image)?
+        }
+    };
     let t = Instant::now();
     let pre = Prebuilt::build(&cfg.image, cfg.runtime.epochs.hot_pages)?;
     let shared = shared_listeners(cfg);
+    let notice = match control::request_notice(&cfg.image, Duration::from_secs(2)) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::info!("no death notice ({e}): waiting for the image lock instead");
+            None
+        }
+    };
     say!(
         "nvhv: standing by for {} ({} of guest RAM set up in {:.1} ms{}); it resumes the VM when the nvhv running it dies",
         cfg.image.display(),
@@ -86,7 +110,20 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
             ""
         }
     );
-    let (image, freed) = Image::open_when_free(&cfg.image)?;
+    let ((image, freed), origin) = match notice {
+        Some(fd) => {
+            let ended = super::notice::wait(fd)?;
+            tracing::info!("the death notice ended: {ended:?}");
+            (
+                Image::open_taken_over(&cfg.image, successor)?,
+                "the nvhv running it died",
+            )
+        }
+        None => (
+            Image::open_when_free(&cfg.image, successor)?,
+            "the image was freed",
+        ),
+    };
     // Not before: a standby waiting for the image stops on a stop signal
     // as any process does (the wait would not see it).
     super::signals::catch()?;
@@ -107,7 +144,7 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
         drop(pre);
         VmSource::Creating(std::thread::spawn(Vm::new))
     };
-    let from = Timeline::new(freed, "the image was freed");
+    let from = Timeline::new(freed, origin);
     let result = resume_opened(cfg, from, image, listeners, source);
     super::resume::reported(cfg, result).map(StandbyEnd::Resumed)
 }

@@ -3,6 +3,7 @@
 use super::*;
 use crate::nvram::layout::ImageConfig;
 use crate::nvram::layout::Region;
+use crate::nvram::{inspect, Successor};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -217,7 +218,7 @@ fn test_open_when_free_waits_for_the_lock() {
     let path = p.0.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
-        let r = Image::open_when_free(&path);
+        let r = Image::open_when_free(&path, Successor::wait(&path).unwrap());
         let _ = tx.send(());
         r
     });
@@ -244,7 +245,8 @@ fn test_open_when_free_follows_a_file_replaced_at_the_path() {
     assert_ne!(new_uuid, held.header().uuid);
     drop(other_img);
     let path = p.0.clone();
-    let waiter = std::thread::spawn(move || Image::open_when_free(&path));
+    let waiter =
+        std::thread::spawn(move || Image::open_when_free(&path, Successor::wait(&path).unwrap()));
     // Once the waiter is blocked on the old file's lock (/proc/locks
     // lists it with "->"), replace the file at the path, then let go of
     // the old one: the waiter must notice and take the new one.
@@ -262,6 +264,36 @@ fn test_open_when_free_follows_a_file_replaced_at_the_path() {
     drop(held);
     let (img, _) = waiter.join().unwrap().unwrap();
     assert_eq!(img.header().uuid, new_uuid);
+}
+
+/// A standby whose predecessor's writer is gone opens the image while the
+/// dying process still holds its lock; its claim keeps everyone else out
+/// until its own thread has taken the lock, and the lock then.
+#[test]
+fn test_open_taken_over_claims_until_the_lock_is_free() {
+    let (p, held) = created("takenover");
+    let uuid = held.header().uuid;
+    let successor = Successor::wait(&p.0).unwrap();
+    let (taken, _) = Image::open_taken_over(&p.0, successor).unwrap();
+    assert_eq!(taken.header().uuid, uuid);
+    assert!(matches!(Image::open(&p.0), Err(ImageError::InUse(_))));
+    // The predecessor lets go of the lock: the claim goes only once the
+    // taken-over image holds the lock.
+    let ino = held.file().metadata().unwrap().ino();
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
+    {
+        assert!(Instant::now() < deadline, "the claim was never let go");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(matches!(Image::open(&p.0), Err(ImageError::InUse(_))));
+    assert!(matches!(inspect(&p.0), Ok(r) if r.in_use));
+    drop(taken);
+    Image::open(&p.0).unwrap();
 }
 
 #[test]
