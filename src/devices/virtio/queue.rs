@@ -309,6 +309,27 @@ pub fn set_notification(q: &Queue, mem: &GuestMemory, enable: bool) -> Result<()
     Ok(())
 }
 
+/// Ask the driver to notify once its avail index moves past `idx` (rather
+/// than past the next buffer the device would take, as [`set_notification`]
+/// asks), then read the avail index again: whether it has moved already.
+/// For a device that waits for the driver to re-post a buffer while others
+/// it has not taken are already there.
+pub fn notify_past(q: &Queue, mem: &GuestMemory, idx: u16) -> Result<bool, QueueError> {
+    set_notification(q, mem, true)?;
+    if q.event_idx_enabled() {
+        let off = USED_RING_HEADER + USED_ELEM_SIZE * u64::from(q.size());
+        let at = GuestAddress(q.used_ring())
+            .0
+            .checked_add(off)
+            .ok_or(QueueError::UsedRing(virtio_queue::Error::AddressOverflow))?;
+        mem.store(idx.to_le(), GuestAddress(at), Ordering::Relaxed)
+            .map_err(|e| QueueError::UsedRing(virtio_queue::Error::GuestMemory(e)))?;
+    }
+    // ORDER: as in `enable_and_recheck`.
+    fence(Ordering::SeqCst);
+    Ok(avail_idx(q, mem)? != idx)
+}
+
 /// Re-enable driver notifications before the device goes to sleep, then look
 /// at the ring again. Returns true if buffers arrived meanwhile: the device
 /// must keep processing (and may suppress notifications again).

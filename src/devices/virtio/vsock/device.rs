@@ -767,10 +767,11 @@ impl VsockCore {
         if !self.is_running() {
             return false;
         }
+        let waiting = self.reset_wait();
         let want = [
-            !self.orphan_rst.is_empty() || !self.rx_queue.is_empty(),
+            waiting.is_none() && (!self.orphan_rst.is_empty() || !self.rx_queue.is_empty()),
             true,
-            self.reset_event_pending,
+            self.reset_event_pending || waiting.is_some(),
         ];
         for (i, &wanted) in want.iter().enumerate() {
             if !self.queue_ready(i) {
@@ -779,7 +780,12 @@ impl VsockCore {
             let q = &self.queues[i];
             let res = if wanted {
                 self.notif_enabled[i] = true;
-                queue::enable_and_recheck(q, &self.mem)
+                match waiting {
+                    // RX waits for the guest to take the reset: its re-post
+                    // of an event buffer is the work (see `reset_wait`).
+                    Some(a0) if i == EVT => queue::notify_past(q, &self.mem, a0),
+                    _ => queue::enable_and_recheck(q, &self.mem),
+                }
             } else if self.notif_enabled[i] {
                 self.notif_enabled[i] = false;
                 queue::set_notification(q, &self.mem, false).map(|()| false)
@@ -801,15 +807,35 @@ impl VsockCore {
     /// While asleep: whether a ring the device waits on has buffers (reads
     /// only). An unreadable ring counts as work, so that `run` fails the device.
     pub fn ring_work_pending(&self) -> bool {
+        let waiting = self.reset_wait();
         let waits = [
-            !self.orphan_rst.is_empty() || !self.rx_queue.is_empty(),
+            waiting.is_none() && (!self.orphan_rst.is_empty() || !self.rx_queue.is_empty()),
             true,
             self.reset_event_pending,
         ];
-        waits.iter().enumerate().any(|(i, &w)| {
-            w && self.queue_ready(i)
-                && queue::has_available(&self.queues[i], &self.mem).unwrap_or(true)
-        })
+        let taken = waiting.is_some_and(|a0| {
+            self.queue_ready(EVT)
+                && queue::avail_idx(&self.queues[EVT], &self.mem).map_or(true, |a| a != a0)
+        });
+        taken
+            || waits.iter().enumerate().any(|(i, &w)| {
+                w && self.queue_ready(i)
+                    && queue::has_available(&self.queues[i], &self.mem).unwrap_or(true)
+            })
+    }
+
+    /// While RX waits for the guest to take the transport reset that was
+    /// published (`rx_gated`): the event queue's avail index then. Until the
+    /// guest moves it on (or [`RESET_ACK_TIMEOUT`] passes) nothing can go
+    /// into RX, so RX buffers are no work to poll for: a restored device
+    /// with a client waiting polled its rings in a loop until the guest ran,
+    /// taking a core from the resume (measured on a standby's takeover,
+    /// where the killed process's teardown held the other core).
+    fn reset_wait(&self) -> Option<u16> {
+        match self.reset_gate {
+            Some((_, Some(a0))) => Some(a0),
+            _ => None,
+        }
     }
 
     /// Earliest time a throttled credit request or a refused connection's
@@ -819,6 +845,7 @@ impl VsockCore {
             .values()
             .filter_map(Connection::credit_retry_at)
             .chain(self.request_retry)
+            .chain(self.reset_gate.map(|(since, _)| since + RESET_ACK_TIMEOUT))
             .min()
     }
 
