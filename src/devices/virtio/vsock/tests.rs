@@ -591,6 +591,43 @@ fn after_restore_new_connections_wait_for_the_guest_to_take_the_reset() {
     assert_eq!(h.operation(), Some(Op::Request));
 }
 
+/// While RX waits for the guest to take the reset, a waiting connection
+/// request is no work the device can do: it must not report ring work (it
+/// would poll in a loop until the guest runs); the guest re-posting an
+/// event buffer is the work it waits for.
+#[test]
+fn a_device_waiting_for_the_reset_to_be_taken_has_no_ring_work() {
+    let Rig { vsock, mut g, .. } = rig();
+    g.post_event_buffers(2);
+    vsock.pause();
+    let state = vsock.save();
+    drop(vsock);
+    let (vsock, addr) = restore_on_a_new_listener(&mut g, &state);
+    let _cl = client(addr);
+    let deadline = Instant::now() + T;
+    while g.peek_event().is_none() || vsock.connection_count() == 0 {
+        assert!(Instant::now() < deadline, "no reset event or no connection");
+        std::thread::yield_now();
+    }
+    {
+        let mut core = vsock.shared.lock();
+        assert!(!core.ring_work_pending(), "RX counted as work while gated");
+        assert!(!core.arm_notifications(), "RX counted as work while gated");
+    }
+    let id = g.last_event_id;
+    g.evt.publish(&g.mem, id);
+    {
+        let core = vsock.shared.lock();
+        assert!(
+            core.ring_work_pending(),
+            "the re-posted event buffer is work"
+        );
+    }
+    g.notify_if_needed(2);
+    let (h, _) = g.recv(T).expect("the connection request after the reset");
+    assert_eq!(h.operation(), Some(Op::Request));
+}
+
 #[test]
 fn restore_refuses_invalid_device_state() {
     let Rig { vsock, g, .. } = rig();
