@@ -6,8 +6,10 @@
 //! descriptor with the descriptor attached (`SCM_RIGHTS`: `t` TCP, `u`
 //! Unix, `n` the notice) and `.` at the end (`listeners`, `notice`).
 //!
-//! The socket file is only created by the process that holds the image lock,
-//! so a stale socket left by a killed process is safely replaced.
+//! The socket file is only created by the process that owns the image (it
+//! holds the image lock, or, a standby taking over, the successor claim that
+//! keeps every other opener out), so a stale socket left by a killed process
+//! is safely replaced, and whatever answers on it is the image's writer.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
