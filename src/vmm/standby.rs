@@ -14,9 +14,10 @@
 //! the kernel has torn the process down, milliseconds later), and the
 //! standby resumes at once: open and validate the image, replay the log,
 //! restore the vCPUs and devices, run, taking the image lock when the
-//! kernel frees it. Process start and the slot are then behind it. The listening sockets are the running nvhv's, taken over its
-//! control socket beforehand when they are the addresses the standby would
-//! serve (so they stay open across the death), else bound at the takeover.
+//! kernel frees it. Process start and the slot are then behind it. The
+//! listening sockets are the running nvhv's, taken over its control socket
+//! beforehand when they are the addresses the standby would serve (so they
+//! stay open across the death), else bound at the takeover.
 //!
 //! It takes over only an image left by a crash (its current record says
 //! `Running` or `Committed`). An image stopped in order (`Suspended`) or
