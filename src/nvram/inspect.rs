@@ -55,7 +55,8 @@ pub struct InspectReport {
     pub resumable: bool,
     /// Why not, when `resumable` is false.
     pub reason: Option<String>,
-    /// Whether another process holds the image's lock right now.
+    /// Whether another process holds the image's lock, or a standby's
+    /// claim on it, right now (`nvram::lock`).
     pub in_use: bool,
     /// State slot holding that epoch's machine state.
     pub state_slot: usize,
@@ -139,7 +140,8 @@ pub struct LogRecordReport {
 /// Reports what the image at `path` holds, without changing it: the file is
 /// opened read-only (without updating its access time where permitted), and
 /// whether another process holds the image is probed with a non-blocking
-/// shared `flock` that is released at once. Fails with the same errors as
+/// shared `flock` that is released at once, and a probe of a standby's
+/// claim (`nvram::lock`). Fails with the same errors as
 /// [`super::Image::open`] on an image that does not validate.
 pub fn inspect(path: &Path) -> Result<InspectReport, ImageError> {
     inspect_file(path).map_err(|e| e.in_image(path))
