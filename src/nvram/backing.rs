@@ -79,6 +79,13 @@ pub enum BackingError {
     /// `fdatasync` failed: what was written since the last persist may be lost.
     #[error("fdatasync failed")]
     Sync(#[source] io::Error),
+    /// A thread other than the one the image's writes were pinned to
+    /// (`Image::pin_writer`) tried to write or persist it: refused, since a
+    /// standby takes the image over once that one thread is gone.
+    #[error(
+        "the image is written only by the thread that holds its death notice; another thread tried"
+    )]
+    WrongThread,
 }
 
 /// The image's backing: its kind and, on DAX, the `MAP_SYNC` mapping of the

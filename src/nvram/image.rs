@@ -505,6 +505,14 @@ impl Image<FileStorage> {
         self.storage.path()
     }
 
+    /// From now on only the calling thread may write the image: writes and
+    /// persists from any other fail (`BackingError::WrongThread`). Taken by
+    /// the thread that holds the death notice a standby waits on, so that
+    /// the notice's rule is checked, not only written down.
+    pub fn pin_writer(&mut self) {
+        self.storage.pin_writer();
+    }
+
     /// What the image lives on.
     pub fn backing(&self) -> BackingKind {
         self.storage.kind()

@@ -144,6 +144,9 @@ pub struct FileStorage {
     path: PathBuf,
     file: File,
     pub(super) backing: Backing,
+    /// Once set ([`FileStorage::pin_writer`]), the only thread whose writes
+    /// and persists are carried out.
+    writer: Option<std::thread::ThreadId>,
 }
 
 impl FileStorage {
@@ -152,6 +155,22 @@ impl FileStorage {
             path: path.to_owned(),
             file,
             backing,
+            writer: None,
+        }
+    }
+
+    /// From now on only the calling thread may write or persist the image
+    /// (others get [`BackingError::WrongThread`]), and no second handle for
+    /// a helper thread is given out. The rule a standby's early takeover
+    /// rests on (`vmm::notice`), checked where every write goes through.
+    pub(super) fn pin_writer(&mut self) {
+        self.writer = Some(std::thread::current().id());
+    }
+
+    fn may_write(&self) -> Result<(), BackingError> {
+        match self.writer {
+            Some(w) if w != std::thread::current().id() => Err(BackingError::WrongThread),
+            _ => Ok(()),
         }
     }
 
@@ -181,10 +200,12 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BackingError> {
+        self.may_write()?;
         self.backing.write_at(&self.file, offset, data)
     }
 
     fn persist(&mut self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.may_write()?;
         self.backing.persist(&self.file, offset, len)
     }
 
@@ -218,6 +239,9 @@ impl Storage for FileStorage {
     }
 
     fn second_handle(&self) -> Option<File> {
+        if self.writer.is_some() {
+            return None;
+        }
         // RAM-region bytes are written with pwrite on every backing (the DAX
         // mapping covers the metadata only), so a plain file handle writes
         // them as this storage would.

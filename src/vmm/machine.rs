@@ -205,6 +205,11 @@ impl Machine {
     ) -> Result<RunOutcome, VmmError> {
         let (tx, rx) = std::sync::mpsc::channel::<Event>();
         let (sig_handle, ctl, notice) = self.start_event_sources(&tx)?;
+        if notice.is_some() {
+            // The notice's rule, checked at every write: only this thread
+            // writes the image from now on.
+            self.image.pin_writer();
+        }
         if let Some(t) = timeline.as_mut() {
             t.mark("signals and control socket up");
         }

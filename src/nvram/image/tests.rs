@@ -296,6 +296,37 @@ fn test_open_taken_over_claims_until_the_lock_is_free() {
     Image::open(&p.0).unwrap();
 }
 
+/// Pinned to a thread, the image refuses writes and persists from any
+/// other one (and gives out no second handle), and takes them from it.
+#[test]
+fn test_a_pinned_image_is_written_only_by_its_thread() {
+    let (p, mut img) = created("pinned");
+    img.pin_writer();
+    std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            let r = img.commit(Status::Suspended, b"from another thread");
+            assert!(
+                matches!(r, Err(ImageError::Backing(BackingError::WrongThread))),
+                "{r:?}"
+            );
+            assert!(img.storage.second_handle().is_none());
+        });
+        other.join().unwrap();
+    });
+    drop(img);
+    // Nothing of the refused commit reached the file; the next opener (not
+    // pinned) commits from any thread.
+    let mut img = Image::open(&p.0).unwrap();
+    assert_ne!(img.read_state().unwrap(), b"from another thread");
+    img.pin_writer();
+    img.commit(Status::Suspended, b"from its thread").unwrap();
+    drop(img);
+    assert_eq!(
+        Image::open(&p.0).unwrap().read_state().unwrap(),
+        b"from its thread"
+    );
+}
+
 #[test]
 fn test_second_open_is_in_use() {
     let (p, img) = created("inuse");
