@@ -173,14 +173,18 @@ fn send_request(
     Ok(conn)
 }
 
-/// Client side: the listening sockets of the process running `image`
-/// (new descriptors of the same sockets).
-pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listeners, ControlError> {
-    let conn = send_request(image, timeout, "listeners")?;
-    let mut got = Listeners {
-        tcp: None,
-        unix: None,
-    };
+/// Client side: sends `request` and receives the descriptors of the reply,
+/// each with its one-byte tag, up to the closing `.`; `what` names them in
+/// the error an nvhv that does not know the request causes (it answers with
+/// an error line).
+fn request_descriptors(
+    image: &Path,
+    timeout: Duration,
+    request: &str,
+    what: &str,
+) -> Result<Vec<(u8, OwnedFd)>, ControlError> {
+    let conn = send_request(image, timeout, request)?;
+    let mut got = Vec::new();
     loop {
         // One byte per call: each call gets at most one message's descriptor.
         let mut tag = [0u8; 1];
@@ -188,15 +192,29 @@ pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listeners, C
             .recv_with_fd(&mut tag)
             .map_err(|e| ControlError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
         match (n, tag[0], file) {
-            (1, b't', Some(f)) => got.tcp = Some(TcpListener::from(OwnedFd::from(f))),
-            (1, b'u', Some(f)) => got.unix = Some(UnixListener::from(OwnedFd::from(f))),
             (1, b'.', None) => return Ok(got),
+            (1, t, Some(f)) if t != b'.' => got.push((t, OwnedFd::from(f))),
             (0, ..) => {
                 return Err(ControlError::Refused(
                     "the VMM closed the connection".into(),
                 ))
             }
-            // An nvhv that does not know the request answers with an error line.
+            _ => return Err(ControlError::Refused(format!("no {what} handed on"))),
+        }
+    }
+}
+
+/// Client side: the listening sockets of the process running `image`
+/// (new descriptors of the same sockets).
+pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listeners, ControlError> {
+    let mut got = Listeners {
+        tcp: None,
+        unix: None,
+    };
+    for (tag, fd) in request_descriptors(image, timeout, "listeners", "listening sockets")? {
+        match tag {
+            b't' => got.tcp = Some(TcpListener::from(fd)),
+            b'u' => got.unix = Some(UnixListener::from(fd)),
             _ => {
                 return Err(ControlError::Refused(
                     "no listening sockets handed on".into(),
@@ -204,29 +222,20 @@ pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listeners, C
             }
         }
     }
+    Ok(got)
 }
 
 /// Client side: the death notice of the process running `image`, if it
 /// holds one (`None`: it runs without, e.g. in suspend-only mode).
 pub fn request_notice(image: &Path, timeout: Duration) -> Result<Option<OwnedFd>, ControlError> {
-    let conn = send_request(image, timeout, "notice")?;
     let mut got = None;
-    loop {
-        let mut tag = [0u8; 1];
-        let (n, file) = conn
-            .recv_with_fd(&mut tag)
-            .map_err(|e| ControlError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
-        match (n, tag[0], file) {
-            (1, b'n', Some(f)) => got = Some(OwnedFd::from(f)),
-            (1, b'.', None) => return Ok(got),
-            (0, ..) => {
-                return Err(ControlError::Refused(
-                    "the VMM closed the connection".into(),
-                ))
-            }
+    for (tag, fd) in request_descriptors(image, timeout, "notice", "death notice")? {
+        match tag {
+            b'n' => got = Some(fd),
             _ => return Err(ControlError::Refused("no death notice handed on".into())),
         }
     }
+    Ok(got)
 }
 
 /// Client side: ask the process running `image` to suspend; returns its reply.

@@ -556,20 +556,17 @@ fn save_restore_delivers_transport_reset_and_resets_old_connections() {
     assert!(!again.device.reset_event_pending);
 }
 
-/// A host client that connects right after a restore, before the guest has
-/// taken the transport reset, must not have its request seen first (the
-/// guest's reset handling would drop it: the client saw its connection
-/// closed right after connecting, about 1 resume in 100 with the kv guest).
-#[test]
-fn after_restore_new_connections_wait_for_the_guest_to_take_the_reset() {
+/// A device saved with two event buffers posted, restored, a host client
+/// connected to it, and the transport reset event seen by the guest (not
+/// yet taken: its buffer is not posted again).
+fn restored_with_a_client_waiting() -> (Vsock, GuestDriver, TcpStream) {
     let Rig { vsock, mut g, .. } = rig();
     g.post_event_buffers(2);
     vsock.pause();
     let state = vsock.save();
     drop(vsock);
-    let (_vsock, addr) = restore_on_a_new_listener(&mut g, &state);
-    let _cl = client(addr);
-    // The event arrives; while its buffer is not posted again, no request.
+    let (vsock, addr) = restore_on_a_new_listener(&mut g, &state);
+    let cl = client(addr);
     let deadline = Instant::now() + T;
     let ev = loop {
         if let Some(ev) = g.peek_event() {
@@ -579,6 +576,17 @@ fn after_restore_new_connections_wait_for_the_guest_to_take_the_reset() {
         std::thread::yield_now();
     };
     assert_eq!(ev, EVENT_TRANSPORT_RESET);
+    (vsock, g, cl)
+}
+
+/// A host client that connects right after a restore, before the guest has
+/// taken the transport reset, must not have its request seen first (the
+/// guest's reset handling would drop it: the client saw its connection
+/// closed right after connecting, about 1 resume in 100 with the kv guest).
+#[test]
+fn after_restore_new_connections_wait_for_the_guest_to_take_the_reset() {
+    // The event arrives; while its buffer is not posted again, no request.
+    let (_vsock, mut g, _cl) = restored_with_a_client_waiting();
     assert!(
         g.recv(Duration::from_millis(30)).is_none(),
         "a request reached the guest before it took the reset"
@@ -597,18 +605,8 @@ fn after_restore_new_connections_wait_for_the_guest_to_take_the_reset() {
 /// event buffer is the work it waits for.
 #[test]
 fn a_device_waiting_for_the_reset_to_be_taken_has_no_ring_work() {
-    let Rig { vsock, mut g, .. } = rig();
-    g.post_event_buffers(2);
-    vsock.pause();
-    let state = vsock.save();
-    drop(vsock);
-    let (vsock, addr) = restore_on_a_new_listener(&mut g, &state);
-    let _cl = client(addr);
-    let deadline = Instant::now() + T;
-    while g.peek_event().is_none() || vsock.connection_count() == 0 {
-        assert!(Instant::now() < deadline, "no reset event or no connection");
-        std::thread::yield_now();
-    }
+    let (vsock, mut g, _cl) = restored_with_a_client_waiting();
+    wait_for(|| vsock.connection_count() == 1, "the client's connection");
     {
         let mut core = vsock.shared.lock();
         assert!(!core.ring_work_pending(), "RX counted as work while gated");
