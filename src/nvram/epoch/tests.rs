@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::nvram::image::tests::{cfg, TempPath};
-use crate::nvram::layout::{Header, ImageConfig, Uuid, FORMAT_VERSION, FORMAT_VERSION_2};
+use crate::nvram::layout::{Header, ImageConfig, Region, Uuid, FORMAT_VERSION, FORMAT_VERSION_2};
 use crate::nvram::redo::{Changes, RecordError, FULL_ENTRY};
 use crate::nvram::storage::MemStorage;
 
@@ -373,18 +373,25 @@ fn test_corrupted_records_are_detected_and_handled_by_the_rule() {
     assert!(e.reason.contains("no epoch was ever committed"), "{e}");
 }
 
-#[test]
-fn test_two_valid_records_of_one_epoch_are_refused() {
+/// [`three_epochs`]' storage, record 4 (all of half 0) as read from it,
+/// and the two halves' regions.
+fn record_4_of_three_epochs() -> (MemStorage, Vec<u8>, Region, Region) {
     let (img, _) = three_epochs();
     let h = img.header().clone();
-    let mut s = img.into_storage();
-    // Copy record 4 (half 0) into half 1, resealed as a half-1 record.
+    let s = img.into_storage();
     let (r4, r3) = (
         half_region(h.geometry.log, 0),
         half_region(h.geometry.log, 1),
     );
     let mut rec = vec![0; r4.size as usize];
     s.read_at(r4.offset, &mut rec).unwrap();
+    (s, rec, r4, r3)
+}
+
+#[test]
+fn test_two_valid_records_of_one_epoch_are_refused() {
+    // Copy record 4 (half 0) into half 1, resealed as a half-1 record.
+    let (mut s, mut rec, _, r3) = record_4_of_three_epochs();
     let mut rh = RecordHeader::parse(&rec).unwrap();
     rh.half = 1;
     rec[..RECORD_HEADER_LEN].copy_from_slice(&rh.encode());
@@ -399,15 +406,7 @@ fn test_two_valid_records_of_one_epoch_are_refused() {
 
 #[test]
 fn test_record_in_the_wrong_half_or_foreign_is_invalid() {
-    let (img, _) = three_epochs();
-    let h = img.header().clone();
-    let mut s = img.into_storage();
-    let (r4, r3) = (
-        half_region(h.geometry.log, 0),
-        half_region(h.geometry.log, 1),
-    );
-    let mut rec = vec![0; r4.size as usize];
-    s.read_at(r4.offset, &mut rec).unwrap();
+    let (mut s, rec, r4, r3) = record_4_of_three_epochs();
     s.write_at(r3.offset, &rec).unwrap();
     let img = Image::open_storage(s).unwrap();
     assert!(matches!(
