@@ -284,6 +284,23 @@ pub fn add_used(q: &mut Queue, mem: &GuestMemory, head: u16, len: u32) -> Result
 /// Ask the driver to notify (`enable`) or not to notify on new available
 /// buffers: the used ring's flags and, with EVENT_IDX, its `avail_event`.
 pub fn set_notification(q: &Queue, mem: &GuestMemory, enable: bool) -> Result<(), QueueError> {
+    let event = if enable {
+        q.next_avail()
+    } else {
+        AVAIL_EVENT_SUPPRESSED
+    };
+    write_notification(q, mem, enable, event)
+}
+
+/// The used ring's flags (`enable`: notifications wanted) and, with
+/// EVENT_IDX, its `avail_event` (`event`: the avail index whose passing
+/// the driver signals).
+fn write_notification(
+    q: &Queue,
+    mem: &GuestMemory,
+    enable: bool,
+    event: u16,
+) -> Result<(), QueueError> {
     let used = GuestAddress(q.used_ring());
     let flags: u16 = if enable {
         0
@@ -298,11 +315,6 @@ pub fn set_notification(q: &Queue, mem: &GuestMemory, enable: bool) -> Result<()
             .0
             .checked_add(off)
             .ok_or(QueueError::UsedRing(virtio_queue::Error::AddressOverflow))?;
-        let event = if enable {
-            q.next_avail()
-        } else {
-            AVAIL_EVENT_SUPPRESSED
-        };
         mem.store(event.to_le(), GuestAddress(at), Ordering::Relaxed)
             .map_err(|e| QueueError::UsedRing(virtio_queue::Error::GuestMemory(e)))?;
     }
@@ -315,16 +327,7 @@ pub fn set_notification(q: &Queue, mem: &GuestMemory, enable: bool) -> Result<()
 /// For a device that waits for the driver to re-post a buffer while others
 /// it has not taken are already there.
 pub fn notify_past(q: &Queue, mem: &GuestMemory, idx: u16) -> Result<bool, QueueError> {
-    set_notification(q, mem, true)?;
-    if q.event_idx_enabled() {
-        let off = USED_RING_HEADER + USED_ELEM_SIZE * u64::from(q.size());
-        let at = GuestAddress(q.used_ring())
-            .0
-            .checked_add(off)
-            .ok_or(QueueError::UsedRing(virtio_queue::Error::AddressOverflow))?;
-        mem.store(idx.to_le(), GuestAddress(at), Ordering::Relaxed)
-            .map_err(|e| QueueError::UsedRing(virtio_queue::Error::GuestMemory(e)))?;
-    }
+    write_notification(q, mem, true, idx)?;
     // ORDER: as in `enable_and_recheck`.
     fence(Ordering::SeqCst);
     Ok(avail_idx(q, mem)? != idx)
