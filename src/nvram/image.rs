@@ -426,8 +426,7 @@ impl Image<FileStorage> {
             let locked = Instant::now();
             // ORDER: compare after the lock is taken: a file that was still
             // at the path then is the one every later opener locks too.
-            let now = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
-            if same_file(&now, &file)? && same_file(&now, successor.file())? {
+            if at_path_and_claimed(path, &file, &successor)? {
                 let image = Image::open_locked(path, file)?;
                 drop(successor);
                 return Ok((image, locked));
@@ -450,8 +449,7 @@ impl Image<FileStorage> {
         successor: Successor,
     ) -> Result<(Image, Instant), ImageError> {
         let file = open_rw(path)?;
-        let now = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
-        if !(same_file(&now, &file)? && same_file(&now, successor.file())?) {
+        if !at_path_and_claimed(path, &file, &successor)? {
             return Image::open_when_free(path, successor);
         }
         let taken = Instant::now();
@@ -975,10 +973,21 @@ pub(super) fn open_rw(path: &Path) -> Result<File, ImageError> {
     Ok(file)
 }
 
-/// Whether `file` is the file `at_path` describes.
-fn same_file(at_path: &std::fs::Metadata, file: &File) -> Result<bool, ImageError> {
-    let held = file.metadata().map_err(read_err("image metadata"))?;
-    Ok((at_path.dev(), at_path.ino()) == (held.dev(), held.ino()))
+/// Whether `file` is the file at `path` now, and the one `successor`
+/// claimed.
+fn at_path_and_claimed(
+    path: &Path,
+    file: &File,
+    successor: &Successor,
+) -> Result<bool, ImageError> {
+    let now = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
+    let id = |f: &File| {
+        f.metadata()
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(read_err("image metadata"))
+    };
+    let at_path = (now.dev(), now.ino());
+    Ok(id(file)? == at_path && id(successor.file())? == at_path)
 }
 
 pub(super) fn check_regular(file: &File, path: &Path) -> Result<(), ImageError> {
