@@ -225,24 +225,25 @@ fn parse_give_back(s: &str) -> Result<GiveBack, String> {
     if s.trim().eq_ignore_ascii_case("off") {
         return Ok(GiveBack(None));
     }
-    let number = s.trim().trim_end_matches(|c: char| c.is_alphabetic());
-    if number.parse::<f64>() == Ok(0.0) {
-        return Ok(GiveBack(Some(Duration::ZERO)));
-    }
-    parse_duration(s).map(|d| GiveBack(Some(d)))
+    parse_duration_or_zero(s).map(|d| GiveBack(Some(d)))
 }
 
 /// `--idle-poll`: 0 (with a unit or without), or a duration up to 1 s.
 fn parse_poll(s: &str) -> Result<Duration, String> {
-    let number = s.trim().trim_end_matches(|c: char| c.is_alphabetic());
-    if number.parse::<f64>() == Ok(0.0) {
-        return Ok(Duration::ZERO);
-    }
-    let d = parse_duration(s)?;
+    let d = parse_duration_or_zero(s)?;
     if d > Duration::from_secs(1) {
         return Err(format!("'{s}' is longer than 1s"));
     }
     Ok(d)
+}
+
+/// [`parse_duration`], or zero (`0`, with or without a unit).
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    let number = s.trim().trim_end_matches(|c: char| c.is_alphabetic());
+    if number.parse::<f64>() == Ok(0.0) {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
