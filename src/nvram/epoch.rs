@@ -688,7 +688,7 @@ impl<S: Storage> Image<S> {
 
     /// From now on keep (`keep`), or stop keeping and forget, the number of
     /// every page an apply writes to the RAM image, for
-    /// [`Image::take_written`].
+    /// [`Image::drain_written`].
     pub fn keep_written(&mut self, keep: bool) {
         if keep {
             self.written.get_or_insert_with(Vec::new);
@@ -697,13 +697,15 @@ impl<S: Storage> Image<S> {
         }
     }
 
-    /// The pages applies wrote to the RAM image since the last call (each
-    /// once per write; empty unless [`Image::keep_written`] asked for them).
-    /// Such a page holds there its newest committed bytes, unless it is
+    /// Hands `f` the pages applies wrote to the RAM image since the last
+    /// call (each once per write), and forgets them; `f` is not called
+    /// unless [`Image::keep_written`] asked for them. Such a page holds
+    /// there its newest committed bytes, unless it is
     /// [pending](Image::is_pending) again.
-    pub fn take_written(&mut self, into: &mut Vec<u64>) {
+    pub fn drain_written(&mut self, f: impl FnOnce(&[u64])) {
         if let Some(w) = self.written.as_mut() {
-            into.append(w);
+            f(w);
+            w.clear();
         }
     }
 

@@ -341,7 +341,7 @@ pub struct Image<S: Storage = FileStorage> {
     /// Pages written to the RAM image by applies since the image was opened.
     pub(super) pages_applied: u64,
     /// The pages applies wrote to the RAM image since the last
-    /// [`Image::take_written`], when asked to keep them
+    /// [`Image::drain_written`], when asked to keep them
     /// ([`Image::keep_written`]).
     pub(super) written: Option<Vec<u64>>,
     /// Format 3: recovery continued the log instead of sealing it, so the

@@ -103,8 +103,6 @@ pub(super) struct Machine {
     /// Epoch mode: the pages written to the image whose private copies may
     /// be given back once cold.
     reclaim: Option<Reclaim>,
-    /// The pages the last apply wrote to the image (a buffer kept).
-    written: Vec<u64>,
 }
 
 /// The guest's `Hints::output_held` word.
@@ -160,7 +158,6 @@ impl Machine {
         });
         Machine {
             reclaim,
-            written: Vec::new(),
             output_hint: p.policy.and_then(|_| output_hint(&p.mem)),
             vm: p.vm,
             mem: p.mem,
@@ -884,9 +881,7 @@ impl Machine {
         // ORDER: apply after the commit; the next commit's persist makes it durable.
         self.image.apply_committed(changes)?;
         if let Some(r) = self.reclaim.as_mut() {
-            self.image.take_written(&mut self.written);
-            r.written(&self.written);
-            self.written.clear();
+            self.image.drain_written(|w| r.written(w));
         }
         stats.record(paused, pfns.len(), &times, t0.elapsed(), held);
         stats.pages_applied = self.image.pages_applied();

@@ -621,7 +621,7 @@ fn test_epochs_on_a_tmpfs_file_survive_reopen() {
     assert_eq!(img.read_state().unwrap(), b"third");
 }
 
-/// `take_written` hands over each page an apply wrote to the RAM image,
+/// `drain_written` hands over each page an apply wrote to the RAM image,
 /// once, in both log protocols; in format 3 a page waiting to be written
 /// is pending (and not handed over) until it is.
 #[test]
@@ -634,9 +634,9 @@ fn test_written_pages_are_handed_over_once_and_pending_ones_are_not() {
     img.commit_epoch(&ch, &[2; 64]).unwrap();
     img.apply_committed(&ch).unwrap();
     let mut w = Vec::new();
-    img.take_written(&mut w);
+    img.drain_written(|p| w.extend_from_slice(p));
     assert_eq!(w, [2, 5]);
-    img.take_written(&mut w);
+    img.drain_written(|p| w.extend_from_slice(p));
     assert_eq!(w, [2, 5], "handed over once");
     assert!(!img.is_pending(2));
 
@@ -652,13 +652,13 @@ fn test_written_pages_are_handed_over_once_and_pending_ones_are_not() {
     img.apply_committed(&ch).unwrap();
     // Not kept unless asked.
     let mut w = Vec::new();
-    img.take_written(&mut w);
+    img.drain_written(|p| w.extend_from_slice(p));
     assert!(w.is_empty());
     img.keep_written(true);
     let pending: Vec<u64> = [3, 4].into_iter().filter(|&p| img.is_pending(p)).collect();
     assert!(!pending.is_empty(), "format 3 applies lazily");
     img.write_pending(usize::MAX, u64::MAX).unwrap();
-    img.take_written(&mut w);
+    img.drain_written(|p| w.extend_from_slice(p));
     w.sort_unstable();
     assert_eq!(w, pending);
     assert!(!img.is_pending(3) && !img.is_pending(4));
@@ -669,6 +669,6 @@ fn test_written_pages_are_handed_over_once_and_pending_ones_are_not() {
     img.keep_written(false);
     img.write_pending(usize::MAX, u64::MAX).unwrap();
     w.clear();
-    img.take_written(&mut w);
+    img.drain_written(|p| w.extend_from_slice(p));
     assert!(w.is_empty());
 }
