@@ -41,12 +41,9 @@ pub(super) fn lock(file: &File, path: &Path, op: libc::c_int) -> Result<(), Imag
             unlock(file);
             Err(ImageError::InUse(path.to_owned()))
         }
-        Err(source) => {
+        Err(e) => {
             unlock(file);
-            Err(ImageError::Lock {
-                path: path.to_owned(),
-                source,
-            })
+            Err(lock_error(path)(e))
         }
     }
 }
@@ -70,12 +67,7 @@ fn flock(file: &File, path: &Path, op: libc::c_int) -> Result<(), ImageError> {
             Some(libc::EWOULDBLOCK) if op & libc::LOCK_NB != 0 => {
                 return Err(ImageError::InUse(path.to_owned()))
             }
-            _ => {
-                return Err(ImageError::Lock {
-                    path: path.to_owned(),
-                    source: e,
-                })
-            }
+            _ => return Err(lock_error(path)(e)),
         }
     }
 }
@@ -122,47 +114,49 @@ pub struct Successor {
 impl Successor {
     /// Claims the image at `path`, waiting while another standby has it.
     pub fn wait(path: &Path) -> Result<Successor, ImageError> {
-        loop {
-            // A waiting claim returns one or fails; `None` cannot come back,
-            // but if it did, waiting again is what was asked for.
-            if let Some(s) = Successor::take(path, libc::F_OFD_SETLKW)? {
-                return Ok(s);
-            }
-        }
+        let file = open_rw(path)?;
+        set_successor_lock(&file, libc::F_OFD_SETLKW).map_err(lock_error(path))?;
+        Ok(Successor { file })
     }
 
     /// Claims the image at `path` if no other standby has it (`None`).
     pub fn claim(path: &Path) -> Result<Option<Successor>, ImageError> {
-        Successor::take(path, libc::F_OFD_SETLK)
-    }
-
-    fn take(path: &Path, cmd: libc::c_int) -> Result<Option<Successor>, ImageError> {
         let file = open_rw(path)?;
-        let mut l = successor_range(libc::F_WRLCK as libc::c_short);
-        loop {
-            // SAFETY: F_OFD_SETLK(W) reads the flock struct we pass, which
-            // lives on our stack for the call.
-            let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut l) };
-            if r == 0 {
-                return Ok(Some(Successor { file }));
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN | libc::EACCES) if cmd == libc::F_OFD_SETLK => return Ok(None),
-                _ => {
-                    return Err(ImageError::Lock {
-                        path: path.to_owned(),
-                        source: e,
-                    })
-                }
-            }
+        match set_successor_lock(&file, libc::F_OFD_SETLK) {
+            Ok(()) => Ok(Some(Successor { file })),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => Ok(None),
+            Err(e) => Err(lock_error(path)(e)),
         }
     }
 
     /// The file the claim was made on: the one at the path then.
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+/// Takes the claim's write lock on `file` with `cmd` (`F_OFD_SETLK` or
+/// `F_OFD_SETLKW`), retrying when a signal interrupts the wait.
+fn set_successor_lock(file: &File, cmd: libc::c_int) -> io::Result<()> {
+    let mut l = successor_range(libc::F_WRLCK as libc::c_short);
+    loop {
+        // SAFETY: F_OFD_SETLK(W) reads the flock struct we pass, which
+        // lives on our stack for the call.
+        if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut l) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// [`ImageError::Lock`] for `path`, as a `map_err` adapter.
+fn lock_error(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Lock {
+        path: path.to_owned(),
+        source,
     }
 }
 
