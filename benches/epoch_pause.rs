@@ -11,12 +11,14 @@
 
 mod support;
 
-use support::{free_port, nvhv, Args};
+use support::{free_port, nvhv};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use clap::Parser;
 
 /// On drop (also when a panic unwinds): SIGKILL the VM if it still runs,
 /// and remove its image.
@@ -64,7 +66,27 @@ fn copy_bound_us(pages: usize) -> f64 {
     t[t.len() / 2]
 }
 
+/// Epoch pause against dirty pages, next to the memory-copy bound measured
+/// on the same machine in the same run.
+///
+/// See the module documentation at the top of `benches/epoch_pause.rs` for
+/// what is measured.
+#[derive(Parser)]
+#[command(name = "epoch_pause", bin_name = "cargo bench --bench epoch_pause --")]
+struct Cli {
+    /// Where the image goes.
+    #[arg(long, default_value = "/dev/shm")]
+    dir: String,
+    /// nvhv's `--hot-pages` (pages left writable and compared every pause); its default otherwise.
+    #[arg(long, value_name = "N")]
+    hot_pages: Option<String>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
+    let cli = Cli::parse();
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -74,12 +96,11 @@ fn main() {
         eprintln!("epoch_pause bench: /dev/kvm not available, nothing measured");
         return;
     }
-    let args = Args::from_env();
-    let dir = args.get("--dir").unwrap_or_else(|| "/dev/shm".into());
+    let dir = cli.dir;
     // --hot-pages N: the budget of pages left writable (and compared every
     // pause), passed on to nvhv; its default otherwise.
-    let hot: Vec<String> = args
-        .get("--hot-pages")
+    let hot: Vec<String> = cli
+        .hot_pages
         .map(|n| vec!["--hot-pages".into(), n])
         .unwrap_or_default();
     let img = format!("{dir}/nvhv-bench-epoch-pause-{}.img", std::process::id());

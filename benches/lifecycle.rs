@@ -14,12 +14,14 @@
 
 mod support;
 
-use support::{nvhv, Args};
+use support::nvhv;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use clap::Parser;
 
 fn ms_after(line: &str, key: &str) -> Option<f64> {
     let i = line.find(key)? + key.len();
@@ -79,12 +81,32 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Suspend and resume latency of the counter guest at several RAM sizes,
+/// measured through the `nvhv` binary.
+///
+/// See the module documentation at the top of `benches/lifecycle.rs` for
+/// what is reported.
+#[derive(Parser)]
+#[command(name = "lifecycle", bin_name = "cargo bench --bench lifecycle --")]
+struct Cli {
+    /// Resume / suspend cycles per size.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Guest RAM sizes, as nvhv's `--mem` takes them (comma-separated).
+    #[arg(long, default_value = "64M,4G")]
+    sizes: String,
+    /// Where the images go.
+    #[arg(long, default_value = "/dev/shm")]
+    dir: PathBuf,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let args = Args::from_env();
-    let get = |k: &str| args.get(k);
-    let rounds: usize = get("--rounds").and_then(|s| s.parse().ok()).unwrap_or(20);
-    let sizes = get("--sizes").unwrap_or_else(|| "64M,4G".into());
-    let dir = PathBuf::from(get("--dir").unwrap_or_else(|| "/dev/shm".into()));
+    let Cli {
+        rounds, sizes, dir, ..
+    } = Cli::parse();
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -8,7 +8,7 @@
 //!                                 [--window 64] [--log-size 256M]
 //!                                 [--fill-timeout 240] [--no-redis]
 //!                                 [--no-full-read] [--churn SECS]
-//!                                 [--activate] [--standby]
+//!                                 [--activate] [--standby] [--seed N]
 //! ```
 //!
 //! For each size S (sequentially; each size's files are deleted before the
@@ -73,7 +73,7 @@
 
 mod support;
 
-use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, push_cmd, socket_activated, Args};
+use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, push_cmd, socket_activated};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -85,6 +85,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use clap::Parser;
 
 const MIB: u64 = 1 << 20;
 
@@ -781,48 +783,96 @@ struct Opts {
     standby: bool,
 }
 
+/// Recovery after `kill -9` with a large dataset: nvhv's kv guest in epoch
+/// mode against redis-server reloading the same dataset from its AOF.
+///
+/// See the module documentation at the top of `benches/recovery.rs` for what
+/// is measured and how.
+#[derive(Parser)]
+#[command(name = "recovery", bin_name = "cargo bench --bench recovery --")]
+struct Cli {
+    /// Dataset sizes to measure, in turn (comma-separated; K, M, G suffixes).
+    #[arg(long, default_value = "256M,1G,4G", value_parser = sizes_arg)]
+    sizes: String,
+    /// Where the images and redis' files go.
+    #[arg(long, default_value = "/dev/shm")]
+    dir: PathBuf,
+    /// Timed recoveries per size and server (at least 1).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Bytes per value (K, M, G suffixes).
+    #[arg(long, default_value = "32K", value_parser = size_arg)]
+    value_size: u64,
+    /// Connections that fill (and, with --churn, load) the dataset.
+    #[arg(long, default_value_t = 4)]
+    conns: usize,
+    /// Commands in flight at most on each connection.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// nvhv's `--log-size`.
+    #[arg(long, default_value = "256M")]
+    log_size: String,
+    /// Seconds a fill may take before it is given up.
+    #[arg(long, default_value_t = 240)]
+    fill_timeout: u64,
+    /// Measure nvhv alone (no redis-server).
+    #[arg(long)]
+    no_redis: bool,
+    /// Skip the last resume's full read of every key.
+    #[arg(long)]
+    no_full_read: bool,
+    /// SIGKILL nvhv under SETs of small changing values sent for SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    churn: Option<f64>,
+    /// Seed of the dataset and the churn (default: from the process id).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run nvhv under socket activation, the client connecting before the spawn.
+    #[arg(long)]
+    activate: bool,
+    /// Also time takeovers by a standby (`nvhv resume --standby`).
+    #[arg(long)]
+    standby: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// `parse_size` for clap.
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).ok_or_else(|| format!("bad size {s}"))
+}
+
+/// A comma-separated list of sizes, checked by `parse_size` and kept as given.
+fn sizes_arg(s: &str) -> Result<String, String> {
+    s.split(',').try_for_each(|x| size_arg(x).map(drop))?;
+    Ok(s.to_string())
+}
+
 fn opts() -> Opts {
-    let args = Args::from_env();
-    let get = |k: &str| args.get(k);
-    let has = |k: &str| args.has(k);
+    let cli = Cli::parse();
     Opts {
-        sizes: get("--sizes")
-            .unwrap_or_else(|| "256M,1G,4G".into())
+        sizes: cli
+            .sizes
             .split(',')
             .map(|s| {
                 let b = parse_size(s).unwrap_or_else(|| panic!("bad size {s}"));
                 (s.to_string(), b)
             })
             .collect(),
-        dir: PathBuf::from(get("--dir").unwrap_or_else(|| "/dev/shm".into())),
-        rounds: get("--rounds")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(5)
-            .max(1),
-        value_size: get("--value-size")
-            .and_then(|s| parse_size(&s))
-            .unwrap_or(32 << 10) as usize,
-        conns: get("--conns").and_then(|s| s.parse().ok()).unwrap_or(4),
-        window: get("--window").and_then(|s| s.parse().ok()).unwrap_or(64),
-        log_size: get("--log-size").unwrap_or_else(|| "256M".into()),
-        fill_timeout: Duration::from_secs(
-            get("--fill-timeout")
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(240),
-        ),
-        redis: !has("--no-redis"),
-        full_read: !has("--no-full-read"),
-        churn: get("--churn").map(|s| {
-            let secs: f64 = s
-                .parse()
-                .unwrap_or_else(|_| panic!("--churn takes seconds, not {s:?}"));
-            Duration::from_secs_f64(secs)
-        }),
-        seed: get("--seed")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0x5eed_0000 ^ std::process::id() as u64),
-        activate: has("--activate"),
-        standby: has("--standby"),
+        dir: cli.dir,
+        rounds: cli.rounds.max(1),
+        value_size: cli.value_size as usize,
+        conns: cli.conns,
+        window: cli.window,
+        log_size: cli.log_size,
+        fill_timeout: Duration::from_secs(cli.fill_timeout),
+        redis: !cli.no_redis,
+        full_read: !cli.no_full_read,
+        churn: cli.churn.map(Duration::from_secs_f64),
+        seed: cli.seed.unwrap_or(0x5eed_0000 ^ std::process::id() as u64),
+        activate: cli.activate,
+        standby: cli.standby,
     }
 }
 

@@ -51,7 +51,7 @@
 mod native;
 mod support;
 
-use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, push_cmd, which, Args};
+use support::{ensure_redis_server, free_port, is_tmpfs, nvhv, push_cmd, which};
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -59,6 +59,8 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use clap::Parser;
 
 /// True once `PING` on a fresh connection gets `+PONG`.
 fn pong(port: u16) -> bool {
@@ -380,46 +382,95 @@ fn measure(
     Ok(runs.swap_remove(runs.len() / 2))
 }
 
+/// redis-benchmark against nvhv's kv guest, redis-server (with and without
+/// AOF) and the kv engine run natively with a durable log, in the same run.
+///
+/// See the module documentation at the top of `benches/redis.rs` for the
+/// servers, tests and configurations measured.
+#[derive(Parser)]
+#[command(name = "redis", bin_name = "cargo bench --bench redis --")]
+struct Cli {
+    /// nvhv persistence modes to measure, one nvhv each (comma-separated).
+    #[arg(long, default_value = "suspend-only")]
+    persist: String,
+    /// Where the images, AOFs, logs and console files go.
+    #[arg(long, default_value = "/dev/shm")]
+    dir: PathBuf,
+    /// Seconds each run is calibrated to last.
+    #[arg(long, default_value_t = 1.5)]
+    seconds: f64,
+    /// nvhv's `--mem`.
+    #[arg(long, default_value = "256M")]
+    mem: String,
+    /// Runs per test and configuration; the median by rate is reported.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Keys are random among this many (redis-benchmark's `-r`).
+    #[arg(long, default_value_t = 100_000)]
+    keyspace: u64,
+    /// Client configurations: `C` (clients) or `CxP` (clients x pipeline), comma-separated.
+    #[arg(long, default_value = "1,16,16x16,50x16")]
+    configs: String,
+    /// Tests to run: set, set-changing, get (comma-separated).
+    #[arg(long, default_value = "set,set-changing,get")]
+    tests: String,
+    /// Write every key of the keyspace before the measured runs.
+    #[arg(long)]
+    preload: bool,
+    /// Native durable servers by writes in flight (comma-separated), or `none`.
+    #[arg(long, default_value = "1")]
+    native: String,
+    /// More words for every `nvhv run` (one argument, split at whitespace).
+    #[arg(long, allow_hyphen_values = true)]
+    nvhv_args: Option<String>,
+    /// Internal: serve the native durable server on this port (the bench re-executes itself).
+    #[arg(long, hide = true, value_name = "PORT", requires_all = ["log", "depth"])]
+    serve_native: Option<u16>,
+    /// Internal, with --serve-native: its log file.
+    #[arg(long, hide = true)]
+    log: Option<PathBuf>,
+    /// Internal, with --serve-native: its groups' writes in flight at most.
+    #[arg(long, hide = true)]
+    depth: Option<usize>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let args = Args::from_env();
-    let get = |k: &str| args.get(k);
-    if let Some(port) = get("--serve-native") {
+    let cli = Cli::parse();
+    if let Some(port) = cli.serve_native {
         // This binary, started by itself below as the native-durable server.
-        let (log, depth) = (get("--log").unwrap(), get("--depth").unwrap());
-        let err = native::serve(port.parse().unwrap(), log.as_ref(), depth.parse().unwrap());
+        let (log, depth) = (cli.log.unwrap(), cli.depth.unwrap());
+        let err = native::serve(port, &log, depth);
         eprintln!("native-durable: {err:?}");
         std::process::exit(1);
     }
-    let persist = get("--persist").unwrap_or_else(|| "suspend-only".into());
-    let dir = PathBuf::from(get("--dir").unwrap_or_else(|| "/dev/shm".into()));
-    let seconds: f64 = get("--seconds").and_then(|s| s.parse().ok()).unwrap_or(1.5);
-    let mem = get("--mem").unwrap_or_else(|| "256M".into());
-    let repeat: usize = get("--repeat")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1)
-        .max(1);
-    let keyspace: u64 = get("--keyspace")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000);
-    let preload_keys = args.has("--preload");
-    let nvhv_args: Vec<String> = get("--nvhv-args")
+    let persist = cli.persist;
+    let dir = cli.dir;
+    let seconds = cli.seconds;
+    let mem = cli.mem;
+    let repeat = cli.repeat.max(1);
+    let keyspace = cli.keyspace;
+    let preload_keys = cli.preload;
+    let nvhv_args: Vec<String> = cli
+        .nvhv_args
         .map(|a| a.split_whitespace().map(String::from).collect())
         .unwrap_or_default();
-    let native_depths: Vec<usize> = match get("--native").as_deref() {
-        None => vec![1],
-        Some("none") => vec![],
-        Some(d) => d.split(',').map(|x| x.parse().unwrap()).collect(),
+    let native_depths: Vec<usize> = match cli.native.as_str() {
+        "none" => vec![],
+        d => d.split(',').map(|x| x.parse().unwrap()).collect(),
     };
-    let configs: Vec<(u32, u32)> = get("--configs")
-        .unwrap_or_else(|| "1,16,16x16,50x16".into())
+    let configs: Vec<(u32, u32)> = cli
+        .configs
         .split(',')
         .map(|c| match c.split_once('x') {
             Some((c, p)) => (c.parse().unwrap(), p.parse().unwrap()),
             None => (c.parse().unwrap(), 1),
         })
         .collect();
-    let tests: Vec<String> = get("--tests")
-        .unwrap_or_else(|| "set,set-changing,get".into())
+    let tests: Vec<String> = cli
+        .tests
         .split(',')
         .map(|t| {
             test_args(t);

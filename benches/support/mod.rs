@@ -7,36 +7,6 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// The bench's command line: `cargo bench --bench NAME -- --flag value …`
-/// (cargo's own `--bench` argument left out).
-pub struct Args(Vec<String>);
-
-impl Args {
-    /// This process's arguments.
-    pub fn from_env() -> Self {
-        Args(
-            std::env::args()
-                .skip(1)
-                .filter(|a| a != "--bench")
-                .collect(),
-        )
-    }
-
-    /// The value given after `flag`, if any.
-    pub fn get(&self, flag: &str) -> Option<String> {
-        self.0
-            .iter()
-            .position(|a| a == flag)
-            .and_then(|i| self.0.get(i + 1))
-            .cloned()
-    }
-
-    /// Whether the switch `flag` was given.
-    pub fn has(&self, flag: &str) -> bool {
-        self.0.iter().any(|a| a == flag)
-    }
-}
-
 /// Appends the RESP encoding of the command `args` (an array of bulk
 /// strings) to `buf`.
 pub fn push_cmd(buf: &mut Vec<u8>, args: &[&[u8]]) {
