@@ -1,32 +1,39 @@
-//! Power cuts below the file system. nvhv runs the kv guest in epoch mode
-//! with its image on an ext4 whose block device records every write and
-//! every flush that reaches it; the test then builds the disks a power cut
-//! could have left at many points of that run, mounts each (ext4 replays
-//! its journal), resumes the image on it, and checks that every write the
-//! guest acknowledged before that point is there with its value.
+//! Power cuts below the file system. nvhv runs the kv guest with its image
+//! on an ext4 whose block device records every write and every flush that
+//! reaches it; the test then builds the disks a power cut could have left
+//! at many points of that run, mounts each (ext4 replays its journal),
+//! resumes the image on it, and checks what the clients were told.
 //!
 //! The block device: a loop device over the one file of a FUSE file system
 //! served by this test (`Recorder`). The loop driver turns a flush (and a
 //! FUA write: it has a write cache and no FUA) into `fsync` of that file,
-//! and its writes reach the FUSE server one by one (write-through, direct
-//! I/O), so the server sees the device's writes and flushes in an order the
-//! kernel allowed. The disk a power cut could leave at flush `f`: every
-//! write the server completed before `f`, and of the writes after it and
-//! before the next flush any subset, each possibly cut at a 4 KiB boundary
-//! (the file system's block; this is the dm-log-writes model, built in
-//! user space because this machine has no device-mapper).
+//! and its writes reach the FUSE server one by one (direct I/O), so the
+//! server sees the device's writes and flushes in an order the kernel
+//! allowed. The disk a power cut could leave at flush `f`: every write the
+//! server completed before `f`, and of the writes after it and before the
+//! next flush any subset, each possibly cut at 4 KiB boundaries (this is
+//! the dm-log-writes model, built in user space because this machine has no
+//! device-mapper). Each cut point gives the disk without those writes and
+//! disks with random parts of them.
 //!
-//! What must hold at `f`: each acknowledged SET whose reply reached its
-//! client while no more than `f` operations had reached the device (its
-//! commit's flush then came before `f`) is present with its value; no key
-//! has a value that was never written; and an image present at the path is
-//! resumable (a `run` killed while making it leaves the path empty).
+//! The runs and what must hold at `f`:
+//! - epoch mode, `run` under SETs from 4 clients, SIGKILLed: each SET whose
+//!   reply reached its client while no more than `f` operations had reached
+//!   the device (its commit's flush then came before `f`) is present with
+//!   its value; no key holds a value never written; an image present at the
+//!   path resumes (a `run` cut while making it leaves the path empty);
+//! - the disk that run left, resumed (recovery writes) and loaded again,
+//!   SIGKILLed: every SET acknowledged in the first run at every point, and
+//!   the new ones as above;
+//! - suspend-only mode, three sessions each ended by SIGTERM, the third
+//!   recorded: before its commit the image may be refused as not
+//!   resumable, but an image that resumes holds every acknowledged SET.
 //!
-//! CI cuts at about 38 points of 1.5 s of load; a longer run:
+//! CI: 1.5 s of load, about 38 cut points in the first run. Longer:
 //! `NVHV_POWERCUT_SECONDS=10 NVHV_POWERCUT_POINTS=500 cargo test --release
-//! --test powercut -- --nocapture`. Needs
-//! root (FUSE, loop devices, a private mount namespace) and KVM: skipped
-//! without them unless `NVHV_REQUIRE_ROOT=1` / `NVHV_REQUIRE_KVM=1`.
+//! --test powercut -- --nocapture`. Needs root (FUSE, loop devices, a
+//! private mount namespace) and KVM: skipped without them unless
+//! `NVHV_REQUIRE_ROOT=1` / `NVHV_REQUIRE_KVM=1`.
 
 mod common;
 mod harness;
