@@ -56,7 +56,8 @@ use harness::{Client, Reply, Rng};
 
 /// The recorded disk's size.
 const DISK: u64 = 160 << 20;
-/// The unit a torn write keeps or loses (ext4's block).
+/// The pieces a torn write is kept or lost in, from the write's start (4
+/// of ext4's 1 KiB blocks on a disk this small; never a part of a sector).
 const TEAR: usize = 4096;
 const DISK_INO: INodeNo = INodeNo(2);
 const TTL: Duration = Duration::from_secs(3600);
@@ -258,8 +259,8 @@ struct Ack {
 }
 
 /// Unique SETs (keys `TAG:CLIENT:N`) from `clients` connections until
-/// `stop`; every acknowledged
-/// one is stamped with the device operations seen when its reply arrived.
+/// `stop`; every acknowledged one is stamped with the device operations
+/// seen when its reply arrived.
 fn load(
     port: u16,
     tag: &str,
