@@ -1957,38 +1957,19 @@ impl SmallFs {
             .set_len(mib << 20)
             .unwrap();
         fs.backing = Some(file.clone());
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file));
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&file)
-            .arg(&fs.dir));
+        common::run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&file));
+        common::run_ok(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&file)
+                .arg(&fs.dir),
+        );
         Some(fs)
     }
 
     /// This thread's own mount namespace, and the directory to mount on.
     fn private_dir(tag: &str) -> Option<SmallFs> {
-        // SAFETY: unshare(2) and mount(2) with valid NUL-terminated strings;
-        // they change only this thread's (and its children's) mount table.
-        let private = unsafe {
-            libc::unshare(libc::CLONE_NEWNS) == 0
-                && libc::mount(
-                    c"none".as_ptr(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) == 0
-        };
-        if !private {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = common::private_mount_namespace() {
             if std::env::var("NVHV_REQUIRE_ROOT").as_deref() == Ok("1") {
                 panic!("NVHV_REQUIRE_ROOT=1 but a private file system cannot be mounted: {e}");
             }

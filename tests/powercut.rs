@@ -46,13 +46,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use common::{Scratch, Vmm};
+use common::{private_mount_namespace, run_ok as run, Scratch, Vmm};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner, MountOption,
     OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
     WriteFlags,
 };
-use harness::{Client, Reply, Rng};
+use harness::{free_port, Client, Reply, Rng};
 
 /// The recorded disk's size.
 const DISK: u64 = 160 << 20;
@@ -206,33 +206,6 @@ impl Filesystem for Recorder {
         // close(2)'s flush, not the device's: nothing to record.
         reply.ok();
     }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// This thread's own mount namespace (mounts made here vanish with the
-/// test), or None when this process may not make one (not root).
-fn private_mounts() -> Option<()> {
-    // SAFETY: unshare(2) and mount(2) with valid NUL-terminated strings;
-    // they change only this thread's (and its children's) mount table.
-    let ok = unsafe {
-        libc::unshare(libc::CLONE_NEWNS) == 0
-            && libc::mount(
-                c"none".as_ptr(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) == 0
-    };
-    ok.then_some(())
 }
 
 /// Skips (None) or, under `NVHV_REQUIRE_ROOT=1`, fails when `missing`.
@@ -704,7 +677,11 @@ fn can_run() -> bool {
             Command::new("mkfs.ext4").arg("-V").output().is_err(),
         )
         .is_some()
-        && need("a private mount namespace", private_mounts().is_none()).is_some()
+        && need(
+            "a private mount namespace",
+            private_mount_namespace().is_err(),
+        )
+        .is_some()
 }
 
 /// The acknowledged keys stamped with at most `f` operations.
@@ -728,14 +705,6 @@ impl Drop for Unmount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Epoch mode, killed under load (the power cut), then the resume of the

@@ -241,3 +241,36 @@ pub fn ticks(text: &str) -> Vec<u64> {
 pub fn file_bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
+
+/// Gives the calling thread a mount namespace of its own with every mount
+/// private: what it (or a child it starts) mounts there is seen by nobody
+/// else and goes away with the thread. Needs root.
+pub fn private_mount_namespace() -> std::io::Result<()> {
+    // SAFETY: unshare(2) and mount(2) with valid NUL-terminated strings;
+    // they change only this thread's (and its children's) mount table.
+    let ok = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Runs `cmd` to completion; a failure fails the test, with its stderr.
+pub fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -468,7 +468,8 @@ pub struct Harness {
     next: Option<(Child, PathBuf)>,
 }
 
-fn free_port() -> u16 {
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
