@@ -27,7 +27,10 @@
 //!   the new ones as above;
 //! - suspend-only mode, three sessions each ended by SIGTERM, the third
 //!   recorded: before its commit the image may be refused as not
-//!   resumable, but an image that resumes holds every acknowledged SET.
+//!   resumable, but an image that resumes holds every acknowledged SET;
+//! - `run --force` over a suspended image, under SETs, SIGKILLed: the path
+//!   holds the old image with all it acknowledged, or the new one as above,
+//!   never nothing.
 //!
 //! CI: 1.5 s of load, about 38 cut points in the first run. Longer:
 //! `NVHV_POWERCUT_SECONDS=10 NVHV_POWERCUT_POINTS=500 cargo test --release
@@ -297,14 +300,19 @@ enum Outcome {
     /// `resume` refused the image as not resumable (allowed where the
     /// scenario says so).
     Refused,
-    /// Resumed; this many acknowledged keys checked.
-    Checked(usize),
+    /// Resumed; this many acknowledged keys checked, and whether the image
+    /// was the older one ([`Expect::or_older`]).
+    Checked(usize, bool),
 }
 
 /// What a crash disk must show.
 struct Expect<'a> {
     /// Keys whose SET was acknowledged before the cut.
     required: Vec<&'a str>,
+    /// An older image that may still be at the path instead (a `run
+    /// --force` cut before it replaced it): when its first key is there,
+    /// these keys must be, not `required`; and there is always an image.
+    or_older: Option<&'a [&'a str]>,
     /// SETs sent in all, a bound on the keys there may be.
     sent: u64,
     /// Whether the image may be missing or refused as not resumable (the
@@ -321,12 +329,11 @@ fn check_disk(disk: &Path, mnt: &Path, work: &Scratch, expect: &Expect, what: &s
         .arg(mnt));
     let unmount = Unmount(mnt.to_owned());
     let img = mnt.join("kv.img");
-    let required = &expect.required;
     if !img.exists() {
         assert!(
-            required.is_empty() || expect.may_refuse,
+            expect.or_older.is_none() && (expect.required.is_empty() || expect.may_refuse),
             "{what}: no image at the path, but {} writes were acknowledged",
-            required.len()
+            expect.required.len()
         );
         return Outcome::NoImage;
     }
@@ -360,6 +367,13 @@ fn check_disk(disk: &Path, mnt: &Path, work: &Scratch, expect: &Expect, what: &s
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut cl = Client::connect(port).unwrap_or_else(|e| panic!("{what}: connect: {e}"));
+    let older = expect.or_older.filter(|older| {
+        matches!(
+            cl.cmd(&[b"GET", older[0].as_bytes()]),
+            Ok(Reply::Bulk(Some(_)))
+        )
+    });
+    let required = older.unwrap_or(&expect.required);
     for batch in required.chunks(200) {
         let mut args: Vec<&[u8]> = vec![b"MGET"];
         args.extend(batch.iter().map(|k| k.as_bytes()));
@@ -408,7 +422,7 @@ fn check_disk(disk: &Path, mnt: &Path, work: &Scratch, expect: &Expect, what: &s
     drop(cl);
     vm.signal_and_wait(libc::SIGKILL);
     drop(unmount);
-    Outcome::Checked(required.len())
+    Outcome::Checked(required.len(), older.is_some())
 }
 
 /// One recorded run: the disk as the recording began, and every operation
@@ -562,7 +576,8 @@ fn serve_and_stop(
 /// disks: every write before it, and that with random parts of the writes
 /// then in flight (up to the next flush), each cut at [`TEAR`] blocks. Each crash disk is checked against `expect(f)`, `f` being the
 /// operations before the cut. Prints and returns what the disks showed:
-/// (no image, refused, resumed, acknowledged SETs checked).
+/// (no image, refused, resumed, acknowledged SETs checked, resumed the
+/// older image).
 fn cut_and_check<'a>(
     work: &Scratch,
     rec: &Recording,
@@ -570,7 +585,7 @@ fn cut_and_check<'a>(
     spread: usize,
     subsets: usize,
     expect: impl Fn(usize) -> Expect<'a>,
-) -> [usize; 4] {
+) -> [usize; 5] {
     let ops = &rec.ops;
     let flushes = rec.flushes();
     let mut points: Vec<usize> = flushes.iter().copied().take(edge).collect();
@@ -591,7 +606,7 @@ fn cut_and_check<'a>(
     let crash_dir = work.path("crash");
     std::fs::create_dir_all(&crash_dir).unwrap();
     let crash_disk = work.path("crash.ext4");
-    let mut found = [0; 4];
+    let mut found = [0; 5];
     let (mut disks, mut torn) = (0, 0);
     for (n, &f) in points.iter().enumerate() {
         // Every write before flush f (or the end) reached the disk.
@@ -642,9 +657,10 @@ fn cut_and_check<'a>(
             match check_disk(&crash_disk, &crash_dir, work, &expect(f), &what) {
                 Outcome::NoImage => found[0] += 1,
                 Outcome::Refused => found[1] += 1,
-                Outcome::Checked(k) => {
+                Outcome::Checked(k, older) => {
                     found[2] += 1;
                     found[3] += k;
+                    found[4] += usize::from(older);
                 }
             }
         }
@@ -652,13 +668,14 @@ fn cut_and_check<'a>(
     eprintln!(
         "{} writes and {} flushes recorded; {} cut points, {disks} crash disks ({torn} with \
          torn in-flight writes): {} without an image, {} refused as not resumable, {} \
-         resumed with {} acknowledged SETs checked",
+         resumed ({} of them the older image) with {} acknowledged SETs checked",
         ops.len() - flushes.len(),
         flushes.len(),
         points.len(),
         found[0],
         found[1],
         found[2],
+        found[4],
         found[3]
     );
     found
@@ -739,6 +756,7 @@ fn acknowledged_writes_survive_power_cuts_below_ext4() {
     // The image being made and published, then the run.
     let found = cut_and_check(&work, &rec, 12, spread, 1, |f| Expect {
         required: acked_by(&acks, f).collect(),
+        or_older: None,
         sent,
         may_refuse: false,
     });
@@ -766,6 +784,7 @@ fn acknowledged_writes_survive_power_cuts_below_ext4() {
         required: acked_by(&acks, usize::MAX)
             .chain(acked_by(&acks2, f))
             .collect(),
+        or_older: None,
         sent: sent + sent2,
         may_refuse: false,
     });
@@ -824,9 +843,58 @@ fn a_suspend_only_image_cut_before_its_commit_is_refused_never_wrong() {
     // image is refused: a resumable image holds them all.
     let found = cut_and_check(&work, &rec, 12, 12, 6, |f| Expect {
         required: all.clone(),
+        or_older: None,
         sent,
         may_refuse: f < end,
     });
     assert!(found[1] > 0, "no crash disk was refused: {found:?}");
     assert_eq!(found[0], 0, "the image went missing: {found:?}");
+}
+
+/// `run --force` over an image in use for a while (suspended), cut
+/// anywhere: the path holds the old image, resumable with everything it
+/// acknowledged, or the new one with what the new VM acknowledged before the
+/// cut; never nothing, never a mix.
+#[test]
+fn run_force_cut_anywhere_leaves_the_old_image_or_the_new_one() {
+    require_kvm!();
+    if !can_run() {
+        return;
+    }
+    let work = Scratch::new("powercut-force");
+    let args = [
+        "run",
+        "--mem",
+        "64M",
+        "--log-size",
+        "8M",
+        "--dirty-budget",
+        "1024",
+    ];
+    let (rec, (old, sent_old)) = record(&work, "old", fresh_ext4(&work), |dir, seen| {
+        serve_and_stop(&work, dir, &args, "old", 0.5, libc::SIGTERM, seen)
+    });
+    let force: Vec<&str> = args.iter().copied().chain(["--force"]).collect();
+    let (rec, (new, sent_new)) = record(&work, "new", rec.end(), |dir, seen| {
+        serve_and_stop(&work, dir, &force, "new", 0.5, libc::SIGKILL, seen)
+    });
+    assert!(!old.is_empty() && !new.is_empty(), "no SET acknowledged");
+    let older: Vec<&str> = acked_by(&old, usize::MAX).collect();
+    let found = cut_and_check(&work, &rec, 12, 12, 1, |f| Expect {
+        required: acked_by(&new, f).collect(),
+        or_older: Some(&older),
+        sent: sent_old + sent_new,
+        may_refuse: false,
+    });
+    assert_eq!(
+        found[0] + found[1],
+        0,
+        "the path held no resumable image: {found:?}"
+    );
+    assert!(
+        found[4] > 0 && found[4] < found[2],
+        "the cuts missed the replacement (old image on {} disks of {}): {found:?}",
+        found[4],
+        found[2]
+    );
 }
