@@ -34,7 +34,8 @@
 //!
 //! CI: 1.5 s of load, about 38 cut points in the first run. Longer:
 //! `NVHV_POWERCUT_SECONDS=10 NVHV_POWERCUT_POINTS=500 cargo test --release
-//! --test powercut -- --nocapture`. Needs root (FUSE, loop devices, a
+//! --test powercut -- --nocapture`; `NVHV_POWERCUT_ARGS="--give-back-after
+//! 0"` adds options to the epoch run's `nvhv run`. Needs root (FUSE, loop devices, a
 //! private mount namespace) and KVM: skipped without them unless
 //! `NVHV_REQUIRE_ROOT=1` / `NVHV_REQUIRE_KVM=1`.
 
@@ -735,7 +736,8 @@ fn acknowledged_writes_survive_power_cuts_below_ext4() {
     let work = Scratch::new("powercut");
     let secs = env_or("NVHV_POWERCUT_SECONDS", 1.5);
     let spread = env_or("NVHV_POWERCUT_POINTS", 24.0) as usize;
-    let epoch = [
+    let extra = std::env::var("NVHV_POWERCUT_ARGS").unwrap_or_default();
+    let mut epoch = vec![
         "run",
         "--mem",
         "64M",
@@ -744,6 +746,7 @@ fn acknowledged_writes_survive_power_cuts_below_ext4() {
         "--dirty-budget",
         "1024",
     ];
+    epoch.extend(extra.split_whitespace());
     let (rec, (acks, sent)) = record(&work, "run", fresh_ext4(&work), |dir, seen| {
         serve_and_stop(&work, dir, &epoch, "run", secs, libc::SIGKILL, seen)
     });
