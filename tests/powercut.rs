@@ -725,6 +725,18 @@ impl Drop for Unmount {
     }
 }
 
+/// `nvhv run` of the epoch-mode runs: a small VM whose log halves fill and
+/// are reused within the run.
+const EPOCH_RUN: [&str; 7] = [
+    "run",
+    "--mem",
+    "64M",
+    "--log-size",
+    "8M",
+    "--dirty-budget",
+    "1024",
+];
+
 /// Epoch mode, killed under load (the power cut), then the resume of the
 /// disk that left, itself cut while it recovers and serves more SETs.
 #[test]
@@ -737,15 +749,7 @@ fn acknowledged_writes_survive_power_cuts_below_ext4() {
     let secs = env_or("NVHV_POWERCUT_SECONDS", 1.5);
     let spread = env_or("NVHV_POWERCUT_POINTS", 24.0) as usize;
     let extra = std::env::var("NVHV_POWERCUT_ARGS").unwrap_or_default();
-    let mut epoch = vec![
-        "run",
-        "--mem",
-        "64M",
-        "--log-size",
-        "8M",
-        "--dirty-budget",
-        "1024",
-    ];
+    let mut epoch = EPOCH_RUN.to_vec();
     epoch.extend(extra.split_whitespace());
     let (rec, (acks, sent)) = record(&work, "run", fresh_ext4(&work), |dir, seen| {
         serve_and_stop(&work, dir, &epoch, "run", secs, libc::SIGKILL, seen)
@@ -865,15 +869,7 @@ fn run_force_cut_anywhere_leaves_the_old_image_or_the_new_one() {
         return;
     }
     let work = Scratch::new("powercut-force");
-    let args = [
-        "run",
-        "--mem",
-        "64M",
-        "--log-size",
-        "8M",
-        "--dirty-budget",
-        "1024",
-    ];
+    let args = EPOCH_RUN;
     let (rec, (old, sent_old)) = record(&work, "old", fresh_ext4(&work), |dir, seen| {
         serve_and_stop(&work, dir, &args, "old", 0.5, libc::SIGTERM, seen)
     });
