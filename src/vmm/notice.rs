@@ -87,6 +87,20 @@ impl Drop for Page {
     }
 }
 
+/// A new `memfd` of `len` bytes (zero-filled).
+fn memfd(len: u64) -> io::Result<OwnedFd> {
+    // SAFETY: memfd_create with a NUL-terminated name; the descriptor is
+    // owned at once.
+    let raw = unsafe { libc::memfd_create(c"nvhv-notice".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    File::from(fd.try_clone()?).set_len(len)?;
+    Ok(fd)
+}
+
 fn check(r: libc::c_int) -> Result<(), NoticeError> {
     match r {
         0 => Ok(()),
@@ -106,17 +120,7 @@ impl Held {
     /// Makes the page and locks its mutex on the calling thread, which must
     /// be the one that writes the image from now on.
     pub fn hold() -> Result<Held, NoticeError> {
-        // SAFETY: memfd_create with a NUL-terminated name; the descriptor is
-        // owned at once.
-        let raw = unsafe { libc::memfd_create(c"nvhv-notice".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(NoticeError::Make(io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        File::from(fd.try_clone().map_err(NoticeError::Make)?)
-            .set_len(PAGE as u64)
-            .map_err(NoticeError::Make)?;
+        let fd = memfd(PAGE as u64).map_err(NoticeError::Make)?;
         let page = Page::map(&fd)?;
         // SAFETY: the attribute and the mutex live in memory of ours (the
         // attribute on the stack, the mutex in the zero-filled page, large
@@ -238,17 +242,7 @@ mod tests {
 
     #[test]
     fn a_descriptor_that_is_not_a_notice_is_refused() {
-        let f = tempfile_of(100);
+        let f = memfd(100).unwrap();
         assert!(matches!(wait(f), Err(NoticeError::NotANotice(100))));
-    }
-
-    fn tempfile_of(len: u64) -> OwnedFd {
-        // SAFETY: as in `Held::hold`.
-        let raw = unsafe { libc::memfd_create(c"nvhv-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        File::from(fd.try_clone().unwrap()).set_len(len).unwrap();
-        fd
     }
 }
