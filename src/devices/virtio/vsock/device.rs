@@ -769,7 +769,7 @@ impl VsockCore {
         }
         let waiting = self.reset_wait();
         let want = [
-            waiting.is_none() && (!self.orphan_rst.is_empty() || !self.rx_queue.is_empty()),
+            self.rx_has_work(waiting),
             true,
             self.reset_event_pending || waiting.is_some(),
         ];
@@ -808,11 +808,7 @@ impl VsockCore {
     /// only). An unreadable ring counts as work, so that `run` fails the device.
     pub fn ring_work_pending(&self) -> bool {
         let waiting = self.reset_wait();
-        let waits = [
-            waiting.is_none() && (!self.orphan_rst.is_empty() || !self.rx_queue.is_empty()),
-            true,
-            self.reset_event_pending,
-        ];
+        let waits = [self.rx_has_work(waiting), true, self.reset_event_pending];
         let taken = waiting.is_some_and(|a0| {
             self.queue_ready(EVT)
                 && queue::avail_idx(&self.queues[EVT], &self.mem).map_or(true, |a| a != a0)
@@ -822,6 +818,13 @@ impl VsockCore {
                 w && self.queue_ready(i)
                     && queue::has_available(&self.queues[i], &self.mem).unwrap_or(true)
             })
+    }
+
+    /// Whether the device has something to put into RX (packets queued, or
+    /// resets of orphaned connections): never while RX waits for the guest
+    /// to take the transport reset (`waiting`, from [`Self::reset_wait`]).
+    fn rx_has_work(&self, waiting: Option<u16>) -> bool {
+        waiting.is_none() && (!self.orphan_rst.is_empty() || !self.rx_queue.is_empty())
     }
 
     /// While RX waits for the guest to take the transport reset that was
