@@ -793,7 +793,7 @@ struct Opts {
 struct Cli {
     /// Dataset sizes to measure, in turn (comma-separated; K, M, G suffixes).
     #[arg(long, default_value = "256M,1G,4G", value_parser = sizes_arg)]
-    sizes: String,
+    sizes: Sizes,
     /// Where the images and redis' files go.
     #[arg(long, default_value = "/dev/shm")]
     dir: PathBuf,
@@ -843,23 +843,23 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).ok_or_else(|| format!("bad size {s}"))
 }
 
-/// A comma-separated list of sizes, checked by `parse_size` and kept as given.
-fn sizes_arg(s: &str) -> Result<String, String> {
-    s.split(',').try_for_each(|x| size_arg(x).map(drop))?;
-    Ok(s.to_string())
+/// The `--sizes` given, each as written and in bytes.
+#[derive(Clone)]
+struct Sizes(Vec<(String, u64)>);
+
+/// A comma-separated list of sizes, each parsed by `parse_size` and kept as
+/// written too.
+fn sizes_arg(s: &str) -> Result<Sizes, String> {
+    s.split(',')
+        .map(|x| size_arg(x).map(|b| (x.to_string(), b)))
+        .collect::<Result<_, _>>()
+        .map(Sizes)
 }
 
 fn opts() -> Opts {
     let cli = Cli::parse();
     Opts {
-        sizes: cli
-            .sizes
-            .split(',')
-            .map(|s| {
-                let b = parse_size(s).unwrap_or_else(|| panic!("bad size {s}"));
-                (s.to_string(), b)
-            })
-            .collect(),
+        sizes: cli.sizes.0,
         dir: cli.dir,
         rounds: cli.rounds.max(1),
         value_size: cli.value_size as usize,
