@@ -314,8 +314,8 @@ fn test_a_pinned_image_is_written_only_by_its_thread() {
         other.join().unwrap();
     });
     drop(img);
-    // Nothing of the refused commit reached the file; the next opener (not
-    // pinned) commits from any thread.
+    // Nothing of the refused commit reached the file; the next opener,
+    // pinned to this thread, commits from it.
     let mut img = Image::open(&p.0).unwrap();
     assert_ne!(img.read_state().unwrap(), b"from another thread");
     img.pin_writer();
