@@ -44,6 +44,11 @@ enum Cmd {
     /// that arrives meanwhile suspends the VM as soon as it runs.
     Resume(ResumeArgs),
     /// Ask the nvhv process running an image to suspend it (orderly commit and stop).
+    ///
+    /// Prints the time from the request to the durable commit. When no nvhv
+    /// answers on IMAGE.ctl it fails (status 1) and says what the image
+    /// holds: already suspended, left by a crash (`nvhv resume` continues
+    /// it), not resumable, or missing.
     Suspend {
         /// The image the running VM uses.
         #[arg(long)]
@@ -380,7 +385,10 @@ fn main() -> ExitCode {
         }),
         Cmd::Suspend { image } => vmm::control::request_suspend(&image, Duration::from_secs(30))
             .map(|reply| println!("{reply}"))
-            .map_err(|e| error_chain(&e)),
+            .map_err(|e| match e {
+                vmm::control::ControlError::NotRunning(_) => nothing_to_suspend(&image, &e),
+                _ => error_chain(&e),
+            }),
         Cmd::Inspect { path, image, json } => {
             inspect(&path.or(image).expect("clap requires PATH or --image"), json)
         }
@@ -410,6 +418,38 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<(), String> {
             Err(format!("writing the report: {e}"))
         }
         _ => Ok(()),
+    }
+}
+
+/// Why `nvhv suspend` found no nvhv to ask, from what the image at `image`
+/// says: missing, held by a process that does not answer, already
+/// suspended, or left by a crash (then `resume` continues it).
+fn nothing_to_suspend(image: &std::path::Path, e: &vmm::control::ControlError) -> String {
+    let said = error_chain(e);
+    let r = match nvhv::nvram::inspect(image) {
+        Ok(r) => r,
+        Err(ie) => return format!("{said}: {}", error_chain(&ie)),
+    };
+    if r.in_use {
+        return format!(
+            "{said}, yet the image is in use: a standby waiting on it, or an nvhv that is \
+             starting or stopping"
+        );
+    }
+    match (r.status, r.resumable) {
+        (nvhv::nvram::Status::Suspended, _) => {
+            format!("{said}: the image is already suspended (epoch {})", r.epoch)
+        }
+        (_, true) => format!(
+            "{said}: its last nvhv stopped without a suspend (a crash or a kill); `nvhv \
+             resume --image {}` continues it from epoch {}",
+            image.display(),
+            r.epoch
+        ),
+        (_, false) => format!(
+            "{said}: the image is not resumable ({})",
+            r.reason.as_deref().unwrap_or("no reason given")
+        ),
     }
 }
 

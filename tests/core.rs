@@ -225,6 +225,10 @@ fn sigkill_in_suspend_only_mode_leaves_an_image_that_is_refused_unchanged() {
         std::fs::read(&img).unwrap() == before,
         "refused resume changed the image"
     );
+    let out = nvhv_output(&["suspend", "--image", img_s]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the image is not resumable"), "{err}");
 }
 
 #[test]
@@ -374,12 +378,44 @@ fn nvhv_suspend_commits_through_the_control_socket() {
     );
     assert!(said.contains("durable"), "{said}");
     assert!(vm.child.wait().unwrap().success(), "{}", vm.stderr_text());
-    // Nobody serves the image any more: a clear error, not a hang.
+    // Nobody serves the image any more: a clear error, not a hang, that
+    // says what the image holds.
     let out = nvhv_output(&["suspend", "--image", img_s]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no running nvhv"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no running nvhv") && err.contains("already suspended"),
+        "{err}"
+    );
     let j = inspect_json(img_s);
     assert_eq!(j["resumable"], true, "{j}");
+    let missing = img.with_file_name("missing.img");
+    let out = nvhv_output(&["suspend", "--image", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no image at"), "{err}");
+}
+
+/// `nvhv suspend` of an image whose nvhv was killed (its control socket
+/// left behind, refusing connections) says so and how to continue it.
+#[test]
+fn nvhv_suspend_after_a_kill_says_resume_continues_the_image() {
+    require_kvm!();
+    let (_dir, img, mut vm) = running_counter("ctl-kill", "epoch");
+    let img_s = img.to_str().unwrap();
+    vm.signal_and_wait(libc::SIGKILL);
+    assert!(
+        std::path::Path::new(&format!("{img_s}.ctl")).exists(),
+        "a killed nvhv cannot remove its control socket"
+    );
+    let out = nvhv_output(&["suspend", "--image", img_s]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stopped without a suspend")
+            && err.contains(&format!("nvhv resume --image {img_s}")),
+        "{err}"
+    );
 }
 
 /// Epoch options that cannot work are refused with a reason before any file
