@@ -10,7 +10,7 @@
 //! open-file-description write lock (`F_OFD_SETLK`) on the image's first
 //! byte, [`Successor`], from before it stands by until it holds the `flock`
 //! itself. A standby takes the image over as soon as the writer of the
-//! process it replaces is gone (`vmm::notice`), while that dying process
+//! process it replaces is gone (`nvram::notice`), while that dying process
 //! still holds the `flock` for a few milliseconds of teardown; when the
 //! kernel then frees the `flock`, another process could take it in the
 //! moment before the standby does. So every opener that got the `flock`

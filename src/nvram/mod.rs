@@ -14,6 +14,8 @@
 //! - `create`: making a new image, which appears at its path only once complete;
 //! - `image`: open, suspend commit, read state, resumability;
 //! - `lock`: who may write an image (the owner's `flock`, a standby's claim);
+//! - [`notice`]: the death notice, by which a standby learns that the
+//!   thread writing an image is gone;
 //! - `epoch`: epoch commit through the redo log, apply;
 //! - `recovery`: classifying the redo log, planning and carrying out recovery;
 //! - `replay`: recovery's writes gathered per page, each page written once;
@@ -30,6 +32,7 @@ mod image;
 mod inspect;
 pub mod layout;
 mod lock;
+pub mod notice;
 mod recovery;
 pub mod redo;
 mod replay;

@@ -162,7 +162,7 @@ impl FileStorage {
     /// From now on only the calling thread may write or persist the image
     /// (others get [`BackingError::WrongThread`]), and no second handle for
     /// a helper thread is given out. The rule a standby's early takeover
-    /// rests on (`vmm::notice`), checked where every write goes through.
+    /// rests on (`nvram::notice`), checked where every write goes through.
     pub(super) fn pin_writer(&mut self) {
         self.writer = Some(std::thread::current().id());
     }

@@ -315,7 +315,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let writer = std::thread::spawn(move || {
-            let held = super::super::notice::Held::hold().unwrap();
+            let held = crate::nvram::notice::Held::hold().unwrap();
             let none = Listeners {
                 tcp: None,
                 unix: None,
@@ -331,12 +331,12 @@ mod tests {
         let fd = request_notice(&image, Duration::from_secs(10))
             .unwrap()
             .expect("the notice");
-        let waiter = std::thread::spawn(move || super::super::notice::wait(fd).unwrap());
+        let waiter = std::thread::spawn(move || crate::nvram::notice::wait(fd).unwrap());
         go_tx.send(()).unwrap();
         writer.join().unwrap();
         assert_eq!(
             waiter.join().unwrap(),
-            super::super::notice::Ended::Released
+            crate::nvram::notice::Ended::Released
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

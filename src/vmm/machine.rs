@@ -15,7 +15,7 @@ use crate::devices::serial::SerialState;
 use crate::devices::virtio::vsock::{OutputCommit, OutputCut, OutputGate, Vsock};
 use crate::devices::GuestMemory;
 use crate::nvram::redo::Changes;
-use crate::nvram::{Bytes, Image, ImageError, Status};
+use crate::nvram::{notice, Bytes, Image, ImageError, Status};
 use crate::persist::{DeviceStates, MachineState, Persist};
 use crate::vstate::dirty::DirtyTracker;
 use crate::vstate::memory::AdviceWord;
@@ -27,7 +27,6 @@ use crate::vstate::wait::GuestWake;
 
 use super::bus::Bus;
 use super::epoch::{self, EpochEnd, EpochPolicy, EpochStats};
-use super::notice;
 use super::{control, listeners, ram_pages, RunOutcome, StopCause, VmmError};
 
 /// Pages [`Machine::give_back`] looks at in one pause at most: each costs a

@@ -48,7 +48,6 @@ pub mod control;
 mod epoch;
 pub mod listeners;
 mod machine;
-mod notice;
 mod progress;
 mod resume;
 pub mod signals;
@@ -69,7 +68,7 @@ pub enum VmmError {
     Image(#[from] crate::nvram::ImageError),
     /// The death notice a standby waits on.
     #[error(transparent)]
-    Notice(#[from] notice::NoticeError),
+    Notice(#[from] crate::nvram::notice::NoticeError),
     /// `nvhv resume --standby` cannot stand by for this image.
     #[error("--standby: {0}")]
     Standby(String),

@@ -113,7 +113,7 @@ pub fn standby(cfg: &ResumeConfig, started: Instant) -> Result<StandbyEnd, VmmEr
     );
     let ((image, freed), origin) = match notice {
         Some(fd) => {
-            let ended = super::notice::wait(fd)?;
+            let ended = crate::nvram::notice::wait(fd)?;
             tracing::info!("the death notice ended: {ended:?}");
             (
                 Image::open_taken_over(&cfg.image, successor)?,
