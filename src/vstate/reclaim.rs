@@ -93,8 +93,6 @@ pub struct Reclaim {
     age: Duration,
     /// A page of the image, read to compare.
     page: Vec<u8>,
-    /// Pages given back so far.
-    given_back: u64,
 }
 
 /// `pfn`'s word and bit in a one-bit-per-page map.
@@ -116,7 +114,6 @@ impl Reclaim {
             opened: now,
             age,
             page: vec![0; PAGE],
-            given_back: 0,
         }
     }
 
@@ -168,11 +165,6 @@ impl Reclaim {
     pub fn due(&mut self, now: Instant) -> bool {
         self.close_window(now);
         self.waiting > 0
-    }
-
-    /// Pages given back so far.
-    pub fn given_back(&self) -> u64 {
-        self.given_back
     }
 
     /// Pages old enough and not looked at yet.
@@ -272,7 +264,6 @@ impl Reclaim {
                 });
             }
         }
-        self.given_back += drop.len() as u64;
         Ok(drop.len())
     }
 }
@@ -353,7 +344,6 @@ mod tests {
         // old).
         assert_eq!(run(&mut r, 100, t2).unwrap(), 2);
         assert_eq!(r.waiting(), 0);
-        assert_eq!(r.given_back(), 4);
         // One age on, 6 and 7 (last written in the window before) are.
         let t3 = t2 + age;
         assert!(r.due(t3));
@@ -371,7 +361,6 @@ mod tests {
         assert!(r.due(t6));
         r.written(&[8]);
         assert!(!r.due(t6));
-        assert_eq!(r.given_back(), 6);
         // The file changes under the pages: those given back show it.
         for pfn in 0..8u64 {
             file.write_all_at(&fill(0x50 + pfn as u8), (pfn + 1) * PAGE as u64)
@@ -385,8 +374,7 @@ mod tests {
             };
             assert_eq!(read(&mem, pfn)[0], want, "page {pfn}");
         }
-        // An image that cannot be read (cut short here) is an error, and
-        // nothing is given back.
+        // An image that cannot be read (cut short here) is an error.
         r.written(&[9]);
         let t8 = t6 + age * 2;
         assert!(r.due(t8));
@@ -395,7 +383,6 @@ mod tests {
             Err(ReclaimError::Read { pfn: 8 | 9, .. }) => {}
             other => panic!("expected a read error, got {other:?}"),
         }
-        assert_eq!(r.given_back(), 6);
         file.set_len(17 * PAGE as u64).unwrap();
         // Given back, a page is copied again by its next write.
         mem.write_slice(&fill(9), GuestAddress(0)).unwrap();
