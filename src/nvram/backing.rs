@@ -260,8 +260,46 @@ impl Backing {
     }
 }
 
+/// `fdatasync` of `file`. When it fails, Linux has given up on some of the
+/// file's writes but keeps their pages in its cache, marked clean, holding
+/// bytes the disk never got: a later open would read them as if they were
+/// durable (recovery would replay a record the disk lacks and continue the
+/// log after it, and a power cut then leaves the records after a hole).
+/// So the cache's clean pages of the file are dropped at once, and every
+/// later read comes from the disk.
 fn fdatasync(file: &File) -> Result<(), BackingError> {
-    file.sync_data().map_err(BackingError::Sync)
+    file.sync_data().map_err(|e| {
+        drop_cached(file);
+        BackingError::Sync(e)
+    })
+}
+
+/// Makes what the page cache holds of `file` what its disk holds, before
+/// an opener reads the image to build on it. A process killed after a
+/// write and before its persist leaves that write in the cache, not yet
+/// on the disk; an earlier failed write-back nobody has been told of yet
+/// left clean pages the disk lacks. An `fdatasync` writes the first and
+/// reports the second (to the first file opened since that failure that
+/// asks); then the cache's clean pages are dropped and the file read from
+/// the disk. Returns whether that happened. Costs a disk flush when the
+/// cache holds nothing unwritten; nothing on tmpfs.
+pub(crate) fn settle(file: &File) -> Result<bool, BackingError> {
+    match fdatasync(file) {
+        Ok(()) => Ok(false),
+        // fdatasync dropped the cache; what is left dirty is written now.
+        Err(_) => fdatasync(file).map(|()| true),
+    }
+}
+
+/// Drops the clean pages of `file` from the page cache
+/// (`POSIX_FADV_DONTNEED`); pages still dirty, under write-back or mapped
+/// stay. An error is ignored: nothing more can be done about the cache.
+fn drop_cached(file: &File) {
+    // SAFETY: posix_fadvise only reads its integer arguments; the fd is open
+    // for the duration of the call (borrowed `file`).
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
 }
 
 fn statx_says_dax(file: &File) -> bool {

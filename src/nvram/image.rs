@@ -486,6 +486,14 @@ impl Image<FileStorage> {
     /// [`Image::open_taken_over`], claimed).
     fn open_locked(path: &Path, file: File) -> Result<Image, ImageError> {
         let open = || {
+            // ORDER: before anything is read: what the image holds is what
+            // its disk holds from here on (see `settle`).
+            if super::backing::settle(&file)? {
+                tracing::warn!(
+                    "an earlier write of this image failed on its disk; the image is read \
+                     from the disk, not from the page cache"
+                );
+            }
             let v = read_validated(&file)?;
             let backing = Backing::detect(&file, v.header.geometry.ram.offset, true)?;
             Image::open_validated(FileStorage::new(path, file, backing), v)

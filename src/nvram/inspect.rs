@@ -66,6 +66,8 @@ pub struct InspectReport {
     pub state_slot_bytes: u64,
     /// Bytes reserved for the redo log.
     pub log_bytes: u64,
+    /// File offset of the redo log (its two halves, one after the other).
+    pub log_offset: u64,
     /// Bytes of redo-log records recovery would replay into the RAM image.
     pub log_pending_bytes: u64,
     /// Most pages one epoch may commit (one log half); 0 without a usable log.
@@ -231,6 +233,7 @@ fn inspect_file(path: &Path) -> Result<InspectReport, ImageError> {
         state_bytes: cur.state_len,
         state_slot_bytes: h.geometry.state[0].size,
         log_bytes: h.log_bytes(),
+        log_offset: h.geometry.log.offset,
         log_pending_bytes: plan.replay_bytes(),
         log_capacity_pages,
         log_records,
