@@ -577,13 +577,18 @@ fn fresh_ext4(work: &Scratch) -> Vec<u8> {
 /// Starts nvhv with `args` (the image is `DIR/kv.img`, served on a fresh
 /// port) and waits until it listens; returns it and the port.
 fn serve(work: &Scratch, dir: &Path, args: &[&str]) -> (Vmm, u16) {
+    serve_under(work, dir, &[], args)
+}
+
+/// [`serve`], nvhv run by `wrapper` (`common::nvhv_under`).
+fn serve_under(work: &Scratch, dir: &Path, wrapper: &[&str], args: &[&str]) -> (Vmm, u16) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let img = dir.join("kv.img");
     let mut all = vec![args[0], "--image", img.to_str().unwrap()];
     all.extend(&args[1..]);
     all.extend(["--listen", &listen]);
-    let vm = Vmm::start(&all, work.path(&format!("{}.console", args[0])));
+    let vm = Vmm::start_under(wrapper, &all, work.path(&format!("{}.console", args[0])));
     let deadline = Instant::now() + Duration::from_secs(30);
     while Client::connect(port).is_err() {
         assert!(
@@ -643,8 +648,8 @@ fn cut_and_check<'a>(
     cut_and_check_after(work, rec, edge, spread, subsets, (&[], 0), expect)
 }
 
-/// [`cut_and_check`], cut also at the first `dense` flushes after each
-/// operation index in `after`.
+/// [`cut_and_check`], cut also at the last flush before each operation
+/// index in `after` and the `dense` - 1 after it.
 fn cut_and_check_after<'a>(
     work: &Scratch,
     rec: &Recording,
@@ -659,7 +664,10 @@ fn cut_and_check_after<'a>(
     let mut points: Vec<usize> = flushes.iter().copied().take(edge).collect();
     points.extend(flushes.iter().rev().copied().take(edge));
     for &a in after {
-        points.extend(flushes.iter().copied().filter(|&f| f >= a).take(dense));
+        // From the last flush before `a`: its cut has in flight what was
+        // written after it, up to the first flush after `a`.
+        let from = flushes.partition_point(|&f| f < a).saturating_sub(1);
+        points.extend(flushes[from..].iter().copied().take(dense));
     }
     for k in 0..=spread {
         if let Some(&f) = flushes.get(flushes.len().saturating_sub(1) * k / spread.max(1)) {
@@ -1052,6 +1060,9 @@ enum FirstEnd {
     /// SIGKILL under load: what it wrote but never persisted is still in
     /// the page cache when the resume reads the image.
     Killed,
+    /// SIGKILL as it enters an `fdatasync` (under strace, which skips the
+    /// call): the epoch it wrote is in the page cache, never persisted.
+    KilledBeforePersist,
     /// A few of the redo log's writes fail on the device (EIO); nvhv stops
     /// with the error. Linux reports such a failure to one `fdatasync` and
     /// keeps the pages in its cache, clean, with bytes the disk never got.
@@ -1073,13 +1084,33 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
         fresh_ext4(&work),
         fail.clone(),
         |dir, seen| {
-            let (mut vm, port) = serve(&work, dir, &EPOCH_RUN);
+            // Past the image's creation, some 0.3 s into the load.
+            let strace = [
+                "strace",
+                "-f",
+                "-qq",
+                "--seccomp-bpf",
+                "-o",
+                "/dev/null",
+                "-e",
+                "trace=fdatasync",
+                "-e",
+                "inject=fdatasync:error=EIO:signal=SIGKILL:when=300",
+            ];
+            let wrapper: &[&str] = match end {
+                FirstEnd::KilledBeforePersist => &strace,
+                _ => &[],
+            };
+            let (mut vm, port) = serve_under(&work, dir, wrapper, &EPOCH_RUN);
             let stop = AtomicBool::new(false);
             let (acks, sent, status) = std::thread::scope(|s| {
                 let l = s.spawn(|| load(port, "one", 4, &stop, seen));
                 std::thread::sleep(Duration::from_millis(500));
                 let status = match end {
                     FirstEnd::Killed => Some(vm.signal_and_wait(libc::SIGKILL)),
+                    FirstEnd::KilledBeforePersist => {
+                        common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
+                    }
                     FirstEnd::WritesFail => {
                         // The log's blocks on the device: those written so
                         // far (the log is preallocated, so its first pass
@@ -1165,4 +1196,16 @@ fn a_resume_on_the_same_mount_after_sigkill_loses_nothing_acknowledged() {
         return;
     }
     resumed_on_the_same_mount(FirstEnd::Killed);
+}
+
+/// SIGKILL between an epoch's writes and its `fdatasync`, then a resume at
+/// once on the same mount: that epoch's record is in the page cache only,
+/// and must be durable before the resume builds on it (`settle`).
+#[test]
+fn a_resume_after_a_kill_before_the_persist_loses_nothing_acknowledged() {
+    require_kvm!();
+    if !can_run() || need("strace", Command::new("strace").arg("-V").output().is_err()).is_none() {
+        return;
+    }
+    resumed_on_the_same_mount(FirstEnd::KilledBeforePersist);
 }

@@ -35,8 +35,22 @@ pub fn kvm_available() -> bool {
 /// start every nvhv with SIGHUP ignored, which nvhv honours, and the
 /// hangup tests would wait for a stop that never comes).
 pub fn nvhv() -> Command {
+    nvhv_under(&[])
+}
+
+/// [`nvhv()`] run by the command `wrapper` (e.g. `strace …`), the nvhv
+/// binary its last argument; plain nvhv when `wrapper` is empty.
+pub fn nvhv_under(wrapper: &[&str]) -> Command {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvhv"));
+    let bin = env!("CARGO_BIN_EXE_nvhv");
+    let mut cmd = match wrapper {
+        [] => Command::new(bin),
+        [first, rest @ ..] => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+    };
     // SAFETY: between fork and exec only signal(2), which is
     // async-signal-safe.
     unsafe {
@@ -92,9 +106,14 @@ pub struct Vmm {
 impl Vmm {
     /// Start `nvhv <args> --console <console>`, stderr to a file.
     pub fn start(args: &[&str], console: PathBuf) -> Vmm {
+        Vmm::start_under(&[], args, console)
+    }
+
+    /// [`Vmm::start`], nvhv run by `wrapper` ([`nvhv_under`]).
+    pub fn start_under(wrapper: &[&str], args: &[&str], console: PathBuf) -> Vmm {
         let stderr = console.with_extension("stderr");
         let err = std::fs::File::create(&stderr).unwrap();
-        let child = nvhv()
+        let child = nvhv_under(wrapper)
             .args(args)
             .arg("--console")
             .arg(&console)
