@@ -89,7 +89,7 @@ struct Recorder {
     /// acknowledgement with it.
     seen: Arc<AtomicUsize>,
     /// Writes the device is to fail.
-    fail: Arc<Mutex<Failure>>,
+    fail: Arc<Faults>,
 }
 
 /// A failing stretch of the device: the next `left` writes that touch any
@@ -104,18 +104,39 @@ struct Failure {
 }
 
 impl Failure {
-    /// Whether the write of `len` bytes at `off` fails (and counts it).
-    fn fails(&mut self, off: u64, len: usize) -> bool {
-        let hit = self.left > 0
+    fn touches(&self, off: u64, len: usize) -> bool {
+        self.left > 0
             && self
                 .ranges
                 .iter()
-                .any(|r| off < r.end && r.start < off + len as u64);
+                .any(|r| off < r.end && r.start < off + len as u64)
+    }
+
+    /// Whether the write of `len` bytes at `off` fails (and counts it).
+    fn fails(&mut self, off: u64, len: usize) -> bool {
+        let hit = self.touches(off, len);
         if hit {
             self.left -= 1;
             self.failed += 1;
         }
         hit
+    }
+}
+
+/// The device's [`Failure`], shared by the test and the server.
+#[derive(Default)]
+struct Faults {
+    state: Mutex<Failure>,
+}
+
+impl Faults {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Failure> {
+        self.state.lock().unwrap()
+    }
+
+    /// Whether the write of `len` bytes at `off` fails.
+    fn fails(&self, off: u64, len: usize) -> bool {
+        self.lock().fails(off, len)
     }
 }
 
@@ -198,14 +219,14 @@ impl Filesystem for Recorder {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if self.fail.fails(offset, data.len()) {
+            reply.error(Errno::EIO);
+            return;
+        }
         let mut d = self.disk.lock().unwrap();
         let start = offset as usize;
         if start + data.len() > d.bytes.len() {
             reply.error(Errno::ENOSPC);
-            return;
-        }
-        if self.fail.lock().unwrap().fails(offset, data.len()) {
-            reply.error(Errno::EIO);
             return;
         }
         d.bytes[start..start + data.len()].copy_from_slice(data);
@@ -374,18 +395,30 @@ fn check_disk(disk: &Path, mnt: &Path, work: &Scratch, expect: &Expect, what: &s
         );
         return Outcome::NoImage;
     }
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut vm = Vmm::start(
-        &[
-            "resume",
-            "--image",
-            img.to_str().unwrap(),
-            "--listen",
-            &listen,
-        ],
-        work.path("resume.console"),
-    );
+    let (mut vm, port) = loop {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut vm = Vmm::start(
+            &[
+                "resume",
+                "--image",
+                img.to_str().unwrap(),
+                "--listen",
+                &listen,
+            ],
+            work.path("resume.console"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while vm.child.try_wait().is_ok_and(|s| s.is_none())
+            && !vm.stderr_text().contains("resumed")
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !port_taken(&mut vm) {
+            break (vm, port);
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !vm.stderr_text().contains("resumed") {
         if let Ok(Some(status)) = vm.child.try_wait() {
@@ -514,7 +547,7 @@ fn record_failing<T>(
     work: &Scratch,
     tag: &str,
     bytes: Vec<u8>,
-    fail: Arc<Mutex<Failure>>,
+    fail: Arc<Faults>,
     body: impl FnOnce(&Path, &AtomicUsize) -> T,
 ) -> (Recording, T) {
     let fuse_dir = work.path(&format!("{tag}.fuse"));
@@ -582,23 +615,38 @@ fn serve(work: &Scratch, dir: &Path, args: &[&str]) -> (Vmm, u16) {
 
 /// [`serve`], nvhv run by `wrapper` (`common::nvhv_under`).
 fn serve_under(work: &Scratch, dir: &Path, wrapper: &[&str], args: &[&str]) -> (Vmm, u16) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let img = dir.join("kv.img");
-    let mut all = vec![args[0], "--image", img.to_str().unwrap()];
-    all.extend(&args[1..]);
-    all.extend(["--listen", &listen]);
-    let vm = Vmm::start_under(wrapper, &all, work.path(&format!("{}.console", args[0])));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Client::connect(port).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nvhv never listened:\n{}",
-            vm.stderr_text()
-        );
-        std::thread::sleep(Duration::from_millis(5));
+    loop {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec![args[0], "--image", img.to_str().unwrap()];
+        all.extend(&args[1..]);
+        all.extend(["--listen", &listen]);
+        let mut vm = Vmm::start_under(wrapper, &all, work.path(&format!("{}.console", args[0])));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Client::connect(port).is_err() {
+            if port_taken(&mut vm) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nvhv never listened:\n{}",
+                vm.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !port_taken(&mut vm) {
+            return (vm, port);
+        }
     }
-    (vm, port)
+}
+
+/// Whether `vm` exited because its port was taken between `free_port`
+/// and its bind (by another test's client, say): nvhv binds before it
+/// touches the image, so it can simply be started again on another.
+fn port_taken(vm: &mut Vmm) -> bool {
+    matches!(vm.child.try_wait(), Ok(Some(_)))
+        && vm.stderr_text().contains("Address already in use")
 }
 
 /// [`serve`], then SETs from 4 clients for `secs` (keys `TAG:…`), then
@@ -1060,13 +1108,59 @@ enum FirstEnd {
     /// SIGKILL under load: what it wrote but never persisted is still in
     /// the page cache when the resume reads the image.
     Killed,
-    /// SIGKILL as it enters an `fdatasync` (under strace, which skips the
-    /// call): the epoch it wrote is in the page cache, never persisted.
+    /// SIGKILL as it enters an `fdatasync` (strace holds the call back):
+    /// the epoch it wrote is in the page cache, never persisted.
     KilledBeforePersist,
     /// A few of the redo log's writes fail on the device (EIO); nvhv stops
     /// with the error. Linux reports such a failure to one `fdatasync` and
     /// keeps the pages in its cache, clean, with bytes the disk never got.
     WritesFail,
+}
+
+/// Waits until a thread of the nvhv that strace (`tracer`) runs has been
+/// stopped at a syscall for 20 ms (the stalled `fdatasync`: the others
+/// stop for microseconds), calls `before_the_kill`, then SIGKILLs nvhv. Its epoch's writes stay in
+/// the page cache, neither written back nor persisted.
+fn kill_in_stalled_fdatasync(tracer: u32, before_the_kill: impl FnOnce()) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let children = format!("/proc/{tracer}/task/{tracer}/children");
+    let nvhv: i32 = loop {
+        let text = std::fs::read_to_string(&children).unwrap_or_default();
+        if let Some(pid) = text.split_whitespace().next() {
+            break pid.parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "strace started no nvhv");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stopped = || -> Vec<String> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{nvhv}/task")) else {
+            return Vec::new();
+        };
+        tasks
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                    st.rsplit_once(") ")
+                        .is_some_and(|(_, r)| r.starts_with('t'))
+                })
+            })
+            .map(|t| t.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    loop {
+        assert!(Instant::now() < deadline, "no fdatasync of nvhv stalled");
+        let before = stopped();
+        if !before.is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+            if stopped().iter().any(|t| before.contains(t)) {
+                before_the_kill();
+                // SAFETY: kill(2) of a process this test started.
+                unsafe { libc::kill(nvhv, libc::SIGKILL) };
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// `run` under SETs ended by `end`, then `resume` on the same mount (its
@@ -1077,14 +1171,16 @@ enum FirstEnd {
 /// survive every cut.
 fn resumed_on_the_same_mount(end: FirstEnd) {
     let work = Scratch::new("powercut-same");
-    let fail: Arc<Mutex<Failure>> = Arc::default();
+    let fail: Arc<Faults> = Arc::default();
     let (rec, (acks, sent, acks2, sent2, resumed_at)) = record_failing(
         &work,
         "same",
         fresh_ext4(&work),
         fail.clone(),
         |dir, seen| {
-            // Past the image's creation, some 0.3 s into the load.
+            // The 300th fdatasync (past the image's creation, some 0.3 s
+            // into the load) waits 30 s before it starts: nvhv is killed
+            // there (`kill_in_stalled_fdatasync`).
             let strace = [
                 "strace",
                 "-f",
@@ -1095,11 +1191,22 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
                 "-e",
                 "trace=fdatasync",
                 "-e",
-                "inject=fdatasync:error=EIO:signal=SIGKILL:when=300",
+                "inject=fdatasync:delay_enter=30000000:when=300",
             ];
             let wrapper: &[&str] = match end {
                 FirstEnd::KilledBeforePersist => &strace,
                 _ => &[],
+            };
+            // The log's blocks on the device (it is preallocated, so all
+            // have a place).
+            let fail_log = |left| {
+                let img = dir.join("kv.img");
+                let j = common::inspect_json(img.to_str().unwrap());
+                let log = j["log_offset"].as_u64().unwrap();
+                let log_end = log + j["log_bytes"].as_u64().unwrap();
+                let mut f = fail.lock();
+                f.ranges = extents(&img, log..log_end);
+                f.left = left;
             };
             let (mut vm, port) = serve_under(&work, dir, wrapper, &EPOCH_RUN);
             let stop = AtomicBool::new(false);
@@ -1109,20 +1216,11 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
                 let status = match end {
                     FirstEnd::Killed => Some(vm.signal_and_wait(libc::SIGKILL)),
                     FirstEnd::KilledBeforePersist => {
+                        kill_in_stalled_fdatasync(vm.child.id(), || {});
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
                     FirstEnd::WritesFail => {
-                        // The log's blocks on the device: those written so
-                        // far (the log is preallocated, so its first pass
-                        // has no place yet for what comes after).
-                        let img = dir.join("kv.img");
-                        let j = common::inspect_json(img.to_str().unwrap());
-                        let log = j["log_offset"].as_u64().unwrap();
-                        let log_end = log + j["log_bytes"].as_u64().unwrap();
-                        let mut f = fail.lock().unwrap();
-                        f.ranges = extents(&img, log..log_end);
-                        f.left = 4;
-                        drop(f);
+                        fail_log(4);
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
                 };
@@ -1139,7 +1237,7 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
                     "nvhv did not stop with the I/O error ({status}):\n{err}"
                 );
                 // The device works again from here.
-                fail.lock().unwrap().left = 0;
+                fail.lock().left = 0;
             }
             let resumed_at = seen.load(Ordering::SeqCst);
             let (acks2, sent2) =
@@ -1147,7 +1245,7 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
             (acks, sent, acks2, sent2, resumed_at)
         },
     );
-    let failed = fail.lock().unwrap().failed;
+    let failed = fail.lock().failed;
     assert_eq!(
         failed > 0,
         end == FirstEnd::WritesFail,
