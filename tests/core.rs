@@ -225,9 +225,7 @@ fn sigkill_in_suspend_only_mode_leaves_an_image_that_is_refused_unchanged() {
         std::fs::read(&img).unwrap() == before,
         "refused resume changed the image"
     );
-    let out = nvhv_output(&["suspend", "--image", img_s]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_suspend(img_s);
     assert!(err.contains("the image is not resumable"), "{err}");
 }
 
@@ -380,9 +378,7 @@ fn nvhv_suspend_commits_through_the_control_socket() {
     assert!(vm.child.wait().unwrap().success(), "{}", vm.stderr_text());
     // Nobody serves the image any more: a clear error, not a hang, that
     // says what the image holds.
-    let out = nvhv_output(&["suspend", "--image", img_s]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_suspend(img_s);
     assert!(
         err.contains("no running nvhv") && err.contains("already suspended"),
         "{err}"
@@ -390,10 +386,16 @@ fn nvhv_suspend_commits_through_the_control_socket() {
     let j = inspect_json(img_s);
     assert_eq!(j["resumable"], true, "{j}");
     let missing = img.with_file_name("missing.img");
-    let out = nvhv_output(&["suspend", "--image", missing.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_suspend(missing.to_str().unwrap());
     assert!(err.contains("no image at"), "{err}");
+}
+
+/// `nvhv suspend --image IMG` with no nvhv serving IMG: it fails with
+/// status 1; its stderr.
+fn failed_suspend(img: &str) -> String {
+    let out = nvhv_output(&["suspend", "--image", img]);
+    assert_eq!(out.status.code(), Some(1));
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// `nvhv suspend` of an image whose nvhv was killed (its control socket
@@ -408,9 +410,7 @@ fn nvhv_suspend_after_a_kill_says_resume_continues_the_image() {
         std::path::Path::new(&format!("{img_s}.ctl")).exists(),
         "a killed nvhv cannot remove its control socket"
     );
-    let out = nvhv_output(&["suspend", "--image", img_s]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_suspend(img_s);
     assert!(
         err.contains("stopped without a suspend")
             && err.contains(&format!("nvhv resume --image {img_s}")),
