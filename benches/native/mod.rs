@@ -134,7 +134,12 @@ pub fn serve(port: u16, log_path: &Path, depth: usize) -> std::io::Result<()> {
         } else {
             -1
         };
-        let n = epoll.wait(timeout, &mut events)?;
+        // epoll_wait is never restarted after a signal handler: the SIGTERM
+        // that stops the server interrupts it before the thread above exits.
+        let n = match epoll.wait(timeout, &mut events) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            n => n?,
+        };
         for ev in &events[..n] {
             match ev.data() {
                 LISTENER => loop {
