@@ -442,10 +442,11 @@ fn create_new(path: &Path) -> Result<File, ImageError> {
 
 /// An error making the file of a new image at `path`. Not `image.rs`'s
 /// `open_error`, which reads a missing file as "no image at PATH": here
-/// it means the directory is missing, and the OS error says so.
+/// it means the directory is missing, so the error names the directory.
 fn create_error(path: &Path, source: io::Error) -> ImageError {
-    ImageError::Open {
+    ImageError::Create {
         path: path.to_owned(),
+        dir: parent_dir(path).to_owned(),
         source,
     }
 }

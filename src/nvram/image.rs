@@ -52,6 +52,18 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// Making the file of a new image failed (its directory missing or not
+    /// writable, its file system full or read-only).
+    #[error("cannot create an image at {path} (in directory {dir})")]
+    Create {
+        /// The image path.
+        path: PathBuf,
+        /// The directory the file is made in.
+        dir: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Another process holds the image's lock.
     #[error("image {0} is in use by another process")]
     InUse(PathBuf),
@@ -255,6 +267,7 @@ impl ImageError {
             | ImageError::Exists(_)
             | ImageError::NotRegular(_)
             | ImageError::Open { .. }
+            | ImageError::Create { .. }
             | ImageError::InUse(_)
             | ImageError::Lock { .. }
             | ImageError::SyncDir { .. }

@@ -421,3 +421,34 @@ fn test_create_rejects_bad_config_and_leaves_no_file() {
     );
     assert!(!p.0.exists());
 }
+
+#[test]
+fn test_an_image_in_a_missing_directory_is_refused_naming_the_directory() {
+    let dir = TempDir::new("nodir");
+    let missing = dir.0.join("not-there");
+    let path = missing.join("vm.img");
+    let c = cfg(PersistMode::Epoch);
+    for made in [Made::Unnamed, Made::InPlace] {
+        let e = match Image::prepare_as(&path, &c, CreateOptions::default(), made) {
+            Ok(_) => panic!("an image was made in a directory that does not exist"),
+            Err(e) => e,
+        };
+        let ImageError::Create {
+            dir: named, source, ..
+        } = &e
+        else {
+            panic!("not a creation error: {e}");
+        };
+        assert_eq!(named, &missing);
+        assert_eq!(source.kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot create an image at {} (in directory {})",
+                path.display(),
+                missing.display()
+            )
+        );
+    }
+    assert!(dir.entries().is_empty());
+}
