@@ -162,46 +162,41 @@ fn run_args(img: &Path, mem: &str, port: u16) -> Vec<String> {
     ]
 }
 
-/// Starts nvhv with the arguments `args(port)` (port: `fixed`, else a free
-/// one; a new one is tried if another process took it meanwhile) and polls
-/// until a client gets PONG back.
+/// Starts nvhv with the arguments `args(port)` and polls until a client
+/// gets PONG back. The port is `fixed`, else 0: the kernel picks a free
+/// one as nvhv binds it, and nvhv's stderr says which.
 fn launch(
     dir: &Scratch,
     n: usize,
     fixed: Option<u16>,
     args: impl Fn(u16) -> Vec<String>,
 ) -> (Vmm, u16) {
-    for attempt in 0..5 {
-        let port = fixed.unwrap_or_else(free_port);
-        let a = args(port);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let mut vm = Vmm::start(&a, dir.path(&format!("console{n}-{attempt}.log")));
-        let url = format!("redis://127.0.0.1:{port}/");
-        let deadline = Instant::now() + T;
-        loop {
-            if let Ok(Some(st)) = vm.child.try_wait() {
-                let err = vm.stderr_text();
-                if fixed.is_none() && err.contains("cannot listen") && attempt < 4 {
-                    break; // the port was taken after free_port(): try another
-                }
-                panic!(
-                    "nvhv {a:?} exited ({st}) before answering\nconsole:\n{}\nstderr:\n{err}",
-                    vm.console_text()
-                );
-            }
-            if ping(&url) {
-                return (vm, port);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nvhv {a:?} did not answer PING within {T:?}\nconsole:\n{}\nstderr:\n{}",
+    let a = args(fixed.unwrap_or(0));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let mut vm = Vmm::start(&a, dir.path(&format!("console{n}.log")));
+    let port = match fixed {
+        Some(p) => p,
+        None => vm.bound_port(T),
+    };
+    let url = format!("redis://127.0.0.1:{port}/");
+    let deadline = Instant::now() + T;
+    while !ping(&url) {
+        if let Ok(Some(st)) = vm.child.try_wait() {
+            panic!(
+                "nvhv {a:?} exited ({st}) before answering\nconsole:\n{}\nstderr:\n{}",
                 vm.console_text(),
                 vm.stderr_text()
             );
-            std::thread::sleep(Duration::from_millis(10));
         }
+        assert!(
+            Instant::now() < deadline,
+            "nvhv {a:?} did not answer PING within {T:?}\nconsole:\n{}\nstderr:\n{}",
+            vm.console_text(),
+            vm.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
-    unreachable!()
+    (vm, port)
 }
 
 /// One PING on a fresh connection, with short timeouts.
@@ -1490,6 +1485,85 @@ fn data_survives_suspend_and_resume() {
     check(&mut c, &[("after-resume", "yes")]);
     assert_eq!(bulk(&mut c, &["GET", "counter"]).as_deref(), Some("101"));
     kv.suspend();
+}
+
+/// One RESP command on the Unix socket at `sock`, its whole reply (read
+/// until the reply's first line ends and, for a bulk string, its body).
+fn unix_command(sock: &Path, args: &[&str]) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", sock.display()));
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req += &format!("${}\r\n{a}\r\n", a.len());
+    }
+    s.write_all(req.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    let complete = |g: &[u8]| {
+        let Some(end) = g.windows(2).position(|w| w == b"\r\n") else {
+            return false;
+        };
+        match g[0] {
+            b'$' => {
+                let len: i64 = std::str::from_utf8(&g[1..end]).unwrap().parse().unwrap();
+                len < 0 || g.len() >= end + 2 + len as usize + 2
+            }
+            _ => true,
+        }
+    };
+    while !complete(&got) {
+        let n = s.read(&mut byte).unwrap();
+        assert_eq!(n, 1, "the connection closed after {got:?}");
+        got.push(byte[0]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
+/// `--unix PATH` serves clients on a Unix socket beside the TCP address,
+/// and the running and resumed lines name both (the TCP port as bound, for
+/// `--listen 127.0.0.1:0`); what a client wrote there survives a suspend.
+#[test]
+fn a_unix_socket_serves_clients_and_nvhv_names_where_clients_connect() {
+    require_kvm!();
+    let dir = Scratch::new("kv-unix");
+    let img = dir.path("vm.img");
+    let sock = dir.path("kv.sock");
+    let with_unix = |mut a: Vec<String>| {
+        a.extend(["--unix".to_string(), sock.to_str().unwrap().to_string()]);
+        a
+    };
+    let (mut vm, port) = launch(&dir, 0, None, |p| with_unix(run_args(&img, "64M", p)));
+    let said = format!("clients connect to 127.0.0.1:{port} and {}", sock.display());
+    let err = vm.stderr_text();
+    assert!(
+        err.contains(&format!("nvhv: running (image {}); {said}", img.display())),
+        "{err}"
+    );
+    assert_eq!(unix_command(&sock, &["SET", "over", "unix"]), "+OK\r\n");
+    assert!(
+        vm.signal_and_wait(libc::SIGTERM).success(),
+        "{}",
+        vm.stderr_text()
+    );
+
+    let resume = |p: u16| {
+        with_unix(vec![
+            "resume".into(),
+            "--image".into(),
+            img.to_str().unwrap().into(),
+            "--listen".into(),
+            format!("127.0.0.1:{p}"),
+        ])
+    };
+    let (vm, port) = launch(&dir, 1, None, resume);
+    let said = format!("clients connect to 127.0.0.1:{port} and {}", sock.display());
+    let err = vm.stderr_text();
+    assert!(
+        err.contains("nvhv: resumed, guest running") && err.contains(&said),
+        "{err}"
+    );
+    assert_eq!(unix_command(&sock, &["GET", "over"]), "$4\r\nunix\r\n");
 }
 
 /// Output commit holds only what depends on uncommitted state (the kv guest

@@ -59,7 +59,7 @@ use fuser::{
     OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
     WriteFlags,
 };
-use harness::{free_port, Client, Reply, Rng};
+use harness::{Client, Reply, Rng};
 
 /// The recorded disk's size.
 const DISK: u64 = 160 << 20;
@@ -374,30 +374,25 @@ fn check_disk(disk: &Path, mnt: &Path, work: &Scratch, expect: &Expect, what: &s
         );
         return Outcome::NoImage;
     }
-    let (mut vm, port) = loop {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut vm = Vmm::start(
-            &[
-                "resume",
-                "--image",
-                img.to_str().unwrap(),
-                "--listen",
-                &listen,
-            ],
-            work.path("resume.console"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while vm.child.try_wait().is_ok_and(|s| s.is_none())
-            && !vm.stderr_text().contains("resumed")
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if !port_taken(&mut vm) {
-            break (vm, port);
-        }
-    };
+    // Port 0: the kernel picks a free port as nvhv binds it, and nvhv's
+    // resumed line says which.
+    let mut vm = Vmm::start(
+        &[
+            "resume",
+            "--image",
+            img.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        work.path("resume.console"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.child.try_wait().is_ok_and(|s| s.is_none())
+        && !vm.stderr_text().contains("resumed")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     if !vm.stderr_text().contains("resumed") {
         let Ok(Some(status)) = vm.child.try_wait() else {
             panic!("{what}: no resume in 30 s:\n{}", vm.stderr_text());
@@ -409,6 +404,7 @@ fn check_disk(disk: &Path, mnt: &Path, work: &Scratch, expect: &Expect, what: &s
         );
         return Outcome::Refused;
     }
+    let port = vm.bound_port(Duration::from_secs(1));
     let mut cl = Client::connect(port).unwrap_or_else(|e| panic!("{what}: connect: {e}"));
     let older = expect.or_older.filter(|older| {
         matches!(
@@ -580,8 +576,9 @@ fn fresh_ext4(work: &Scratch) -> Vec<u8> {
     bytes
 }
 
-/// Starts nvhv with `args` (the image is `DIR/kv.img`, served on a fresh
-/// port) and waits until it listens; returns it and the port.
+/// Starts nvhv with `args` (the image is `DIR/kv.img`, served on a port the
+/// kernel picks as nvhv binds it) and waits until it listens; returns it
+/// and the port.
 fn serve(work: &Scratch, dir: &Path, args: &[&str]) -> (Vmm, u16) {
     serve_under(work, dir, &[], args)
 }
@@ -589,37 +586,13 @@ fn serve(work: &Scratch, dir: &Path, args: &[&str]) -> (Vmm, u16) {
 /// [`serve`], nvhv run by `wrapper` (`common::nvhv_under`).
 fn serve_under(work: &Scratch, dir: &Path, wrapper: &[&str], args: &[&str]) -> (Vmm, u16) {
     let img = dir.join("kv.img");
-    loop {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut all = vec![args[0], "--image", img.to_str().unwrap()];
-        all.extend(&args[1..]);
-        all.extend(["--listen", &listen]);
-        let mut vm = Vmm::start_under(wrapper, &all, work.path(&format!("{}.console", args[0])));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Client::connect(port).is_err() {
-            if port_taken(&mut vm) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nvhv never listened:\n{}",
-                vm.stderr_text()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if !port_taken(&mut vm) {
-            return (vm, port);
-        }
-    }
-}
-
-/// Whether `vm` exited because its port was taken between `free_port`
-/// and its bind (by another test's client, say): nvhv binds before it
-/// touches the image, so it can simply be started again on another.
-fn port_taken(vm: &mut Vmm) -> bool {
-    matches!(vm.child.try_wait(), Ok(Some(_)))
-        && vm.stderr_text().contains("Address already in use")
+    let mut all = vec![args[0], "--image", img.to_str().unwrap()];
+    all.extend(&args[1..]);
+    all.extend(["--listen", "127.0.0.1:0"]);
+    let mut vm = Vmm::start_under(wrapper, &all, work.path(&format!("{}.console", args[0])));
+    // nvhv binds before it says where clients connect.
+    let port = vm.bound_port(Duration::from_secs(30));
+    (vm, port)
 }
 
 /// [`serve`], then SETs from 4 clients for `secs` (keys `TAG:…`), then

@@ -230,9 +230,10 @@ impl Machine {
             t.mark("vCPU threads started");
             t.log("resume");
             say!(
-                "nvhv: resumed, guest running {:.3} ms after {}",
+                "nvhv: resumed, guest running {:.3} ms after {}{}",
                 t.elapsed().as_secs_f64() * 1e3,
-                t.origin
+                t.origin,
+                self.clients_at()
             );
             // Off the recovery's path, on a thread of its own (a removal
             // may free gigabytes): what a `run --force` killed as it put
@@ -243,7 +244,11 @@ impl Machine {
                 .name("leftovers".into())
                 .spawn(move || super::remove_leftovers(&path));
         } else {
-            say!("nvhv: running (image {})", self.image_path().display());
+            say!(
+                "nvhv: running (image {}){}",
+                self.image_path().display(),
+                self.clients_at()
+            );
         }
 
         // 8. Wait for a reason to stop; in epoch mode, checkpoint meanwhile.
@@ -570,6 +575,15 @@ impl Machine {
 
     fn image_path(&self) -> PathBuf {
         self.image.path().to_path_buf()
+    }
+
+    /// `; clients connect to ADDR` for the running/resumed line, when the
+    /// VM has a vsock device (a `--listen HOST:0` port is the bound one).
+    fn clients_at(&self) -> String {
+        self.vsock
+            .as_ref()
+            .map(|v| format!("; clients connect to {}", v.addresses()))
+            .unwrap_or_default()
     }
 
     /// Pause every vCPU and device at a safe point and capture the machine

@@ -150,6 +150,22 @@ impl Vmm {
         self.wait_for(what, timeout, || pred(&read_or_empty(&stderr)));
     }
 
+    /// The TCP port nvhv says clients connect to ("clients connect to
+    /// 127.0.0.1:PORT" on its running or resumed line): the one the kernel
+    /// chose for `--listen 127.0.0.1:0`. Waits up to `timeout` for the line.
+    pub fn bound_port(&mut self, timeout: Duration) -> u16 {
+        const SAID: &str = "clients connect to 127.0.0.1:";
+        self.wait_stderr("the address clients connect to", timeout, |t| {
+            t.contains(SAID)
+        });
+        let text = self.stderr_text();
+        let after = &text[text.find(SAID).unwrap() + SAID.len()..];
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        digits
+            .parse()
+            .unwrap_or_else(|e| panic!("no port after {SAID:?} ({e}):\n{text}"))
+    }
+
     fn wait_for(&mut self, what: &str, timeout: Duration, done: impl Fn() -> bool) {
         let deadline = Instant::now() + timeout;
         loop {

@@ -267,6 +267,28 @@ impl Vsock {
         )
     }
 
+    /// Where host clients connect, for the user: the TCP address as bound
+    /// (the port the kernel chose for `--listen HOST:0`) and the Unix path,
+    /// e.g. `127.0.0.1:6380 and /run/kv.sock`.
+    pub fn addresses(&self) -> String {
+        let tcp = self.listening.0.as_ref().map(|l| match l.local_addr() {
+            Ok(a) => a.to_string(),
+            Err(e) => format!("a TCP socket whose address is unknown ({e})"),
+        });
+        let unix = self.listening.1.as_ref().map(|l| match l.local_addr() {
+            Ok(a) => match a.as_pathname() {
+                Some(p) => p.display().to_string(),
+                None => "an unnamed Unix socket".to_string(),
+            },
+            Err(e) => format!("a Unix socket whose path is unknown ({e})"),
+        });
+        match (tcp, unix) {
+            (Some(t), Some(u)) => format!("{t} and {u}"),
+            (Some(one), None) | (None, Some(one)) => one,
+            (None, None) => "no listener".to_string(),
+        }
+    }
+
     /// The register window to put on the MMIO bus.
     pub fn transport(&self) -> Arc<Mutex<MmioTransport>> {
         Arc::clone(&self.transport)
