@@ -1065,23 +1065,52 @@ enum FirstEnd {
     /// with the error. Linux reports such a failure to one `fdatasync` and
     /// keeps the pages in its cache, clean, with bytes the disk never got.
     WritesFail,
+    /// A few of the redo log's writes fail on the device, and nvhv is
+    /// SIGKILLed in the `fdatasync` that reports it (strace holds the call
+    /// at its exit): that call was told of the failure, so no later
+    /// `fdatasync` of the file reports it, and the pages the disk lacks are
+    /// still in the cache, clean.
+    KilledAsWritesFail,
 }
 
-/// Waits until a thread of the nvhv that strace (`tracer`) runs has been
-/// stopped at a syscall for 20 ms (the stalled `fdatasync`: the others
-/// stop for microseconds), then SIGKILLs nvhv. Its epoch's writes stay in
-/// the page cache, never persisted.
-fn kill_in_stalled_fdatasync(tracer: u32) {
+/// strace, tracing the `fdatasync` calls of nvhv and its threads into
+/// `out` and changing them as `inject` says, as a wrapper for nvhv.
+fn strace<'a>(out: &'a str, inject: &'a str) -> Vec<&'a str> {
+    vec![
+        "strace",
+        "-f",
+        "-qq",
+        "--seccomp-bpf",
+        "-o",
+        out,
+        "-e",
+        "signal=none",
+        "-e",
+        "trace=fdatasync",
+        "-e",
+        inject,
+    ]
+}
+
+/// The pid of the nvhv that strace (`tracer`) started.
+fn traced_nvhv(tracer: u32) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(30);
     let children = format!("/proc/{tracer}/task/{tracer}/children");
-    let nvhv: i32 = loop {
+    loop {
         let text = std::fs::read_to_string(&children).unwrap_or_default();
         if let Some(pid) = text.split_whitespace().next() {
-            break pid.parse().unwrap();
+            return pid.parse().unwrap();
         }
         assert!(Instant::now() < deadline, "strace started no nvhv");
         std::thread::sleep(Duration::from_millis(5));
-    };
+    }
+}
+
+/// Waits until a thread of `nvhv` (run by strace) has been stopped at a
+/// syscall for 20 ms: an `fdatasync` strace holds (the others stop for
+/// microseconds). Panics after 30 s, with `vm`'s stderr.
+fn wait_for_stalled_fdatasync(nvhv: i32, vm: &Vmm) {
+    let deadline = Instant::now() + Duration::from_secs(30);
     let stopped = || -> Vec<String> {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{nvhv}/task")) else {
             return Vec::new();
@@ -1098,18 +1127,25 @@ fn kill_in_stalled_fdatasync(tracer: u32) {
             .collect()
     };
     loop {
-        assert!(Instant::now() < deadline, "no fdatasync of nvhv stalled");
+        assert!(
+            Instant::now() < deadline,
+            "no fdatasync of nvhv stalled in 30 s:\n{}",
+            vm.stderr_text()
+        );
         let before = stopped();
         if !before.is_empty() {
             std::thread::sleep(Duration::from_millis(20));
             if stopped().iter().any(|t| before.contains(t)) {
-                // SAFETY: kill(2) of a process this test started.
-                unsafe { libc::kill(nvhv, libc::SIGKILL) };
                 return;
             }
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+fn sigkill(pid: i32) {
+    // SAFETY: kill(2) of a process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
 /// `run` under SETs ended by `end`, then `resume` on the same mount (its
@@ -1121,9 +1157,11 @@ fn kill_in_stalled_fdatasync(tracer: u32) {
 fn resumed_on_the_same_mount(end: FirstEnd) {
     require_kvm!();
     let strace_missing = || Command::new("strace").arg("-V").output().is_err();
-    if !can_run()
-        || (end == FirstEnd::KilledBeforePersist && need("strace", strace_missing()).is_none())
-    {
+    let traced = matches!(
+        end,
+        FirstEnd::KilledBeforePersist | FirstEnd::KilledAsWritesFail
+    );
+    if !can_run() || (traced && need("strace", strace_missing()).is_none()) {
         return;
     }
     let work = Scratch::new("powercut-same");
@@ -1134,26 +1172,32 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
         fresh_ext4(&work),
         fail.clone(),
         |dir, seen| {
-            // The 300th fdatasync (past the image's creation, some 0.3 s
-            // into the load) waits 30 s before it starts: nvhv is killed
-            // there (`kill_in_stalled_fdatasync`).
-            let strace = [
-                "strace",
-                "-f",
-                "-qq",
-                "--seccomp-bpf",
-                "-o",
-                "/dev/null",
-                "-e",
-                "trace=fdatasync",
-                "-e",
-                "inject=fdatasync:delay_enter=30000000:when=300",
-            ];
-            let wrapper: &[&str] = match end {
-                FirstEnd::KilledBeforePersist => &strace,
-                _ => &[],
+            // KilledBeforePersist: the 300th fdatasync (past the image's
+            // creation, some 0.3 s into the load) waits 30 s before it
+            // starts, and nvhv is killed there. KilledAsWritesFail: each
+            // waits 0.2 s before it returns, its result already written to
+            // `traced` by strace.
+            let traced = work.path("strace.out");
+            let wrapper: Vec<&str> = match end {
+                FirstEnd::KilledBeforePersist => strace(
+                    "/dev/null",
+                    "inject=fdatasync:delay_enter=30000000:when=300",
+                ),
+                FirstEnd::KilledAsWritesFail => strace(
+                    traced.to_str().unwrap(),
+                    "inject=fdatasync:delay_exit=200000",
+                ),
+                _ => Vec::new(),
             };
-            let (mut vm, port) = serve_under(&work, dir, wrapper, &EPOCH_RUN);
+            // The log's blocks on the device (it is preallocated, so all
+            // have a place).
+            let log_extents = || {
+                let img = dir.join("kv.img");
+                let j = common::inspect_json(img.to_str().unwrap());
+                let log = j["log_offset"].as_u64().unwrap();
+                extents(&img, log..log + j["log_bytes"].as_u64().unwrap())
+            };
+            let (mut vm, port) = serve_under(&work, dir, &wrapper, &EPOCH_RUN);
             let stop = AtomicBool::new(false);
             let (acks, sent, status) = std::thread::scope(|s| {
                 let l = s.spawn(|| load(port, "one", 4, &stop, seen));
@@ -1161,20 +1205,41 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
                 let status = match end {
                     FirstEnd::Killed => Some(vm.signal_and_wait(libc::SIGKILL)),
                     FirstEnd::KilledBeforePersist => {
-                        kill_in_stalled_fdatasync(vm.child.id());
+                        let nvhv = traced_nvhv(vm.child.id());
+                        wait_for_stalled_fdatasync(nvhv, &vm);
+                        sigkill(nvhv);
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
                     FirstEnd::WritesFail => {
-                        // The log's blocks on the device (it is
-                        // preallocated, so all have a place).
-                        let img = dir.join("kv.img");
-                        let j = common::inspect_json(img.to_str().unwrap());
-                        let log = j["log_offset"].as_u64().unwrap();
-                        let log_end = log + j["log_bytes"].as_u64().unwrap();
                         let mut f = fail.lock().unwrap();
-                        f.ranges = extents(&img, log..log_end);
+                        f.ranges = log_extents();
                         f.left = 4;
                         drop(f);
+                        common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
+                    }
+                    FirstEnd::KilledAsWritesFail => {
+                        let nvhv = traced_nvhv(vm.child.id());
+                        let mut f = fail.lock().unwrap();
+                        f.ranges = log_extents();
+                        f.left = 4;
+                        drop(f);
+                        // The first fdatasync to end after the failure is
+                        // told of it: strace has written its result and
+                        // holds it at its exit for 0.2 s. Killed there, nvhv
+                        // never learns of it.
+                        let deadline = Instant::now() + Duration::from_secs(30);
+                        while !std::fs::read_to_string(&traced)
+                            .unwrap_or_default()
+                            .contains("= -1 EIO")
+                        {
+                            assert!(
+                                Instant::now() < deadline,
+                                "no fdatasync failed in 30 s:\n{}",
+                                vm.stderr_text()
+                            );
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        sigkill(nvhv);
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
                 };
@@ -1193,16 +1258,34 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
                 // The device works again from here.
                 fail.lock().unwrap().left = 0;
             }
+            if end == FirstEnd::KilledAsWritesFail {
+                fail.lock().unwrap().left = 0;
+                let err = vm.stderr_text();
+                assert!(
+                    !err.contains("Input/output error"),
+                    "nvhv saw the failed write before it was killed:\n{err}"
+                );
+            }
             let resumed_at = seen.load(Ordering::SeqCst);
             let (acks2, sent2) =
                 serve_and_stop(&work, dir, &["resume"], "two", 0.5, libc::SIGKILL, seen);
+            if end == FirstEnd::KilledAsWritesFail {
+                // The failure was spent on the killed call: the resume's
+                // settle is told of nothing.
+                let err = std::fs::read_to_string(work.path("resume.stderr")).unwrap();
+                assert!(
+                    !err.contains("an earlier write of this image failed"),
+                    "the resume was told of the failed write, so the kill did not land in \
+                     the fdatasync that reported it:\n{err}"
+                );
+            }
             (acks, sent, acks2, sent2, resumed_at)
         },
     );
     let failed = fail.lock().unwrap().failed;
     assert_eq!(
         failed > 0,
-        end == FirstEnd::WritesFail,
+        matches!(end, FirstEnd::WritesFail | FirstEnd::KilledAsWritesFail),
         "{failed} writes failed"
     );
     assert!(
@@ -1232,6 +1315,15 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
 #[test]
 fn a_failed_image_write_loses_nothing_acknowledged_through_the_resume() {
     resumed_on_the_same_mount(FirstEnd::WritesFail);
+}
+
+/// A write of the log fails on the device, and nvhv is SIGKILLed in the
+/// `fdatasync` that reports it, before it can act: the error is spent, so
+/// the resume on the same mount must not trust what the cache holds of the
+/// image's records (the disk lacks that epoch's record).
+#[test]
+fn a_kill_in_the_fdatasync_that_reports_a_failed_write_loses_nothing_acknowledged() {
+    resumed_on_the_same_mount(FirstEnd::KilledAsWritesFail);
 }
 
 /// SIGKILL, then a resume at once on the same mount: what the killed

@@ -291,14 +291,41 @@ pub(crate) fn settle(file: &File) -> Result<bool, BackingError> {
     }
 }
 
+/// After [`settle`]: drops the page cache's clean pages of `file` that
+/// hold any of `[offset, offset + len)`, so that what is read there next
+/// comes from the disk (see `Image`'s `from_disk_where_unpersisted` for
+/// why). Nothing on tmpfs or DAX (no page cache of their own).
+pub(crate) fn read_from_disk(file: &File, offset: u64, len: u64) {
+    if len == 0 {
+        return; // to the kernel, a length of 0 means "to the end of the file"
+    }
+    // The kernel keeps a page the range covers only in part: widen it to
+    // whole pages.
+    const PAGE: u64 = 4096;
+    let start = offset / PAGE * PAGE;
+    let end = offset
+        .saturating_add(len)
+        .div_ceil(PAGE)
+        .saturating_mul(PAGE);
+    drop_cached_range(file, start, end - start);
+}
+
 /// Drops the clean pages of `file` from the page cache
 /// (`POSIX_FADV_DONTNEED`); pages still dirty, under write-back or mapped
 /// stay. An error is ignored: nothing more can be done about the cache.
 fn drop_cached(file: &File) {
+    drop_cached_range(file, 0, 0);
+}
+
+/// [`drop_cached`] of `[offset, offset + len)` (`len` 0: to the end).
+fn drop_cached_range(file: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
     // SAFETY: posix_fadvise only reads its integer arguments; the fd is open
     // for the duration of the call (borrowed `file`).
     unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED);
     }
 }
 

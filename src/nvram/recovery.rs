@@ -133,6 +133,33 @@ impl RecoveryPlan {
             .is_some_and(|r| r.version == RECORD_VERSION_3 && self.seal_epoch == Some(r.epoch))
     }
 
+    /// The log bytes (file offset, length) a writer that died before its
+    /// last persist completed may have left in the page cache and not on
+    /// the disk: every place from the restored record's epoch on (the
+    /// restored record, and any intact header above it), or above the meta
+    /// record's epoch when nothing is restored. A record is written only
+    /// after the one before it committed (W1), so nothing older can be.
+    pub(super) fn maybe_unpersisted(&self, header: &Header) -> Vec<(u64, u64)> {
+        let from = match self.restore.and_then(|i| self.record(i)) {
+            Some(r) => r.epoch,
+            None => self.meta_epoch.saturating_add(1),
+        };
+        let Some(log) = &self.log else {
+            return Vec::new();
+        };
+        log.iter()
+            .filter(|e| e.state.epoch().is_some_and(|epoch| epoch >= from))
+            .map(|e| {
+                let at = half_region(header.geometry.log, e.half).offset + e.offset;
+                let len = e
+                    .state
+                    .record()
+                    .map_or(BLOCK, |r| record_span(r.payload_len));
+                (at, len)
+            })
+            .collect()
+    }
+
     fn entry(&self, i: usize) -> Option<&LogEntry> {
         self.log.as_ref()?.get(i)
     }

@@ -672,3 +672,36 @@ fn test_written_pages_are_handed_over_once_and_pending_ones_are_not() {
     img.drain_written(|p| w.extend_from_slice(p));
     assert!(w.is_empty());
 }
+
+/// What a writer killed before its last persist completed can have left
+/// unpersisted in the log (dropped from the page cache at open): the
+/// restored record, and any intact header above it, nothing older (W1).
+#[test]
+fn test_maybe_unpersisted_is_the_restored_record_and_above() {
+    let (bytes, h, _) = lazy_epochs();
+    let img = Image::open_storage(MemStorage::from_bytes(bytes.clone())).unwrap();
+    let plan = img.recovery_plan().clone();
+    let log = plan.log.clone().unwrap();
+    let half0 = half_region(h.geometry.log, 0).offset;
+    let newest = log[5].state.record().unwrap();
+    assert_eq!(newest.epoch, 7);
+    assert_eq!(
+        plan.maybe_unpersisted(&h),
+        [(half0 + log[5].offset, record_span(newest.payload_len))]
+    );
+    // Epoch 7's payload damaged: epoch 6 is restored, and both records
+    // (6 restored, 7's intact header above it) may be unpersisted.
+    let mut b = bytes;
+    b[(half0 + log[5].offset + BLOCK + 20) as usize] ^= 1;
+    let img = Image::open_storage(MemStorage::from_bytes(b)).unwrap();
+    let plan = img.recovery_plan();
+    assert_eq!(plan.restored_epoch(), 6);
+    let six = log[4].state.record().unwrap();
+    assert_eq!(
+        plan.maybe_unpersisted(&h),
+        [
+            (half0 + log[4].offset, record_span(six.payload_len)),
+            (half0 + log[5].offset, BLOCK)
+        ]
+    );
+}
