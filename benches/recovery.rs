@@ -22,7 +22,7 @@
 //! commands in flight on each; every reply is read and must be `+OK`). Then
 //! `DBSIZE` must equal the key count, and nvhv gets SIGKILL (no warning).
 //! `--rounds` times: spawn `nvhv resume`, and measure
-//! - the "resumed, guest running X ms after process start" line: X itself
+//! - the "resumed from epoch N, guest running X ms after process start" line: X itself
 //!   (nvhv's own `main()` → vCPUs running, recovery replay included) and
 //!   spawn → that line read;
 //! - spawn → the first correct reply to `GET <key written before the kill>`
@@ -751,7 +751,7 @@ fn p50max(v: &[f64]) -> String {
     format!("{} / {}", f(pct(v, 0.5)), f(pct(v, 1.0)))
 }
 
-/// X of nvhv's "resumed, guest running X ms after …" line (NaN if absent).
+/// X of nvhv's "resumed from epoch N, guest running X ms after …" line (NaN if absent).
 fn running_ms(line: &str) -> f64 {
     line.split("guest running ")
         .nth(1)

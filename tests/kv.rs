@@ -1560,7 +1560,7 @@ fn a_unix_socket_serves_clients_and_nvhv_names_where_clients_connect() {
     let said = format!("clients connect to 127.0.0.1:{port} and {}", sock.display());
     let err = vm.stderr_text();
     assert!(
-        err.contains("nvhv: resumed, guest running") && err.contains(&said),
+        err.contains("nvhv: resumed from epoch ") && err.contains(&said),
         "{err}"
     );
     assert_eq!(unix_command(&sock, &["GET", "over"]), "$4\r\nunix\r\n");

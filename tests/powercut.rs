@@ -1211,16 +1211,21 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
                     FirstEnd::WritesFail => {
+                        // ORDER: the extents before the lock: finding them
+                        // reads the image, and the device serves reads
+                        // under that lock.
+                        let ranges = log_extents();
                         let mut f = fail.lock().unwrap();
-                        f.ranges = log_extents();
+                        f.ranges = ranges;
                         f.left = 4;
                         drop(f);
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
                     FirstEnd::KilledAsWritesFail => {
                         let nvhv = traced_nvhv(vm.child.id());
+                        let ranges = log_extents(); // ORDER: before the lock, as above
                         let mut f = fail.lock().unwrap();
-                        f.ranges = log_extents();
+                        f.ranges = ranges;
                         f.left = 4;
                         drop(f);
                         // The first fdatasync to end after the failure is
@@ -1258,6 +1263,10 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
                 // The device works again from here.
                 fail.lock().unwrap().left = 0;
             }
+            // What `inspect` says the image resumes from, before the resume.
+            let inspected = common::inspect_json(dir.join("kv.img").to_str().unwrap())["epoch"]
+                .as_u64()
+                .unwrap();
             if end == FirstEnd::KilledAsWritesFail {
                 fail.lock().unwrap().left = 0;
                 let err = vm.stderr_text();
@@ -1269,10 +1278,15 @@ fn resumed_on_the_same_mount(end: FirstEnd) {
             let resumed_at = seen.load(Ordering::SeqCst);
             let (acks2, sent2) =
                 serve_and_stop(&work, dir, &["resume"], "two", 0.5, libc::SIGKILL, seen);
+            // `inspect` said what the resume found.
+            let err = std::fs::read_to_string(work.path("resume.stderr")).unwrap();
+            assert!(
+                err.contains(&format!("nvhv: resumed from epoch {inspected},")),
+                "inspect said epoch {inspected}:\n{err}"
+            );
             if end == FirstEnd::KilledAsWritesFail {
                 // The failure was spent on the killed call: the resume's
                 // settle is told of nothing.
-                let err = std::fs::read_to_string(work.path("resume.stderr")).unwrap();
                 assert!(
                     !err.contains("an earlier write of this image failed"),
                     "the resume was told of the failed write, so the kill did not land in \

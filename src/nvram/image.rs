@@ -511,7 +511,7 @@ impl Image<FileStorage> {
             let backing = Backing::detect(&file, v.header.geometry.ram.offset, true)?;
             let storage = FileStorage::new(path, file, backing);
             let v = match storage.kind() {
-                BackingKind::File => from_disk_where_unpersisted(&storage, v)?,
+                BackingKind::File => from_disk_where_unpersisted(&storage, storage.file(), v)?,
                 // No page cache of their own: what is read is what is kept.
                 BackingKind::Tmpfs | BackingKind::Dax => v,
             };
@@ -873,6 +873,8 @@ pub(super) fn read_err(what: &'static str) -> impl FnOnce(io::Error) -> ImageErr
 /// After the settle, on a file: the page cache's pages of whatever the
 /// last writer may have written and never persisted are dropped, and the
 /// meta records read again, so that recovery reads those from the disk.
+/// (`inspect` does the same, without the settle, so that it says what a
+/// resume would find.)
 ///
 /// A writer told of a failed write-back (its `fdatasync` returned EIO)
 /// that died before it could act on it (a SIGKILL while it waited in that
@@ -887,8 +889,9 @@ pub(super) fn read_err(what: &'static str) -> impl FnOnce(io::Error) -> ImageErr
 /// completed.) Dropping that much costs a few reads from the disk; dropping
 /// everything before the RAM region cost 5–9 ms a resume on ext4 here,
 /// recovery reading ~150 record headers one disk read each.
-fn from_disk_where_unpersisted(
-    storage: &FileStorage,
+pub(super) fn from_disk_where_unpersisted<S: Storage>(
+    storage: &S,
+    file: &File,
     v: Validated,
 ) -> Result<Validated, ImageError> {
     let g = &v.header.geometry;
@@ -906,7 +909,7 @@ fn from_disk_where_unpersisted(
         ranges.extend(plan.maybe_unpersisted(&v.header));
     }
     for (offset, len) in ranges {
-        super::backing::read_from_disk(storage.file(), offset, len);
+        super::backing::read_from_disk(file, offset, len);
     }
     read_validated(storage)
 }

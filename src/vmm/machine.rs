@@ -118,6 +118,8 @@ pub struct Timeline {
     /// What happened at `t0`, in words.
     origin: &'static str,
     marks: Vec<(&'static str, Duration)>,
+    /// The committed epoch the resume continues from, once known.
+    from_epoch: Option<u64>,
 }
 
 impl Timeline {
@@ -127,7 +129,12 @@ impl Timeline {
             t0,
             origin,
             marks: Vec::new(),
+            from_epoch: None,
         }
+    }
+    /// The resume continues from committed epoch `epoch`.
+    pub fn from_epoch(&mut self, epoch: u64) {
+        self.from_epoch = Some(epoch);
     }
     /// Record `what` happened now.
     pub fn mark(&mut self, what: &'static str) {
@@ -230,7 +237,10 @@ impl Machine {
             t.mark("vCPU threads started");
             t.log("resume");
             say!(
-                "nvhv: resumed, guest running {:.3} ms after {}{}",
+                "nvhv: resumed{}, guest running {:.3} ms after {}{}",
+                t.from_epoch
+                    .map(|e| format!(" from epoch {e}"))
+                    .unwrap_or_default(),
                 t.elapsed().as_secs_f64() * 1e3,
                 t.origin,
                 self.clients_at()

@@ -131,6 +131,8 @@ pub(super) fn resume_opened(
     };
     let mut tl = from;
     tl.mark("image opened, state read, RAM mapped");
+    // After the open, the committed point recovery restores.
+    tl.from_epoch(image.current().epoch);
     // 3. Recovery, the VM, the vCPUs (see `restore_vm`).
     let recover = epochs.then_some(|| image.recover());
     let Restored {
