@@ -894,6 +894,7 @@ pub(super) fn from_disk_where_unpersisted<S: Storage>(
     file: &File,
     v: Validated,
 ) -> Result<Validated, ImageError> {
+    let t = Instant::now();
     let g = &v.header.geometry;
     let mut ranges: Vec<(u64, u64)> = g
         .meta
@@ -908,10 +909,17 @@ pub(super) fn from_disk_where_unpersisted<S: Storage>(
         drop(payloads);
         ranges.extend(plan.maybe_unpersisted(&v.header));
     }
+    let dropped = ranges.len();
     for (offset, len) in ranges {
         super::backing::read_from_disk(file, offset, len);
     }
-    read_validated(storage)
+    let v = read_validated(storage);
+    tracing::debug!(
+        us = t.elapsed().as_micros() as u64,
+        dropped,
+        "unpersisted places dropped from the page cache"
+    );
+    v
 }
 
 pub(super) fn read_validated<S: Storage + ?Sized>(s: &S) -> Result<Validated, ImageError> {
