@@ -510,12 +510,11 @@ impl Image<FileStorage> {
             let v = read_validated(&file)?;
             let backing = Backing::detect(&file, v.header.geometry.ram.offset, true)?;
             let storage = FileStorage::new(path, file, backing);
-            let v = match storage.kind() {
-                BackingKind::File => from_disk_where_unpersisted(&storage, storage.file(), v)?,
+            match storage.kind() {
+                BackingKind::File => Image::open_validated(storage, v)?.checked_against_disk(),
                 // No page cache of their own: what is read is what is kept.
-                BackingKind::Tmpfs | BackingKind::Dax => v,
-            };
-            Image::open_validated(storage, v)
+                BackingKind::Tmpfs | BackingKind::Dax => Image::open_validated(storage, v),
+            }
         };
         open().map_err(|e| e.in_image(path))
     }
@@ -547,6 +546,36 @@ impl Image<FileStorage> {
     /// has (a sparse RAM region takes room as the guest touches its pages).
     pub fn space(&self) -> Result<Space, ImageError> {
         space_of(self.file())
+    }
+
+    /// This image, opened over the page cache, as its disk holds it: if a
+    /// place the last writer may have left unpersisted reads otherwise from
+    /// the disk ([`same_on_disk`]), it is opened again, those places now
+    /// read from the disk.
+    fn checked_against_disk(mut self) -> Result<Image, ImageError> {
+        let log = self.header.geometry.log;
+        let places: Vec<u64> = self
+            .plan
+            .maybe_unpersisted(&self.header)
+            .iter()
+            .map(|&(at, _)| at)
+            .collect();
+        // ORDER: before the drop: a kept payload may be a view of those
+        // pages, which no drop evicts (recovery reads it again).
+        self.replay_payloads.retain(|&(half, offset), _| {
+            !places.contains(&(half_region(log, half).offset + offset))
+        });
+        let file = self.storage.file();
+        if same_on_disk(&self.storage, file, &self.header, &self.plan, &self.current) {
+            return Ok(self);
+        }
+        tracing::warn!(
+            "the page cache held what the disk lacks of this image (a write that failed \
+             on the disk); the image is read from the disk"
+        );
+        let storage = self.into_storage();
+        let v = read_validated(&storage)?;
+        Image::open_validated(storage, v)
     }
 }
 
@@ -868,13 +897,10 @@ pub(super) fn read_err(what: &'static str) -> impl FnOnce(io::Error) -> ImageErr
     move |source| ImageError::Read { what, source }
 }
 
-/// Reads and validates the header, the file length and both meta records.
-/// Every read is bounded by a constant (a header block, two meta records).
-/// After the settle, on a file: the page cache's pages of whatever the
-/// last writer may have written and never persisted are dropped, and the
-/// meta records read again, so that recovery reads those from the disk.
-/// (`inspect` does the same, without the settle, so that it says what a
-/// resume would find.)
+/// Whether what a plan over the page cache relied on, of what the last
+/// writer may have left unpersisted, reads the same from the disk. Those
+/// places are dropped from the page cache first, so that from here on they
+/// are read from the disk.
 ///
 /// A writer told of a failed write-back (its `fdatasync` returned EIO)
 /// that died before it could act on it (a SIGKILL while it waited in that
@@ -883,45 +909,55 @@ pub(super) fn read_err(what: &'static str) -> impl FnOnce(io::Error) -> ImageErr
 /// written since its last completed persist is narrow: the meta records,
 /// the state slots, and the newest records of the log (a record is written
 /// only after the one before it committed, W1 in the format spec), which
-/// are the ones a plan over the cached pages restores or finds above that.
-/// (Its writes to the RAM region are trusted only as far as a record says
-/// they were durably applied, which is said only after a persist of them
-/// completed.) Dropping that much costs a few reads from the disk; dropping
+/// are the ones the plan restores or finds above that. So the places are
+/// both meta records, those records (`RecoveryPlan::maybe_unpersisted`)
+/// and the state the plan restores (`current`). Everything else the plan
+/// read is older than the writer's last completed persist, and the same
+/// in the cache as on the disk. (The RAM region is trusted only as far as
+/// a record says it was durably applied, which is said only after a
+/// persist of it completed.) Costs a few reads from the disk; dropping
 /// everything before the RAM region cost 5–9 ms a resume on ext4 here,
 /// recovery reading ~150 record headers one disk read each.
-pub(super) fn from_disk_where_unpersisted<S: Storage>(
+pub(super) fn same_on_disk<S: Storage + ?Sized>(
     storage: &S,
     file: &File,
-    v: Validated,
-) -> Result<Validated, ImageError> {
+    header: &Header,
+    plan: &RecoveryPlan,
+    current: &Meta,
+) -> bool {
     let t = Instant::now();
-    let g = &v.header.geometry;
-    let mut ranges: Vec<(u64, u64)> = g
+    let mut places: Vec<(u64, u64)> = header
+        .geometry
         .meta
         .iter()
-        .chain(&g.state)
-        .map(|r| (r.offset, r.size))
+        .map(|r| (r.offset, META_LEN as u64))
         .collect();
-    // A plan over the cache that fails is made again over the disk below,
-    // which reports what is really wrong.
-    if let Ok((plan, payloads)) = plan_recovery_keeping(storage, &v.header, &v.meta.current) {
-        // ORDER: the kept payloads may map log pages, which no drop evicts.
-        drop(payloads);
-        ranges.extend(plan.maybe_unpersisted(&v.header));
-    }
-    let dropped = ranges.len();
-    for (offset, len) in ranges {
+    places.extend(plan.maybe_unpersisted(header));
+    let slot = header.geometry.state[current.state_slot.min(1)];
+    places.push((slot.offset, current.state_len.min(slot.size)));
+    let read = |&(offset, len): &(u64, u64)| {
+        let mut b = vec![0u8; usize::try_from(len).ok()?];
+        storage.read_at(offset, &mut b).ok().map(|()| b)
+    };
+    let cached: Vec<_> = places.iter().map(read).collect();
+    for &(offset, len) in &places {
         super::backing::read_from_disk(file, offset, len);
     }
-    let v = read_validated(storage);
+    let same = places
+        .iter()
+        .zip(&cached)
+        .all(|(place, c)| c.is_some() && read(place) == *c);
     tracing::debug!(
         us = t.elapsed().as_micros() as u64,
-        dropped,
-        "unpersisted places dropped from the page cache"
+        places = places.len(),
+        same,
+        "what the last writer may have left unpersisted, compared with the disk"
     );
-    v
+    same
 }
 
+/// Reads and validates the header, the file length and both meta records.
+/// Every read is bounded by a constant (a header block, two meta records).
 pub(super) fn read_validated<S: Storage + ?Sized>(s: &S) -> Result<Validated, ImageError> {
     let file_len = s.size().map_err(read_err("image metadata"))?;
     let mut head = vec![0u8; file_len.min(HEADER_BLOCK) as usize];

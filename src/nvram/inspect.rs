@@ -14,8 +14,8 @@ use serde::Serialize;
 use super::backing::{Backing, BackingKind};
 use super::create::{leftovers, Leftover};
 use super::image::{
-    check_regular, from_disk_where_unpersisted, open_error, read_validated, resumability, space_of,
-    ImageError, Space,
+    check_regular, open_error, read_validated, resumability, same_on_disk, space_of, ImageError,
+    Space,
 };
 use super::layout::{PersistMode, Status, Uuid};
 use super::lock::{lock, unlock};
@@ -162,16 +162,19 @@ fn inspect_file(path: &Path) -> Result<InspectReport, ImageError> {
         Err(ImageError::InUse(_)) => true,
         Err(e) => return Err(e),
     };
-    let v = read_validated(&file)?;
+    let mut v = read_validated(&file)?;
     let backing = Backing::detect(&file, v.header.geometry.ram.offset, false)?.kind();
+    let mut plan = plan_recovery(&file, &v.header, &v.meta.current)?;
     // What a resume would read: not what a dead writer's failed persist
     // left in the page cache (no settle, though: that is the resume's).
-    let v = match backing {
-        BackingKind::File => from_disk_where_unpersisted(&file, &file, v)?,
-        BackingKind::Tmpfs | BackingKind::Dax => v,
-    };
+    if backing == BackingKind::File {
+        let cur = plan.current(&v.header, &v.meta.current);
+        if !same_on_disk(&file, &file, &v.header, &plan, &cur) {
+            v = read_validated(&file)?;
+            plan = plan_recovery(&file, &v.header, &v.meta.current)?;
+        }
+    }
     let h = &v.header;
-    let plan = plan_recovery(&file, h, &v.meta.current)?;
     let cur = &plan.current(h, &v.meta.current);
     let verdict = resumability(&file, h, cur);
     let space = space_of(&file)?;
