@@ -293,8 +293,8 @@ pub(crate) fn settle(file: &File) -> Result<bool, BackingError> {
 
 /// After [`settle`]: drops the page cache's clean pages of `file` that
 /// hold any of `[offset, offset + len)`, so that what is read there next
-/// comes from the disk (see `Image`'s `from_disk_where_unpersisted` for
-/// why). Nothing on tmpfs or DAX (no page cache of their own).
+/// comes from the disk (see `image::same_on_disk` for why). Nothing on
+/// tmpfs or DAX (no page cache of their own).
 pub(crate) fn read_from_disk(file: &File, offset: u64, len: u64) {
     if len == 0 {
         return; // to the kernel, a length of 0 means "to the end of the file"
