@@ -500,7 +500,9 @@ impl Image<FileStorage> {
     fn open_locked(path: &Path, file: File) -> Result<Image, ImageError> {
         let open = || {
             // ORDER: before anything is read: what the image holds is what
-            // its disk holds from here on (see `settle`).
+            // its disk holds from here on (see `settle`), but for what a
+            // writer killed in a failing persist left in the page cache,
+            // which `checked_against_disk` finds.
             if super::backing::settle(&file)? {
                 tracing::warn!(
                     "an earlier write of this image failed on its disk; the image is read \
