@@ -22,8 +22,9 @@
 //! commands in flight on each; every reply is read and must be `+OK`). Then
 //! `DBSIZE` must equal the key count, and nvhv gets SIGKILL (no warning).
 //! `--rounds` times: spawn `nvhv resume`, and measure
-//! - the "resumed from epoch N, guest running X ms after process start" line: X itself
-//!   (nvhv's own `main()` → vCPUs running, recovery replay included) and
+//! - the "resumed from epoch N, guest running X ms after process start"
+//!   line: X itself (nvhv's own `main()` → vCPUs running, recovery replay
+//!   included) and
 //!   spawn → that line read;
 //! - spawn → the first correct reply to `GET <key written before the kill>`
 //!   (value compared byte for byte) on a connection opened after the spawn,

@@ -155,7 +155,8 @@ struct RuntimeArgs {
     /// becomes a virtio-vsock connection to the guest). Default
     /// 127.0.0.1:6380 for the kv guest; loopback only unless you say otherwise.
     /// Port 0 lets the kernel pick a free port; nvhv's "running" (or
-    /// "resumed") line on stderr names the address bound. Giving it attaches the vsock device to any guest. Under socket
+    /// "resumed") line on stderr names the address bound. Giving it attaches
+    /// the vsock device to any guest. Under socket
     /// activation (a service manager passing listening sockets with
     /// LISTEN_FDS, e.g. a systemd .socket unit) nvhv serves those instead,
     /// and --listen and --unix must not be given: such a socket outlives

@@ -551,24 +551,19 @@ impl Image<FileStorage> {
     }
 
     /// This image, opened over the page cache, as its disk holds it: if a
-    /// place the last writer may have left unpersisted reads otherwise from
-    /// the disk ([`same_on_disk`]), it is opened again, those places now
-    /// read from the disk.
+    /// place the last writer may have left unpersisted ([`unpersisted_places`])
+    /// reads otherwise from the disk ([`same_on_disk`]), it is opened again,
+    /// those places now read from the disk.
     fn checked_against_disk(mut self) -> Result<Image, ImageError> {
-        let log = self.header.geometry.log;
-        let places: Vec<u64> = self
-            .plan
-            .maybe_unpersisted(&self.header)
-            .iter()
-            .map(|&(at, _)| at)
-            .collect();
+        let places = unpersisted_places(&self.header, &self.plan, &self.current);
         // ORDER: before the drop: a kept payload may be a view of those
         // pages, which no drop evicts (recovery reads it again).
+        let log = self.header.geometry.log;
         self.replay_payloads.retain(|&(half, offset), _| {
-            !places.contains(&(half_region(log, half).offset + offset))
+            let at = half_region(log, half).offset + offset;
+            !places.iter().any(|&(p, _)| p == at)
         });
-        let file = self.storage.file();
-        if same_on_disk(&self.storage, file, &self.header, &self.plan, &self.current) {
+        if same_on_disk(&self.storage, self.storage.file(), &places) {
             return Ok(self);
         }
         tracing::warn!(
@@ -899,10 +894,8 @@ pub(super) fn read_err(what: &'static str) -> impl FnOnce(io::Error) -> ImageErr
     move |source| ImageError::Read { what, source }
 }
 
-/// Whether what a plan over the page cache relied on, of what the last
-/// writer may have left unpersisted, reads the same from the disk. Those
-/// places are dropped from the page cache first, so that from here on they
-/// are read from the disk.
+/// The places (file offset, length) of what a plan over the page cache
+/// relied on that the last writer may have left unpersisted.
 ///
 /// A writer told of a failed write-back (its `fdatasync` returned EIO)
 /// that died before it could act on it (a SIGKILL while it waited in that
@@ -917,17 +910,12 @@ pub(super) fn read_err(what: &'static str) -> impl FnOnce(io::Error) -> ImageErr
 /// read is older than the writer's last completed persist, and the same
 /// in the cache as on the disk. (The RAM region is trusted only as far as
 /// a record says it was durably applied, which is said only after a
-/// persist of it completed.) Costs a few reads from the disk; dropping
-/// everything before the RAM region cost 5–9 ms a resume on ext4 here,
-/// recovery reading ~150 record headers one disk read each.
-pub(super) fn same_on_disk<S: Storage + ?Sized>(
-    storage: &S,
-    file: &File,
+/// persist of it completed.)
+pub(super) fn unpersisted_places(
     header: &Header,
     plan: &RecoveryPlan,
     current: &Meta,
-) -> bool {
-    let t = Instant::now();
+) -> Vec<(u64, u64)> {
     let mut places: Vec<(u64, u64)> = header
         .geometry
         .meta
@@ -937,12 +925,27 @@ pub(super) fn same_on_disk<S: Storage + ?Sized>(
     places.extend(plan.maybe_unpersisted(header));
     let slot = header.geometry.state[current.state_slot.min(1)];
     places.push((slot.offset, current.state_len.min(slot.size)));
+    places
+}
+
+/// Whether `places` (from [`unpersisted_places`]) read the same from the
+/// disk as from the page cache. They are dropped from the page cache on
+/// the way, so that from here on they are read from the disk. Costs a few
+/// reads from the disk; dropping everything before the RAM region cost
+/// 5–9 ms a resume on ext4 here, recovery reading ~150 record headers one
+/// disk read each.
+pub(super) fn same_on_disk<S: Storage + ?Sized>(
+    storage: &S,
+    file: &File,
+    places: &[(u64, u64)],
+) -> bool {
+    let t = Instant::now();
     let read = |&(offset, len): &(u64, u64)| {
         let mut b = vec![0u8; usize::try_from(len).ok()?];
         storage.read_at(offset, &mut b).ok().map(|()| b)
     };
     let cached: Vec<_> = places.iter().map(read).collect();
-    for &(offset, len) in &places {
+    for &(offset, len) in places {
         super::backing::read_from_disk(file, offset, len);
     }
     let same = places

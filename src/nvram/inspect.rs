@@ -14,8 +14,8 @@ use serde::Serialize;
 use super::backing::{Backing, BackingKind};
 use super::create::{leftovers, Leftover};
 use super::image::{
-    check_regular, open_error, read_validated, resumability, same_on_disk, space_of, ImageError,
-    Space,
+    check_regular, open_error, read_validated, resumability, same_on_disk, space_of,
+    unpersisted_places, ImageError, Space,
 };
 use super::layout::{PersistMode, Status, Uuid};
 use super::lock::{lock, unlock};
@@ -169,7 +169,7 @@ fn inspect_file(path: &Path) -> Result<InspectReport, ImageError> {
     // left in the page cache (no settle, though: that is the resume's).
     if backing == BackingKind::File {
         let cur = plan.current(&v.header, &v.meta.current);
-        if !same_on_disk(&file, &file, &v.header, &plan, &cur) {
+        if !same_on_disk(&file, &file, &unpersisted_places(&v.header, &plan, &cur)) {
             v = read_validated(&file)?;
             plan = plan_recovery(&file, &v.header, &v.meta.current)?;
         }
