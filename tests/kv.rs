@@ -1487,37 +1487,15 @@ fn data_survives_suspend_and_resume() {
     kv.suspend();
 }
 
-/// One RESP command on the Unix socket at `sock`, its whole reply (read
-/// until the reply's first line ends and, for a bulk string, its body).
-fn unix_command(sock: &Path, args: &[&str]) -> String {
-    let mut s = std::os::unix::net::UnixStream::connect(sock)
-        .unwrap_or_else(|e| panic!("connect to {}: {e}", sock.display()));
-    s.set_read_timeout(Some(T)).unwrap();
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req += &format!("${}\r\n{a}\r\n", a.len());
-    }
-    s.write_all(req.as_bytes()).unwrap();
-    let mut got = Vec::new();
-    let mut byte = [0u8; 1];
-    let complete = |g: &[u8]| {
-        let Some(end) = g.windows(2).position(|w| w == b"\r\n") else {
-            return false;
-        };
-        match g[0] {
-            b'$' => {
-                let len: i64 = std::str::from_utf8(&g[1..end]).unwrap().parse().unwrap();
-                len < 0 || g.len() >= end + 2 + len as usize + 2
-            }
-            _ => true,
-        }
-    };
-    while !complete(&got) {
-        let n = s.read(&mut byte).unwrap();
-        assert_eq!(n, 1, "the connection closed after {got:?}");
-        got.push(byte[0]);
-    }
-    String::from_utf8(got).unwrap()
+/// A client connection over the Unix socket at `sock`.
+fn unix_conn(sock: &Path) -> Connection {
+    let url = format!("redis+unix://{}", sock.display());
+    let c = redis::Client::open(url.as_str()).unwrap();
+    let con = c
+        .get_connection_with_timeout(T)
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    con.set_read_timeout(Some(T)).unwrap();
+    con
 }
 
 /// `--unix PATH` serves clients on a Unix socket beside the TCP address,
@@ -1526,44 +1504,31 @@ fn unix_command(sock: &Path, args: &[&str]) -> String {
 #[test]
 fn a_unix_socket_serves_clients_and_nvhv_names_where_clients_connect() {
     require_kvm!();
-    let dir = Scratch::new("kv-unix");
-    let img = dir.path("vm.img");
-    let sock = dir.path("kv.sock");
-    let with_unix = |mut a: Vec<String>| {
-        a.extend(["--unix".to_string(), sock.to_str().unwrap().to_string()]);
-        a
-    };
-    let (mut vm, port) = launch(&dir, 0, None, |p| with_unix(run_args(&img, "64M", p)));
-    let said = format!("clients connect to 127.0.0.1:{port} and {}", sock.display());
-    let err = vm.stderr_text();
+    // Declared first, dropped last: the VM goes before the socket's directory.
+    let sock_dir = Scratch::new("kv-unix-sock");
+    let sock = sock_dir.path("kv.sock");
+    let unix = ["--unix", sock.to_str().unwrap()];
+    let mut kv = Kv::start_with("unix", "64M", &unix);
+    let said = |port: u16| format!("clients connect to 127.0.0.1:{port} and {}", sock.display());
+    let err = kv.vm.stderr_text();
     assert!(
-        err.contains(&format!("nvhv: running (image {}); {said}", img.display())),
+        err.contains(&format!(
+            "nvhv: running (image {}); {}",
+            kv.img.display(),
+            said(kv.port)
+        )),
         "{err}"
     );
-    assert_eq!(unix_command(&sock, &["SET", "over", "unix"]), "+OK\r\n");
-    assert!(
-        vm.signal_and_wait(libc::SIGTERM).success(),
-        "{}",
-        vm.stderr_text()
-    );
+    ok(&mut unix_conn(&sock), &["SET", "over", "unix"]);
+    kv.suspend();
 
-    let resume = |p: u16| {
-        with_unix(vec![
-            "resume".into(),
-            "--image".into(),
-            img.to_str().unwrap().into(),
-            "--listen".into(),
-            format!("127.0.0.1:{p}"),
-        ])
-    };
-    let (vm, port) = launch(&dir, 1, None, resume);
-    let said = format!("clients connect to 127.0.0.1:{port} and {}", sock.display());
-    let err = vm.stderr_text();
+    kv.resume_with(false, &unix);
+    let err = kv.vm.stderr_text();
     assert!(
-        err.contains("nvhv: resumed from epoch ") && err.contains(&said),
+        err.contains("nvhv: resumed from epoch ") && err.contains(&said(kv.port)),
         "{err}"
     );
-    assert_eq!(unix_command(&sock, &["GET", "over"]), "$4\r\nunix\r\n");
+    kv.expect_value(&mut unix_conn(&sock), "over", "unix");
 }
 
 /// Output commit holds only what depends on uncommitted state (the kv guest

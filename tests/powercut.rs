@@ -1190,13 +1190,18 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                 ),
                 _ => Vec::new(),
             };
-            // The log's blocks on the device (it is preallocated, so all
-            // have a place).
-            let log_extents = || {
+            // The device fails the next 4 writes to the log's blocks (it
+            // is preallocated, so all have a place). ORDER: the extents
+            // before the lock: finding them reads the image, and the
+            // device serves reads under that lock.
+            let fail_log_writes = || {
                 let img = dir.join("kv.img");
                 let j = common::inspect_json(img.to_str().unwrap());
                 let log = j["log_offset"].as_u64().unwrap();
-                extents(&img, log..log + j["log_bytes"].as_u64().unwrap())
+                let ranges = extents(&img, log..log + j["log_bytes"].as_u64().unwrap());
+                let mut f = fail.lock().unwrap();
+                f.ranges = ranges;
+                f.left = 4;
             };
             let (mut vm, port) = serve_under(&work, dir, &wrapper, &EPOCH_RUN);
             let stop = AtomicBool::new(false);
@@ -1212,23 +1217,12 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
                     FirstEnd::WritesFail => {
-                        // ORDER: the extents before the lock: finding them
-                        // reads the image, and the device serves reads
-                        // under that lock.
-                        let ranges = log_extents();
-                        let mut f = fail.lock().unwrap();
-                        f.ranges = ranges;
-                        f.left = 4;
-                        drop(f);
+                        fail_log_writes();
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
                     FirstEnd::KilledAsWritesFail => {
                         let nvhv = traced_nvhv(vm.child.id());
-                        let ranges = log_extents(); // ORDER: before the lock, as above
-                        let mut f = fail.lock().unwrap();
-                        f.ranges = ranges;
-                        f.left = 4;
-                        drop(f);
+                        fail_log_writes();
                         // The first fdatasync to end after the failure is
                         // told of it: strace has written its result and
                         // holds it at its exit for 0.2 s. Killed there, nvhv
@@ -1261,9 +1255,16 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                     !status.success() && err.contains("Input/output error"),
                     "nvhv did not stop with the I/O error ({status}):\n{err}"
                 );
-                // The device works again from here.
-                fail.lock().unwrap().left = 0;
             }
+            if end == FirstEnd::KilledAsWritesFail {
+                let err = vm.stderr_text();
+                assert!(
+                    !err.contains("Input/output error"),
+                    "nvhv saw the failed write before it was killed:\n{err}"
+                );
+            }
+            // The device works again from here.
+            fail.lock().unwrap().left = 0;
             // What `inspect` says the image resumes from, before the resume.
             // (It reads what the killed process may have left unpersisted
             // from the disk, and so leaves the page cache as the disk is:
@@ -1273,14 +1274,6 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                     .as_u64()
                     .unwrap()
             });
-            if end == FirstEnd::KilledAsWritesFail {
-                fail.lock().unwrap().left = 0;
-                let err = vm.stderr_text();
-                assert!(
-                    !err.contains("Input/output error"),
-                    "nvhv saw the failed write before it was killed:\n{err}"
-                );
-            }
             let resumed_at = seen.load(Ordering::SeqCst);
             let (acks2, sent2) =
                 serve_and_stop(&work, dir, &["resume"], "two", 0.5, libc::SIGKILL, seen);
