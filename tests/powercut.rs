@@ -1061,6 +1061,16 @@ enum FirstEnd {
     /// SIGKILL as it enters an `fdatasync` (strace holds the call back):
     /// the epoch it wrote is in the page cache, never persisted.
     KilledBeforePersist,
+    /// SIGKILL while the record the image would resume from is in the page
+    /// cache and not on the device (the test stops nvhv with SIGSTOP, at
+    /// random moments, until `inspect` and the device say so), and the
+    /// device fails the first write of that record's header: its
+    /// write-back, by the kernel's flusher or by the resume's settle. No
+    /// process was told of that failure before, so the settle is: it drops
+    /// the cache and the image is read from the disk (rule 2 of "What the
+    /// page cache holds is not what the disk holds"), and rule 3 finds
+    /// nothing left to differ.
+    KilledThenWriteBackFails,
     /// A few of the redo log's writes fail on the device (EIO); nvhv stops
     /// with the error. Linux reports such a failure to one `fdatasync` and
     /// keeps the pages in its cache, clean, with bytes the disk never got.
@@ -1144,8 +1154,109 @@ fn wait_for_stalled_fdatasync(nvhv: i32, vm: &Vmm) {
 }
 
 fn sigkill(pid: i32) {
+    signal(pid, libc::SIGKILL);
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
     // SAFETY: kill(2) of a process this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Stops `pid` (SIGSTOP) and waits until every thread of it has stopped:
+/// a thread in a system call stops when the call returns.
+fn stop_all(pid: i32) {
+    signal(pid, libc::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                st.rsplit_once(") ")
+                    .is_some_and(|(_, r)| r.starts_with('T'))
+            })
+        })
+    };
+    while !stopped() {
+        assert!(Instant::now() < deadline, "nvhv did not stop in 30 s");
+        std::thread::yield_now();
+    }
+}
+
+/// The header block of the record the image at `path` (`file`) resumes
+/// from, as the page cache holds it, if its page is dirty (written, maybe
+/// not yet on the disk: a dirty folio of several pages counts all of them).
+/// Read with `inspect` of the image in use, which reads the cache only.
+fn newest_header_unwritten(path: &Path, file: &std::fs::File) -> Option<std::ops::Range<u64>> {
+    let j = common::inspect_json(path.to_str().unwrap());
+    let epoch = j["epoch"].as_u64();
+    let half_bytes = j["log_bytes"].as_u64().unwrap() / 2;
+    let log = j["log_offset"].as_u64().unwrap();
+    j["log_records"].as_array().unwrap().iter().find_map(|r| {
+        if r["state"] != "valid" || r["epoch"].as_u64() != epoch {
+            return None;
+        }
+        let at = log + r["half"].as_u64().unwrap() * half_bytes + r["offset"].as_u64().unwrap();
+        (unpersisted_pages(file, &(at..at + 4096)) > 0).then_some(at..at + 4096)
+    })
+}
+
+/// The bytes of `ranges` of the device file `device`, one after another.
+fn device_bytes(device: &std::fs::File, ranges: &[std::ops::Range<u64>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in ranges {
+        let mut b = vec![0u8; (r.end - r.start) as usize];
+        device.read_exact_at(&mut b, r.start).unwrap();
+        out.extend(b);
+    }
+    out
+}
+
+/// The pages of `range` of `file` the page cache holds dirty
+/// (`cachestat(2)`, Linux 6.5): written, and not yet sent to the disk.
+/// (Not those under write-back: their write may have reached the device
+/// already.)
+fn unpersisted_pages(file: &std::fs::File, range: &std::ops::Range<u64>) -> u64 {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Cachestat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let r = Range {
+        off: range.start,
+        len: range.end - range.start,
+    };
+    let mut cs = Cachestat::default();
+    // SAFETY: cachestat reads `r` and writes `cs`, both live and of the
+    // kernel's layout, and reads the integer fd of an open file.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &r as *const Range,
+            &mut cs as *mut Cachestat,
+            0u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "cachestat: {} (it needs Linux 6.5)",
+        std::io::Error::last_os_error()
+    );
+    cs.nr_dirty
 }
 
 /// `run` under SETs ended by `end`, then `resume` on the same mount (its
@@ -1190,20 +1301,24 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                 ),
                 _ => Vec::new(),
             };
-            // The device fails the next 4 writes to the log's blocks (it
-            // is preallocated, so all have a place). ORDER: the extents
-            // before the lock: finding them reads the image, and the
-            // device serves reads under that lock.
-            let fail_log_writes = || {
-                let img = dir.join("kv.img");
-                let j = common::inspect_json(img.to_str().unwrap());
-                let log = j["log_offset"].as_u64().unwrap();
-                let ranges = extents(&img, log..log + j["log_bytes"].as_u64().unwrap());
-                let mut f = fail.lock().unwrap();
-                f.ranges = ranges;
-                f.left = 4;
-            };
             let (mut vm, port) = serve_under(&work, dir, &wrapper, &EPOCH_RUN);
+            // The log's blocks on the device (it is preallocated, so all
+            // have a place), found before the load: `inspect` drops pages
+            // from the page cache, which writes those still dirty.
+            let log_range = {
+                let j = common::inspect_json(dir.join("kv.img").to_str().unwrap());
+                let log = j["log_offset"].as_u64().unwrap();
+                log..log + j["log_bytes"].as_u64().unwrap()
+            };
+            let log_ranges = extents(&dir.join("kv.img"), log_range.clone());
+            // The device fails the next `n` writes to the log's blocks.
+            // ORDER: the extents before the lock: finding them reads the
+            // image, and the device serves reads under that lock.
+            let fail_log_writes = |n| {
+                let mut f = fail.lock().unwrap();
+                f.ranges = log_ranges.clone();
+                f.left = n;
+            };
             let stop = AtomicBool::new(false);
             let (acks, sent, status) = std::thread::scope(|s| {
                 let l = s.spawn(|| load(port, "one", 4, &stop, seen));
@@ -1216,13 +1331,70 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                         sigkill(nvhv);
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
+                    FirstEnd::KilledThenWriteBackFails => {
+                        let nvhv = vm.child.id() as i32;
+                        let img = std::fs::File::open(dir.join("kv.img")).unwrap();
+                        // The device as the FUSE server holds it (read
+                        // through the FUSE file, which has no page cache).
+                        let device =
+                            std::fs::File::open(work.path("same.fuse").join("disk")).unwrap();
+                        let deadline = Instant::now() + Duration::from_secs(60);
+                        let mut stops = 0;
+                        let mut rng = Rng::new(u64::from(std::process::id()));
+                        loop {
+                            assert!(
+                                Instant::now() < deadline,
+                                "in {stops} stops of nvhv, the record it would resume from was \
+                                 never unpersisted:\n{}",
+                                vm.stderr_text()
+                            );
+                            stop_all(nvhv);
+                            stops += 1;
+                            // (inspect only when the log holds a dirty page)
+                            let header = (unpersisted_pages(&img, &log_range) > 0)
+                                .then(|| newest_header_unwritten(&dir.join("kv.img"), &img))
+                                .flatten();
+                            if let Some(header) = header {
+                                // The device fails the first write to that
+                                // header. ORDER: armed before the look at
+                                // the device: a write reaching it after the
+                                // look fails there.
+                                let on_device = extents(&dir.join("kv.img"), header.clone());
+                                {
+                                    let mut f = fail.lock().unwrap();
+                                    f.ranges = on_device.clone();
+                                    f.left = 1;
+                                }
+                                let mut cached = vec![0u8; 4096];
+                                img.read_exact_at(&mut cached, header.start).unwrap();
+                                if device_bytes(&device, &on_device) != cached {
+                                    break;
+                                }
+                            }
+                            let mut f = fail.lock().unwrap();
+                            f.left = 0;
+                            if f.failed > 0 {
+                                break; // the flusher's write-back failed: as good
+                            }
+                            drop(f);
+                            signal(nvhv, libc::SIGCONT);
+                            // Not a wait for anything: the next stop lands
+                            // at a random point of an epoch.
+                            std::thread::sleep(Duration::from_micros(200 + rng.below(2000)));
+                        }
+                        eprintln!(
+                            "the newest record's header was not on the device at stop {stops}"
+                        );
+                        sigkill(nvhv);
+                        common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
+                    }
                     FirstEnd::WritesFail => {
-                        fail_log_writes();
+                        fail_log_writes(4);
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
                     FirstEnd::KilledAsWritesFail => {
                         let nvhv = traced_nvhv(vm.child.id());
-                        fail_log_writes();
+                        fail_log_writes(4);
                         // The first fdatasync to end after the failure is
                         // told of it: strace has written its result and
                         // holds it at its exit for 0.2 s. Killed there, nvhv
@@ -1263,8 +1435,11 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                     "nvhv saw the failed write before it was killed:\n{err}"
                 );
             }
-            // The device works again from here.
-            fail.lock().unwrap().left = 0;
+            // The device works again from here (but for the write-back the
+            // resume starts, in KilledThenWriteBackFails).
+            if end != FirstEnd::KilledThenWriteBackFails {
+                fail.lock().unwrap().left = 0;
+            }
             // What `inspect` says the image resumes from, before the resume.
             // (It reads what the killed process may have left unpersisted
             // from the disk, and so leaves the page cache as the disk is:
@@ -1289,6 +1464,19 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                     "the resume did not find that the cache held what the disk lacks:\n{err}"
                 );
             }
+            if end == FirstEnd::KilledThenWriteBackFails {
+                // The settle was told of the failure and dropped the
+                // cache: nothing the disk lacks was left for rule 3.
+                assert!(
+                    fail.lock().unwrap().left == 0,
+                    "the resume wrote nothing of the log the killed process left unpersisted"
+                );
+                assert!(
+                    err.contains("an earlier write of this image failed on its disk")
+                        && !err.contains("the page cache held what the disk lacks"),
+                    "the resume's settle did not leave the page cache as the disk is:\n{err}"
+                );
+            }
             if end == FirstEnd::KilledAsWritesFail {
                 // The failure was spent on the killed call: the resume's
                 // settle is told of nothing.
@@ -1304,7 +1492,12 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
     let failed = fail.lock().unwrap().failed;
     assert_eq!(
         failed > 0,
-        matches!(end, FirstEnd::WritesFail | FirstEnd::KilledAsWritesFail),
+        matches!(
+            end,
+            FirstEnd::WritesFail
+                | FirstEnd::KilledThenWriteBackFails
+                | FirstEnd::KilledAsWritesFail
+        ),
         "{failed} writes failed"
     );
     assert!(
@@ -1367,4 +1560,12 @@ fn a_resume_on_the_same_mount_after_sigkill_loses_nothing_acknowledged() {
 #[test]
 fn a_resume_after_a_kill_before_the_persist_loses_nothing_acknowledged() {
     resumed_on_the_same_mount(FirstEnd::KilledBeforePersist, true);
+}
+
+/// The record a SIGKILLed nvhv left unpersisted fails on the device when
+/// it is written back: the resume's settle is told, and the resume builds
+/// on what the disk holds, not on the page cache.
+#[test]
+fn a_write_back_that_fails_at_the_resume_loses_nothing_acknowledged() {
+    resumed_on_the_same_mount(FirstEnd::KilledThenWriteBackFails, false);
 }

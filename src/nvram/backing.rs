@@ -19,6 +19,10 @@ use serde::Serialize;
 /// x86 cache-line size.
 const LINE: usize = 64;
 
+/// The kernel's page size: the unit of the page cache and of direct I/O
+/// here.
+const PAGE: u64 = 4096;
+
 /// What the image file lives on. Decides the persist primitive and what a
 /// commit survives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -291,17 +295,50 @@ pub(crate) fn settle(file: &File) -> Result<bool, BackingError> {
     }
 }
 
-/// After [`settle`]: drops the page cache's clean pages of `file` that
-/// hold any of `[offset, offset + len)`, so that what is read there next
-/// comes from the disk (see `image::same_on_disk` for why). Nothing on
-/// tmpfs or DAX (no page cache of their own).
+/// A second open file description of `file` that reads past the page cache
+/// (`O_DIRECT`), for [`read_direct`]. Fails where the file system does not
+/// do direct I/O.
+pub(crate) fn open_direct(file: &File) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// What the disk holds of `[offset, offset + len)` of the file `direct`
+/// ([`open_direct`]) reads: the page cache is not consulted, whatever it
+/// holds (the kernel first writes out pages of the range still dirty).
+/// Reads whole pages into a page-aligned buffer, as direct I/O needs.
+pub(crate) fn read_direct(direct: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    let start = offset / PAGE * PAGE;
+    let end = offset
+        .checked_add(len)
+        .map(|e| e.div_ceil(PAGE) * PAGE)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let span =
+        usize::try_from(end - start).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let page = PAGE as usize;
+    let mut room = vec![0u8; span + page];
+    let skip = room.as_ptr().align_offset(page);
+    let buf = &mut room[skip..skip + span];
+    direct.read_exact_at(buf, start)?;
+    let from = (offset - start) as usize;
+    Ok(buf[from..from + len as usize].to_vec())
+}
+
+/// Drops the page cache's clean pages of `file` that hold any of
+/// `[offset, offset + len)`, so that what is read there next comes from the
+/// disk. Only a folio that lies wholly inside the range goes (and none that
+/// is mapped): the kernel caches a file in folios of up to 2 MiB, so a
+/// range that ends inside one leaves it (see `image::compare_with_disk`).
+/// Nothing on tmpfs or DAX (no page cache of their own).
 pub(crate) fn read_from_disk(file: &File, offset: u64, len: u64) {
     if len == 0 {
         return; // to the kernel, a length of 0 means "to the end of the file"
     }
     // The kernel keeps a page the range covers only in part: widen it to
     // whole pages.
-    const PAGE: u64 = 4096;
     let start = offset / PAGE * PAGE;
     let end = offset
         .saturating_add(len)
@@ -460,8 +497,7 @@ unsafe impl Sync for ReadMap {}
 impl ReadMap {
     /// Maps `[offset, offset + len)` of `file` (`len` > 0) read-only.
     pub(crate) fn new(file: &File, offset: u64, len: usize) -> io::Result<ReadMap> {
-        let page = 4096u64;
-        let start = offset & !(page - 1);
+        let start = offset & !(PAGE - 1);
         let skip = (offset - start) as usize;
         let map_len = skip
             .checked_add(len)

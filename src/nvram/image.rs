@@ -188,6 +188,15 @@ pub enum ImageError {
     /// An earlier write or persist failed mid-commit; what is durable is unknown until a reopen.
     #[error("an earlier persist of this image failed; reopen it before committing again")]
     Poisoned,
+    /// The page cache holds what the disk lacks of the image, and dropping
+    /// it did not help (rule 3 of the format spec's "What the page cache
+    /// holds is not what the disk holds").
+    #[error(
+        "the page cache holds parts of this image that its disk lacks (a write the disk \
+         failed), and they could not be dropped from it; unmount and mount its file system \
+         again (or reboot), then resume"
+    )]
+    CacheUnlikeDisk,
     /// `commit_epoch` on an image made for suspend-only persistence.
     #[error("the image was made for suspend-only persistence: it has no redo log for epochs")]
     NotEpochMode,
@@ -552,27 +561,32 @@ impl Image<FileStorage> {
 
     /// This image, opened over the page cache, as its disk holds it: if a
     /// place the last writer may have left unpersisted ([`unpersisted_places`])
-    /// reads otherwise from the disk ([`same_on_disk`]), it is opened again,
-    /// those places now read from the disk.
-    fn checked_against_disk(mut self) -> Result<Image, ImageError> {
+    /// reads otherwise from the disk ([`compare_with_disk`]), it is opened
+    /// again with the page cache of its metadata dropped, and checked again.
+    fn checked_against_disk(self) -> Result<Image, ImageError> {
         let places = unpersisted_places(&self.header, &self.plan, &self.current);
-        // ORDER: before the drop: a kept payload may be a view of those
-        // pages, which no drop evicts (recovery reads it again).
-        let log = self.header.geometry.log;
-        self.replay_payloads.retain(|&(half, offset), _| {
-            let at = half_region(log, half).offset + offset;
-            !places.iter().any(|&(p, _)| p == at)
-        });
-        if same_on_disk(&self.storage, self.storage.file(), &places) {
-            return Ok(self);
+        match compare_with_disk(&self.storage, self.storage.file(), &places) {
+            OnDisk::Same => return Ok(self),
+            OnDisk::Differs => tracing::warn!(
+                "the page cache held what the disk lacks of this image (a write that failed \
+                 on the disk); the image is read from the disk"
+            ),
+            OnDisk::Unknown => tracing::debug!(
+                "no direct I/O on this file system: the image's metadata is read from the disk"
+            ),
         }
-        tracing::warn!(
-            "the page cache held what the disk lacks of this image (a write that failed \
-             on the disk); the image is read from the disk"
-        );
+        let meta_end = self.header.geometry.ram.offset;
+        // ORDER: the image (its views of the log) is dropped before the
+        // cache: no mapped page is ever evicted.
         let storage = self.into_storage();
+        super::backing::read_from_disk(storage.file(), 0, meta_end);
         let v = read_validated(&storage)?;
-        Image::open_validated(storage, v)
+        let image = Image::open_validated(storage, v)?;
+        let places = unpersisted_places(&image.header, &image.plan, &image.current);
+        match compare_with_disk(&image.storage, image.storage.file(), &places) {
+            OnDisk::Differs => Err(ImageError::CacheUnlikeDisk),
+            OnDisk::Same | OnDisk::Unknown => Ok(image),
+        }
     }
 }
 
@@ -928,37 +942,57 @@ pub(super) fn unpersisted_places(
     places
 }
 
+/// How [`compare_with_disk`] found the places.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OnDisk {
+    /// The page cache holds what the disk holds there.
+    Same,
+    /// It does not (or a read failed).
+    Differs,
+    /// The file system does no direct I/O: the disk cannot be read past
+    /// the page cache.
+    Unknown,
+}
+
 /// Whether `places` (from [`unpersisted_places`]) read the same from the
-/// disk as from the page cache. They are dropped from the page cache on
-/// the way, so that from here on they are read from the disk. Costs a few
-/// reads from the disk; dropping everything before the RAM region cost
-/// 5–9 ms a resume on ext4 here, recovery reading ~150 record headers one
-/// disk read each.
-pub(super) fn same_on_disk<S: Storage + ?Sized>(
+/// page cache (`storage`) as from the disk, read past the cache
+/// (`O_DIRECT` on `file`). Costs a few reads from the disk.
+///
+/// Not by dropping the places from the cache and reading them again: the
+/// kernel caches a file in folios of up to 2 MiB (ext4 here), and a drop
+/// leaves every folio the range does not cover whole. A record's pages
+/// written into a larger folio stayed cached, and the check compared the
+/// cache with itself. Dropping everything before the RAM region instead
+/// cost 5–9 ms a resume on ext4 here (recovery then read ~150 record
+/// headers one disk read each); it is kept for when the places differ.
+pub(super) fn compare_with_disk<S: Storage + ?Sized>(
     storage: &S,
     file: &File,
     places: &[(u64, u64)],
-) -> bool {
+) -> OnDisk {
     let t = Instant::now();
-    let read = |&(offset, len): &(u64, u64)| {
-        let mut b = vec![0u8; usize::try_from(len).ok()?];
-        storage.read_at(offset, &mut b).ok().map(|()| b)
+    let Ok(direct) = super::backing::open_direct(file) else {
+        return OnDisk::Unknown;
     };
-    let cached: Vec<_> = places.iter().map(read).collect();
-    for &(offset, len) in places {
-        super::backing::read_from_disk(file, offset, len);
-    }
-    let same = places
-        .iter()
-        .zip(&cached)
-        .all(|(place, c)| c.is_some() && read(place) == *c);
+    let same = places.iter().all(|&(offset, len)| {
+        let Ok(n) = usize::try_from(len) else {
+            return false;
+        };
+        let mut cached = vec![0u8; n];
+        storage.read_at(offset, &mut cached).is_ok()
+            && super::backing::read_direct(&direct, offset, len).is_ok_and(|d| d == cached)
+    });
     tracing::debug!(
         us = t.elapsed().as_micros() as u64,
         places = places.len(),
         same,
         "what the last writer may have left unpersisted, compared with the disk"
     );
-    same
+    if same {
+        OnDisk::Same
+    } else {
+        OnDisk::Differs
+    }
 }
 
 /// Reads and validates the header, the file length and both meta records.

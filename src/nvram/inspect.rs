@@ -11,11 +11,11 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::backing::{Backing, BackingKind};
+use super::backing::{read_from_disk, Backing, BackingKind};
 use super::create::{leftovers, Leftover};
 use super::image::{
-    check_regular, open_error, read_validated, resumability, same_on_disk, space_of,
-    unpersisted_places, ImageError, Space,
+    check_regular, compare_with_disk, open_error, read_validated, resumability, space_of,
+    unpersisted_places, ImageError, OnDisk, Space,
 };
 use super::layout::{PersistMode, Status, Uuid};
 use super::lock::{lock, unlock};
@@ -166,12 +166,20 @@ fn inspect_file(path: &Path) -> Result<InspectReport, ImageError> {
     let backing = Backing::detect(&file, v.header.geometry.ram.offset, false)?.kind();
     let mut plan = plan_recovery(&file, &v.header, &v.meta.current)?;
     // What a resume would read: not what a dead writer's failed persist
-    // left in the page cache (no settle, though: that is the resume's).
-    if backing == BackingKind::File {
+    // left in the page cache (no settle, though: that is the resume's). Not
+    // of an image in use: its writer lives, and persists what it wrote.
+    if backing == BackingKind::File && !in_use {
         let cur = plan.current(&v.header, &v.meta.current);
-        if !same_on_disk(&file, &file, &unpersisted_places(&v.header, &plan, &cur)) {
+        let places = unpersisted_places(&v.header, &plan, &cur);
+        if compare_with_disk(&file, &file, &places) != OnDisk::Same {
+            read_from_disk(&file, 0, v.header.geometry.ram.offset);
             v = read_validated(&file)?;
             plan = plan_recovery(&file, &v.header, &v.meta.current)?;
+            let cur = plan.current(&v.header, &v.meta.current);
+            let places = unpersisted_places(&v.header, &plan, &cur);
+            if compare_with_disk(&file, &file, &places) == OnDisk::Differs {
+                return Err(ImageError::CacheUnlikeDisk);
+            }
         }
     }
     let h = &v.header;

@@ -173,15 +173,21 @@ fn send_request(
     Ok(conn)
 }
 
+/// The error of a control connection the serving nvhv closed before its
+/// answer ended.
+fn closed() -> ControlError {
+    ControlError::Refused("the VMM closed the connection".into())
+}
+
 /// Client side: sends `request` and receives the descriptors of the reply,
-/// each with its one-byte tag, up to the closing `.`; `what` names them in
-/// the error an nvhv that does not know the request causes (it answers with
-/// an error line).
+/// each with its one-byte tag (one of `tags`), up to the closing `.`;
+/// `what` names them in the error any other answer causes (an nvhv that
+/// does not know the request answers with an error line).
 fn request_descriptors(
     image: &Path,
     timeout: Duration,
     request: &str,
-    what: &str,
+    (what, tags): (&str, &[u8]),
 ) -> Result<Vec<(u8, OwnedFd)>, ControlError> {
     let conn = send_request(image, timeout, request)?;
     let mut got = Vec::new();
@@ -193,12 +199,8 @@ fn request_descriptors(
             .map_err(|e| ControlError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
         match (n, tag[0], file) {
             (1, b'.', None) => return Ok(got),
-            (1, t, Some(f)) if t != b'.' => got.push((t, OwnedFd::from(f))),
-            (0, ..) => {
-                return Err(ControlError::Refused(
-                    "the VMM closed the connection".into(),
-                ))
-            }
+            (1, t, Some(f)) if tags.contains(&t) => got.push((t, OwnedFd::from(f))),
+            (0, ..) => return Err(closed()),
             _ => return Err(ControlError::Refused(format!("no {what} handed on"))),
         }
     }
@@ -211,15 +213,12 @@ pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listeners, C
         tcp: None,
         unix: None,
     };
-    for (tag, fd) in request_descriptors(image, timeout, "listeners", "listening sockets")? {
-        match tag {
-            b't' => got.tcp = Some(TcpListener::from(fd)),
-            b'u' => got.unix = Some(UnixListener::from(fd)),
-            _ => {
-                return Err(ControlError::Refused(
-                    "no listening sockets handed on".into(),
-                ))
-            }
+    let what = ("listening sockets", b"tu".as_slice());
+    for (tag, fd) in request_descriptors(image, timeout, "listeners", what)? {
+        if tag == b't' {
+            got.tcp = Some(TcpListener::from(fd));
+        } else {
+            got.unix = Some(UnixListener::from(fd));
         }
     }
     Ok(got)
@@ -228,14 +227,9 @@ pub fn request_listeners(image: &Path, timeout: Duration) -> Result<Listeners, C
 /// Client side: the death notice of the process running `image`, if it
 /// holds one (`None`: it runs without, e.g. in suspend-only mode).
 pub fn request_notice(image: &Path, timeout: Duration) -> Result<Option<OwnedFd>, ControlError> {
-    let mut got = None;
-    for (tag, fd) in request_descriptors(image, timeout, "notice", "death notice")? {
-        match tag {
-            b'n' => got = Some(fd),
-            _ => return Err(ControlError::Refused("no death notice handed on".into())),
-        }
-    }
-    Ok(got)
+    let what = ("death notice", b"n".as_slice());
+    let got = request_descriptors(image, timeout, "notice", what)?;
+    Ok(got.into_iter().last().map(|(_, fd)| fd))
 }
 
 /// Client side: ask the process running `image` to suspend; returns its reply.
@@ -247,9 +241,7 @@ pub fn request_suspend(image: &Path, timeout: Duration) -> Result<String, Contro
         .map_err(ControlError::Io)?;
     let reply = reply.trim().to_string();
     if reply.is_empty() {
-        return Err(ControlError::Refused(
-            "the VMM closed the connection".into(),
-        ));
+        return Err(closed());
     }
     if let Some(e) = reply.strip_prefix("error: ") {
         return Err(ControlError::Refused(e.to_string()));

@@ -557,3 +557,48 @@ fn test_poisoned_after_failed_persist_refuses_commits() {
     ));
     assert!(matches!(img.mark_running(), Err(ImageError::Poisoned)));
 }
+
+/// Rule 3's comparison: what `storage` reads (the page cache, in a resume)
+/// against what the disk holds, read past the cache. The same bytes are
+/// `Same`; one byte changed in any place is `Differs`; pages left dirty are
+/// written out first, so the file against itself is `Same`.
+#[test]
+fn test_compare_with_disk_reads_the_disk_past_the_cache() {
+    let dir = Path::new("/var/tmp");
+    let dir = if dir.is_dir() {
+        dir.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let p = TempPath::in_dir(&dir, "compare");
+    let bytes: Vec<u8> = (0..3 * 4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&p.0, &bytes).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p.0)
+        .unwrap();
+    file.sync_data().unwrap();
+    let places = [(100, 50), (4096 + 7, 5000), (3 * 4096 - 1, 1)];
+    let mut cache = crate::nvram::storage::MemStorage::new(bytes.len());
+    cache.write_at(0, &bytes).unwrap();
+    if crate::nvram::backing::open_direct(&file).is_err() {
+        // A file system without direct I/O: the disk cannot be told apart.
+        assert_eq!(compare_with_disk(&cache, &file, &places), OnDisk::Unknown);
+        return;
+    }
+    assert_eq!(compare_with_disk(&cache, &file, &places), OnDisk::Same);
+    for &(offset, len) in &places {
+        let at = offset + len - 1;
+        let mut changed = crate::nvram::storage::MemStorage::new(bytes.len());
+        changed.write_at(0, &bytes).unwrap();
+        changed.write_at(at, &[bytes[at as usize] ^ 1]).unwrap();
+        assert_eq!(
+            compare_with_disk(&changed, &file, &places),
+            OnDisk::Differs,
+            "a byte changed at {at}"
+        );
+    }
+    file.write_all_at(b"dirty", 4096 + 10).unwrap();
+    assert_eq!(compare_with_disk(&file, &file, &places), OnDisk::Same);
+}
