@@ -1062,8 +1062,8 @@ enum FirstEnd {
     /// the epoch it wrote is in the page cache, never persisted.
     KilledBeforePersist,
     /// SIGKILL while the record the image would resume from is in the page
-    /// cache and not on the device (the test stops nvhv with SIGSTOP, at
-    /// random moments, until `inspect` and the device say so), and the
+    /// cache and not on the device (strace holds nvhv's persists at their
+    /// entry, until at one of them `inspect` and the device say so), and the
     /// device fails the first write of that record's header: its
     /// write-back, by the kernel's flusher or by the resume's settle. No
     /// process was told of that failure before, so the settle is: it drops
@@ -1071,6 +1071,12 @@ enum FirstEnd {
     /// page cache holds is not what the disk holds"), and rule 3 finds
     /// nothing left to differ.
     KilledThenWriteBackFails,
+    /// As `KilledThenWriteBackFails`, with the log's pages mapped by
+    /// another process (this test) through the first resume: no drop can
+    /// evict them, so that resume must refuse the image rather than build
+    /// on them; once they are unmapped the next resume finds the
+    /// difference (rule 3) and reads the disk.
+    KilledThenWriteBackFailsPinned,
     /// A few of the redo log's writes fail on the device (EIO); nvhv stops
     /// with the error. Linux reports such a failure to one `fdatasync` and
     /// keeps the pages in its cache, clean, with bytes the disk never got.
@@ -1162,28 +1168,6 @@ fn signal(pid: i32, sig: libc::c_int) {
     unsafe { libc::kill(pid, sig) };
 }
 
-/// Stops `pid` (SIGSTOP) and waits until every thread of it has stopped:
-/// a thread in a system call stops when the call returns.
-fn stop_all(pid: i32) {
-    signal(pid, libc::SIGSTOP);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stopped = || {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return false;
-        };
-        tasks.flatten().all(|t| {
-            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
-                st.rsplit_once(") ")
-                    .is_some_and(|(_, r)| r.starts_with('T'))
-            })
-        })
-    };
-    while !stopped() {
-        assert!(Instant::now() < deadline, "nvhv did not stop in 30 s");
-        std::thread::yield_now();
-    }
-}
-
 /// The header block of the record the image at `path` (`file`) resumes
 /// from, as the page cache holds it, if its page is dirty (written, maybe
 /// not yet on the disk: a dirty folio of several pages counts all of them).
@@ -1269,10 +1253,15 @@ fn unpersisted_pages(file: &std::fs::File, range: &std::ops::Range<u64>) -> u64 
 fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
     require_kvm!();
     let strace_missing = || Command::new("strace").arg("-V").output().is_err();
-    let traced = matches!(
+    let write_back_fails = matches!(
         end,
-        FirstEnd::KilledBeforePersist | FirstEnd::KilledAsWritesFail
+        FirstEnd::KilledThenWriteBackFails | FirstEnd::KilledThenWriteBackFailsPinned
     );
+    let traced = write_back_fails
+        || matches!(
+            end,
+            FirstEnd::KilledBeforePersist | FirstEnd::KilledAsWritesFail
+        );
     if !can_run() || (traced && need("strace", strace_missing()).is_none()) {
         return;
     }
@@ -1298,6 +1287,10 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                 FirstEnd::KilledAsWritesFail => strace(
                     traced.to_str().unwrap(),
                     "inject=fdatasync:delay_exit=200000",
+                ),
+                _ if write_back_fails => strace(
+                    traced.to_str().unwrap(),
+                    "inject=fdatasync:delay_enter=5000000:when=300+",
                 ),
                 _ => Vec::new(),
             };
@@ -1331,30 +1324,47 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                         sigkill(nvhv);
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
                     }
-                    FirstEnd::KilledThenWriteBackFails => {
-                        let nvhv = vm.child.id() as i32;
+                    FirstEnd::KilledThenWriteBackFails
+                    | FirstEnd::KilledThenWriteBackFailsPinned => {
+                        // From the 300th on, strace holds every fdatasync at
+                        // its entry for 5 s: its record is written and not
+                        // yet persisted. At each such stall the test looks
+                        // whether the device lacks that record's header (the
+                        // kernel's flusher may have written it already).
+                        let nvhv = traced_nvhv(vm.child.id());
                         let img = std::fs::File::open(dir.join("kv.img")).unwrap();
                         // The device as the FUSE server holds it (read
                         // through the FUSE file, which has no page cache).
                         let device =
                             std::fs::File::open(work.path("same.fuse").join("disk")).unwrap();
-                        let deadline = Instant::now() + Duration::from_secs(60);
-                        let mut stops = 0;
-                        let mut rng = Rng::new(u64::from(std::process::id()));
+                        let completed = || {
+                            std::fs::read_to_string(&traced)
+                                .unwrap_or_default()
+                                .lines()
+                                .filter(|l| l.contains(" = "))
+                                .count()
+                        };
+                        let deadline = Instant::now() + Duration::from_secs(120);
+                        let mut looked_after = None;
+                        let mut stalls = 0;
                         loop {
                             assert!(
                                 Instant::now() < deadline,
-                                "in {stops} stops of nvhv, the record it would resume from was \
-                                 never unpersisted:\n{}",
+                                "in {stalls} stalled persists, the record nvhv would resume \
+                                 from was always on the device:\n{}",
                                 vm.stderr_text()
                             );
-                            stop_all(nvhv);
-                            stops += 1;
-                            // (inspect only when the log holds a dirty page)
-                            let header = (unpersisted_pages(&img, &log_range) > 0)
-                                .then(|| newest_header_unwritten(&dir.join("kv.img"), &img))
-                                .flatten();
-                            if let Some(header) = header {
+                            wait_for_stalled_fdatasync(nvhv, &vm);
+                            // The same stall as last time: wait for the next.
+                            let done = completed();
+                            if looked_after == Some(done) {
+                                std::thread::sleep(Duration::from_millis(5));
+                                continue;
+                            }
+                            looked_after = Some(done);
+                            stalls += 1;
+                            if let Some(header) = newest_header_unwritten(&dir.join("kv.img"), &img)
+                            {
                                 // The device fails the first write to that
                                 // header. ORDER: armed before the look at
                                 // the device: a write reaching it after the
@@ -1376,14 +1386,9 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                             if f.failed > 0 {
                                 break; // the flusher's write-back failed: as good
                             }
-                            drop(f);
-                            signal(nvhv, libc::SIGCONT);
-                            // Not a wait for anything: the next stop lands
-                            // at a random point of an epoch.
-                            std::thread::sleep(Duration::from_micros(200 + rng.below(2000)));
                         }
                         eprintln!(
-                            "the newest record's header was not on the device at stop {stops}"
+                            "the newest record's header was not on the device at stall {stalls}"
                         );
                         sigkill(nvhv);
                         common::wait_or_kill(&mut vm.child, Duration::from_secs(30))
@@ -1436,9 +1441,33 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                 );
             }
             // The device works again from here (but for the write-back the
-            // resume starts, in KilledThenWriteBackFails).
-            if end != FirstEnd::KilledThenWriteBackFails {
+            // resume starts, when that is to fail).
+            if !write_back_fails {
                 fail.lock().unwrap().left = 0;
+            }
+            if end == FirstEnd::KilledThenWriteBackFailsPinned {
+                let img = dir.join("kv.img");
+                let pin = Pinned::map(&img, log_range.clone());
+                let mut refused = Vmm::start(
+                    &[
+                        "resume",
+                        "--image",
+                        img.to_str().unwrap(),
+                        "--listen",
+                        "127.0.0.1:0",
+                    ],
+                    work.path("refused.console"),
+                );
+                let status = common::wait_or_kill(&mut refused.child, Duration::from_secs(30));
+                let err = refused.stderr_text();
+                assert!(
+                    status.is_some_and(|s| !s.success())
+                        && err.contains("an earlier write of this image failed on its disk")
+                        && err.contains("they could not be dropped from it"),
+                    "a resume with the log's pages pinned in the page cache did not refuse \
+                     ({status:?}):\n{err}"
+                );
+                drop(pin);
             }
             // What `inspect` says the image resumes from, before the resume.
             // (It reads what the killed process may have left unpersisted
@@ -1462,6 +1491,15 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                 assert!(
                     err.contains("the page cache held what the disk lacks of this image"),
                     "the resume did not find that the cache held what the disk lacks:\n{err}"
+                );
+            }
+            if end == FirstEnd::KilledThenWriteBackFailsPinned {
+                // The refused resume's settle was told of the failure:
+                // this one finds the difference itself.
+                assert!(
+                    !err.contains("an earlier write of this image failed")
+                        && err.contains("the page cache held what the disk lacks"),
+                    "the resume after the pages were unpinned did not find the difference:\n{err}"
                 );
             }
             if end == FirstEnd::KilledThenWriteBackFails {
@@ -1496,6 +1534,7 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
             end,
             FirstEnd::WritesFail
                 | FirstEnd::KilledThenWriteBackFails
+                | FirstEnd::KilledThenWriteBackFailsPinned
                 | FirstEnd::KilledAsWritesFail
         ),
         "{failed} writes failed"
@@ -1568,4 +1607,55 @@ fn a_resume_after_a_kill_before_the_persist_loses_nothing_acknowledged() {
 #[test]
 fn a_write_back_that_fails_at_the_resume_loses_nothing_acknowledged() {
     resumed_on_the_same_mount(FirstEnd::KilledThenWriteBackFails, false);
+}
+
+/// As above, with another process mapping the image's log through the
+/// first resume, so that the page cache cannot be made what the disk holds:
+/// that resume refuses the image; the next one, unpinned, resumes it from
+/// the disk.
+#[test]
+fn a_resume_refuses_pages_the_disk_lacks_that_it_cannot_drop() {
+    resumed_on_the_same_mount(FirstEnd::KilledThenWriteBackFailsPinned, false);
+}
+
+/// `range` of a file mapped shared, read-only, and every page of it read:
+/// while it lives, no `POSIX_FADV_DONTNEED` evicts those pages.
+struct Pinned {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Pinned {
+    fn map(path: &Path, range: std::ops::Range<u64>) -> Pinned {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(path).unwrap();
+        let len = (range.end - range.start) as usize;
+        // SAFETY: a new read-only shared mapping of `len` bytes of an open
+        // file at a page-aligned offset (the log's); the kernel picks the
+        // address (checked below). MAP_POPULATE reads every page in.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                range.start as libc::off_t,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Pinned { ptr, len }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `map` made.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
 }
