@@ -1168,10 +1168,11 @@ fn signal(pid: i32, sig: libc::c_int) {
     unsafe { libc::kill(pid, sig) };
 }
 
-/// The header block of the record the image at `path` (`file`) resumes
-/// from, as the page cache holds it, if its page is dirty (written, maybe
-/// not yet on the disk: a dirty folio of several pages counts all of them).
-/// Read with `inspect` of the image in use, which reads the cache only.
+/// The header (its 128 bytes) of the record the image at `path` (`file`)
+/// resumes from, as the page cache holds it, if its page is dirty
+/// (written, maybe not yet on the disk: a dirty folio of several pages
+/// counts all of them). Read with `inspect` of the image in use, which
+/// reads the cache only.
 fn newest_header_unwritten(path: &Path, file: &std::fs::File) -> Option<std::ops::Range<u64>> {
     let j = common::inspect_json(path.to_str().unwrap());
     let epoch = j["epoch"].as_u64();
@@ -1182,7 +1183,7 @@ fn newest_header_unwritten(path: &Path, file: &std::fs::File) -> Option<std::ops
             return None;
         }
         let at = log + r["half"].as_u64().unwrap() * half_bytes + r["offset"].as_u64().unwrap();
-        (unpersisted_pages(file, &(at..at + 4096)) > 0).then_some(at..at + 4096)
+        (unpersisted_pages(file, &(at..at + 4096)) > 0).then_some(at..at + 128)
     })
 }
 
@@ -1366,16 +1367,18 @@ fn resumed_on_the_same_mount(end: FirstEnd, inspect_first: bool) {
                             if let Some(header) = newest_header_unwritten(&dir.join("kv.img"), &img)
                             {
                                 // The device fails the first write to that
-                                // header. ORDER: armed before the look at
-                                // the device: a write reaching it after the
-                                // look fails there.
+                                // header's bytes (not merely its block: a
+                                // write of bytes the disk holds already
+                                // loses nothing). ORDER: armed before the
+                                // look at the device: a write reaching it
+                                // after the look fails there.
                                 let on_device = extents(&dir.join("kv.img"), header.clone());
                                 {
                                     let mut f = fail.lock().unwrap();
                                     f.ranges = on_device.clone();
                                     f.left = 1;
                                 }
-                                let mut cached = vec![0u8; 4096];
+                                let mut cached = vec![0u8; (header.end - header.start) as usize];
                                 img.read_exact_at(&mut cached, header.start).unwrap();
                                 if device_bytes(&device, &on_device) != cached {
                                     break;
